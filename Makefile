@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (main job on the embedded demo) and `make test`.
+# Both build .venv from scratch when it is missing. torch is pinned so the CPU build on disk is used.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv clean
+
+$(BIN)/entropy-probe: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/entropy-probe
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+
+test: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) data/demo data/verify data/sample_e data/sample_u data/delta_h1 data/exact .dvc/cache .dvc/tmp

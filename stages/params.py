@@ -1,0 +1,208 @@
+"""Typed, validated parameters: the one place where every knob and its default lives.
+
+`load_params(path, overrides)` reads params.yaml, applies `-S key.path=value` overrides (values parsed
+as YAML, like `dvc exp run -S`), and validates. An unknown or ill-typed key is a ProbeError naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ProbeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoParams(Section):
+    """The embedded demo: tiny tokenizer + Qwen2, synthetic arithmetic, SFT warm-up, GRPO with LoRA."""
+
+    out_dir: str = "data/demo"
+    seed: int = 0
+    max_operand: int = Field(9, ge=1, le=49)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    warmup_steps: int = Field(300, ge=0)
+    warmup_lr: float = Field(3e-3, gt=0)
+    rl_steps: int = Field(6, ge=1)
+    rl_lr: float = Field(5e-3, gt=0)
+    save_steps: int = Field(2, ge=1)
+    lora_rank: int = Field(4, ge=1)
+    num_generations: int = Field(4, ge=2)
+    prompts_per_step: int = Field(8, ge=1)
+
+
+class CheckpointParams(Section):
+    """Which checkpoint to probe and how to load it (keys from the seed note where they exist)."""
+
+    path: str = "data/demo/run/checkpoint-6"
+    base_model: str | None = None  # local dir or hub id; default: adapter_config.json's base
+    optimizer_path: str | None = None  # default: optimizer.pt in/beside/above `path`
+    use_qlora: bool = False
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    device_map: Literal["auto", "cpu", "cuda"] = "auto"
+    use_checkpointing: bool = False
+    trust_pickles: bool = False  # unpickle training_args.bin (arbitrary code!) only when true
+    learning_rate: Literal["next", "last"] | float = "next"
+
+
+class BatchParams(Section):
+    B_E: int = Field(64, ge=1)
+    B_U: int = Field(8, ge=1)
+    G: int = Field(4, ge=2)
+    dataset_name: str = "data/demo/prompts.jsonl"  # demo | local .jsonl/.parquet | hub name
+    split: str = "train"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompt_template: str | None = None  # e.g. "Q: {prompt}\nA:"; must contain {prompt}
+    reward_fn: str = "exact_number"  # registry name or dotted path "pkg.mod:function"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, v: str | None) -> str | None:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError("must contain '{prompt}'")
+        return v
+
+
+class GenerationParams(Section):
+    temperature: float | Literal["auto"] = "auto"  # auto: the trainer's, else 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(3, ge=1)
+    gen_batch_size: int = Field(64, ge=1)
+    tf_batch_size: int = Field(64, ge=1)
+    stop: str | None = None  # optional stop string per task
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+
+class SamplingParams(Section):
+    seed_e: int = 1
+    seed_u: int = 2
+
+
+class AdvantageParams(Section):
+    scale: bool | Literal["auto"] = "auto"  # divide by group std + eps; auto: the trainer's setting
+    eps: float = Field(1e-4, ge=0)
+
+
+class EstimatorParams(Section):
+    entropy: Literal["sequence", "token_mean", "seq_mean_token_mean"] = "token_mean"
+    baseline: Literal["none", "mean", "regression"] = "mean"
+    ridge: float = Field(1.0, ge=0)
+    crossfit_folds: int = Field(5, ge=2)
+
+
+class UpdateParams(Section):
+    rule: Literal["adam_step", "adam_precond", "sgd"] = "adam_step"
+    loss_agg_mode: Literal[
+        "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "auto"
+    max_grad_norm: float | Literal["auto"] | None = "auto"  # auto: the trainer's; null: no clipping
+
+
+class ComputeParams(Section):
+    max_tokens_per_microbatch: int = Field(4096, ge=1)
+
+
+class ExactParams(Section):
+    max_sequences: int = Field(200_000, ge=1)  # refuse enumeration beyond this many continuations
+    eta_multipliers: list[float] = [0.25, 0.5, 1.0, 2.0, 4.0]
+    fd_eps: float = Field(1e-3, gt=0)  # relative step for the finite-difference slope
+
+
+class PathsParams(Section):
+    """Where each stage writes (and later stages read). `--out` replaces the running stage's own."""
+
+    verify: str = "data/verify"
+    sample_e: str = "data/sample_e"
+    sample_u: str = "data/sample_u"
+    delta_h1: str = "data/delta_h1"
+    exact: str = "data/exact"
+
+
+class Params(Section):
+    paths: PathsParams = PathsParams()
+    demo: DemoParams = DemoParams()
+    checkpoint: CheckpointParams = CheckpointParams()
+    batch_config: BatchParams = BatchParams()
+    generation: GenerationParams = GenerationParams()
+    sampling: SamplingParams = SamplingParams()
+    advantage: AdvantageParams = AdvantageParams()
+    estimator: EstimatorParams = EstimatorParams()
+    update: UpdateParams = UpdateParams()
+    compute: ComputeParams = ComputeParams()
+    exact: ExactParams = ExactParams()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ProbeError(f"cannot set '{dotted}': '{key}' is not a section", "check the key path")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', yaml-parsed value)."""
+    if "=" not in text:
+        raise ProbeError(f"bad override '{text}'", "use -S key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ProbeError(f"params file {path} not found", "pass --params FILE or run from the repo root")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ProbeError(f"params file {path} is not valid YAML ({exc.__class__.__name__})") from exc
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return validate_params(tree)
+
+
+def _key_path(loc: tuple) -> str:
+    """The params key of a validation error (pydantic appends union member tags such as 'float')."""
+    keys, model = [], Params
+    for part in loc:
+        keys.append(str(part))
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            break
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            break
+    return ".".join(keys)
+
+
+def validate_params(tree: dict) -> Params:
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _key_path(err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ProbeError(f"unknown params key '{key}'", "check the spelling against params.yaml") from None
+        raise ProbeError(f"bad value for params key '{key}': {err['msg']}", "fix it in params.yaml or -S") from None

@@ -1,0 +1,57 @@
+"""A tiny character tokenizer and a tiny Qwen2 causal LM, built offline.
+
+The tokenizer is a real `PreTrainedTokenizerFast` (a `tokenizers` WordLevel model over single
+characters) so it round-trips through save_pretrained / AutoTokenizer. Its vocabulary is small
+(digits, operators, a few markers, eos, pad) so exact enumeration of continuations stays feasible.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+EOS, PAD = "<eos>", "<pad>"
+CHARS = list("0123456789+-=") + [" "]
+VOCAB = CHARS + [EOS, PAD]  # 16 tokens
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    # every character is its own token; spaces are kept (no whitespace stripping)
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS, pad_token=PAD, padding_side="left", clean_up_tokenization_spaces=False
+    )
+
+
+def build_model(
+    vocab_size: int = len(VOCAB),
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 with eager attention (forward-mode AD needs it), fp32, eval mode."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=64,
+        eos_token_id=VOCAB.index(EOS) if eos_token_id is None else eos_token_id,
+        pad_token_id=VOCAB.index(PAD) if pad_token_id is None else pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model.eval()

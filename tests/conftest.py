@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny offline models and tokenizers (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from stages.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32):
+    """Tiny Qwen2 + LoRA adapter with non-zero B (so both A and B get gradients), eval mode, fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.tiny import build_model
+
+    base = build_model(hidden_size=hidden_size, num_layers=2, num_heads=4, seed=seed)
+    torch.manual_seed(seed + 1000)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base, config)
+    return model.eval()
+
+
+@pytest.fixture()
+def lora_model():
+    return make_lora_model()
