@@ -7,18 +7,21 @@ gradient (treated as a constant), as SPEC §3 prescribes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
 def top_p_keep_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the nucleus: token kept iff the mass of strictly-more-probable tokens < top_p.
 
-    Ties are broken by sort order; the most probable token is always kept. Matches the usual
+    Ties are broken by token id (stable sort: the lower id counts as more probable), so sampling and
+    teacher forcing pick the same nucleus; the most probable token is always kept. Matches the usual
     nucleus definition (smallest set whose mass reaches top_p).
     """
     with torch.no_grad():
         probs = torch.softmax(logits.float(), dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         keep_sorted = mass_before < top_p
         keep_sorted[..., 0] = True
@@ -40,3 +43,85 @@ def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     """H = −Σ_v π(v) log π(v) over the last dim; entries with π = 0 (−inf log-prob) contribute 0."""
     p_logp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
     return -p_logp.sum(dim=-1)
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of response tokens, all [N, R]; padding entries (mask False) are 0.
+
+    logprobs: log π(y_k | y_<k) of the token actually in the sequence (behaviour or teacher-forced).
+    entropies: H_k = −Σ_v π(v|y_<k) log π(v|y_<k) over the full vocabulary (Rao-Blackwellised).
+    top1_prob, margin: max_v π(v|y_<k) and (top-1 − top-2) probability; features, always detached.
+    """
+
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+    top1_prob: torch.Tensor
+    margin: torch.Tensor
+    mask: torch.Tensor
+
+
+def distribution_features(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 probability, top-1 − top-2 probability) over the last dim of log π; detached.
+
+    Outside the nucleus π = 0, so a one-token nucleus has margin = top-1 = 1.
+    """
+    with torch.no_grad():
+        top2 = logp.detach().topk(2, dim=-1).values.exp()
+        return top2[..., 0], top2[..., 0] - top2[..., 1]
+
+
+def teacher_force(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_prompt_cols: int,
+    response_mask: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    with_grad: bool = False,
+) -> TokenStats:
+    """Score the response columns of `input_ids` [N, P+R] under π_θ in one forward pass.
+
+    Response token k (column P+k) is scored by the logits at column P+k−1, so the LM head runs on
+    the R columns P−1 … P+R−2 only (`logits_to_keep`), never on the whole [N, P+R, V] block.
+    Position ids = cumsum(attention_mask) − 1, clamped at 0 — the same as `generate` uses for
+    non-padding positions, so teacher forcing reproduces the sampler's distribution.
+    """
+    n_rows, n_cols = input_ids.shape
+    n_resp = response_mask.shape[1]
+    if n_prompt_cols < 1 or n_cols != n_prompt_cols + n_resp:
+        raise ValueError(f"input_ids has {n_cols} columns, expected P + R = {n_prompt_cols} + {n_resp} with P >= 1")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(n_prompt_cols - 1, n_cols - 1, device=input_ids.device)
+    with torch.set_grad_enabled(with_grad):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits  # [N, R, V]
+        logp = policy_logprobs(logits, temperature, top_p)
+        del logits
+        mask = response_mask.bool()
+        targets = input_ids[:, n_prompt_cols:].unsqueeze(-1)
+        token_logp = logp.gather(-1, targets).squeeze(-1)
+        # where (not multiply): padding tokens may sit outside the nucleus (−inf), and 0·−inf = nan
+        token_logp = torch.where(mask, token_logp, torch.zeros_like(token_logp))
+        entropies = torch.where(mask, entropy_from_logprobs(logp), torch.zeros_like(token_logp))
+    top1, margin = distribution_features(logp)
+    zero = torch.zeros_like(top1)
+    return TokenStats(
+        logprobs=token_logp,
+        entropies=entropies,
+        top1_prob=torch.where(mask, top1, zero),
+        margin=torch.where(mask, margin, zero),
+        mask=mask,
+    )
+
+
+def token_budget_slices(n_rows: int, row_len: int, max_tokens: int) -> list[slice]:
+    """Consecutive row ranges with rows·row_len ≤ max_tokens each (at least one row per range)."""
+    per = max(1, max_tokens // max(1, row_len))
+    return [slice(start, min(start + per, n_rows)) for start in range(0, n_rows, per)]

@@ -1,0 +1,369 @@
+"""The delta-h1 stage: δH₁ = X̄ · Δθ from artifacts, with standard errors and attributions.
+
+Passes over the data (each in token-budget microbatches, SPEC §3):
+  1. U, reverse:  g = ∇J = ∇ Σ c_ij logp_ij                       (policy gradient of the U batch)
+  2.              Δθ = update(g)                                   (adam_step | adam_precond | sgd)
+  3. E, reverse + double-backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) and, for every E
+     token, dH_ik = ∇H_ik·Δθ and dlogp_ik = ∇logp_ik·Δθ. Every target's δH₁ and SE_E are weighted
+     sums of those tangents (`EntropyCoefs.estimate`), so one pass serves all three targets.
+  4. U, double-backward along u = (∂Δθ/∂g)ᵀ X̄: dlogp_U, giving per-prompt-group attributions and SE_U.
+No per-sample parameter-sized gradient is ever formed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import artifacts
+from .errors import ProbeError
+from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
+from .params import Params
+from .policy import teacher_force, token_budget_slices
+from .tangents import grad_and_tangents
+from .update import (
+    AdamState,
+    FlatLayout,
+    linearise,
+    pg_coefficients,
+    pg_group_terms,
+    resolve_loss_agg_mode,
+    update_direction,
+    zero_gradient_part,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """A sample artifact on the compute device (see docs/design.md for the fields)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor  # [N, R] response mask
+    n_prompt_cols: int
+    temperature: float
+    top_p: float
+    tensors: dict = field(repr=False)  # everything else in the artifact (logprobs, entropies, rewards, …)
+
+    @classmethod
+    def from_artifact(cls, tensors: dict, meta: dict, device: torch.device) -> "Batch":
+        from .sampling import response_mask
+
+        n_resp = tensors["logprobs"].shape[1]
+        mask = response_mask(tensors)
+        gen = meta["generation"]
+        return cls(
+            input_ids=tensors["input_ids"].to(device),
+            attention_mask=tensors["attention_mask"].to(device),
+            mask=mask.to(device),
+            n_prompt_cols=tensors["input_ids"].shape[1] - n_resp,
+            temperature=float(gen["temperature"]),
+            top_p=float(gen["top_p"]),
+            tensors={k: v.to(device) for k, v in tensors.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def score(self, model, rows: slice):
+        """Teacher-forced TokenStats (with graph) for a microbatch of rows."""
+        return teacher_force(
+            model,
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.n_prompt_cols,
+            self.mask[rows],
+            self.temperature,
+            self.top_p,
+            with_grad=True,
+        )
+
+    def slices(self, max_tokens: int) -> list[slice]:
+        return token_budget_slices(len(self), self.input_ids.shape[1], max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# the passes
+
+
+def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """g = ∇_θ Σ_ij coef_ij logp_ij over U, as a flat float32 vector."""
+    g = torch.zeros(layout.numel, dtype=torch.float32, device=coef.device)
+    for rows in tqdm(U.slices(max_tokens), desc="U gradient", leave=False, disable=None):
+        stats = U.score(model, rows)
+        grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
+        g += torch.cat([x.reshape(-1).float() for x in grads])
+    return g
+
+
+def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
+    """(X̄ flat float32, dH [N,R], dlogp [N,R]) with X̄ = ∇ Σ_i w_i Σ_k (a H + c logp), tangents along direction."""
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).float(), (coefs.c * w).float()
+    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows in tqdm(E.slices(max_tokens), desc="E gradient", leave=False, disable=None):
+        stats = E.score(model, rows)
+        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
+            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
+        )
+        xbar += torch.cat([x.reshape(-1).float() for x in grads])
+    return xbar, dH, dlogp
+
+
+def logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
+    """dlogp_ij = ∇logp_ij · direction for every U token, [N, R]."""
+    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
+    ones = U.mask.float()
+    for rows in tqdm(U.slices(max_tokens), desc="U tangents", leave=False, disable=None):
+        stats = U.score(model, rows)
+        _, (dlogp[rows],) = grad_and_tangents([stats.logprobs], [ones[rows]], params, direction)
+    return dlogp
+
+
+def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:
+    """Cui et al. (2025) diagnostic: Cov(log π(y_t), A_t) over the U batch's response tokens."""
+    logp = logprobs[mask].double()
+    adv = advantages.unsqueeze(1).expand_as(mask)[mask].double()
+    return ((logp - logp.mean()) * (adv - adv.mean())).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole computation, on in-memory batches
+
+
+@dataclass
+class UpdateSpec:
+    rule: str
+    state: AdamState
+    max_grad_norm: float | None
+    loss_agg_mode: str
+    max_len: int | None
+
+
+def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, estimator, max_tokens: int) -> dict:
+    """Every number of delta_h1.json plus the flat X̄ and Δθ (keys `xbar`, `delta_theta`) and attributions."""
+    params = dict(model.named_parameters())
+    params = [params[n] for n in layout.names]
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - start, 4)
+        return out
+
+    advantages = U.tensors["advantages"].float()
+    pg_coef = pg_coefficients(advantages, U.mask, spec.loss_agg_mode, spec.max_len).float()
+    g = timed("u_gradient", policy_gradient, model, params, layout, U, pg_coef, max_tokens)
+
+    start = time.perf_counter()
+    delta_theta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm)
+    delta_zero = zero_gradient_part(spec.rule, spec.state, spec.max_grad_norm)
+    timings["update"] = round(time.perf_counter() - start, 4)
+    direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta_theta.float()).values(), params)]
+
+    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], dim=-1).float()
+    coefs = {
+        t: entropy_coefficients(
+            E.tensors["entropies"].float(),
+            E.mask,
+            target=t,
+            baseline=estimator.baseline,
+            features=features,
+            ridge=estimator.ridge,
+            folds=estimator.crossfit_folds,
+        )
+        for t in TARGETS
+    }
+    main = coefs[estimator.entropy]
+    xbar, dH, dlogp = timed("e_gradient", entropy_pass, model, params, layout, E, main, direction, max_tokens)
+
+    start = time.perf_counter()
+    u = linearise(spec.rule, g.double(), xbar.double(), spec.state, spec.max_grad_norm)
+    timings["linearise"] = round(time.perf_counter() - start, 4)
+    u_dir = [d.to(p.dtype) for d, p in zip(layout.unflatten(u.float()).values(), params)]
+    dlogp_u = timed("u_tangents", logprob_tangents, model, params, U, u_dir, max_tokens)
+    attribution, influence = pg_group_terms(
+        dlogp_u, advantages, U.mask, U.tensors["group_index"], spec.loss_agg_mode, spec.max_len
+    )
+
+    delta_h1 = float((xbar.double() * delta_theta).sum())
+    momentum_part = float((xbar.double() * delta_zero).sum())
+    per_target = {}
+    for t, cf in coefs.items():
+        est, se_e = cf.estimate(dH, dlogp)
+        per_target[t] = {"delta_h1": est, "se_E": se_e, "entropy": cf.entropy}
+    naive_est, naive_se = naive_coefficients(E.tensors["logprobs"].float(), E.mask, target=estimator.entropy).estimate(
+        None, dlogp
+    )
+    se_e = per_target[estimator.entropy]["se_E"]
+    se_u = influence.std().item() / len(influence) ** 0.5 if len(influence) > 1 else float("nan")
+    se_total = (se_e**2 + se_u**2) ** 0.5
+    per_target[estimator.entropy].update(se_U=se_u, se_delta_h1=se_total)
+    lr_mean = float(spec.state.lr.mean())
+    return {
+        "delta_h1": delta_h1,
+        "delta_h1_from_tangents": per_target[estimator.entropy]["delta_h1"],
+        "bars_dot": delta_h1 / lr_mean,
+        "learning_rate": lr_mean,
+        "entropy": main.entropy,
+        "se_delta_h1": se_total,
+        "se_E": se_e,
+        "se_U": se_u,
+        "delta_h1_gradient_part": delta_h1 - momentum_part,
+        "delta_h1_momentum_part": momentum_part,
+        "delta_h1_gradient_part_linearised": float(attribution.sum()),
+        "delta_h1_naive": naive_est,
+        "se_E_naive": naive_se,
+        "cov_logp_advantage": token_advantage_covariance(U.tensors["logprobs"], advantages, U.mask),
+        "norm_xbar": float(xbar.double().norm()),
+        "norm_delta_theta": float(delta_theta.norm()),
+        "norm_g": float(g.double().norm()),
+        "targets": per_target,
+        "timings": timings,
+        "xbar": xbar,
+        "delta_theta": delta_theta,
+        "e_contributions": main.influence(dH, dlogp) / len(E),
+        "u_attribution": attribution,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _attributions_csv(result: dict, E: Batch, U: Batch, tokenizer) -> str:
+    """Rows for every U prompt group and every E sequence, sorted by contribution (most negative first)."""
+    from .sampling import decode_responses
+
+    def text(batch: Batch, i: int) -> tuple[str, str]:
+        ids = batch.input_ids[i].tolist()
+        prompt = tokenizer.decode(ids[: batch.n_prompt_cols], skip_special_tokens=True)
+        return prompt, responses[batch is U][i]
+
+    responses = {False: decode_responses(tokenizer, E.tensors), True: decode_responses(tokenizer, U.tensors)}
+    rows = []
+    rewards = U.tensors["rewards"].tolist()
+    members_of: dict[int, list[int]] = {}
+    for i, b in enumerate(U.tensors["group_index"].tolist()):
+        members_of.setdefault(b, []).append(i)
+    for b, contrib in enumerate(result["u_attribution"].tolist()):
+        members = members_of[b]
+        prompt, _ = text(U, members[0])
+        shown = " | ".join(f"{text(U, i)[1]!r}→{rewards[i]:g}" for i in members)
+        rows.append(["U", b, int(U.tensors["prompt_index"][members[0]]), contrib, prompt, shown])
+    for i, contrib in enumerate(result["e_contributions"].tolist()):
+        prompt, response = text(E, i)
+        rows.append(["E", i, int(E.tensors["prompt_index"][i]), contrib, prompt, repr(response)])
+    rows.sort(key=lambda r: (r[0], r[3]))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _max_grad_norm(setting, report: dict) -> float | None:
+    if setting == "auto":
+        return report.get("max_grad_norm")
+    return setting
+
+
+def run(params: Params, out_dir: Path, dry_run: bool) -> None:
+    from .checkpoint import load_policy_model, load_tokenizer, resolve_paths
+    from .sampling import load_samples
+    from .verify import read_verify
+
+    E_t, E_meta = load_samples(params.paths.sample_e, "samples_e")
+    U_t, U_meta = load_samples(params.paths.sample_u, "samples_u")
+    report, opt = read_verify(params.paths.verify)
+    mode, max_len, why = resolve_loss_agg_mode(params.update.loss_agg_mode, report.get("trainer_config") or {})
+    if max_len is None and mode == "seq-mean-token-sum-norm":
+        max_len = int(U_meta["generation"]["max_new_tokens"])
+    max_grad_norm = _max_grad_norm(params.update.max_grad_norm, report)
+    log.info(
+        "delta-h1: E %d sequences, U %d sequences (%d groups); target %s, baseline %s; rule %s, loss %s (%s)",
+        len(E_t["input_ids"]), len(U_t["input_ids"]), int(U_t["group_index"].max()) + 1,
+        params.estimator.entropy, params.estimator.baseline, params.update.rule, mode, why,
+    )
+    if dry_run:
+        return
+    for name, meta in (("E", E_meta), ("U", U_meta)):
+        if meta.get("checkpoint_fingerprint") != report["fingerprint"]:
+            raise ProbeError(
+                f"the {name} samples were drawn by checkpoint {meta.get('checkpoint_fingerprint')}, "
+                f"but verify describes {report['fingerprint']}",
+                "re-sample with this checkpoint (dvc repro) — cross-checkpoint reuse is not supported yet",
+            )
+
+    start = time.perf_counter()
+    paths = resolve_paths(params.checkpoint)
+    model = load_policy_model(params.checkpoint, paths)
+    tokenizer = load_tokenizer(paths)
+    load_seconds = time.perf_counter() - start
+    device = next(model.parameters()).device
+    E = Batch.from_artifact(E_t, E_meta, device)
+    U = Batch.from_artifact(U_t, U_meta, device)
+
+    named = dict(model.named_parameters())
+    layout = FlatLayout.from_named(named, opt.names)
+    state = AdamState.from_groups(
+        layout,
+        {n: named[n].detach() for n in opt.names},
+        opt.exp_avg,
+        opt.exp_avg_sq,
+        opt.step,
+        opt.groups,
+        lr=float(report["learning_rate"]),
+    )
+    spec = UpdateSpec(params.update.rule, state, max_grad_norm, mode, max_len)
+    result = compute_delta_h1(model, E, U, layout, spec, params.estimator, params.compute.max_tokens_per_microbatch)
+    result["timings"]["load_model"] = round(load_seconds, 4)
+
+    summary = {
+        k: v for k, v in result.items() if k not in ("xbar", "delta_theta", "e_contributions", "u_attribution")
+    }
+    summary.update(
+        B_E=len(E),
+        B_U=int(U.tensors["group_index"].max()) + 1,
+        G=int(U_meta.get("G", 0)),
+        n_E_tokens=int(E.mask.sum()),
+        n_U_tokens=int(U.mask.sum()),
+        estimator=params.estimator.model_dump(),
+        update={"rule": spec.rule, "loss_agg_mode": mode, "loss_agg_reason": why, "max_len": max_len,
+                "max_grad_norm": max_grad_norm},
+        checkpoint_fingerprint=report["fingerprint"],
+    )
+    with artifacts.staged_output_dir(out_dir) as tmp:
+        artifacts.write_tensors(
+            tmp / "bars.safetensors",
+            {**{f"xbar.{n}": t for n, t in layout.unflatten(result["xbar"]).items()},
+             **{f"delta_theta.{n}": t.float() for n, t in layout.unflatten(result["delta_theta"]).items()}},
+            kind="bars",
+            meta={"learning_rate": summary["learning_rate"], "target": params.estimator.entropy},
+        )
+        artifacts.write_json(tmp / "delta_h1.json", summary)
+        artifacts.write_text(tmp / "attributions.csv", _attributions_csv(result, E, U, tokenizer))
+    _print_summary(summary, result, U)
+
+
+def _print_summary(summary: dict, result: dict, U: Batch) -> None:
+    log.info(
+        "δH₁ = %.4g ± %.2g (SE_E %.2g, SE_U %.2g); entropy %.4g; gradient part %.4g, momentum/decay part %.4g",
+        summary["delta_h1"], summary["se_delta_h1"], summary["se_E"], summary["se_U"], summary["entropy"],
+        summary["delta_h1_gradient_part"], summary["delta_h1_momentum_part"],
+    )
+    order = result["u_attribution"].argsort()
+    top = [int(i) for i in order[:3]], [int(i) for i in order.flip(0)[:3]]
+    log.info("U groups lowering entropy most: %s", ", ".join(f"#{b} ({result['u_attribution'][b]:.3g})" for b in top[0]))
+    log.info("U groups raising entropy most: %s", ", ".join(f"#{b} ({result['u_attribution'][b]:.3g})" for b in top[1]))

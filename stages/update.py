@@ -1,0 +1,321 @@
+"""The update direction Δθ (SPEC §3): advantages, policy-gradient coefficients, update rules.
+
+θ = the trainable parameters, as one flat vector (`FlatLayout`). Training minimises −J, so Δθ
+increases J; g = ∇J. Everything here is a pure function of tensors.
+
+- `group_advantages`: A = r − mean_group(r), optionally / (std_group + eps).
+- `pg_coefficients`: c [N, R] with J = Σ_ij c_ij logp_ij for the trainer's loss aggregation
+  (verl's names). At the on-policy point the clipped ratio π/π_old = 1, so ∇J = Σ c ∇logp.
+- `pg_group_terms`: per-prompt-group attributions of u·g and influence values for SE_U.
+- Update rules on flat vectors: `adam_step_delta` (the exact next AdamW step), `adam_precond_delta`,
+  `sgd_delta`; `update_direction`, `zero_gradient_part` and `linearise` dispatch on the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ProbeError
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+RULES = ("adam_step", "adam_precond", "sgd")
+# TRL GRPOConfig.loss_type -> verl loss_agg_mode (see trl/trainer/grpo_trainer.py, the loss branch).
+_TRL_LOSS_TYPES = {
+    "dapo": "token-mean",  # Σ_all / tokens of the whole generation batch
+    "bnpo": "token-mean",  # Σ_all / tokens of the local batch (the same when the U batch is one batch)
+    "cispo": "token-mean",  # same normalisation as dapo (the clipping differs only off-policy)
+    "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "luspo": "seq-mean-token-sum",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages and the policy-gradient objective
+
+
+def group_advantages(rewards: Tensor, scale: bool, eps: float) -> Tensor:
+    """A = r − mean_group(r), and / (std_group + eps) when `scale`. rewards: [B, G] → [B, G].
+
+    std is the unbiased (Bessel-corrected, G − 1) standard deviation, as TRL's GRPO computes it
+    (trl.trainer.utils.nanstd), so an all-equal group gets A = 0 either way.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ProbeError(f"rewards must be [B, G] with G ≥ 2, got {tuple(rewards.shape)}", "set batch_config.G ≥ 2")
+    if not torch.isfinite(rewards).all():
+        raise ProbeError("non-finite rewards in the U batch", "check the reward function")
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    return adv
+
+
+def resolve_loss_agg_mode(mode: str, trainer_config: Mapping | None) -> tuple[str, int | None, str]:
+    """(mode, max_len, reason). "auto" follows the trainer's TRL loss_type; max_len is the trainer's
+    max_completion_length (the Dr. GRPO constant), needed only by seq-mean-token-sum-norm."""
+    config = dict(trainer_config or {})
+    max_len = config.get("max_completion_length")
+    if mode == "auto":
+        loss_type = config.get("loss_type")
+        if loss_type in _TRL_LOSS_TYPES:
+            mode, reason = _TRL_LOSS_TYPES[loss_type], f"auto: trainer loss_type '{loss_type}'"
+        elif loss_type is None:
+            mode, reason = "token-mean", "auto: trainer loss_type unknown, assumed token-mean (TRL's default, dapo)"
+        else:
+            mode, reason = "token-mean", f"auto: trainer loss_type '{loss_type}' not recognised, assumed token-mean"
+    elif mode in LOSS_AGG_MODES:
+        reason = "set by update.loss_agg_mode"
+    else:
+        raise ProbeError(f"unknown loss aggregation mode '{mode}'", f"use auto or one of {', '.join(LOSS_AGG_MODES)}")
+    if mode == "seq-mean-token-sum-norm":
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ProbeError(
+                "seq-mean-token-sum-norm needs the trainer's max_completion_length, which is unknown",
+                "set update.loss_agg_mode to another mode, or probe a checkpoint whose trainer args are readable",
+            )
+        return mode, max_len, reason
+    return mode, None, reason
+
+
+def pg_coefficients(advantages: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
+    """c [N, R] with J = Σ_ij c_ij logp_ij (N sequences, L_i = Σ_j mask_ij):
+    token-mean               c_ij = A_i / Σ_all L
+    seq-mean-token-mean      c_ij = A_i / (N L_i)
+    seq-mean-token-sum       c_ij = A_i / N
+    seq-mean-token-sum-norm  c_ij = A_i / (N · max_len)   (Dr. GRPO)
+    """
+    m = mask.to(torch.float64)
+    a = advantages.detach().to(torch.float64)[:, None] * m
+    n = mask.shape[0]
+    if mode == "token-mean":
+        return a / m.sum()
+    if mode == "seq-mean-token-mean":
+        return a / (n * m.sum(-1, keepdim=True).clamp(min=1))
+    if mode == "seq-mean-token-sum":
+        return a / n
+    if mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len < 1:
+            raise ValueError("seq-mean-token-sum-norm needs max_len ≥ 1")
+        return a / (n * max_len)
+    raise ProbeError(f"unknown loss aggregation mode '{mode}'", f"use one of {', '.join(LOSS_AGG_MODES)}")
+
+
+def pg_group_terms(
+    dlogp: Tensor, advantages: Tensor, mask: Tensor, group_index: Tensor, mode: str, max_len: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(attribution [B], influence [B]) along a direction u, given dlogp_ij = u·∇logp_ij.
+
+    attribution_b = Σ_{i ∈ b} Σ_j c_ij dlogp_ij, so Σ_b attribution_b = u·g. Groups (prompts) are the
+    independent units of U, so SE_U = std(influence)/√B with mean(influence) = u·g:
+    - token-mean, u·g = Σ_b N_b / Σ_b D_b (D_b = tokens of group b) has a random denominator; delta
+      method: influence_b = r + (N_b − r D_b)/D̄, r = u·g, D̄ = mean_b D_b.
+    - the others are means over sequences with a fixed count: influence_b = B · attribution_b.
+    Groups are numbered by sorted unique group_index.
+    """
+    _, group = torch.unique(group_index, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    per_seq = (pg_coefficients(advantages, mask, mode, max_len) * dlogp.to(torch.float64)).sum(-1)
+    attribution = torch.zeros(n_groups, dtype=torch.float64, device=per_seq.device).index_add_(0, group, per_seq)
+    if mode == "token-mean":
+        tokens = torch.zeros_like(attribution).index_add_(0, group, mask.to(torch.float64).sum(-1))
+        total = attribution.sum()
+        numer = attribution * tokens.sum()  # N_b = Σ_{i∈b} A_i Σ_j dlogp_ij
+        influence = total + (numer - total * tokens) / tokens.mean()
+    else:
+        influence = n_groups * attribution
+    return attribution, influence
+
+
+# --------------------------------------------------------------------------------------------------
+# Flat parameter vectors
+
+
+@dataclass
+class FlatLayout:
+    """Order, shapes and sizes of the named trainable parameters inside one flat vector."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    numels: list[int]
+
+    @classmethod
+    def from_named(cls, tensors: Mapping[str, Tensor], names: Sequence[str] | None = None) -> "FlatLayout":
+        names = list(tensors) if names is None else list(names)
+        shapes = [tuple(tensors[n].shape) for n in names]
+        return cls(names, shapes, [tensors[n].numel() for n in names])
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"missing tensors for {missing[:3]}")
+        flat = torch.cat([tensors[n].reshape(-1) for n in self.names])
+        return flat if dtype is None else flat.to(dtype)
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        if vec.shape != (self.numel,):
+            raise ValueError(f"expected a flat vector of {self.numel} elements, got {tuple(vec.shape)}")
+        return {n: t.view(s) for n, t, s in zip(self.names, vec.split(self.numels), self.shapes)}
+
+    def per_element(self, values: Mapping[str, float] | Sequence[float], dtype=torch.float64, device=None) -> Tensor:
+        """A per-parameter scalar (lr, step, ...) broadcast to a per-element vector."""
+        vals = [values[n] for n in self.names] if isinstance(values, Mapping) else list(values)
+        vals = torch.tensor([float(v) for v in vals], dtype=dtype, device=device)
+        return vals.repeat_interleave(torch.tensor(self.numels, device=vals.device))
+
+
+@dataclass
+class AdamState:
+    """AdamW state and hyperparameters as per-element flat vectors (all [P])."""
+
+    theta: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    lr: Tensor
+    beta1: Tensor
+    beta2: Tensor
+    eps: Tensor
+    weight_decay: Tensor
+
+    @classmethod
+    def from_groups(
+        cls,
+        layout: FlatLayout,
+        theta: Mapping[str, Tensor],
+        exp_avg: Mapping[str, Tensor],
+        exp_avg_sq: Mapping[str, Tensor],
+        step: Mapping[str, float | Tensor],
+        param_groups: Sequence[Mapping],
+        lr: float | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> "AdamState":
+        """From named state and param groups ({lr, betas, eps, weight_decay, names} each).
+
+        A parameter absent from exp_avg/exp_avg_sq/step never had a gradient: AdamW would start it
+        from zero state at step 0, and so does this. `lr` replaces every group's lr when given.
+        """
+        hyper: dict[str, tuple] = {}
+        for group in param_groups:
+            b1, b2 = group["betas"]
+            for name in group["names"]:
+                hyper[name] = (group["lr"] if lr is None else lr, b1, b2, group["eps"], group["weight_decay"])
+        missing = [n for n in layout.names if n not in hyper]
+        if missing:
+            raise ProbeError(f"parameter {missing[0]} is in no optimizer param group", "re-run verify on this checkpoint")
+        device = next(iter(theta.values())).device if theta else None
+        zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
+
+        def vec(d: Mapping[str, Tensor]) -> Tensor:
+            return layout.flatten({n: d.get(n, zeros[n]).to(device) for n in layout.names}, dtype)
+
+        cols = list(zip(*(hyper[n] for n in layout.names)))
+        per = [layout.per_element(col, dtype, device) for col in cols]
+        steps = layout.per_element([float(step.get(n, 0.0)) for n in layout.names], dtype, device)
+        return cls(vec(theta), vec(exp_avg), vec(exp_avg_sq), steps, *per)
+
+
+# --------------------------------------------------------------------------------------------------
+# Update rules on flat vectors
+
+
+def clipped(g: Tensor, max_grad_norm: float | None) -> Tensor:
+    """g·coef with HF Trainer's clip of the loss gradient −g (same norm): torch clip_grad_norm_,
+    coef = min(1, max_norm / (‖g‖ + 1e-6)). None or ≤ 0: no clipping (the Trainer skips it)."""
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return g
+    coef = max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)
+    return g * torch.clamp(coef, max=1.0)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with a zero (not NaN) gradient at x = 0, where AdamW's v' = 0 (no state, zero gradient)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def adam_step_delta(
+    g: Tensor,
+    theta: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    lr: Tensor | float,
+    beta1: Tensor | float,
+    beta2: Tensor | float,
+    eps: Tensor | float,
+    weight_decay: Tensor | float,
+    max_grad_norm: float | None,
+) -> Tensor:
+    """Δθ of torch.optim.AdamW.step() (non-amsgrad, non-fused) after the Trainer clips the loss gradient.
+
+    ĝ = −clip(g) (the loss gradient), t = step + 1:
+      m' = β₁ m + (1−β₁) ĝ,   v' = β₂ v + (1−β₂) ĝ²
+      Δθ = −lr·wd·θ − (lr / (1 − β₁ᵗ)) · m' / (sqrt(v') / sqrt(1 − β₂ᵗ) + eps)
+    m, v are the stored state (momentum of the loss gradient); every argument may be per-element.
+    """
+    grad = -clipped(g, max_grad_norm)
+    t = step + 1
+    m_new = beta1 * exp_avg + (1 - beta1) * grad
+    v_new = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**t
+    denom = _safe_sqrt(v_new) / bc2**0.5 + eps
+    return -lr * weight_decay * theta - (lr / bc1) * m_new / denom
+
+
+def adam_precond_delta(
+    g: Tensor, exp_avg_sq: Tensor, step: Tensor | float, lr: Tensor | float, beta2: Tensor | float, eps: Tensor | float
+) -> Tensor:
+    """Δθ = lr · g / (sqrt(v / (1 − β₂^step)) + eps) (the original probe's direction; no momentum)."""
+    if (torch.as_tensor(step) < 1).any():
+        raise ProbeError(
+            "adam_precond needs optimizer state (step ≥ 1) for every trainable parameter",
+            "use update.rule=adam_step or sgd, or a checkpoint after at least one step",
+        )
+    return lr * g / (torch.sqrt(exp_avg_sq / (1 - beta2**step)) + eps)
+
+
+def sgd_delta(g: Tensor, lr: Tensor | float) -> Tensor:
+    """Δθ = lr · g."""
+    return lr * g
+
+
+def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
+    """Δθ for `rule` (adam_step | adam_precond | sgd) at the objective gradient g = ∇J."""
+    s = state
+    if rule == "adam_step":
+        return adam_step_delta(
+            g, s.theta, s.exp_avg, s.exp_avg_sq, s.step, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, max_grad_norm
+        )
+    if rule == "adam_precond":
+        return adam_precond_delta(g, s.exp_avg_sq, s.step, s.lr, s.beta2, s.eps)
+    if rule == "sgd":
+        return sgd_delta(g, s.lr)
+    raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
+
+
+def zero_gradient_part(rule: str, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
+    """Δθ at g = 0: the U-independent part (momentum + weight decay) for adam_step, 0 otherwise."""
+    if rule not in RULES:
+        raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
+    if rule != "adam_step":
+        return torch.zeros_like(state.theta)
+    return update_direction(rule, torch.zeros_like(state.theta), state, max_grad_norm)
+
+
+def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
+    """u = (∂Δθ/∂g)ᵀ X̄ at g (one vector-Jacobian product), so that X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg."""
+    with torch.enable_grad():
+        g = g.detach().clone().requires_grad_(True)
+        delta = update_direction(rule, g, state, max_grad_norm)
+        (u,) = torch.autograd.grad(delta, g, grad_outputs=xbar.to(delta.dtype), allow_unused=True)
+    return torch.zeros_like(g) if u is None else u.detach()

@@ -1,0 +1,244 @@
+"""delta-h1 on a real (tiny) transformer: estimates vs exact enumeration, parity, invariance, SEs.
+
+These tests run the product's own code path end to end — generation, teacher forcing, the
+double-backward tangents, the estimator coefficients — and compare with `stages.exact`, which
+differentiates through the enumeration of every continuation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient
+from stages.estimators import BASELINES, TARGETS, entropy_coefficients
+from stages.exact import exact_gradients
+from stages.params import EstimatorParams
+from stages.policy import policy_logprobs
+from stages.sampling import generate_responses
+from stages.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction
+from conftest import make_lora_model
+
+MAX_NEW = 3
+TEMPERATURE = 1.3  # ≠ 1 so a forgotten temperature anywhere shows up
+PROMPTS = ["1+2=", "3+4=", "5+5=", "9+0="]
+META = {"generation": {"temperature": TEMPERATURE, "top_p": 1.0}}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny LoRA model whose policy is far from uniform (at the uniform maximum ∇H_k vanishes)."""
+    torch.manual_seed(0)
+    model = make_lora_model(seed=3, rank=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stages.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def sample_batch(model, tok, prompts: list[str], seed: int, top_p: float = 1.0) -> Batch:
+    tensors = generate_responses(
+        model, tok, prompts, temperature=TEMPERATURE, top_p=top_p, max_new_tokens=MAX_NEW,
+        batch_size=512, seed=seed, progress=False,
+    )  # fmt: skip
+    tensors["prompt_index"] = torch.arange(len(prompts))
+    meta = {"generation": {"temperature": TEMPERATURE, "top_p": top_p}}
+    return Batch.from_artifact(tensors, meta, CPU)
+
+
+def sample_u(model, tok, n_groups: int, G: int, seed: int) -> Batch:
+    prompts = [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)]
+    U = sample_batch(model, tok, prompts, seed)
+    # a reward that is a function of the whole response and varies within groups: parity of the token sum
+    rewards = ((U.input_ids[:, U.n_prompt_cols :] * U.mask).sum(-1) % 2).float()
+    U.tensors["rewards"] = rewards
+    U.tensors["advantages"] = group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1)
+    U.tensors["group_index"] = torch.arange(n_groups).repeat_interleave(G)
+    return U
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adam_state(model, seed: int = 0, lr: float = 1e-2) -> tuple[FlatLayout, AdamState]:
+    named = trainable(model)
+    layout = FlatLayout.from_named(named)
+    gen = torch.Generator().manual_seed(seed)
+    m = {n: 1e-3 * torch.randn(p.shape, generator=gen) for n, p in named.items()}
+    v = {n: 1e-5 * torch.rand(p.shape, generator=gen) for n, p in named.items()}
+    groups = [{"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
+    state = AdamState.from_groups(layout, {n: p.detach() for n, p in named.items()}, m, v, {n: 5.0 for n in named}, groups)
+    return layout, state
+
+
+@pytest.fixture(scope="module")
+def exact(model, tok):
+    """Exact H and ∇H (every target) for the E prompt multiset: each prompt equally often."""
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    values, grads, _ = exact_gradients(
+        model, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE, top_p=1.0, max_sequences=100_000,
+    )  # fmt: skip
+    return values, grads
+
+
+def directional(grad: dict, direction: dict) -> float:
+    return float(sum((grad[n].double() * direction[n].double()).sum() for n in grad))
+
+
+def random_direction(model, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=gen) for n, p in trainable(model).items()}
+
+
+def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tok, exact):
+    """Every target × baseline, projected on random directions: |z| < 4 each and mean z near 0."""
+    values, grads = exact
+    names = list(trainable(model))
+    params = [dict(model.named_parameters())[n] for n in names]
+    layout = FlatLayout.from_named(trainable(model))
+    zs = {(t, b): [] for t in TARGETS for b in BASELINES}
+    for seed in range(4):
+        E = sample_batch(model, tok, PROMPTS * 96, seed=100 + seed)
+        features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1)
+        for d in range(2):
+            v = random_direction(model, seed=10 * seed + d)
+            coefs = entropy_coefficients(E.tensors["entropies"], E.mask, target="sequence", baseline="none")
+            xbar, dH, dlogp = entropy_pass(model, params, layout, E, coefs, [v[n] for n in names], 10_000)
+            # the X̄ vector and the tangents agree: X̄·v = mean of the per-sequence influence values
+            assert float(xbar.double() @ layout.flatten(v).double()) == pytest.approx(
+                coefs.estimate(dH, dlogp)[0], rel=1e-4, abs=1e-9
+            )
+            for t, b in zs:
+                cf = entropy_coefficients(
+                    E.tensors["entropies"], E.mask, target=t, baseline=b, features=features, folds=4
+                )
+                est, se = cf.estimate(dH, dlogp)
+                zs[(t, b)].append((est - directional(grads[t], v)) / se)
+    for key, z in zs.items():
+        assert max(abs(x) for x in z) < 4, (key, z)
+        assert abs(sum(z) / len(z)) < 4 / math.sqrt(len(z)) + 0.5, (key, z)
+
+
+def test_dropping_the_pathwise_term_is_detected(model, tok, exact):
+    """The same z-test catches a biased estimator (no ∇H_k term) at a larger batch."""
+    values, grads = exact
+    names = list(trainable(model))
+    params = [dict(model.named_parameters())[n] for n in names]
+    layout = FlatLayout.from_named(trainable(model))
+    E = sample_batch(model, tok, PROMPTS * 512, seed=7)
+    v = {n: g.float() for n, g in grads["sequence"].items()}  # the direction where ∇H is largest
+    coefs = entropy_coefficients(E.tensors["entropies"], E.mask, target="sequence", baseline="mean")
+    _, dH, dlogp = entropy_pass(model, params, layout, E, coefs, [v[n] for n in names], 10_000)
+    exact_value = directional(grads["sequence"], v)
+    est, se = coefs.estimate(dH, dlogp)
+    assert abs(est - exact_value) / se < 4
+    biased, se_b = coefs.estimate(torch.zeros_like(dH), dlogp)
+    assert abs(biased - exact_value) / se_b > 6
+
+
+def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
+    """The full computation with Δθ = a real next AdamW step: per-target δH₁ vs exact ∇H·Δθ."""
+    values, grads = exact
+    layout, state = adam_state(model)
+    zs = {t: [] for t in TARGETS}
+    for seed in range(3):
+        E = sample_batch(model, tok, PROMPTS * 64, seed=200 + seed)
+        U = sample_u(model, tok, n_groups=8, G=4, seed=300 + seed)
+        spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
+        delta = layout.unflatten(result["delta_theta"])
+        assert result["delta_h1"] == pytest.approx(result["delta_h1_from_tangents"], rel=1e-4)
+        for t in TARGETS:
+            r = result["targets"][t]
+            zs[t].append((r["delta_h1"] - directional(grads[t], delta)) / r["se_E"])
+        assert result["entropy"] == pytest.approx(values["token_mean"], rel=0.05)
+    for t, z in zs.items():
+        assert max(abs(x) for x in z) < 4, (t, z)
+
+
+def naive_objective(model, U: Batch, mode: str, max_len: int) -> torch.Tensor:
+    """J written per sequence in plain Python: one forward per sequence, no padding, no masks."""
+    per_seq, tokens = [], []
+    for i in range(len(U)):
+        prompt = U.input_ids[i, : U.n_prompt_cols][U.attention_mask[i, : U.n_prompt_cols].bool()]
+        response = U.input_ids[i, U.n_prompt_cols :][U.mask[i]]
+        ids = torch.cat([prompt, response]).unsqueeze(0)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        logp = policy_logprobs(logits, U.temperature, U.top_p).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        a = U.tensors["advantages"][i]
+        per_seq.append((a * logp).sum())
+        tokens.append(len(response))
+    n = len(per_seq)
+    if mode == "token-mean":
+        return sum(per_seq) / sum(tokens)
+    if mode == "seq-mean-token-mean":
+        return sum(s / t for s, t in zip(per_seq, tokens)) / n
+    if mode == "seq-mean-token-sum":
+        return sum(per_seq) / n
+    return sum(per_seq) / (n * max_len)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_policy_gradient_equals_autograd_of_naive_loss(model, tok, mode):
+    U = sample_u(model, tok, n_groups=3, G=4, seed=11)
+    named = trainable(model)
+    layout = FlatLayout.from_named(named)
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, mode, MAX_NEW).float()
+    g = policy_gradient(model, list(named.values()), layout, U, coef, max_tokens=16)
+    naive = torch.autograd.grad(naive_objective(model, U, mode, MAX_NEW), list(named.values()))
+    torch.testing.assert_close(g, torch.cat([x.reshape(-1) for x in naive]), rtol=1e-4, atol=1e-7)
+
+
+def test_delta_h1_is_invariant_to_the_token_budget(model, tok):
+    E = sample_batch(model, tok, PROMPTS * 8, seed=5)
+    U = sample_u(model, tok, n_groups=4, G=4, seed=6)
+    layout, state = adam_state(model)
+    spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+    results = [compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), budget) for budget in (10_000, 30, 7)]
+    for r in results[1:]:
+        for key in ("delta_h1", "se_E", "se_U", "entropy", "delta_h1_momentum_part"):
+            assert r[key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-10), key
+        torch.testing.assert_close(r["xbar"], results[0]["xbar"], rtol=1e-4, atol=1e-8)
+
+
+def test_sgd_attributions_sum_to_delta_h1(model, tok):
+    """For a rule linear in g, the U group attributions add up to δH₁ exactly and there is no momentum part."""
+    E = sample_batch(model, tok, PROMPTS * 8, seed=8)
+    U = sample_u(model, tok, n_groups=4, G=4, seed=9)
+    layout, state = adam_state(model)
+    r = compute_delta_h1(model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096)
+    assert r["delta_h1_momentum_part"] == 0
+    assert float(r["u_attribution"].sum()) == pytest.approx(r["delta_h1"], rel=1e-4)
+    # δH₁ changes sign with the advantages: the direction of the update matters, not only its size
+    U.tensors["advantages"] = -U.tensors["advantages"]
+    flipped = compute_delta_h1(model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096)
+    assert flipped["delta_h1"] == pytest.approx(-r["delta_h1"], rel=1e-4)
+
+
+def test_standard_errors_match_spread_over_repeated_batches(model, tok):
+    """SE_E over repeated E batches (U fixed) and SE_U over repeated U batches (E fixed)."""
+    layout, state = adam_state(model)
+    spec = UpdateSpec("sgd", state, None, "token-mean", None)
+    est = EstimatorParams(baseline="mean")
+    E0 = sample_batch(model, tok, PROMPTS * 8, seed=1)
+    U0 = sample_u(model, tok, n_groups=8, G=4, seed=2)
+    by_e = [compute_delta_h1(model, sample_batch(model, tok, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
+            for s in range(40)]  # fmt: skip
+    by_u = [compute_delta_h1(model, E0, sample_u(model, tok, 8, 4, seed=2000 + s), layout, spec, est, 4096)
+            for s in range(40)]  # fmt: skip
+    for runs, key in ((by_e, "se_E"), (by_u, "se_U")):
+        values = torch.tensor([r["delta_h1"] for r in runs], dtype=torch.float64)
+        mean_se = sum(r[key] for r in runs) / len(runs)
+        ratio = mean_se / values.std().item()
+        assert 0.65 < ratio < 1.5, (key, ratio)

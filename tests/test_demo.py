@@ -1,0 +1,192 @@
+"""The demo stage: determinism, the real Trainer checkpoint layout, round-trips, dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import demo
+from stages.params import Params, validate_params
+from stages.task import make_arithmetic_prompts
+
+# What a transformers/TRL Trainer `checkpoint-N/` holds for a PEFT model (single process)
+TRAINER_FILES = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "rng_state.pth",
+]
+SMALL = {
+    "max_operand": 3,
+    "hidden_size": 32,
+    "warmup_steps": 5,
+    "rl_steps": 2,
+    "save_steps": 1,
+    "prompts_per_step": 4,
+    "num_generations": 2,
+    "lora_rank": 2,
+    "rl_lr": 0.01,
+}
+
+
+def small_params(**overrides) -> Params:
+    return validate_params({"demo": {**SMALL, **overrides}})
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("demo")
+    outs = root / "a" / "demo", root / "b" / "demo"
+    for out in outs:
+        demo.run(small_params(), out, dry_run=False)
+    return outs
+
+
+def _optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, weights_only=True)
+    return {f"{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
+
+
+def test_layout_is_a_trainer_checkpoint(two_runs):
+    out = two_runs[0]
+    assert sorted(p.name for p in out.iterdir()) == ["base", "demo.json", "prompts.jsonl", "run"]
+    assert not list(out.parent.glob(".*"))  # the staging dir is gone
+    ckpts = sorted(p.name for p in (out / "run").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-1", "checkpoint-2"]
+    for step, name in enumerate(ckpts, start=1):
+        ckpt = out / "run" / name
+        for f in TRAINER_FILES:
+            assert (ckpt / f).is_file(), f"{name}/{f} missing"
+        adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(out / "base")  # final dir, not the staging dir
+        assert adapter_config["r"] == SMALL["lora_rank"] and adapter_config["peft_type"] == "LORA"
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["global_step"] == step and state["max_steps"] == SMALL["rl_steps"]
+        opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        steps = {float(s["step"]) for s in opt["state"].values()}
+        assert steps == {float(step)}
+        # linear schedule, no warm-up: the stored lr is the one for the NEXT step
+        expected_lr = SMALL["rl_lr"] * (1 - step / SMALL["rl_steps"])
+        assert all(g["lr"] == pytest.approx(expected_lr) for g in opt["param_groups"])
+        n_state = sum(len(g["params"]) for g in opt["param_groups"])
+        assert n_state == len(load_file(ckpt / "adapter_model.safetensors")) == len(opt["state"])
+
+
+def test_demo_json_counts(two_runs):
+    out = two_runs[0]
+    info = json.loads((out / "demo.json").read_text())
+    adapter = load_file(out / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    base = load_file(out / "base" / "model.safetensors")
+    assert info["n_trainable"] == sum(t.numel() for t in adapter.values())
+    assert info["n_params"] == sum(t.numel() for t in base.values())
+    assert info["n_prompts"] == 16 and info["vocab_size"] == 16
+    assert info["checkpoints"] == [str(out / "run" / f"checkpoint-{s}") for s in (1, 2)]
+    assert 0.0 <= info["reward_rate_base"] <= 1.0 and 0.0 <= info["reward_rate_final"] <= 1.0
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert prompts == make_arithmetic_prompts(3)
+
+
+def test_two_runs_are_identical(two_runs):
+    a, b = two_runs
+    tensor_files = ["base/model.safetensors"] + [f"run/checkpoint-{s}/adapter_model.safetensors" for s in (1, 2)]
+    for rel in tensor_files:
+        ta, tb = load_file(a / rel), load_file(b / rel)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{rel}:{k}"
+    for step in (1, 2):
+        oa = _optimizer_tensors(a / "run" / f"checkpoint-{step}" / "optimizer.pt")
+        ob = _optimizer_tensors(b / "run" / f"checkpoint-{step}" / "optimizer.pt")
+        assert oa.keys() == ob.keys()
+        for k in oa:
+            assert torch.equal(oa[k], ob[k]), k
+    ja, jb = (json.loads((d / "demo.json").read_text()) for d in (a, b))
+    assert ja["reward_rate_base"] == jb["reward_rate_base"] and ja["reward_rate_final"] == jb["reward_rate_final"]
+
+
+def test_the_adapter_trained_and_reloads_to_the_reported_policy(two_runs):
+    """base + last adapter loaded from disk (as the verify stage will) reproduce demo.json's reward rates."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = two_runs[0]
+    info = json.loads((out / "demo.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    assert base.config._attn_implementation == "eager" and base.dtype == torch.float32
+    records = make_arithmetic_prompts(3)
+    rate = demo.reward_rate(base, tokenizer, records, demo.EVAL_SAMPLES_PER_PROMPT, demo.EVAL_SEED)
+    assert rate == info["reward_rate_base"]
+    policy = PeftModel.from_pretrained(base, out / "run" / "checkpoint-2").eval()
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: non-zero means RL moved it
+    rate = demo.reward_rate(policy, tokenizer, records, demo.EVAL_SAMPLES_PER_PROMPT, demo.EVAL_SEED)
+    assert rate == info["reward_rate_final"]
+
+
+def test_default_warmup_leaves_room_for_rl():
+    """The default warm-up makes the policy right sometimes, not always, at temperature 1."""
+    from stages.tiny import build_model, build_tokenizer
+
+    p = Params().demo
+    tokenizer = build_tokenizer()
+    model = build_model(hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads, seed=p.seed)
+    records = make_arithmetic_prompts(p.max_operand)
+    torch.manual_seed(p.seed)
+    demo.warmup(model, demo.sft_batch(tokenizer, records), p.warmup_steps, p.warmup_lr)
+    rate = demo.reward_rate(model, tokenizer, records, demo.EVAL_SAMPLES_PER_PROMPT, demo.EVAL_SEED)
+    assert 0.3 <= rate <= 0.7
+
+
+def test_sft_labels_cover_answer_and_eos_only(tokenizer):
+    records = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "9+9=", "answer": "18"}]
+    batch = demo.sft_batch(tokenizer, records)
+    eos = tokenizer.eos_token_id
+    for i, r in enumerate(records):
+        labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert labelled == tokenizer.encode(r["answer"]) + [eos]
+        n = int(batch["attention_mask"][i].sum())
+        assert tokenizer.decode(batch["input_ids"][i, :n]) == r["prompt"] + r["answer"] + tokenizer.eos_token
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "sub" / "demo"
+    demo.run(Params(), out, dry_run=True)
+    assert not (tmp_path / "sub").exists()
+    printed = capsys.readouterr().out
+    assert "n_prompts: 100" in printed
+    for step in (2, 4, 6, 8):
+        assert str(out / "run" / f"checkpoint-{step}") in printed
+
+
+def test_checkpoint_steps_include_the_last():
+    assert demo.checkpoint_steps(Params().demo) == [2, 4, 6, 8]
+    assert demo.checkpoint_steps(small_params(rl_steps=5, save_steps=2).demo) == [2, 4, 5]
+
+
+def test_bad_shapes_are_refused(tmp_path):
+    from stages.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="num_heads"):
+        demo.run(small_params(hidden_size=30, num_heads=4), tmp_path / "x", dry_run=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_dry_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    out = tmp_path / "cli_demo"
+    args = ["demo", "--params", "params.yaml", "-S", "demo.rl_steps=4", "--out", str(out), "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert str(out / "run" / "checkpoint-4") in result.output and "checkpoint-6" not in result.output
+    assert not out.exists()

@@ -1,0 +1,255 @@
+"""Exact enumeration: brute-force parity, normalisation, ∇H·Δθ vs finite differences, exact restore,
+the max_sequences refusal, and the `exact` stage end to end on hand-made artifacts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from stages import exact
+from stages.artifacts import write_json, write_tensors
+from stages.errors import ProbeError
+from stages.params import Params
+from stages.policy import policy_logprobs
+
+from conftest import make_lora_model
+
+PROMPTS = [[1, 2, 3], [7], [3, 3, 10, 11, 0]]  # different lengths: exercises left padding
+MULT = [2, 1, 3]
+
+
+def small_vocab_model(seed: int = 3):
+    """Tiny Qwen2 + LoRA with a 6-token vocabulary (eos = 4), so depth 3 stays cheap to brute-force."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.tiny import build_model
+
+    base = build_model(vocab_size=6, hidden_size=16, num_layers=2, num_heads=2, seed=seed, eos_token_id=4, pad_token_id=5)
+    torch.manual_seed(seed + 1000)
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(base, config).eval()
+
+
+def all_responses(vocab: int, eos: int, horizon: int):
+    """Every candidate response: ends at its first eos, or has exactly `horizon` tokens."""
+    for n in range(1, horizon + 1):
+        for y in itertools.product(range(vocab), repeat=n):
+            if eos in y[:-1] or (n < horizon and y[-1] != eos):
+                continue
+            yield y
+
+
+@torch.no_grad()
+def brute_force(model, prompts, mult, eos, horizon, temperature, top_p):
+    """Score every candidate sequence with its own forward pass; return per-sequence stats and targets."""
+    vocab = model.config.vocab_size
+    seqs, w = {}, torch.tensor(mult, dtype=torch.float64) / sum(mult)
+    A = D = M = 0.0
+    for x, (prompt, wx) in enumerate(zip(prompts, w.tolist())):
+        for y in all_responses(vocab, eos, horizon):
+            ids = torch.tensor([list(prompt) + list(y)])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(y) - 1]
+            logp = policy_logprobs(logits.double(), temperature, top_p)
+            probs = logp.exp()
+            H = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+            p = float(logp[torch.arange(len(y)), torch.tensor(y)].sum().exp())
+            S, L = float(H.sum()), len(y)
+            if p > 0:
+                seqs[(x, y)] = (p, S, L)
+            A, D, M = A + wx * p * S, D + wx * p * L, M + wx * p * S / L
+    return seqs, {"sequence": A, "token_mean": A / D, "seq_mean_token_mean": M}
+
+
+@pytest.mark.parametrize(
+    "which,horizon,temperature,top_p",
+    [("v16", 2, 0.7, 1.0), ("v16", 2, 1.3, 0.8), ("v6", 3, 1.0, 1.0), ("v6", 3, 0.8, 0.6)],
+)
+def test_exact_matches_brute_force(which, horizon, temperature, top_p):
+    model = exact.as_float64(make_lora_model() if which == "v16" else small_vocab_model())
+    eos = model.config.eos_token_id
+    prompts = PROMPTS if which == "v16" else [[1, 2, 3], [0], [3, 3, 1, 5, 0]]  # v6: token ids < 6
+    seqs, truth = brute_force(model, prompts, MULT, eos, horizon, temperature, top_p)
+    kw = dict(eos_id=eos, max_new_tokens=horizon, temperature=temperature, top_p=top_p, max_sequences=10**6)
+    with torch.no_grad():
+        enum = exact.enumerate_forest(model, prompts, **kw)
+    got = {}
+    for i in range(enum.n_sequences):
+        L = int(enum.lengths[i])
+        y = tuple(enum.tokens[i, :L].tolist())
+        assert (enum.tokens[i, L:] == -1).all()
+        assert bool(enum.truncated[i]) == (y[-1] != eos)
+        got[(int(enum.prompt_index[i]), y)] = (float(enum.logprob[i].exp()), float(enum.entropy_sum[i]), L)
+    # the same set of positive-probability sequences, with the same probabilities and entropy sums
+    assert got.keys() == seqs.keys()
+    if top_p < 1:
+        assert len(got) < len(prompts) * len(list(all_responses(model.config.vocab_size, eos, horizon)))
+    for key, (p, S, L) in seqs.items():
+        assert got[key] == pytest.approx((p, S, L), rel=1e-9, abs=1e-14)
+    values = exact.exact_moments(model, prompts, MULT, with_grad=False, **kw)
+    for t in exact.TARGETS:
+        assert float(values[t]) == pytest.approx(truth[t], rel=1e-10)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_probabilities_sum_to_one_per_prompt(lora_model, top_p):
+    kw = dict(eos_id=14, max_new_tokens=3, temperature=0.9, top_p=top_p, max_sequences=10**6)
+    with torch.no_grad():
+        enum = exact.enumerate_forest(lora_model, PROMPTS, **kw)
+    mass = torch.zeros(len(PROMPTS), dtype=torch.float64).index_add_(0, enum.prompt_index, enum.logprob.double().exp())
+    torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-5)
+    assert torch.isfinite(enum.logprob).all()
+    assert enum.n_sequences == len(exact.enumerate_tree(lora_model, PROMPTS[0], **kw).lengths) + sum(
+        len(exact.enumerate_tree(lora_model, p, **kw).lengths) for p in PROMPTS[1:]
+    )
+
+
+def random_direction(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: scale * p.detach().abs().mean() * torch.randn(p.shape, generator=g, dtype=torch.float64)
+        for n, p in exact.trainable(model).items()
+    }
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_delta_h1_matches_finite_difference_slope(top_p):
+    model = exact.as_float64(make_lora_model(seed=1))
+    kw = dict(eos_id=14, max_new_tokens=2, temperature=1.1, top_p=top_p, max_sequences=10**6)
+    delta = random_direction(model)
+    values, grads, n = exact.exact_gradients(model, PROMPTS, MULT, prompts_per_chunk=1, **kw)  # chunked
+    slopes = exact.fd_slopes(model, delta, PROMPTS, MULT, step=1e-3, **kw)
+    full = exact.exact_moments(model, PROMPTS, MULT, with_grad=True, **kw)  # one graph, no chunks
+    params = exact.trainable(model)
+    for t in exact.TARGETS:
+        dh1 = exact.directional(grads[t], delta)
+        assert abs(dh1) > 1e-6  # a direction that actually moves H
+        assert abs(dh1 - slopes[t]) / abs(slopes[t]) < 1e-3, (t, dh1, slopes[t])
+        # chunked gradient accumulation == autograd through the single full graph
+        ref = torch.autograd.grad(full[t], list(params.values()), retain_graph=True)
+        for name, g in zip(params, ref):
+            torch.testing.assert_close(grads[t][name], g, rtol=1e-9, atol=1e-12)
+        assert values[t] == pytest.approx(full[t].item(), rel=1e-12)
+    # ΔH(η) is second-order close to the linear prediction for small η, and exactly 0 at η = 0
+    curve = exact.delta_h_curve(model, delta, [0.0, 0.01], PROMPTS, MULT, **kw)
+    for t in exact.TARGETS:
+        assert curve[t][0] == 0.0
+        lin = 0.01 * exact.directional(grads[t], delta)
+        assert abs(curve[t][1] - lin) < 0.05 * abs(lin)
+
+
+def test_perturbed_restores_bit_exactly(lora_model):
+    before = {n: p.detach().clone() for n, p in lora_model.named_parameters()}
+    delta = {n: torch.randn_like(p) for n, p in exact.trainable(lora_model).items()}
+    with exact.perturbed(lora_model, delta, 0.37):
+        name = next(iter(delta))
+        torch.testing.assert_close(dict(lora_model.named_parameters())[name], before[name] + 0.37 * delta[name])
+    with pytest.raises(KeyError):  # restored even when the body fails
+        with exact.perturbed(lora_model, delta, 1e-3):
+            raise KeyError("boom")
+    for n, p in lora_model.named_parameters():
+        assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), n
+    with pytest.raises(ProbeError, match="does not have"):
+        with exact.perturbed(lora_model, {"nope": torch.zeros(1)}, 1.0):
+            pass
+
+
+def test_max_sequences_refusal(lora_model):
+    kw = dict(eos_id=14, max_new_tokens=3, temperature=1.0, top_p=1.0)
+    with torch.no_grad():
+        n = exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=10**6, **kw).n_sequences
+        assert exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n, **kw).n_sequences == n
+        with pytest.raises(ProbeError) as err:
+            exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n - 1, **kw)
+        msg = str(err.value)
+        assert f"exact.max_sequences = {n - 1}" in msg and "generation.max_new_tokens" in msg and "\n" not in msg
+        with pytest.raises(ProbeError, match=r"at least \d+ sequences by depth 2 of 3"):
+            exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=100, **kw)
+        with pytest.raises(ProbeError, match="at least 3 sequences by depth 0"):  # each prompt needs one
+            exact.enumerate_forest(lora_model, PROMPTS, max_sequences=2, **kw)
+        # the limit is on the total over prompt chunks, not per chunk
+        with pytest.raises(ProbeError, match=r"at least (\d+) sequences") as err:
+            exact.exact_moments(lora_model, PROMPTS, max_sequences=n + 10, with_grad=False, prompts_per_chunk=1, **kw)
+        assert int(str(err.value).split("at least ")[1].split()[0]) > n + 10
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def write_stage_inputs(root, model, prompts_rows, horizon, delta, lr, estimates):
+    """Hand-made E samples / bars / delta_h1.json / verify.json following docs/design.md."""
+    P = max(len(p) for p in prompts_rows)
+    N = len(prompts_rows)
+    ids = torch.full((N, P + horizon), 15, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts_rows):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        mask[i, P - len(p) : P + 1] = 1
+        ids[i, P] = 14  # response: eos right away (the tokens do not matter to the exact stage)
+    samples = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "prompt_lens": torch.tensor([len(p) for p in prompts_rows]),
+        "response_lens": torch.ones(N, dtype=torch.long),
+        "truncated": torch.zeros(N, dtype=torch.bool),
+        "prompt_index": torch.arange(N),
+        "logprobs": torch.zeros(N, horizon),
+        "entropies": torch.zeros(N, horizon),
+    }
+    write_tensors(root / "sample_e" / "samples.safetensors", samples, kind="samples_e")
+    gen = {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": horizon, "stop": None}
+    write_json(root / "sample_e" / "samples.json", {"kind": "samples_e", "generation": gen})
+    write_tensors(root / "delta_h1" / "bars.safetensors", {f"delta_theta.{n}": v.float() for n, v in delta.items()}, "bars")
+    write_json(root / "delta_h1" / "delta_h1.json", {"learning_rate": lr, "targets": estimates})
+    write_json(root / "verify" / "verify.json", {"fingerprint": "abc123"})
+    return gen
+
+
+def stage_params(root) -> Params:
+    params = Params()
+    params.paths.sample_e, params.paths.delta_h1, params.paths.verify = (
+        str(root / "sample_e"), str(root / "delta_h1"), str(root / "verify")
+    )  # fmt: skip
+    params.exact.eta_multipliers = [0.5, 1.0]
+    params.exact.prompts_per_chunk = 2
+    return params
+
+
+def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(exact, "_load_model", lambda params: make_lora_model(seed=2))
+    reference = exact.as_float64(make_lora_model(seed=2))
+    rows = [[1, 2], [5, 12, 3], [1, 2], [1, 2]]  # 2 distinct prompts, multiplicities 3 and 1
+    delta = {n: v.float().double() for n, v in random_direction(reference, seed=5).items()}
+    estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "se_delta_h1": 2e-3, "entropy": 2.5}}
+    gen = write_stage_inputs(tmp_path, reference, rows, 2, delta, 1e-2, estimates)
+    params = stage_params(tmp_path)
+
+    assert exact.run(params, tmp_path / "dry", dry_run=True) is None
+    assert not (tmp_path / "dry").exists()
+    assert "2 distinct prompts, 482 sequences" in capsys.readouterr().out  # 2 × (15·16 + 1)
+
+    exact.run(params, tmp_path / "exact", dry_run=False)
+    out = json.loads((tmp_path / "exact" / "exact.json").read_text())
+    assert out["n_distinct_prompts"] == 2 and out["n_e_rows"] == 4 and out["n_sequences"] == 482
+    kw = dict(eos_id=14, max_new_tokens=2, temperature=gen["temperature"], top_p=1.0, max_sequences=10**6)
+    full = exact.exact_moments(reference, [[1, 2], [5, 12, 3]], [3, 1], with_grad=True, **kw)
+    params_ref = exact.trainable(reference)
+    for t in exact.TARGETS:
+        r = out["targets"][t]
+        g = dict(zip(params_ref, torch.autograd.grad(full[t], list(params_ref.values()), retain_graph=True)))
+        assert r["entropy_exact"] == pytest.approx(full[t].item(), rel=1e-10)
+        assert r["delta_h1_exact"] == pytest.approx(exact.directional(g, delta), rel=1e-9)
+        assert r["rel_err_fd"] < 1e-3
+        assert [e["delta_h1_exact_linear"] for e in r["eta_grid"]] == pytest.approx([0.5 * r["delta_h1_exact"], r["delta_h1_exact"]])
+        assert [e["eta"] for e in r["eta_grid"]] == pytest.approx([0.5e-2, 1e-2])
+    tm = out["targets"]["token_mean"]
+    assert tm["z"] == pytest.approx((0.0 - tm["delta_h1_exact"]) / 1e-3)
+    assert out["targets"]["sequence"]["z"] is None  # no estimate for that target in delta_h1.json
+
+    # Δθ naming a parameter the model lacks: one-line error, previous output untouched
+    write_tensors(tmp_path / "delta_h1" / "bars.safetensors", {"delta_theta.nope": torch.zeros(2)}, "bars")
+    with pytest.raises(ProbeError, match="'nope'"):
+        exact.run(params, tmp_path / "exact", dry_run=False)
+    assert json.loads((tmp_path / "exact" / "exact.json").read_text()) == out
