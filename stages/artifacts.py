@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from .errors import ProbeError
 
@@ -62,7 +62,20 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], kind: str,
     metadata = {"kind": kind, "schema_version": SCHEMA_VERSION, "meta": json.dumps(meta or {}, default=_json_default)}
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with _atomic_path(Path(path)) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        tmp.write_bytes(_sorted_header(save(cpu, metadata=metadata)))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors writes `__metadata__` keys in arbitrary order; sort them so equal inputs give equal bytes.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON header (space-padded), then the data.
+    The re-serialised header is no longer than the original, so it is padded back to n bytes.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + text.ljust(n) + data[8 + n :]
 
 
 def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -31,6 +31,8 @@ STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
     "sample-u": ("stages.sampling", lambda p: p.paths.sample_u, "Sample the U batch: B_U distinct prompts, G responses, rewards."),
     "delta-h1": ("stages.delta_h1", lambda p: p.paths.delta_h1, "Compute dH1 = Xbar . dtheta with standard errors and attributions."),
     "exact": ("stages.exact", lambda p: p.paths.exact, "Exact H, grad H, dH1 and dH(eta) by enumeration (tiny models)."),
+    "truth": ("stages.truth", lambda p: p.paths.truth, "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure."),
+    "report": ("stages.report", lambda p: p.paths.report, "Tables and plots of dH1 +- SE, exact and truth across checkpoints."),
 }
 
 

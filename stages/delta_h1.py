@@ -265,7 +265,7 @@ def _attributions_csv(result: dict, E: Batch, U: Batch, tokenizer) -> str:
     for i, contrib in enumerate(result["e_contributions"].tolist()):
         prompt, response = text(E, i)
         rows.append(["E", i, int(E.tensors["prompt_index"][i]), contrib, prompt, repr(response)])
-    rows.sort(key=lambda r: (r[0], r[3]))
+    rows.sort(key=lambda r: (r[0] != "U", r[3]))  # U groups first, most entropy-lowering first
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses"])
@@ -280,7 +280,7 @@ def _max_grad_norm(setting, report: dict) -> float | None:
 
 
 def run(params: Params, out_dir: Path, dry_run: bool) -> None:
-    from .checkpoint import load_policy_model, load_tokenizer, resolve_paths
+    from .checkpoint import checkpoint_fingerprint, load_policy_model, load_tokenizer, resolve_paths
     from .sampling import load_samples
     from .verify import read_verify
 
@@ -306,8 +306,17 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
                 "re-sample with this checkpoint (dvc repro) — cross-checkpoint reuse is not supported yet",
             )
 
+    trainer = report.get("trainer_config") or {}
+    if trainer.get("beta"):
+        log.warning("delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only", trainer["beta"])
+
     start = time.perf_counter()
     paths = resolve_paths(params.checkpoint)
+    if checkpoint_fingerprint(paths) != report["fingerprint"]:
+        raise ProbeError(
+            f"checkpoint.path {params.checkpoint.path} is not the checkpoint verify described ({report['fingerprint']})",
+            "rerun the verify stage for this checkpoint (dvc repro)",
+        )
     model = load_policy_model(params.checkpoint, paths)
     tokenizer = load_tokenizer(paths)
     load_seconds = time.perf_counter() - start
@@ -324,7 +333,8 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         opt.exp_avg_sq,
         opt.step,
         opt.groups,
-        lr=float(report["learning_rate"]),
+        # "next" keeps each param group's own lr; "last" or a number applies one lr to every group
+        lr=None if report.get("learning_rate_setting") == "next" else float(report["learning_rate"]),
     )
     spec = UpdateSpec(params.update.rule, state, max_grad_norm, mode, max_len)
     result = compute_delta_h1(model, E, U, layout, spec, params.estimator, params.compute.max_tokens_per_microbatch)

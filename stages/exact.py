@@ -166,6 +166,9 @@ def enumerate_forest(
             input_ids, position_ids = torch.cat([prompt_ids[owner], resp], dim=1), (mask.cumsum(-1) - 1).clamp(min=0)
         forward_tokens += int(input_ids.numel())
         logp, past = _next_logprobs(model, input_ids, mask, position_ids, temperature, top_p, past, kv_cache)
+        if kv_cache and past is None:  # e.g. gradient checkpointing in train mode drops the cache
+            log.warning("exact: the model returned no KV cache; feeding whole prefixes at every depth instead")
+            kv_cache = False
         if torch.isnan(logp).any():  # a NaN row would have no children and silently lose its mass
             raise ProbeError(
                 f"the model produced NaN logits at depth {k} of exact enumeration",
@@ -446,9 +449,14 @@ def fd_slopes(model, delta_theta, prompts, multiplicities, *, step: float, **kwa
     return {t: (plus[t] - minus[t]) / (2 * step) for t in TARGETS}
 
 
-def delta_h_curve(model, delta_theta, multipliers, prompts, multiplicities, **kwargs) -> dict[str, list[float]]:
-    """Exact ΔH(η) = H(θ + mΔθ) − H(θ) for η = m·lr, every multiplier m (Δθ already includes lr)."""
-    base = entropy_at(model, delta_theta, 0.0, prompts, multiplicities, **kwargs)
+def delta_h_curve(
+    model, delta_theta, multipliers, prompts, multiplicities, *, base: dict[str, float] | None = None, **kwargs
+) -> dict[str, list[float]]:
+    """Exact ΔH(η) = H(θ + mΔθ) − H(θ) for η = m·lr, every multiplier m (Δθ already includes lr).
+
+    `base` = H(θ) per target when already known (saves one enumeration).
+    """
+    base = base or entropy_at(model, delta_theta, 0.0, prompts, multiplicities, **kwargs)
     curve = {t: [] for t in TARGETS}
     for m in multipliers:
         h = entropy_at(model, delta_theta, m, prompts, multiplicities, **kwargs)
@@ -558,7 +566,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
     kw_nograd = dict(kw, prompts_per_chunk=ep.prompts_per_chunk)
     with torch.no_grad():
         slopes = fd_slopes(model, delta, prompts, mult, step=ep.fd_eps, **kw_nograd)
-        curve = delta_h_curve(model, delta, ep.eta_multipliers, prompts, mult, **kw_nograd)
+        curve = delta_h_curve(model, delta, ep.eta_multipliers, prompts, mult, base=values, **kw_nograd)
 
     estimates = report.get("targets") or {}
     targets = {}

@@ -95,6 +95,7 @@ class GenerationParams(Section):
 
 
 class SamplingParams(Section):
+    checkpoint: str | None = None  # the checkpoint that draws E and U; default: checkpoint.path
     seed_e: int = 1
     seed_u: int = 2
 
@@ -138,6 +139,35 @@ class PathsParams(Section):
     sample_u: str = "data/sample_u"
     delta_h1: str = "data/delta_h1"
     exact: str = "data/exact"
+    truth: str = "data/truth"
+    report: str = "data/report"
+
+
+class TruthParams(Section):
+    """Ground truth ΔH(η) for η = multiplier × lr, θ' = θ + (η/lr)·Δθ."""
+
+    eta_multipliers: list[float] = [0.25, 0.5, 1.0, 2.0, 4.0]
+    fresh_samples: bool = True  # (b): fresh samples under θ and θ' with common random numbers
+    seed: int = 3  # seed of the fresh samples (θ and θ' share it)
+
+
+class ProbeCheckpoint(Section):
+    name: str  # short label, used for output dirs data/probe/<name>/
+    path: str
+
+
+class ProbeParams(Section):
+    """Checkpoints probed with one sample set (empty: only checkpoint.path)."""
+
+    checkpoints: list[ProbeCheckpoint] = []
+    root: str = "data/probe"  # per-checkpoint outputs: <root>/<name>/{verify,delta_h1,exact,truth}
+
+
+class ReuseParams(Section):
+    """Cached sample reuse: probing a checkpoint other than the sampler importance-weights the samples."""
+
+    min_ess_fraction: float = Field(0.3, ge=0, le=1)  # refuse when ESS/N falls below this
+    force: bool = False  # compute anyway below the threshold (the ESS is still reported)
 
 
 class Params(Section):
@@ -152,6 +182,9 @@ class Params(Section):
     update: UpdateParams = UpdateParams()
     compute: ComputeParams = ComputeParams()
     exact: ExactParams = ExactParams()
+    truth: TruthParams = TruthParams()
+    probe: ProbeParams = ProbeParams()
+    reuse: ReuseParams = ReuseParams()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -438,7 +438,8 @@ def resolve_scale(setting, trainer_config: dict) -> tuple[bool, str]:
 
 
 def _read_verify_report(verify_dir: str | Path) -> dict:
-    path = Path(verify_dir) / "verify.json"
+    """verify's checkpoint.json: fingerprint and trainer config (not verify.json, so an lr change doesn't re-sample)."""
+    path = Path(verify_dir) / "checkpoint.json"
     report = artifacts.read_json(path, "verify report")
     if not report.get("fingerprint"):
         raise ProbeError(f"verify report {path} has no checkpoint fingerprint", "rerun the verify stage")

@@ -34,6 +34,10 @@ from .params import Params
 log = logging.getLogger(__name__)
 
 REPORT = "verify.json"
+# What identifies the checkpoint (no timings, no lr choice): sampling stages depend on this file only,
+# so re-verifying with another learning_rate does not re-sample.
+IDENTITY = "checkpoint.json"
+IDENTITY_KEYS = ("fingerprint", "checkpoint", "base_model", "adapter", "trainer_config", "trainer_config_source")
 STATE = "optimizer_state.safetensors"
 KIND = "optimizer_state"
 REQUIRED_KEYS = ("fingerprint", "parameters", "param_groups", "learning_rate", "step", "trainer_config")
@@ -218,6 +222,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     with artifacts.staged_output_dir(out_dir) as tmp:
         artifacts.write_tensors(tmp / STATE, tensors, kind=KIND, meta={"fingerprint": fingerprint})
         artifacts.write_json(tmp / REPORT, report)
+        artifacts.write_json(tmp / IDENTITY, {k: report[k] for k in IDENTITY_KEYS})
     log.info(
         "verify: %d trainable tensors (%d values), lr=%g (next %g, last %s), step %s, loaded in %.1fs -> %s",
         len(state.names),

@@ -106,6 +106,51 @@ def test_probabilities_sum_to_one_per_prompt(lora_model, top_p):
     )
 
 
+def test_kv_cache_matches_whole_prefix_forwards():
+    """Feeding only the newest token with a gathered KV cache == re-running every whole prefix, grads too."""
+    model = exact.as_float64(make_lora_model(seed=4))
+    kw = dict(eos_id=14, max_new_tokens=3, temperature=0.8, top_p=0.7, max_sequences=10**6)
+    a = exact.enumerate_forest(model, PROMPTS, kv_cache=True, **kw)
+    b = exact.enumerate_forest(model, PROMPTS, kv_cache=False, **kw)
+    assert a.forward_tokens < b.forward_tokens
+    for field in ("prompt_index", "tokens", "lengths", "truncated"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(a.entropies, b.entropies, rtol=1e-11, atol=1e-12)
+    params = list(exact.trainable(model).values())
+    w = torch.tensor([0.2, 0.3, 0.5])
+    ga = torch.autograd.grad(exact.weighted_sums(a, w)["mean_h"], params)
+    gb = torch.autograd.grad(exact.weighted_sums(b, w)["mean_h"], params)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model = exact.as_float64(make_lora_model(seed=4))
+    kw = dict(eos_id=14, max_new_tokens=2, temperature=0.8, top_p=0.9, max_sequences=10**6)
+    cpu = exact.exact_moments(model, PROMPTS, MULT, with_grad=False, **kw)
+    values, grads, _ = exact.exact_gradients(model.cuda(), PROMPTS, MULT, **kw)
+    delta = {n: d.cuda() for n, d in random_direction(model).items()}
+    with exact.perturbed(model, delta, 0.5):
+        pass
+    for t in exact.TARGETS:
+        assert values[t] == pytest.approx(cpu[t].item(), rel=1e-9)
+        assert all(g.is_cuda for g in grads[t].values())
+
+
+def test_every_token_an_eos_stops_after_one_step(lora_model):
+    """All prefixes end at depth 0: the loop stops early; several eos ids are honoured."""
+    kw = dict(max_new_tokens=3, temperature=1.0, top_p=1.0, max_sequences=10**6)
+    with torch.no_grad():
+        enum = exact.enumerate_forest(lora_model, PROMPTS, eos_id=list(range(16)), **kw)
+    assert enum.n_sequences == 16 * len(PROMPTS)
+    assert (enum.lengths == 1).all() and not enum.truncated.any()
+    values = exact.exact_moments(lora_model, PROMPTS, eos_id=list(range(16)), with_grad=False, **kw)
+    assert float(values["mass"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(values["token_mean"]) == pytest.approx(float(values["sequence"]), rel=1e-6)  # L = 1
+
+
 def random_direction(model, scale=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {

@@ -316,7 +316,7 @@ def stage_setup(tmp_path_factory):
     fingerprint = checkpoint.checkpoint_fingerprint(checkpoint.resolve_paths(params.checkpoint))
     trainer_config = {"temperature": 0.7, "scale_rewards": "none", "top_p": 1.0}
     report = {"fingerprint": fingerprint, "trainer_config": trainer_config}
-    artifacts.write_json(root / "verify" / "verify.json", report)
+    artifacts.write_json(root / "verify" / "checkpoint.json", report)
     return root, params, tree
 
 
@@ -377,7 +377,7 @@ def test_sample_e_stage(stage_setup):
     assert torch.equal(tensors["prompt_index"], plan_e(n_data, 7, params.sampling.seed_e))
     assert meta["n_distinct_prompts"] == len(tensors["prompt_index"].unique())
     assert meta["generation"]["temperature"] == 0.7 and "trainer" in meta["generation"]["temperature_source"]
-    assert meta["checkpoint_fingerprint"] == artifacts.read_json(root / "verify" / "verify.json")["fingerprint"]
+    assert meta["checkpoint_fingerprint"] == artifacts.read_json(root / "verify" / "checkpoint.json")["fingerprint"]
     assert meta["dataset"]["size"] == n_data and meta["dataset"]["fingerprint"]
     assert summary["seconds"] > 0 and {k: summary[k] for k in meta} == meta
     assert "rewards" not in tensors
@@ -428,11 +428,11 @@ def test_stage_refuses_foreign_verify_report(stage_setup, tmp_path):
     from stages.sampling import run_sample_e
 
     root, _, tree = stage_setup
-    artifacts.write_json(tmp_path / "verify" / "verify.json", {"fingerprint": "0123456789abcdef", "trainer_config": {}})
+    artifacts.write_json(tmp_path / "verify" / "checkpoint.json", {"fingerprint": "0123456789abcdef", "trainer_config": {}})
     params = validate_params({**tree, "paths": {"verify": str(tmp_path / "verify")}})
     with pytest.raises(ProbeError, match="is for checkpoint 0123456789abcdef.*rerun the verify stage"):
         run_sample_e(params, tmp_path / "out", False)
     params = validate_params({**tree, "paths": {"verify": str(tmp_path / "nowhere")}})
-    with pytest.raises(ProbeError, match="verify report .*verify.json not found"):
+    with pytest.raises(ProbeError, match="verify report .*checkpoint.json not found"):
         run_sample_e(params, tmp_path / "out", False)
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -79,7 +80,9 @@ def test_verify_writes_state_and_report_that_read_back(runs, tmp_path):
     assert set(report["trainer_config"]) >= {"loss_type", "temperature", "max_grad_norm", "num_generations"}
     assert report["trainer_config"]["loss_type"] is None  # trust_pickles is off by default
     assert report["use_qlora"] is False and report["dtype"] == "fp32"
-    assert sorted(p.name for p in out.iterdir()) == sorted([verify.STATE, verify.REPORT])
+    assert sorted(p.name for p in out.iterdir()) == sorted([verify.STATE, verify.REPORT, verify.IDENTITY])
+    identity = json.loads((out / verify.IDENTITY).read_text())
+    assert identity["fingerprint"] == report["fingerprint"] and "load_seconds" not in identity
 
 
 def test_trust_pickles_fills_trainer_config(runs, tmp_path):
