@@ -130,6 +130,31 @@ def logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> tor
     return dlogp
 
 
+@torch.no_grad()
+def rescore(model, batch: Batch, max_tokens: int) -> torch.Tensor:
+    """Re-score `batch` under `model` (no grad); replace its per-token statistics in place.
+
+    Returns log π_model(y) − log π_behaviour(y) per sequence, the log importance ratio of cached samples.
+    """
+    stats = {k: torch.zeros_like(batch.tensors[k]) for k in ("logprobs", "entropies", "top1_prob", "margin")}
+    for rows in tqdm(batch.slices(max_tokens), desc="re-score", leave=False, disable=None):
+        out = teacher_force(
+            model, batch.input_ids[rows], batch.attention_mask[rows], batch.n_prompt_cols, batch.mask[rows],
+            batch.temperature, batch.top_p,
+        )  # fmt: skip
+        for k in stats:
+            stats[k][rows] = getattr(out, k).to(stats[k].dtype)
+    log_ratio = (stats["logprobs"].double() - batch.tensors["logprobs"].double()).sum(-1)
+    batch.tensors.update(stats)
+    return log_ratio
+
+
+def importance_weights(log_ratio: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Self-normalised weights w_i ∝ exp(log_ratio_i) (sum 1) and the effective sample size 1/Σ w_i²."""
+    w = torch.softmax(log_ratio.double(), dim=0)
+    return w, float(1.0 / (w * w).sum())
+
+
 def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:
     """Cui et al. (2025) diagnostic: Cov(log π(y_t), A_t) over the U batch's response tokens."""
     logp = logprobs[mask].double()
@@ -150,8 +175,23 @@ class UpdateSpec:
     max_len: int | None
 
 
-def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, estimator, max_tokens: int) -> dict:
-    """Every number of delta_h1.json plus the flat X̄ and Δθ (keys `xbar`, `delta_theta`) and attributions."""
+def compute_delta_h1(
+    model,
+    E: Batch,
+    U: Batch,
+    layout: FlatLayout,
+    spec: UpdateSpec,
+    estimator,
+    max_tokens: int,
+    e_weights: torch.Tensor | None = None,
+    u_weights: torch.Tensor | None = None,
+) -> dict:
+    """Every number of delta_h1.json plus the flat X̄ and Δθ (keys `xbar`, `delta_theta`) and attributions.
+
+    e_weights: self-normalised importance weights of the E sequences (sum 1; None = uniform);
+    u_weights: those of the U sequences scaled to mean 1 (None = all 1). Both are None when the probed
+    checkpoint drew the samples, which makes this the plain, unweighted computation.
+    """
     params = dict(model.named_parameters())
     params = [params[n] for n in layout.names]
     timings: dict[str, float] = {}
@@ -163,7 +203,7 @@ def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: Update
         return out
 
     advantages = U.tensors["advantages"].float()
-    pg_coef = pg_coefficients(advantages, U.mask, spec.loss_agg_mode, spec.max_len).float()
+    pg_coef = pg_coefficients(advantages, U.mask, spec.loss_agg_mode, spec.max_len, u_weights).float()
     g = timed("u_gradient", policy_gradient, model, params, layout, U, pg_coef, max_tokens)
 
     start = time.perf_counter()
@@ -182,6 +222,7 @@ def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: Update
             features=features,
             ridge=estimator.ridge,
             folds=estimator.crossfit_folds,
+            weights=e_weights,
         )
         for t in TARGETS
     }
@@ -194,7 +235,7 @@ def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: Update
     u_dir = [d.to(p.dtype) for d, p in zip(layout.unflatten(u.float()).values(), params)]
     dlogp_u = timed("u_tangents", logprob_tangents, model, params, U, u_dir, max_tokens)
     attribution, influence = pg_group_terms(
-        dlogp_u, advantages, U.mask, U.tensors["group_index"], spec.loss_agg_mode, spec.max_len
+        dlogp_u, advantages, U.mask, U.tensors["group_index"], spec.loss_agg_mode, spec.max_len, u_weights
     )
 
     delta_h1 = float((xbar.double() * delta_theta).sum())
@@ -203,9 +244,8 @@ def compute_delta_h1(model, E: Batch, U: Batch, layout: FlatLayout, spec: Update
     for t, cf in coefs.items():
         est, se_e = cf.estimate(dH, dlogp)
         per_target[t] = {"delta_h1": est, "se_E": se_e, "entropy": cf.entropy}
-    naive_est, naive_se = naive_coefficients(E.tensors["logprobs"].float(), E.mask, target=estimator.entropy).estimate(
-        None, dlogp
-    )
+    naive = naive_coefficients(E.tensors["logprobs"].float(), E.mask, target=estimator.entropy, weights=e_weights)
+    naive_est, naive_se = naive.estimate(None, dlogp)
     se_e = per_target[estimator.entropy]["se_E"]
     se_u = influence.std().item() / len(influence) ** 0.5 if len(influence) > 1 else float("nan")
     se_total = (se_e**2 + se_u**2) ** 0.5
@@ -273,6 +313,35 @@ def _attributions_csv(result: dict, E: Batch, U: Batch, tokenizer) -> str:
     return buf.getvalue()
 
 
+def _reweight(model, E: Batch, U: Batch, E_meta: dict, U_meta: dict, fingerprint: str, params: Params):
+    """(reuse report, E weights, U weights) for cached samples; (…, None, None) when this checkpoint drew them.
+
+    Samples drawn by another checkpoint are re-scored under this one and weighted per sequence by the
+    self-normalised ratio π_probed(y)/π_behaviour(y); below `reuse.min_ess_fraction` this refuses unless forced.
+    """
+    sampler = {"E": E_meta.get("checkpoint_fingerprint"), "U": U_meta.get("checkpoint_fingerprint")}
+    reuse = {"weighted": False, "sampler_fingerprint": sampler, "ess_fraction_E": 1.0, "ess_fraction_U": 1.0}
+    if sampler["E"] == fingerprint and sampler["U"] == fingerprint:
+        return reuse, None, None  # weights are exactly 1: the plain computation
+    weights = {}
+    for name, batch in (("E", E), ("U", U)):
+        if sampler[name] == fingerprint:
+            weights[name] = None
+            continue
+        w, ess = importance_weights(rescore(model, batch, params.compute.max_tokens_per_microbatch))
+        fraction = ess / len(batch)
+        reuse.update({"weighted": True, f"ess_{name}": ess, f"ess_fraction_{name}": fraction})
+        log.info("delta-h1: %s samples drawn by checkpoint %s; importance-weighted, ESS/N = %.3f", name, sampler[name], fraction)
+        if fraction < params.reuse.min_ess_fraction and not params.reuse.force:
+            raise ProbeError(
+                f"the {name} samples (drawn by checkpoint {sampler[name]}) have ESS/N = {fraction:.3f} under this "
+                f"checkpoint, below reuse.min_ess_fraction = {params.reuse.min_ess_fraction}",
+                "re-sample with this checkpoint (sampling.checkpoint), or set reuse.force: true to compute anyway",
+            )
+        weights[name] = w.float() if name == "E" else (w * len(batch)).float()
+    return reuse, weights["E"], weights["U"]
+
+
 def _max_grad_norm(setting, report: dict) -> float | None:
     if setting == "auto":
         return report.get("max_grad_norm")
@@ -298,14 +367,6 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     )
     if dry_run:
         return
-    for name, meta in (("E", E_meta), ("U", U_meta)):
-        if meta.get("checkpoint_fingerprint") != report["fingerprint"]:
-            raise ProbeError(
-                f"the {name} samples were drawn by checkpoint {meta.get('checkpoint_fingerprint')}, "
-                f"but verify describes {report['fingerprint']}",
-                "re-sample with this checkpoint (dvc repro) — cross-checkpoint reuse is not supported yet",
-            )
-
     trainer = report.get("trainer_config") or {}
     if trainer.get("beta"):
         log.warning("delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only", trainer["beta"])
@@ -323,6 +384,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     device = next(model.parameters()).device
     E = Batch.from_artifact(E_t, E_meta, device)
     U = Batch.from_artifact(U_t, U_meta, device)
+    reuse, e_weights, u_weights = _reweight(model, E, U, E_meta, U_meta, report["fingerprint"], params)
 
     named = dict(model.named_parameters())
     layout = FlatLayout.from_named(named, opt.names)
@@ -337,7 +399,9 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         lr=None if report.get("learning_rate_setting") == "next" else float(report["learning_rate"]),
     )
     spec = UpdateSpec(params.update.rule, state, max_grad_norm, mode, max_len)
-    result = compute_delta_h1(model, E, U, layout, spec, params.estimator, params.compute.max_tokens_per_microbatch)
+    result = compute_delta_h1(
+        model, E, U, layout, spec, params.estimator, params.compute.max_tokens_per_microbatch, e_weights, u_weights
+    )
     result["timings"]["load_model"] = round(load_seconds, 4)
 
     summary = {
@@ -353,6 +417,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         update={"rule": spec.rule, "loss_agg_mode": mode, "loss_agg_reason": why, "max_len": max_len,
                 "max_grad_norm": max_grad_norm},
         checkpoint_fingerprint=report["fingerprint"],
+        reuse=reuse,
     )
     with artifacts.staged_output_dir(out_dir) as tmp:
         artifacts.write_tensors(

@@ -1,7 +1,8 @@
 """Exact entropy, its gradient, δH₁ and ΔH(η) by enumerating every continuation (tiny models only).
 
 For each prompt x the tree of all responses y with π(y|x) > 0 is built level by level: at depth k one
-batched forward over every live prefix (all prompts at once, left-padded) gives
+batched forward over every live prefix (all prompts at once, left-padded; with a KV cache gathered
+from parent to child, so each depth feeds only the newest token) gives
 π(·|x, y_<k) = policy_logprobs(logits/T, top_p) and H_k = −Σ_v π(v) log π(v) over the whole
 vocabulary; every token in the nucleus spawns a child; a child ending in eos, or reaching
 max_new_tokens, is a complete sequence. Tokens outside the nucleus have π = 0 and are pruned.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -242,7 +244,7 @@ def _weights(prompts: Sequence, multiplicities: Sequence[float] | None) -> torch
         list(multiplicities), dtype=torch.float64
     )
     if m.shape != (len(prompts),) or (m < 0).any() or m.sum() <= 0:
-        raise ProbeError("prompt multiplicities must be one non-negative number per prompt, not all zero")
+        raise ProbeError("bad prompt multiplicities", "give one non-negative number per prompt, not all zero")
     return m / m.sum()
 
 
@@ -517,7 +519,8 @@ def _prepare_float64(model, names: list[str]):
 def _generation(samples_meta: dict) -> tuple[float, float, int]:
     gen = samples_meta.get("generation") or {}
     try:
-        temperature, top_p, max_new = float(gen["temperature"]), float(gen.get("top_p", 1.0)), int(gen["max_new_tokens"])
+        temperature, max_new = float(gen["temperature"]), int(gen["max_new_tokens"])
+        top_p = float(gen.get("top_p", 1.0))
     except (KeyError, TypeError, ValueError):
         raise ProbeError("samples.json lacks generation.temperature / max_new_tokens", "rerun sample-e") from None
     if gen.get("stop"):
@@ -573,7 +576,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
     for t in TARGETS:
         est = estimates.get(t) or {}
         dh1, se_E = est.get("delta_h1"), est.get("se_E")
-        z = (dh1 - exact_dh1[t]) / se_E if dh1 is not None and se_E else None
+        z = (dh1 - exact_dh1[t]) / se_E if dh1 is not None and se_E and math.isfinite(se_E) else None
         targets[t] = {
             "entropy_exact": values[t],
             "entropy_estimate": est.get("entropy"),

@@ -125,7 +125,7 @@ class ComputeParams(Section):
 
 
 class ExactParams(Section):
-    max_sequences: int = Field(200_000, ge=1)  # refuse enumeration beyond this many continuations
+    max_sequences: int = Field(500_000, ge=1)  # refuse beyond this many continuations (demo: ~90 prompts × 3616)
     eta_multipliers: list[float] = [0.25, 0.5, 1.0, 2.0, 4.0]
     fd_eps: float = Field(1e-3, gt=0)  # relative step for the finite-difference slope
     prompts_per_chunk: int = Field(16, ge=1)  # prompts enumerated together (bounds the autograd graph)
@@ -157,10 +157,21 @@ class ProbeCheckpoint(Section):
 
 
 class ProbeParams(Section):
-    """Checkpoints probed with one sample set (empty: only checkpoint.path)."""
+    """Checkpoints probed with one sample set (empty: only checkpoint.path).
+
+    In params.yaml a mapping {name: path} (DVC's foreach names the stages after it, e.g. delta-h1@step4);
+    in Python a list of ProbeCheckpoint(name, path), in the mapping's order.
+    """
 
     checkpoints: list[ProbeCheckpoint] = []
     root: str = "data/probe"  # per-checkpoint outputs: <root>/<name>/{verify,delta_h1,exact,truth}
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _mapping_to_list(cls, v):
+        if isinstance(v, dict):
+            return [{"name": str(name), "path": path} for name, path in v.items()]
+        return v
 
 
 class ReuseParams(Section):

@@ -40,9 +40,12 @@ def policy_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
 
 
 def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    """H = −Σ_v π(v) log π(v) over the last dim; entries with π = 0 (−inf log-prob) contribute 0."""
-    p_logp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-    return -p_logp.sum(dim=-1)
+    """H = −Σ_v π(v) log π(v) over the last dim; entries with π = 0 (−inf log-prob) contribute 0.
+
+    The −inf entries are zeroed *before* the product: a `where` after it would still send
+    0·(−inf) = NaN into the backward pass when top_p < 1.
+    """
+    return -(logp.exp() * logp.masked_fill(~torch.isfinite(logp), 0.0)).sum(dim=-1)
 
 
 @dataclass

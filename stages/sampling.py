@@ -437,13 +437,14 @@ def resolve_scale(setting, trainer_config: dict) -> tuple[bool, str]:
     return True, f"default True (the trainer's scale_rewards={recorded!r} is not 'group', 'none' or a bool)"
 
 
-def _read_verify_report(verify_dir: str | Path) -> dict:
-    """verify's checkpoint.json: fingerprint and trainer config (not verify.json, so an lr change doesn't re-sample)."""
-    path = Path(verify_dir) / "checkpoint.json"
-    report = artifacts.read_json(path, "verify report")
-    if not report.get("fingerprint"):
-        raise ProbeError(f"verify report {path} has no checkpoint fingerprint", "rerun the verify stage")
-    return report
+def sampler_checkpoint(params):
+    """CheckpointParams of the checkpoint that draws the samples: `sampling.checkpoint`, else `checkpoint.path`.
+
+    Samples record its fingerprint, so delta-h1 can probe other checkpoints with the same samples
+    (importance-weighted) — which is why sampling reads the checkpoint itself and not verify's report.
+    """
+    path = params.sampling.checkpoint or params.checkpoint.path
+    return params.checkpoint.model_copy(update={"path": path})
 
 
 def _plan(params, kind: str, n_dataset: int) -> tuple[torch.Tensor, int, int]:
@@ -484,22 +485,16 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
 
     from . import checkpoint
 
-    report = _read_verify_report(params.paths.verify)
-    trainer = report.get("trainer_config") or {}
+    sampler = sampler_checkpoint(params)
+    paths = checkpoint.resolve_paths(sampler)
+    fingerprint = checkpoint.checkpoint_fingerprint(paths)
+    trainer = checkpoint.read_trainer_config(paths, sampler.trust_pickles)
     temperature, t_source = resolve_temperature(gen.temperature, trainer)
-    log.info("%s: temperature %g from %s, top_p %g", stage, temperature, t_source, gen.top_p)
+    log.info("%s: sampler %s (%s); temperature %g from %s, top_p %g", stage, sampler.path, fingerprint,
+             temperature, t_source, gen.top_p)  # fmt: skip
     if trainer.get("top_p") not in (None, gen.top_p):
         log.warning("%s: generation.top_p=%g differs from the trainer's top_p=%s", stage, gen.top_p, trainer["top_p"])
-
-    paths = checkpoint.resolve_paths(params.checkpoint)
-    fingerprint = checkpoint.checkpoint_fingerprint(paths)
-    if fingerprint != report["fingerprint"]:
-        raise ProbeError(
-            f"the verify report in {params.paths.verify} is for checkpoint {report['fingerprint']}, "
-            f"but checkpoint.path {params.checkpoint.path} is {fingerprint}",
-            "rerun the verify stage for this checkpoint (samples record the checkpoint that drew them)",
-        )
-    model = checkpoint.load_policy_model(params.checkpoint, paths).eval()
+    model = checkpoint.load_policy_model(sampler, paths).eval()
     tokenizer = checkpoint.load_tokenizer(paths)
     t_gen = time.perf_counter()
     tensors = generate_responses(
@@ -536,7 +531,8 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
     meta = {
         "schema_version": artifacts.SCHEMA_VERSION,
         "kind": kind,
-        "checkpoint_fingerprint": report["fingerprint"],
+        "checkpoint_fingerprint": fingerprint,
+        "checkpoint_path": sampler.path,
         "generation": {
             "temperature": temperature,
             "temperature_source": t_source,

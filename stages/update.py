@@ -82,20 +82,26 @@ def resolve_loss_agg_mode(mode: str, trainer_config: Mapping | None) -> tuple[st
     return mode, None, reason
 
 
-def pg_coefficients(advantages: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
+def pg_coefficients(
+    advantages: Tensor, mask: Tensor, mode: str, max_len: int | None = None, seq_weights: Tensor | None = None
+) -> Tensor:
     """c [N, R] with J = Σ_ij c_ij logp_ij (N sequences, L_i = Σ_j mask_ij):
     token-mean               c_ij = A_i / Σ_all L
     seq-mean-token-mean      c_ij = A_i / (N L_i)
     seq-mean-token-sum       c_ij = A_i / N
     seq-mean-token-sum-norm  c_ij = A_i / (N · max_len)   (Dr. GRPO)
+    `seq_weights` ω_i (importance weights normalised to mean 1, for samples drawn by another
+    checkpoint) multiply every sequence's terms, and its tokens in the token-mean denominator Σ ω L.
     """
     m = mask.to(torch.float64)
+    if seq_weights is not None:
+        m = m * seq_weights.to(torch.float64)[:, None]
     a = advantages.detach().to(torch.float64)[:, None] * m
     n = mask.shape[0]
     if mode == "token-mean":
         return a / m.sum()
     if mode == "seq-mean-token-mean":
-        return a / (n * m.sum(-1, keepdim=True).clamp(min=1))
+        return a / (n * mask.to(torch.float64).sum(-1, keepdim=True).clamp(min=1))
     if mode == "seq-mean-token-sum":
         return a / n
     if mode == "seq-mean-token-sum-norm":
@@ -106,7 +112,13 @@ def pg_coefficients(advantages: Tensor, mask: Tensor, mode: str, max_len: int | 
 
 
 def pg_group_terms(
-    dlogp: Tensor, advantages: Tensor, mask: Tensor, group_index: Tensor, mode: str, max_len: int | None = None
+    dlogp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    group_index: Tensor,
+    mode: str,
+    max_len: int | None = None,
+    seq_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(attribution [B], influence [B]) along a direction u, given dlogp_ij = u·∇logp_ij.
 
@@ -115,14 +127,18 @@ def pg_group_terms(
     - token-mean, u·g = Σ_b N_b / Σ_b D_b (D_b = tokens of group b) has a random denominator; delta
       method: influence_b = r + (N_b − r D_b)/D̄, r = u·g, D̄ = mean_b D_b.
     - the others are means over sequences with a fixed count: influence_b = B · attribution_b.
-    Groups are numbered by sorted unique group_index.
+    Groups are numbered by sorted unique group_index. `seq_weights`: as in `pg_coefficients` (the
+    fluctuation of the weights' normalisation is ignored in the influence values).
     """
     _, group = torch.unique(group_index, return_inverse=True)
     n_groups = int(group.max()) + 1
-    per_seq = (pg_coefficients(advantages, mask, mode, max_len) * dlogp.to(torch.float64)).sum(-1)
+    per_seq = (pg_coefficients(advantages, mask, mode, max_len, seq_weights) * dlogp.to(torch.float64)).sum(-1)
     attribution = torch.zeros(n_groups, dtype=torch.float64, device=per_seq.device).index_add_(0, group, per_seq)
     if mode == "token-mean":
-        tokens = torch.zeros_like(attribution).index_add_(0, group, mask.to(torch.float64).sum(-1))
+        lengths = mask.to(torch.float64).sum(-1)
+        if seq_weights is not None:
+            lengths = lengths * seq_weights.to(torch.float64)
+        tokens = torch.zeros_like(attribution).index_add_(0, group, lengths)
         total = attribution.sum()
         numer = attribution * tokens.sum()  # N_b = Σ_{i∈b} A_i Σ_j dlogp_ij
         influence = total + (numer - total * tokens) / tokens.mean()

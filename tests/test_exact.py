@@ -27,9 +27,13 @@ def small_vocab_model(seed: int = 3):
 
     from stages.tiny import build_model
 
-    base = build_model(vocab_size=6, hidden_size=16, num_layers=2, num_heads=2, seed=seed, eos_token_id=4, pad_token_id=5)
+    base = build_model(
+        vocab_size=6, hidden_size=16, num_layers=2, num_heads=2, seed=seed, eos_token_id=4, pad_token_id=5
+    )
     torch.manual_seed(seed + 1000)
-    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     return get_peft_model(base, config).eval()
 
 
@@ -246,7 +250,8 @@ def write_stage_inputs(root, model, prompts_rows, horizon, delta, lr, estimates)
     write_tensors(root / "sample_e" / "samples.safetensors", samples, kind="samples_e")
     gen = {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": horizon, "stop": None}
     write_json(root / "sample_e" / "samples.json", {"kind": "samples_e", "generation": gen})
-    write_tensors(root / "delta_h1" / "bars.safetensors", {f"delta_theta.{n}": v.float() for n, v in delta.items()}, "bars")
+    bars = {f"delta_theta.{n}": v.float() for n, v in delta.items()}
+    write_tensors(root / "delta_h1" / "bars.safetensors", bars, "bars")
     write_json(root / "delta_h1" / "delta_h1.json", {"learning_rate": lr, "targets": estimates})
     write_json(root / "verify" / "verify.json", {"fingerprint": "abc123"})
     return gen
@@ -287,7 +292,8 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
         assert r["entropy_exact"] == pytest.approx(full[t].item(), rel=1e-10)
         assert r["delta_h1_exact"] == pytest.approx(exact.directional(g, delta), rel=1e-9)
         assert r["rel_err_fd"] < 1e-3
-        assert [e["delta_h1_exact_linear"] for e in r["eta_grid"]] == pytest.approx([0.5 * r["delta_h1_exact"], r["delta_h1_exact"]])
+        linear = [e["delta_h1_exact_linear"] for e in r["eta_grid"]]
+        assert linear == pytest.approx([0.5 * r["delta_h1_exact"], r["delta_h1_exact"]])
         assert [e["eta"] for e in r["eta_grid"]] == pytest.approx([0.5e-2, 1e-2])
     tm = out["targets"]["token_mean"]
     assert tm["z"] == pytest.approx((0.0 - tm["delta_h1_exact"]) / 1e-3)

@@ -298,26 +298,19 @@ def test_foreign_and_truncated_files_are_refused(tmp_path, sample_u_tensors):
 
 @pytest.fixture(scope="module")
 def stage_setup(tmp_path_factory):
-    """A Trainer-layout checkpoint (GRPOConfig: temperature 0.7, scale_rewards 'none') + a minimal verify.json."""
+    """A Trainer-layout checkpoint whose training_args.bin says temperature 0.7, scale_rewards 'none'."""
     from trainer_ckpt import write_trainer_checkpoint
 
-    from stages import checkpoint
     from stages.params import validate_params
 
     root = tmp_path_factory.mktemp("stage")
     ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
     tree = {
-        "paths": {"verify": str(root / "verify")},
-        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu"},
+        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
         "batch_config": {"dataset_name": "arithmetic:3", "B_E": 7, "B_U": 3, "G": 4},
         "generation": {"max_new_tokens": 4, "gen_batch_size": 5},
     }
-    params = validate_params(tree)
-    fingerprint = checkpoint.checkpoint_fingerprint(checkpoint.resolve_paths(params.checkpoint))
-    trainer_config = {"temperature": 0.7, "scale_rewards": "none", "top_p": 1.0}
-    report = {"fingerprint": fingerprint, "trainer_config": trainer_config}
-    artifacts.write_json(root / "verify" / "checkpoint.json", report)
-    return root, params, tree
+    return root, validate_params(tree), tree
 
 
 @pytest.mark.parametrize(
@@ -377,7 +370,9 @@ def test_sample_e_stage(stage_setup):
     assert torch.equal(tensors["prompt_index"], plan_e(n_data, 7, params.sampling.seed_e))
     assert meta["n_distinct_prompts"] == len(tensors["prompt_index"].unique())
     assert meta["generation"]["temperature"] == 0.7 and "trainer" in meta["generation"]["temperature_source"]
-    assert meta["checkpoint_fingerprint"] == artifacts.read_json(root / "verify" / "checkpoint.json")["fingerprint"]
+    from stages import checkpoint
+
+    assert meta["checkpoint_fingerprint"] == checkpoint.checkpoint_fingerprint(checkpoint.resolve_paths(params.checkpoint))
     assert meta["dataset"]["size"] == n_data and meta["dataset"]["fingerprint"]
     assert summary["seconds"] > 0 and {k: summary[k] for k in meta} == meta
     assert "rewards" not in tensors
@@ -423,16 +418,27 @@ def test_dry_run_writes_nothing(stage_setup, capsys):
     assert not [p for p in root.iterdir() if p.name.startswith(".dry")]
 
 
-def test_stage_refuses_foreign_verify_report(stage_setup, tmp_path):
+def test_sampler_checkpoint_is_separate_from_the_probed_one(stage_setup, tmp_path):
+    """sampling.checkpoint names the sampler; a missing one is refused and nothing is written."""
+    from stages.params import validate_params
+    from stages.sampling import run_sample_e, sampler_checkpoint
+
+    root, params, tree = stage_setup
+    assert sampler_checkpoint(params).path == params.checkpoint.path
+    other = validate_params({**tree, "sampling": {"checkpoint": str(tmp_path / "nowhere")}})
+    assert sampler_checkpoint(other).path == str(tmp_path / "nowhere")
+    assert sampler_checkpoint(other).dtype == params.checkpoint.dtype
+    with pytest.raises(ProbeError, match="nowhere"):
+        run_sample_e(other, tmp_path / "out", False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_temperature_defaults_to_one_without_the_trainer_pickle(stage_setup, tmp_path):
     from stages.params import validate_params
     from stages.sampling import run_sample_e
 
     root, _, tree = stage_setup
-    artifacts.write_json(tmp_path / "verify" / "checkpoint.json", {"fingerprint": "0123456789abcdef", "trainer_config": {}})
-    params = validate_params({**tree, "paths": {"verify": str(tmp_path / "verify")}})
-    with pytest.raises(ProbeError, match="is for checkpoint 0123456789abcdef.*rerun the verify stage"):
-        run_sample_e(params, tmp_path / "out", False)
-    params = validate_params({**tree, "paths": {"verify": str(tmp_path / "nowhere")}})
-    with pytest.raises(ProbeError, match="verify report .*checkpoint.json not found"):
-        run_sample_e(params, tmp_path / "out", False)
-    assert not (tmp_path / "out").exists()
+    params = validate_params({**tree, "checkpoint": {**tree["checkpoint"], "trust_pickles": False}})
+    run_sample_e(params, tmp_path / "e", False)
+    meta = artifacts.read_json(tmp_path / "e" / "samples.json")
+    assert meta["generation"]["temperature"] == 1.0 and "default" in meta["generation"]["temperature_source"]

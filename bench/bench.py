@@ -1,0 +1,597 @@
+"""Benchmark of the probe's cost as ratios to the passes it cannot avoid (issue 6, SPEC §6).
+
+    python bench/bench.py [--quick] [--out bench/results/bench.json] [--device cuda --dtype bf16 [--qlora]]
+
+One run builds a random Qwen2 larger than the demo (eager attention) with a LoRA adapter, samples an E
+and a U batch with the product's own `generate_responses`, and measures, with the same thread count,
+one warm-up and the median of a few interleaved repeats:
+
+    delta_h1_ratio   = t(compute_delta_h1 on E, U)                 / t(plain fwd+bwd over E and U)   target ≤ 1.2
+    se_extra_ratio   = [t(entropy_pass, direction) − t(entropy_pass, None)
+                        + t(logprob_tangents)]                     / t(plain fwd+bwd over E and U)   target ≤ 0.5
+    sample_ratio     = t(generate_responses)                       / t(plain model.generate)          target ≤ 1.05
+    memory_ratio     = peak(delta-h1) / peak(plain fwd+bwd), above the post-load baseline
+                       (CPU: ru_maxrss of a fresh subprocess each; CUDA: max_memory_allocated)
+
+"plain fwd+bwd" is what a trainer's step costs on the same tokens: forward on the same padded
+input_ids (logits only for the response columns), log_softmax(logits / T), gather, masked sum, and
+`.backward()` into `.grad`, in the same token-budget microbatches.
+
+It also times bench-only forward-mode alternatives of the two tangent passes (`torch.autograd.forward_ad`
+dual numbers, eager attention, not QLoRA) and checks they give the same numbers; `--profile` adds a
+torch.profiler table of one compute_delta_h1 call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.delta_h1 import (  # noqa: E402
+    Batch,
+    UpdateSpec,
+    compute_delta_h1,
+    entropy_pass,
+    logprob_tangents,
+    policy_gradient,
+)
+from stages.estimators import entropy_coefficients  # noqa: E402
+from stages.params import EstimatorParams  # noqa: E402
+from stages.policy import entropy_from_logprobs, policy_logprobs  # noqa: E402
+from stages.sampling import generate_responses, neutral_generation_config  # noqa: E402
+from stages.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EOS, PAD = "<eos>", "<pad>"
+
+# sizes: full run ≲ 3 min on 2 CPU cores, --quick ≲ 1 min
+FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, vocab=2048, lora_rank=16, prompt_len=24,
+            new_tokens=64, B_E=32, B_U=8, G=4, max_tokens=4096, repeats=3)  # fmt: skip
+QUICK = dict(FULL, B_E=16, B_U=4, repeats=2)
+
+
+# ----------------------------------------------------------------------------- model, tokenizer, batches
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over `vocab` tokens: w0 … w{vocab−3}, eos, pad (whitespace-separated)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab - 2)] + [EOS, PAD]
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD, padding_side="left")
+
+
+def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: int = 0):
+    """Random Qwen2 (eager attention) + LoRA on every linear layer with non-zero B, eval mode.
+
+    The LM head is scaled up so the policy is peaked like a trained model's (entropy of a few nats,
+    rather than log V), which keeps the sampled lengths and the top-p nucleus realistic.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=3 * cfg["hidden"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        max_position_embeddings=cfg["prompt_len"] + cfg["new_tokens"] + 8,
+        eos_token_id=cfg["vocab"] - 2,
+        pad_token_id=cfg["vocab"] - 1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        base = Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            base.lm_head.weight.mul_(8.0)
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            base.save_pretrained(tmp)
+            base = AutoModelForCausalLM.from_pretrained(
+                tmp,
+                dtype=dtype,
+                device_map={"": device},
+                attn_implementation="eager",
+                quantization_config=BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype,
+                ),  # fmt: skip
+            )
+    else:
+        base = base.to(device=device, dtype=dtype)
+    lora = LoraConfig(
+        r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = get_peft_model(base, lora)
+        with torch.no_grad():  # init_lora_weights=False draws B like A; keep the adapter a perturbation
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.1)
+    return model.eval()
+
+
+def random_prompts(cfg: dict, n: int, seed: int) -> list[str]:
+    """n prompts of random words, lengths between prompt_len/2 and prompt_len (so left padding occurs)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(cfg["prompt_len"] // 2, cfg["prompt_len"] + 1, (n,), generator=gen)
+    return [" ".join(f"w{int(t)}" for t in torch.randint(0, cfg["vocab"] - 2, (int(k),), generator=gen)) for k in lens]
+
+
+def sample(model, tok, prompts: list[str], cfg: dict, seed: int) -> dict:
+    return generate_responses(
+        model, tok, prompts, temperature=cfg["temperature"], top_p=cfg["top_p"], max_new_tokens=cfg["new_tokens"],
+        batch_size=len(prompts), seed=seed, progress=False,
+    )  # fmt: skip
+
+
+def to_batches(E_t: dict, U_t: dict, cfg: dict, device) -> tuple[Batch, Batch]:
+    meta = {"generation": {"temperature": cfg["temperature"], "top_p": cfg["top_p"]}}
+    E_t = dict(E_t, prompt_index=torch.arange(len(E_t["input_ids"])))
+    n_groups, G = cfg["B_U"], cfg["G"]
+    gen = torch.Generator().manual_seed(7)
+    rewards = torch.randint(0, 2, (n_groups * G,), generator=gen).float()  # verifiable 0/1 rewards
+    U_t = dict(
+        U_t,
+        prompt_index=torch.arange(n_groups).repeat_interleave(G),
+        rewards=rewards,
+        advantages=group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1),
+        group_index=torch.arange(n_groups).repeat_interleave(G),
+    )
+    return Batch.from_artifact(E_t, meta, device), Batch.from_artifact(U_t, meta, device)
+
+
+def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateSpec]:
+    """A synthetic AdamW state after 10 steps (momentum and second moment of plausible size)."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    layout = FlatLayout.from_named(named)
+    gen = torch.Generator().manual_seed(seed)
+    m = {n: 1e-3 * torch.randn(p.shape, generator=gen) for n, p in named.items()}
+    v = {n: 1e-6 * torch.rand(p.shape, generator=gen) for n, p in named.items()}
+    groups = [{"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
+    theta = {n: p.detach().float() for n, p in named.items()}
+    state = AdamState.from_groups(layout, theta, m, v, {n: 10.0 for n in named}, groups)
+    return layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+
+
+def trainable(model, layout: FlatLayout) -> list[torch.Tensor]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in layout.names]
+
+
+# ----------------------------------------------------------------------------- the plain baselines
+
+
+def plain_forward_backward(model, batches: list[Batch], max_tokens: int) -> None:
+    """A trainer's step on the same tokens: Σ_ij A_i·log π(y_ij) over the response, backward into .grad."""
+    for B in batches:
+        adv = B.tensors["advantages"] if "advantages" in B.tensors else torch.ones(len(B), device=B.mask.device)
+        for rows in B.slices(max_tokens):
+            ids, am = B.input_ids[rows], B.attention_mask[rows]
+            position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+            keep = torch.arange(B.n_prompt_cols - 1, ids.shape[1] - 1, device=ids.device)
+            logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep,
+                           use_cache=False).logits  # fmt: skip
+            logp = torch.log_softmax(logits.float() / B.temperature, dim=-1)
+            token_logp = logp.gather(-1, ids[:, B.n_prompt_cols :].unsqueeze(-1)).squeeze(-1)
+            loss = -(token_logp * B.mask * adv[rows].unsqueeze(1)).sum() / B.mask.sum()
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
+    """transformers' own sampling (same T, top-p, no top-k, KV cache) on the same prompts; returns steps."""
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    device = model.get_input_embeddings().weight.device
+    config = neutral_generation_config(cfg["new_tokens"], tok.eos_token_id, tok.pad_token_id)
+    config.temperature, config.top_p = cfg["temperature"], cfg["top_p"]
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                         generation_config=config)  # fmt: skip
+    return out.shape[1] - enc["input_ids"].shape[1]
+
+
+# ----------------------------------------------------------------------------- forward-mode alternatives (bench only)
+
+
+def _dual_stats(model, params, direction, B: Batch, rows: slice):
+    """One forward with θ + ε·v as dual numbers: (entropies, logprobs) [n, R] with graph, and their tangents.
+
+    The LoRA parameters are replaced by dual tensors (make_dual is differentiable in its primal, so a
+    backward through the primal outputs still reaches .grad-able leaves).
+    """
+    from torch.func import functional_call
+
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = [by_id[id(p)] for p in params]
+    ids, am = B.input_ids[rows], B.attention_mask[rows]
+    position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(B.n_prompt_cols - 1, ids.shape[1] - 1, device=ids.device)
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p, v) for n, p, v in zip(names, params, direction)}
+        logits = functional_call(
+            model, duals, args=(),
+            kwargs=dict(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep, use_cache=False),
+            strict=False,
+        ).logits  # fmt: skip
+        primal, dlogits = fwAD.unpack_dual(logits)
+    return primal, dlogits
+
+
+def _stats_and_tangents(logits, dlogits, B: Batch, rows: slice):
+    """(H, logp) of the primal logits with graph; (dH, dlogp) from the logit tangent, in closed form.
+
+    With z = logits / T (top-p set constant), π = softmax(z), dz = dlogits / T:
+      dlogp_y = dz_y − Σ_v π_v dz_v,     dH = −Σ_v π_v (log π_v + H) dlogp_v  (sums over the nucleus)
+    """
+    logp = policy_logprobs(logits, B.temperature, B.top_p)
+    mask = B.mask[rows]
+    targets = B.input_ids[rows, B.n_prompt_cols :].unsqueeze(-1)
+    token_logp = torch.where(mask, logp.gather(-1, targets).squeeze(-1), 0.0)
+    H = torch.where(mask, entropy_from_logprobs(logp), 0.0)
+    with torch.no_grad():
+        lp = logp.detach()
+        p = lp.exp()
+        dz = torch.where(torch.isfinite(lp), dlogits.float() / B.temperature, 0.0)
+        dlp = dz - (p * dz).sum(-1, keepdim=True)  # tangent of log π over the vocabulary
+        plogp = torch.where(torch.isfinite(lp), p * lp, 0.0)
+        dH = -((plogp + p * H.detach().unsqueeze(-1)) * dlp).sum(-1)
+        dlogp = dlp.gather(-1, targets).squeeze(-1)
+    return token_logp, H, torch.where(mask, dH, 0.0), torch.where(mask, dlogp, 0.0)
+
+
+def entropy_pass_forward_mode(model, params, layout, E: Batch, coefs, direction, max_tokens: int):
+    """Same outputs as `entropy_pass`: X̄ by one backward, tangents by forward-mode AD in the same forward."""
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).float(), (coefs.c * w).float()
+    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows in E.slices(max_tokens):
+        logits, dlogits = _dual_stats(model, params, direction, E, rows)
+        dlogits = dlogits.detach()
+        token_logp, H, dH[rows], dlogp[rows] = _stats_and_tangents(logits, dlogits, E, rows)
+        del dlogits
+        grads = torch.autograd.grad([H, token_logp], params, grad_outputs=[a[rows], c[rows]], allow_unused=True)
+        xbar += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+    return xbar, dH, dlogp
+
+
+def logprob_tangents_forward_mode(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
+    """Same output as `logprob_tangents`: one no-grad forward with dual numbers, no backward at all."""
+    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
+    with torch.no_grad():
+        for rows in U.slices(max_tokens):
+            logits, dlogits = _dual_stats(model, params, direction, U, rows)
+            dlogp[rows] = _stats_and_tangents(logits, dlogits, U, rows)[3]
+    return dlogp
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Warm each up once, then `repeats` interleaved rounds; the median per function (seconds)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def peak_memory_child(args) -> None:
+    """Subprocess entry (--measure-memory KIND): build everything, then the peak above the post-load baseline."""
+    cfg = json.loads(args.cfg_json)
+    torch.set_num_threads(args.threads)
+    model, tok, E, U, layout, spec = setup(cfg, args.device, DTYPES[args.dtype], args.qlora, batches=args.batches)
+    est = EstimatorParams()
+    work = {
+        "plain": lambda: plain_forward_backward(model, [E, U], cfg["max_tokens"]),
+        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, cfg["max_tokens"]),
+    }[args.measure_memory]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        work()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _maxrss_bytes()
+        work()
+        peak = _maxrss_bytes() - base
+    print(json.dumps({"peak_bytes": peak, "baseline_bytes": base}))
+
+
+def peak_memory(kind: str, cfg: dict, args, batches_file: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure-memory", kind, "--cfg-json", json.dumps(cfg), "--batches", batches_file,
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]  # fmt: skip
+    if args.qlora:
+        cmd.append("--qlora")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def setup(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, batches: str | None = None):
+    """Model, tokenizer, E and U batches (sampled, or loaded from `batches`), layout and AdamW spec."""
+    tok = build_tokenizer(cfg["vocab"])
+    model = build_model(cfg, device, dtype, qlora)
+    if batches is None:
+        E_t = sample(model, tok, random_prompts(cfg, cfg["B_E"], seed=1), cfg, seed=11)
+        U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+        U_t = sample(model, tok, U_prompts, cfg, seed=12)
+    else:
+        E_t, U_t = torch.load(batches, weights_only=True)
+    E, U = to_batches(E_t, U_t, cfg, torch.device(device))
+    layout, spec = adam_spec(model)
+    return model, tok, E, U, layout, spec
+
+
+def forward_mode_check(model, E, U, layout, spec, cfg) -> dict:
+    """Forward-mode tangent passes vs the product's double-backward ones: max relative differences."""
+    params = trainable(model, layout)
+    coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
+    g = policy_gradient(model, params, layout, U, coef, cfg["max_tokens"])
+    delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm).float()
+    direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta).values(), params)]
+    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target="token_mean", baseline="mean")
+    ref = entropy_pass(model, params, layout, E, coefs, direction, cfg["max_tokens"])
+    alt = entropy_pass_forward_mode(model, params, layout, E, coefs, direction, cfg["max_tokens"])
+    ref_u = logprob_tangents(model, params, U, direction, cfg["max_tokens"])
+    alt_u = logprob_tangents_forward_mode(model, params, U, direction, cfg["max_tokens"])
+
+    def rel(x, y):
+        return float((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30))
+
+    return {
+        "xbar": rel(alt[0], ref[0]),
+        "dH": rel(alt[1], ref[1]),
+        "dlogp_E": rel(alt[2], ref[2]),
+        "dlogp_U": rel(alt_u, ref_u),
+        "estimate": [coefs.estimate(*ref[1:])[0], coefs.estimate(*alt[1:])[0]],
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats (≲ 1 min on 2 CPU cores)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/bench.json"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes); skips the forward-mode checks")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a size, e.g. B_E=64")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one compute_delta_h1")
+    # internal: one peak-memory measurement in a fresh process
+    ap.add_argument("--measure-memory", choices=["plain", "delta_h1"], help=argparse.SUPPRESS)
+    ap.add_argument("--cfg-json", help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.measure_memory:
+        return peak_memory_child(args)
+
+    cfg = dict(QUICK if args.quick else FULL, temperature=args.temperature, top_p=args.top_p)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        cfg[key] = type(cfg[key])(value)
+    if args.repeats:
+        cfg["repeats"] = args.repeats
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    wall = time.perf_counter()
+
+    # --- sampling: the product's generate_responses vs plain generate, same prompts and settings
+    tok = build_tokenizer(cfg["vocab"])
+    model = build_model(cfg, args.device, dtype, args.qlora)
+    E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
+    sample_t = median_times(
+        {
+            "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
+            "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
+        },
+        cfg["repeats"],
+        args.device,
+    )
+    plain_steps = plain_generate(model, tok, E_prompts, cfg, seed=11)
+    E_t = sample(model, tok, E_prompts, cfg, seed=11)
+    U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+    U_t = sample(model, tok, U_prompts, cfg, seed=12)
+    E, U = to_batches(E_t, U_t, cfg, torch.device(args.device))
+    layout, spec = adam_spec(model)
+    params = trainable(model, layout)
+    est = EstimatorParams()
+    max_tokens = cfg["max_tokens"]
+
+    # --- delta-h1 and its parts vs the plain forward+backward over the same E and U tokens
+    coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
+    g = policy_gradient(model, params, layout, U, coef, max_tokens)
+    delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm).float()
+    direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta).values(), params)]
+    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline)
+    last: dict = {}
+
+    def run_delta_h1():
+        last["result"] = compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+
+    fns = {
+        "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
+        "delta_h1": run_delta_h1,
+        "e_pass_with_tangents": lambda: entropy_pass(model, params, layout, E, coefs, direction, max_tokens),
+        "e_pass_gradient_only": lambda: entropy_pass(model, params, layout, E, coefs, None, max_tokens),
+        "u_tangents": lambda: logprob_tangents(model, params, U, direction, max_tokens),
+        "plain_fwd_bwd_E": lambda: plain_forward_backward(model, [E], max_tokens),
+        "plain_fwd_bwd_U": lambda: plain_forward_backward(model, [U], max_tokens),
+    }
+    forward_mode = not args.qlora
+    if forward_mode:
+        fns["e_pass_forward_mode"] = lambda: entropy_pass_forward_mode(model, params, layout, E, coefs, direction, max_tokens)
+        fns["u_tangents_forward_mode"] = lambda: logprob_tangents_forward_mode(model, params, U, direction, max_tokens)
+    t = median_times(fns, cfg["repeats"], args.device)
+    phase = {k: [] for k in last["result"]["timings"]}
+    for _ in range(max(1, cfg["repeats"] - 1)):  # the product's own per-phase timings, median of a few calls
+        run_delta_h1()
+        for k, v in last["result"]["timings"].items():
+            phase[k].append(v)
+    phases = {k: statistics.median(v) for k, v in phase.items()}
+
+    plain = t["plain_fwd_bwd"]
+    se_extra = (t["e_pass_with_tangents"] - t["e_pass_gradient_only"]) + t["u_tangents"]
+    ratios = {
+        "delta_h1": t["delta_h1"] / plain,
+        "se_extra": se_extra / plain,
+        "delta_h1_without_se": (t["delta_h1"] - se_extra) / plain,
+        "sample": sample_t["generate_responses"] / sample_t["plain_generate"],
+    }
+    alternatives = {}
+    if forward_mode:
+        alt_extra = (t["e_pass_forward_mode"] - t["e_pass_gradient_only"]) + t["u_tangents_forward_mode"]
+        alt_total = t["delta_h1"] - se_extra + alt_extra
+        alternatives = {
+            "forward_mode_tangents": {
+                "times_s": {"e_pass": t["e_pass_forward_mode"], "u_tangents": t["u_tangents_forward_mode"]},
+                "speedup_e_pass": t["e_pass_with_tangents"] / t["e_pass_forward_mode"],
+                "speedup_u_tangents": t["u_tangents"] / t["u_tangents_forward_mode"],
+                "se_extra_ratio": alt_extra / plain,
+                "delta_h1_ratio_estimated": alt_total / plain,
+                "max_rel_diff_vs_product": forward_mode_check(model, E, U, layout, spec, cfg),
+            }
+        }
+
+    memory = {}
+    if not args.no_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "batches.pt")
+            torch.save((E_t, U_t), path)
+            memory = {k: peak_memory(k, cfg, args, path) for k in ("plain", "delta_h1")}
+        ratios["memory"] = memory["delta_h1"]["peak_bytes"] / max(1, memory["plain"]["peak_bytes"])
+
+    if args.profile:
+        profile(model, E, U, layout, spec, est, max_tokens, args.device)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    report = {
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": {"delta_h1": 1.2, "se_extra": 0.5, "sample": 1.05},
+        "times_s": {k: round(v, 4) for k, v in {**t, **sample_t, "se_extra": se_extra}.items()},
+        "delta_h1_phases_s": phases,
+        "memory": memory,
+        "alternatives": alternatives,
+        "config": cfg,
+        "tokens": {
+            "E_sequences": len(E), "U_sequences": len(U), "columns": E.input_ids.shape[1],
+            "E_response_tokens": int(E.mask.sum()), "U_response_tokens": int(U.mask.sum()),
+            "generate_steps": {"generate_responses": E_t["logprobs"].shape[1], "plain_generate": plain_steps},
+        },  # fmt: skip
+        "model": {"parameters": n_params, "trainable": layout.numel, "dtype": args.dtype, "qlora": args.qlora,
+                  "attn_implementation": "eager"},  # fmt: skip
+        "env": {
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__, "python": platform.python_version(), "device": device_name(args.device),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        },  # fmt: skip
+        "wall_s": round(time.perf_counter() - wall, 1),
+    }
+    print_report(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def profile(model, E, U, layout, spec, est, max_tokens: int, device: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        with record_function("compute_delta_h1"):
+            compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def print_report(report: dict) -> None:
+    r, tg = report["ratios"], report["targets"]
+    print(f"model {report['model']['parameters'] / 1e6:.1f}M params ({report['model']['trainable'] / 1e6:.2f}M "
+          f"trainable), {report['env']['device']}, {report['env']['threads']} threads, {report['model']['dtype']}")  # fmt: skip
+    for k in ("delta_h1", "se_extra", "delta_h1_without_se", "sample", "memory"):
+        if k in r:
+            print(f"  {k:22s} {r[k]:7.3f}" + (f"   (target ≤ {tg[k]})" if k in tg else ""))
+    print("  times (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["times_s"].items()))
+    print("  compute_delta_h1 phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["delta_h1_phases_s"].items()))
+    for name, alt in report["alternatives"].items():
+        print(f"  {name}: E pass ×{alt['speedup_e_pass']:.2f}, U tangents ×{alt['speedup_u_tangents']:.2f} faster; "
+              f"se_extra → {alt['se_extra_ratio']:.3f}, delta_h1 → {alt['delta_h1_ratio_estimated']:.3f}; "
+              f"max rel diff {alt['max_rel_diff_vs_product']}")  # fmt: skip
+    print(f"  wall {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

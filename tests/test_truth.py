@@ -1,0 +1,358 @@
+"""The truth stage: SNIS and fresh-sample ΔH(η) vs exact enumeration, exact restore, the pure estimators
+(by hand and by SE calibration), and the stage end to end on a Trainer-layout checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from stages import exact, truth
+from stages.artifacts import write_json, write_tensors
+from stages.errors import ProbeError
+from stages.sampling import generate_responses
+
+from conftest import make_lora_model
+
+T = 1.3  # ≠ 1 so a forgotten temperature shows up
+MAX_NEW = 3
+PROMPTS = ["1+2=", "3+4=", "5+5=", "9+0="]
+ROWS = PROMPTS * 128  # the E batch: every prompt 128 times, so the exact target uses multiplicities 1:1:1:1
+MULTIPLIERS = [0.5, 1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stages.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny LoRA model whose policy is far from uniform (at the uniform maximum ΔH is second order)."""
+    model = make_lora_model(seed=3, rank=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def delta(model):
+    """A known small update: Gaussian, scaled to 10% of each adapter tensor's mean magnitude."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        n: 0.1 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+@pytest.fixture(scope="module")
+def exact_curve(model, tok, delta):
+    """Exact ΔH(m) per target (and H(θ) under "base") for the E prompt multiset, by enumeration on a float64 copy."""
+    m64 = exact.as_float64(copy.deepcopy(model))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    kw = dict(eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW, temperature=T, top_p=1.0, max_sequences=10**6)
+    d64 = {n: v.double() for n, v in delta.items()}
+    with torch.no_grad():
+        base = exact.entropy_at(m64, d64, 0.0, ids, [1] * 4, **kw)
+        curve = exact.delta_h_curve(m64, d64, MULTIPLIERS, ids, [1] * 4, base=base, **kw)
+    return {**curve, "base": base}
+
+
+def sample_e(model, tok, seed: int, rows=ROWS) -> dict[str, torch.Tensor]:
+    tensors = generate_responses(
+        model, tok, rows, temperature=T, top_p=1.0, max_new_tokens=MAX_NEW, batch_size=512, seed=seed, progress=False
+    )
+    tensors["prompt_index"] = torch.arange(len(rows)) % len(PROMPTS)
+    return tensors
+
+
+def run_truth(model, tok, E, delta, multipliers, behaviour_is_model=True, fresh_seed=3, max_tokens=4096):
+    fresh = truth.FreshSampling(tok, ROWS[: len(E["input_ids"])], MAX_NEW, 512, seed=fresh_seed)
+    return truth.estimate_truth(
+        model, E, delta, multipliers, temperature=T, top_p=1.0, max_tokens=max_tokens,
+        behaviour_is_model=behaviour_is_model, fresh=fresh,
+    )  # fmt: skip
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), n
+
+
+# ---------------------------------------------------------------------------------------------- pure estimators
+
+
+def test_ratio_estimate_and_ess_by_hand():
+    w = torch.tensor([1.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    a = torch.tensor([3.0, 1.0, 7.0, 2.0], dtype=torch.float64)
+    b = torch.tensor([2.0, 1.0, 5.0, 3.0], dtype=torch.float64)
+    value, psi = truth.ratio_estimate(w.log() + 5.0, a, b)  # weights are scale-free: +5 in log space is no-op
+    R = (1 * 3 + 2 * 1 + 1 * 2) / (1 * 2 + 2 * 1 + 1 * 3)
+    assert value == pytest.approx(R, rel=1e-14)
+    torch.testing.assert_close(psi, w * (a - R * b) / (w * b).mean(), rtol=1e-12, atol=1e-14)
+    assert float(psi.sum()) == pytest.approx(0.0, abs=1e-12)
+    assert truth.effective_sample_size(w.log()) == pytest.approx(16 / 6)  # (Σw)²/Σw²
+    assert truth.effective_sample_size(torch.zeros(7, dtype=torch.float64)) == 7.0
+    with pytest.raises(ProbeError, match="every importance weight is 0"):
+        truth.ratio_estimate(torch.full((3,), -math.inf), a[:3], b[:3])
+    # the three targets: (S,1), (S,L), (S/L,1)
+    stats = truth.SeqStats(logprob=torch.zeros(4), entropy=a, length=b)
+    est = truth.target_estimates(torch.zeros(4, dtype=torch.float64), stats)
+    assert est["sequence"][0] == pytest.approx(float(a.mean()))
+    assert est["token_mean"][0] == pytest.approx(float(a.sum() / b.sum()))
+    assert est["seq_mean_token_mean"][0] == pytest.approx(float((a / b).mean()))
+
+
+def test_snis_delta_and_its_standard_error_are_calibrated():
+    """Synthetic discrete 'responses': E[ΔH estimate] = true ΔH, and mean SE ≈ spread over repeats."""
+    gen = torch.Generator().manual_seed(0)
+    K, N, reps = 12, 400, 300
+    q = torch.softmax(torch.randn(K, generator=gen, dtype=torch.float64), 0)  # behaviour = θ
+    p = torch.softmax(q.log() + 0.4 * torch.randn(K, generator=gen, dtype=torch.float64), 0)  # θ'
+    S0 = 1 + torch.rand(K, generator=gen, dtype=torch.float64)  # S under θ
+    S1 = S0 + 0.3 * torch.randn(K, generator=gen, dtype=torch.float64)  # S under θ' (entropies move too)
+    L = torch.randint(1, 5, (K,), generator=gen).double()
+    true = (p * S1).sum() / (p * L).sum() - (q * S0).sum() / (q * L).sum()
+    values, ses = [], []
+    for _ in range(reps):
+        y = torch.multinomial(q, N, replacement=True, generator=gen)
+        old = truth.ratio_estimate(torch.zeros(N, dtype=torch.float64), S0[y], L[y])
+        new = truth.ratio_estimate((p / q).log()[y], S1[y], L[y])
+        d = truth.paired_difference(new, old)
+        values.append(d["delta_h"])
+        ses.append(d["se"])
+    values = torch.tensor(values)
+    assert abs(float(values.mean() - true)) < 4 * float(values.std()) / math.sqrt(reps)
+    assert 0.85 < (sum(ses) / reps) / float(values.std()) < 1.15
+
+
+def test_quadratic_fit():
+    ms = [0.25, 0.5, 1.0, 2.0, 4.0]
+    a, b = truth.quadratic_fit(ms, [-3e-3 * m + 2e-4 * m * m for m in ms])
+    assert a == pytest.approx(-3e-3, rel=1e-9) and b == pytest.approx(2e-4, rel=1e-9)
+    assert truth.quadratic_fit([0.0, 2.0], [0.0, 0.5]) == (0.25, None)
+    assert truth.quadratic_fit([0.0], [0.0]) == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------- on a transformer
+
+
+def test_zero_step_is_exact_and_parameters_are_restored(model, tok, delta):
+    """m = 0: ΔH = 0 exactly with SE 0 (SNIS and fresh) and ESS = N; every parameter bit-identical after."""
+    E = sample_e(model, tok, seed=1, rows=ROWS[:64])
+    before = snapshot(model)
+    r = run_truth(model, tok, E, delta, [0.0, 1.0], max_tokens=100)  # several microbatches
+    assert_bit_identical(model, before)
+    assert r["restored_exactly"] is True and r["checksum"] == truth.param_checksum(model, list(delta))
+    assert r["n_sequences"] == 64 and r["ess_theta"] == 64.0
+    assert r["max_abs_logp_diff"] < 1e-4  # teacher forcing reproduces the sampler's log-probs
+    zero, one = r["etas"]
+    assert zero["ess"] == 64.0
+    for t in exact.TARGETS:
+        assert zero["snis"][t] == {"delta_h": 0.0, "se": 0.0}
+        assert zero["fresh"][t] == {"delta_h": 0.0, "se": 0.0}
+        assert one["snis"][t]["delta_h"] != 0.0 and one["fresh"][t]["delta_h"] != 0.0
+    assert one["ess"] < 64.0
+
+
+def test_parameters_are_restored_when_a_pass_fails(model, tok, delta, monkeypatch):
+    E = sample_e(model, tok, seed=2, rows=ROWS[:16])
+    before = snapshot(model)
+    calls = []
+    real = truth.teacher_forced_stats
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # inside the perturbation
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(truth, "teacher_forced_stats", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        truth.estimate_truth(model, E, delta, [1.0], temperature=T, top_p=1.0, max_tokens=4096, behaviour_is_model=True)
+    assert_bit_identical(model, before)
+
+
+def _assert_agrees_with_exact(r: dict, curve: dict, kinds: tuple[str, ...]) -> None:
+    for kind in kinds:  # H(θ) itself
+        for t in exact.TARGETS:
+            assert abs(r["entropy"][kind][t] - curve["base"][t]) < 4 * r["entropy_se"][kind][t], (kind, t)
+    for j, e in enumerate(r["etas"]):
+        for t in exact.TARGETS:
+            for kind in kinds:
+                est = e[kind][t]
+                assert abs(est["delta_h"] - curve[t][j]) < 4 * est["se"], (kind, t, e["multiplier"], est, curve[t][j])
+    # the test has teeth: at m = 1 the exact ΔH is far from 0 in units of the SEs
+    one = r["etas"][MULTIPLIERS.index(1.0)]
+    for kind in kinds:
+        assert abs(curve["token_mean"][1]) > 8 * one[kind]["token_mean"]["se"]
+
+
+def test_snis_and_fresh_agree_with_exact(model, tok, delta, exact_curve):
+    """θ drew E: SNIS (a) and fresh samples with CRN (b) vs exact ΔH(η), z-tests for every target and η."""
+    E = sample_e(model, tok, seed=1)
+    r = run_truth(model, tok, E, delta, MULTIPLIERS)
+    _assert_agrees_with_exact(r, exact_curve, ("snis", "fresh"))
+    for j, e in enumerate(r["etas"]):  # (a) and (b) agree with each other
+        for t in exact.TARGETS:
+            a, b = e["snis"][t], e["fresh"][t]
+            assert abs(a["delta_h"] - b["delta_h"]) < 4 * math.hypot(a["se"], b["se"])
+
+
+def test_snis_reweights_samples_drawn_by_another_checkpoint(model, tok, delta, exact_curve):
+    """E drawn under θ − Δθ: w(θ) from the stored behaviour log-probs makes SNIS agree with exact again."""
+    with exact.perturbed(model, delta, -1.0):
+        E = sample_e(model, tok, seed=4)
+    r = truth.estimate_truth(
+        model, E, delta, MULTIPLIERS, temperature=T, top_p=1.0, max_tokens=4096, behaviour_is_model=False
+    )
+    assert 0.5 * len(ROWS) < r["ess_theta"] < 0.99 * len(ROWS)  # the weights at θ are not 1
+    assert r["max_abs_logp_diff"] > 1e-3
+    # unweighted, E would estimate H(θ − Δθ), which is far from H(θ) in units of the SE
+    unweighted = truth.target_estimates(torch.zeros(len(ROWS), dtype=torch.float64), truth.sampled_stats(E))
+    v, psi = unweighted["token_mean"]
+    assert abs(v - exact_curve["base"]["token_mean"]) > 6 * float(psi.std()) / math.sqrt(len(ROWS))
+    assert all(e["fresh"] is None for e in r["etas"]) and r["entropy"]["fresh"] is None
+    _assert_agrees_with_exact(r, exact_curve, ("snis",))
+
+
+def test_common_random_numbers_couple_the_fresh_samples(model, tok, delta):
+    """Same seed under θ and θ + ½Δθ: most responses coincide and the paired SE beats the unpaired one."""
+    spec = truth.FreshSampling(tok, ROWS, MAX_NEW, 512, seed=9)
+    a = truth._fresh_samples(model, spec, T, 1.0)
+    with exact.perturbed(model, delta, 0.5):
+        b = truth._fresh_samples(model, spec, T, 1.0)
+    same = (a["input_ids"] == b["input_ids"]).all(1) if a["input_ids"].shape == b["input_ids"].shape else None
+    assert same is not None and same.float().mean() > 0.6
+    zeros = torch.zeros(len(ROWS), dtype=torch.float64)
+    old = truth.target_estimates(zeros, truth.sampled_stats(a))["token_mean"]
+    new = truth.target_estimates(zeros, truth.sampled_stats(b))["token_mean"]
+    paired = truth.paired_difference(new, old)["se"]
+    unpaired = math.hypot(float(old[1].std()), float(new[1].std())) / math.sqrt(len(ROWS))
+    assert paired < 0.7 * unpaired
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def stage_setup(tmp_path_factory, tok):
+    """A Trainer-layout checkpoint, E samples drawn by it, and hand-made delta-h1 outputs."""
+    from trainer_ckpt import write_trainer_checkpoint
+
+    from stages import checkpoint
+    from stages.params import validate_params
+    from stages.task import load_prompts
+
+    root = tmp_path_factory.mktemp("truth_stage")
+    ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
+    tree = {
+        "paths": {k: str(root / k) for k in ("verify", "sample_e", "delta_h1")},
+        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu"},
+        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 24},
+        "generation": {"max_new_tokens": MAX_NEW, "gen_batch_size": 10},
+        "compute": {"max_tokens_per_microbatch": 64},
+        "truth": {"eta_multipliers": [0.0, 1.0, 2.0], "fresh_samples": True, "seed": 5},
+    }
+    params = validate_params(tree)
+    paths = checkpoint.resolve_paths(params.checkpoint)
+    fingerprint = checkpoint.checkpoint_fingerprint(paths)
+    model = checkpoint.load_policy_model(params.checkpoint, paths)
+    prompt_set = load_prompts(params.batch_config)
+    index = torch.arange(24) % len(prompt_set)
+    E = generate_responses(
+        model, tok, [prompt_set.prompts[i] for i in index.tolist()], temperature=T, top_p=1.0,
+        max_new_tokens=MAX_NEW, batch_size=10, seed=1, progress=False,
+    )  # fmt: skip
+    E["prompt_index"] = index
+    gen = {"temperature": T, "top_p": 1.0, "max_new_tokens": MAX_NEW, "stop": None}
+    meta = {"kind": "samples_e", "checkpoint_fingerprint": fingerprint, "generation": gen, "seed": 1,
+            "dataset": {"fingerprint": prompt_set.fingerprint}}  # fmt: skip
+    write_tensors(root / "sample_e" / "samples.safetensors", E, "samples_e", meta)
+    write_json(root / "sample_e" / "samples.json", meta)
+    g = torch.Generator().manual_seed(1)
+    delta = {n: 0.05 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    write_tensors(root / "delta_h1" / "bars.safetensors", {f"delta_theta.{n}": v for n, v in delta.items()}, "bars")
+    report = {
+        "delta_h1": -2e-3,
+        "se_delta_h1": 1e-3,
+        "learning_rate": 1e-2,
+        "estimator": {"entropy": "token_mean"},
+        "targets": {t: {"delta_h1": -1e-3 * (i + 1), "se_E": 1e-3} for i, t in enumerate(exact.TARGETS)},
+        "checkpoint_fingerprint": fingerprint,
+    }
+    write_json(root / "delta_h1" / "delta_h1.json", report)
+    return root, params, report
+
+
+def test_truth_stage_end_to_end(stage_setup, capsys):
+    root, params, report = stage_setup
+    assert truth.run(params, root / "dry", dry_run=True) is None
+    assert not (root / "dry").exists()
+    plan = capsys.readouterr().out
+    assert "m in [0 (0), 1 (0.01), 2 (0.02)]" in plan and "24 E sequences" in plan
+    assert "4 teacher-forcing passes" in plan and "4 generate passes" in plan
+
+    truth.run(params, root / "truth", dry_run=False)
+    out = json.loads((root / "truth" / "truth.json").read_text())
+    for key in ("target", "learning_rate", "delta_h1", "se_delta_h1", "etas", "linearity", "targets",
+                "n_sequences", "restored_exactly", "seconds"):  # fmt: skip
+        assert key in out, key
+    assert out["target"] == "token_mean" and out["learning_rate"] == 1e-2 and out["n_sequences"] == 24
+    assert out["delta_h1"] == -2e-3 and out["se_delta_h1"] == 1e-3
+    assert out["restored_exactly"] is True and out["same_checkpoint"] is True and out["seconds"] > 0
+    assert [e["multiplier"] for e in out["etas"]] == [0.0, 1.0, 2.0]
+    for e in out["etas"]:
+        assert set(e) == {"multiplier", "eta", "delta_h1_pred", "snis", "fresh", "ratio_snis", "ratio_fresh"}
+        assert set(e["snis"]) == {"delta_h", "se", "ess", "ess_fraction"} and set(e["fresh"]) == {"delta_h", "se"}
+        assert e["eta"] == pytest.approx(e["multiplier"] * 1e-2)
+        assert e["delta_h1_pred"] == pytest.approx(e["multiplier"] * -2e-3)
+        assert e["snis"]["ess_fraction"] == pytest.approx(e["snis"]["ess"] / 24)
+        if e["multiplier"] == 0:
+            assert e["snis"]["delta_h"] == 0.0 and e["fresh"]["delta_h"] == 0.0 and e["snis"]["ess"] == 24.0
+            assert e["ratio_snis"] is None and e["ratio_fresh"] is None
+        else:
+            assert e["ratio_snis"] == pytest.approx(e["snis"]["delta_h"] / e["delta_h1_pred"])
+            assert e["ratio_fresh"] == pytest.approx(e["fresh"]["delta_h"] / e["delta_h1_pred"])
+    lin = out["linearity"]
+    a, b = truth.quadratic_fit([0.0, 1.0, 2.0], [e["snis"]["delta_h"] for e in out["etas"]])
+    assert lin["delta_h1"] == -2e-3 and lin["slope_snis"] == pytest.approx(a) and lin["curvature_snis"] == pytest.approx(b)
+    assert lin["slope_fresh"] is not None and lin["curvature_fresh"] is not None
+    assert set(out["targets"]) == set(exact.TARGETS)
+    tm = out["targets"]["token_mean"]
+    assert tm["delta_h_snis"] == [e["snis"]["delta_h"] for e in out["etas"]]
+    assert tm["delta_h_fresh"] == [e["fresh"]["delta_h"] for e in out["etas"]]
+    assert out["targets"]["sequence"]["delta_h1"] == report["targets"]["sequence"]["delta_h1"]
+
+
+def test_truth_stage_refuses_foreign_inputs(stage_setup, tmp_path):
+    root, params, report = stage_setup
+    out_dir = tmp_path / "truth"
+    write_json(out_dir / "truth.json", {"previous": True})
+    params = params.model_copy(deep=True)
+    params.truth.fresh_samples = False
+    other = tmp_path / "delta_h1"
+    write_json(other / "delta_h1.json", {**report, "checkpoint_fingerprint": "0123456789abcdef"})
+    (other / "bars.safetensors").write_bytes((root / "delta_h1" / "bars.safetensors").read_bytes())
+    params.paths.delta_h1 = str(other)
+    with pytest.raises(ProbeError, match="delta_h1.json is for checkpoint 0123456789abcdef"):
+        truth.run(params, out_dir, dry_run=False)
+    write_json(other / "delta_h1.json", report)
+    write_tensors(other / "bars.safetensors", {"delta_theta.nope": torch.zeros(2)}, "bars")
+    with pytest.raises(ProbeError, match="'nope'"):
+        truth.run(params, out_dir, dry_run=False)
+    params.truth.eta_multipliers = []
+    with pytest.raises(ProbeError, match="eta_multipliers"):
+        truth.run(params, out_dir, dry_run=False)
+    assert json.loads((out_dir / "truth.json").read_text()) == {"previous": True}  # nothing half-written
