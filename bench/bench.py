@@ -58,6 +58,7 @@ from stages.estimators import entropy_coefficients  # noqa: E402
 from stages.params import EstimatorParams  # noqa: E402
 from stages.policy import entropy_from_logprobs, policy_logprobs  # noqa: E402
 from stages.sampling import generate_responses, neutral_generation_config  # noqa: E402
+from stages.tangents import grad_and_tangents  # noqa: E402
 from stages.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -289,6 +290,18 @@ def entropy_pass_forward_mode(model, params, layout, E: Batch, coefs, direction,
     return xbar, dH, dlogp
 
 
+def entropy_pass_gradient_only(model, params, layout, E: Batch, coefs, max_tokens: int) -> torch.Tensor:
+    """`entropy_pass` without tangents (direction None): X̄ alone — what δH₁ needs without SE_E."""
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).float(), (coefs.c * w).float()
+    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
+    for rows in E.slices(max_tokens):
+        stats = E.score(model, rows)
+        grads, _ = grad_and_tangents([stats.entropies, stats.logprobs], [a[rows], c[rows]], params, None)
+        xbar += torch.cat([x.reshape(-1).float() for x in grads])
+    return xbar
+
+
 def logprob_tangents_forward_mode(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
     """Same output as `logprob_tangents`: one no-grad forward with dual numbers, no backward at all."""
     dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
@@ -478,7 +491,7 @@ def main(argv=None) -> dict:
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
         "delta_h1": run_delta_h1,
         "e_pass_with_tangents": lambda: entropy_pass(model, params, layout, E, coefs, direction, max_tokens),
-        "e_pass_gradient_only": lambda: entropy_pass(model, params, layout, E, coefs, None, max_tokens),
+        "e_pass_gradient_only": lambda: entropy_pass_gradient_only(model, params, layout, E, coefs, max_tokens),
         "u_tangents": lambda: logprob_tangents(model, params, U, direction, max_tokens),
         "plain_fwd_bwd_E": lambda: plain_forward_backward(model, [E], max_tokens),
         "plain_fwd_bwd_U": lambda: plain_forward_backward(model, [U], max_tokens),

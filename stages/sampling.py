@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from . import artifacts
+from . import artifacts, distributed
 from .errors import ProbeError
 from .policy import distribution_features, entropy_from_logprobs, policy_logprobs
 
@@ -250,6 +250,35 @@ def generate_responses(
     top1_prob, margin. Batch b is seeded from (seed, batch_offset + b) alone, so a batch's samples
     do not depend on which process or in which order it runs.
     """
+    batches = generate_batches(
+        model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed, stop=stop, progress=progress, batch_offset=batch_offset,
+    )  # fmt: skip
+    return place_batches(batches, special_ids(tokenizer)[1])
+
+
+@torch.no_grad()
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    stop: str | None = None,
+    progress: bool = True,
+    batch_offset: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """The generate batches of `generate_responses` before they are put into one layout (CPU tensors).
+
+    Each holds prompt_ids/prompt_mask [n, P_b] (left-padded to the batch's longest prompt), generated
+    [n, S_b], response_lens, truncated [n] and the per-step statistics [n, S_b]. Batches from several
+    processes can be concatenated in batch order and placed by `place_batches`, which needs the P and R
+    of *all* of them.
+    """
     if model.training:
         raise ValueError("generate_responses needs the model in eval mode (dropout off)")
     if not prompts:
@@ -303,6 +332,11 @@ def generate_responses(
                 **{k: v.cpu() for k, v in stats.items()},
             }
         )
+    return batches
+
+
+def place_batches(batches: list[dict[str, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
+    """Concatenate generate batches into the artifact layout: P = longest prompt, R = longest response of all."""
     P = max(x["prompt_ids"].shape[1] for x in batches)
     R = max(int(x["response_lens"].max()) for x in batches)
     placed = [_place_batch(x, P, R, pad) for x in batches]
@@ -469,18 +503,21 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
     stage = "sample-e" if kind == "samples_e" else "sample-u"
     batch, gen = params.batch_config, params.generation
     prompt_set = task.load_prompts(batch)
-    rows, G, seed = _plan(params, kind, len(prompt_set))
+    # rank 0 makes the index plan and every rank uses its copy (under torchrun; else just the plan)
+    rows, G, seed = distributed.on_rank0(lambda: _plan(params, kind, len(prompt_set)))
     n_prompts = len(rows) // G
     n_distinct = int(rows.unique().numel())
     n_batches = math.ceil(len(rows) / gen.gen_batch_size)
     replacement = "with replacement" if kind == "samples_e" else "without replacement"
+    world = distributed.world_size()
     if dry_run:
-        print(
-            f"{stage} plan: {n_prompts} prompts {replacement} from '{prompt_set.name}' ({len(prompt_set)} records), "
-            f"G={G}, {len(rows)} sequences ({n_distinct} distinct prompts), "
-            f"{n_batches} generate batches of <= {gen.gen_batch_size}, max_new_tokens={gen.max_new_tokens}, "
-            f"seed={seed}, output {out_dir}"
-        )
+        if distributed.is_rank0():
+            print(
+                f"{stage} plan: {n_prompts} prompts {replacement} from '{prompt_set.name}' ({len(prompt_set)} records), "
+                f"G={G}, {len(rows)} sequences ({n_distinct} distinct prompts), "
+                f"{n_batches} generate batches of <= {gen.gen_batch_size}, max_new_tokens={gen.max_new_tokens}, "
+                f"seed={seed}, {world} process{'es' if world > 1 else ''}, output {out_dir}"
+            )
         return
 
     from . import checkpoint
@@ -497,87 +534,98 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
     model = checkpoint.load_policy_model(sampler, paths).eval()
     tokenizer = checkpoint.load_tokenizer(paths)
     t_gen = time.perf_counter()
-    tensors = generate_responses(
-        model,
-        tokenizer,
-        [prompt_set.prompts[i] for i in rows.tolist()],
-        temperature=temperature,
-        top_p=gen.top_p,
-        max_new_tokens=gen.max_new_tokens,
-        batch_size=gen.gen_batch_size,
-        seed=seed,
-        stop=gen.stop,
-    )
+    prompts = [prompt_set.prompts[i] for i in rows.tolist()]
+    # each process generates a contiguous share of the generate batches, each batch seeded by its global
+    # index (batch_offset), so the union is exactly what one process would draw; rank 0 lays them out
+    share = distributed.row_slice(n_batches, distributed.rank(), world)
+    lo, hi = share.start * gen.gen_batch_size, min(share.stop * gen.gen_batch_size, len(prompts))
+
+    def my_batches() -> list[dict[str, torch.Tensor]]:
+        if hi <= lo:
+            return []
+        return generate_batches(
+            model, tokenizer, prompts[lo:hi], temperature=temperature, top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens, batch_size=gen.gen_batch_size, seed=seed, stop=gen.stop,
+            progress=distributed.is_rank0(), batch_offset=share.start,
+        )  # fmt: skip
+
+    if world > 1:
+        log.info("%s: rank %d generates batches %d..%d of %d", stage, distributed.rank(), share.start,
+                 share.stop - 1, n_batches)  # fmt: skip
+    gathered = distributed.gather_results_to_rank0(my_batches)
     gen_seconds = time.perf_counter() - t_gen
-    tensors["prompt_index"] = rows
+    def finish() -> None:  # rank 0 only: one layout with the global P and R, rewards, metadata, the write
+        tensors = place_batches([b for part in gathered for b in part], special_ids(tokenizer)[1])
+        tensors["prompt_index"] = rows
+        reward_info, advantage_info, mean_reward, frac_equal = None, None, None, None
+        if kind == "samples_u":
+            from .update import group_advantages
 
-    reward_info, advantage_info, mean_reward, frac_equal = None, None, None, None
-    if kind == "samples_u":
-        from .update import group_advantages
+            reward_fn = task.get_reward_fn(batch.reward_fn)
+            responses = decode_responses(tokenizer, tensors)
+            answers = [prompt_set.answers[i] for i in rows.tolist()]
+            rewards = torch.tensor(task.score_responses(reward_fn, responses, answers), dtype=torch.float32)
+            scale, s_source = resolve_scale(params.advantage.scale, trainer)
+            log.info("%s: advantage scale=%s from %s, eps=%g", stage, scale, s_source, params.advantage.eps)
+            grouped = rewards.view(n_prompts, G)
+            advantages = group_advantages(grouped, scale, params.advantage.eps).reshape(-1).float()
+            tensors.update(rewards=rewards, advantages=advantages, group_index=torch.arange(n_prompts).repeat_interleave(G))
+            reward_info, advantage_info = batch.reward_fn, {"scale": scale, "eps": params.advantage.eps}
+            mean_reward, frac_equal = float(rewards.mean()), _fraction_all_equal(grouped)
 
-        reward_fn = task.get_reward_fn(batch.reward_fn)
-        responses = decode_responses(tokenizer, tensors)
-        answers = [prompt_set.answers[i] for i in rows.tolist()]
-        rewards = torch.tensor(task.score_responses(reward_fn, responses, answers), dtype=torch.float32)
-        scale, s_source = resolve_scale(params.advantage.scale, trainer)
-        log.info("%s: advantage scale=%s from %s, eps=%g", stage, scale, s_source, params.advantage.eps)
-        grouped = rewards.view(n_prompts, G)
-        advantages = group_advantages(grouped, scale, params.advantage.eps).reshape(-1).float()
-        tensors.update(rewards=rewards, advantages=advantages, group_index=torch.arange(n_prompts).repeat_interleave(G))
-        reward_info, advantage_info = batch.reward_fn, {"scale": scale, "eps": params.advantage.eps}
-        mean_reward, frac_equal = float(rewards.mean()), _fraction_all_equal(grouped)
+        lens = tensors["response_lens"].float()
+        meta = {
+            "schema_version": artifacts.SCHEMA_VERSION,
+            "kind": kind,
+            "checkpoint_fingerprint": fingerprint,
+            "checkpoint_path": sampler.path,
+            "generation": {
+                "temperature": temperature,
+                "temperature_source": t_source,
+                "top_p": gen.top_p,
+                "max_new_tokens": gen.max_new_tokens,
+                "stop": gen.stop,
+            },
+            "seed": seed,
+            "dataset": {
+                "name": prompt_set.name,
+                "split": prompt_set.split,
+                "fingerprint": prompt_set.fingerprint,
+                "size": len(prompt_set),
+            },
+            "reward_fn": reward_info,
+            "advantage": advantage_info,
+            "world_size": world,
+            "n_prompts": n_prompts,
+            "n_sequences": len(rows),
+            "n_distinct_prompts": n_distinct,
+            "with_replacement": kind == "samples_e",
+            "G": G,
+            "mean_reward": mean_reward,
+            "frac_all_equal_groups": frac_equal,
+            "mean_response_len": float(lens.mean()),
+            "frac_truncated": float(tensors["truncated"].float().mean()),
+        }
+        problem = check_samples(tensors, meta, kind)
+        if problem is not None:
+            raise RuntimeError(f"{stage} produced a malformed artifact: {problem}")  # a bug, not user input
+        with artifacts.staged_output_dir(out_dir) as tmp:
+            # the safetensors file holds no timings, so same seed + inputs ⇒ byte-identical file
+            artifacts.write_tensors(tmp / SAMPLES_FILE, tensors, kind, meta)
+            artifacts.write_json(
+                tmp / SAMPLES_JSON,
+                {**meta, "seconds": time.perf_counter() - t0, "generate_seconds": gen_seconds},
+            )
+        log.info(
+            "%s: %d prompts %s (%d distinct), G=%d, %d sequences; mean reward %s, all-equal groups %s, "
+            "mean response length %.2f, truncated %.1f%%; %.1fs generating -> %s",
+            stage, n_prompts, replacement, n_distinct, G, len(rows),
+            "n/a" if mean_reward is None else f"{mean_reward:.3f}",
+            "n/a" if frac_equal is None else f"{100 * frac_equal:.1f}%",
+            meta["mean_response_len"], 100 * meta["frac_truncated"], gen_seconds, out_dir,
+        )  # fmt: skip
 
-    lens = tensors["response_lens"].float()
-    meta = {
-        "schema_version": artifacts.SCHEMA_VERSION,
-        "kind": kind,
-        "checkpoint_fingerprint": fingerprint,
-        "checkpoint_path": sampler.path,
-        "generation": {
-            "temperature": temperature,
-            "temperature_source": t_source,
-            "top_p": gen.top_p,
-            "max_new_tokens": gen.max_new_tokens,
-            "stop": gen.stop,
-        },
-        "seed": seed,
-        "dataset": {
-            "name": prompt_set.name,
-            "split": prompt_set.split,
-            "fingerprint": prompt_set.fingerprint,
-            "size": len(prompt_set),
-        },
-        "reward_fn": reward_info,
-        "advantage": advantage_info,
-        "world_size": 1,
-        "n_prompts": n_prompts,
-        "n_sequences": len(rows),
-        "n_distinct_prompts": n_distinct,
-        "with_replacement": kind == "samples_e",
-        "G": G,
-        "mean_reward": mean_reward,
-        "frac_all_equal_groups": frac_equal,
-        "mean_response_len": float(lens.mean()),
-        "frac_truncated": float(tensors["truncated"].float().mean()),
-    }
-    problem = check_samples(tensors, meta, kind)
-    if problem is not None:
-        raise RuntimeError(f"{stage} produced a malformed artifact: {problem}")  # a bug, not user input
-    with artifacts.staged_output_dir(out_dir) as tmp:
-        # the safetensors file holds no timings, so same seed + inputs ⇒ byte-identical file
-        artifacts.write_tensors(tmp / SAMPLES_FILE, tensors, kind, meta)
-        artifacts.write_json(
-            tmp / SAMPLES_JSON,
-            {**meta, "seconds": time.perf_counter() - t0, "generate_seconds": gen_seconds},
-        )
-    log.info(
-        "%s: %d prompts %s (%d distinct), G=%d, %d sequences; mean reward %s, all-equal groups %s, "
-        "mean response length %.2f, truncated %.1f%%; %.1fs generating -> %s",
-        stage, n_prompts, replacement, n_distinct, G, len(rows),
-        "n/a" if mean_reward is None else f"{mean_reward:.3f}",
-        "n/a" if frac_equal is None else f"{100 * frac_equal:.1f}%",
-        meta["mean_response_len"], 100 * meta["frac_truncated"], gen_seconds, out_dir,
-    )  # fmt: skip
+    distributed.on_rank0(finish)
 
 
 def run_sample_e(params, out_dir: str | Path, dry_run: bool = False) -> None:

@@ -1,7 +1,7 @@
 """The `truth` stage: ground-truth ΔH(η) = H(θ + (η/lr)·Δθ) − H(θ) on a grid of step sizes (SPEC §3).
 
-δH₁ = ∇H·Δθ predicts ΔH(η) ≈ (η/lr)·δH₁ for small η. This stage applies θ' = θ + m·Δθ (η = m·lr, Δθ
-from delta-h1's bars.safetensors, which already includes lr) in place, re-measures the entropy, and
+δH₁ = ∇H·Δθ predicts ΔH(η) ≈ (η/lr)·δH₁ for small η. This stage applies θ' = θ + m·Δθ
+(η = m·lr, Δθ from delta-h1's bars.safetensors, which already includes lr) in place, re-measures the entropy, and
 restores θ bit-exactly (`exact.perturbed`; a checksum over the touched parameters is compared before
 and after). ΔH is estimated two ways, for every entropy target:
 
@@ -90,7 +90,10 @@ def _weights(logw: Tensor) -> Tensor:
 
 
 def ratio_estimate(logw: Tensor, a: Tensor, b: Tensor) -> tuple[float, Tensor]:
-    """R = Σ w a / Σ w b and its influence values ψ_i = w_i (a_i − R b_i) / mean(w b) (mean ψ = 0, SE = std ψ/√N)."""
+    """R = Σ w a / Σ w b and its influence values ψ_i = w_i (a_i − R b_i) / mean(w b).
+
+    mean(ψ) = 0 and SE(R) = std(ψ)/√N (delta method for a ratio of means).
+    """
     w = _weights(logw.double())
     a, b = a.double(), b.double()
     wb = w * b
@@ -170,7 +173,9 @@ def teacher_forced_stats(
             model, ids[rows].to(device), attn[rows].to(device), n_prompt_cols, m, temperature, top_p, with_grad=False
         )
         if not torch.isfinite(st.entropies).all():
-            raise ProbeError("the model produced non-finite entropies on the E samples", "check the checkpoint for NaN weights")
+            raise ProbeError(
+                "the model produced non-finite entropies on the E samples", "check the checkpoint for NaN weights"
+            )
         logprob[rows] = st.logprobs.double().sum(-1).cpu()
         entropy[rows] = st.entropies.double().sum(-1).cpu()
         diff = (st.logprobs.float() - behaviour[rows].to(device)).abs()[m]
@@ -240,7 +245,9 @@ def _check_delta(model, delta_theta: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, d in delta_theta.items():
         if name not in params:
-            raise ProbeError(f"Δθ names parameter '{name}', which the model lacks", "rerun delta-h1 for this checkpoint")
+            raise ProbeError(
+                f"Δθ names parameter '{name}', which the model lacks", "rerun delta-h1 for this checkpoint"
+            )
         if tuple(d.shape) != tuple(params[name].shape):
             raise ProbeError(
                 f"Δθ for '{name}' has shape {tuple(d.shape)}, the parameter {tuple(params[name].shape)}",
@@ -361,7 +368,9 @@ def _generation(meta: dict) -> tuple[float, float, int, str | None]:
 def _multipliers(values: Sequence[float]) -> list[float]:
     ms = [float(m) for m in values]
     if not ms or not all(math.isfinite(m) for m in ms):
-        raise ProbeError(f"truth.eta_multipliers = {list(values)} is empty or not finite", "give finite numbers, e.g. [0.5, 1, 2]")
+        raise ProbeError(
+            f"truth.eta_multipliers = {list(values)} is empty or not finite", "give finite numbers, e.g. [0.5, 1, 2]"
+        )
     return ms
 
 
@@ -480,8 +489,14 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
             "truth: the E log-probs differ from teacher forcing by up to %.2g although this checkpoint drew them",
             result["max_abs_logp_diff"],
         )
-    if result["ess_theta"] < 0.3 * n:
-        log.warning("truth: ESS of the E samples at θ is %.1f of %d — SNIS is unreliable", result["ess_theta"], n)
+    floor = params.reuse.min_ess_fraction
+    if result["ess_theta"] < floor * n:
+        log.warning("truth: ESS of the E samples at θ is %.1f of %d (< reuse.min_ess_fraction = %g): "
+                    "SNIS is unreliable", result["ess_theta"], n, floor)  # fmt: skip
+    for e in result["etas"]:
+        if e["ess"] < floor * n:
+            log.warning("truth: at η = %g·lr the SNIS ESS is %.1f of %d (< reuse.min_ess_fraction = %g): "
+                        "trust (b) there", e["multiplier"], e["ess"], n, floor)  # fmt: skip
 
     dh1, se_dh1 = float(report["delta_h1"]), float(report["se_delta_h1"])
     per_target = report.get("targets") or {}
@@ -493,7 +508,8 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
             "multiplier": m,
             "eta": m * lr,
             "delta_h1_pred": pred,
-            "snis": {"delta_h": snis["delta_h"], "se": _finite(snis["se"]), "ess": e["ess"], "ess_fraction": e["ess"] / n},
+            "snis": {"delta_h": snis["delta_h"], "se": _finite(snis["se"]),
+                     "ess": e["ess"], "ess_fraction": e["ess"] / n},
             "fresh": None if fr is None else {"delta_h": fr["delta_h"], "se": _finite(fr["se"])},
             "ratio_snis": _ratio(snis["delta_h"], pred),
             "ratio_fresh": None if fr is None else _ratio(fr["delta_h"], pred),

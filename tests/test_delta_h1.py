@@ -55,9 +55,9 @@ def sample_batch(model, tok, prompts: list[str], seed: int, top_p: float = 1.0) 
     return Batch.from_artifact(tensors, meta, CPU)
 
 
-def sample_u(model, tok, n_groups: int, G: int, seed: int) -> Batch:
+def sample_u(model, tok, n_groups: int, G: int, seed: int, top_p: float = 1.0) -> Batch:
     prompts = [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)]
-    U = sample_batch(model, tok, prompts, seed)
+    U = sample_batch(model, tok, prompts, seed, top_p)
     # a reward that is a function of the whole response and varies within groups: parity of the token sum
     rewards = ((U.input_ids[:, U.n_prompt_cols :] * U.mask).sum(-1) % 2).float()
     U.tensors["rewards"] = rewards
@@ -242,3 +242,21 @@ def test_standard_errors_match_spread_over_repeated_batches(model, tok):
         mean_se = sum(r[key] for r in runs) / len(runs)
         ratio = mean_se / values.std().item()
         assert 0.65 < ratio < 1.5, (key, ratio)
+
+
+def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
+    """Tokens outside the nucleus have log π = −inf; nothing may turn that into NaN, and δH₁ stays unbiased."""
+    top_p = 0.8
+    E = sample_batch(model, tok, PROMPTS * 64, seed=21, top_p=top_p)
+    U = sample_u(model, tok, n_groups=4, G=4, seed=22, top_p=top_p)
+    layout, state = adam_state(model)
+    r = compute_delta_h1(model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096)
+    assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "se_U", "entropy"))
+    assert torch.isfinite(r["xbar"]).all()
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    _, grads, _ = exact_gradients(
+        model, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE, top_p=top_p, max_sequences=100_000,
+    )  # fmt: skip
+    exact_value = directional(grads["token_mean"], layout.unflatten(r["delta_theta"]))
+    assert abs(r["delta_h1"] - exact_value) / r["se_E"] < 4

@@ -209,21 +209,23 @@ def test_snis_and_fresh_agree_with_exact(model, tok, delta, exact_curve):
             assert abs(a["delta_h"] - b["delta_h"]) < 4 * math.hypot(a["se"], b["se"])
 
 
-def test_snis_reweights_samples_drawn_by_another_checkpoint(model, tok, delta, exact_curve):
-    """E drawn under θ − Δθ: w(θ) from the stored behaviour log-probs makes SNIS agree with exact again."""
-    with exact.perturbed(model, delta, -1.0):
-        E = sample_e(model, tok, seed=4)
-    r = truth.estimate_truth(
-        model, E, delta, MULTIPLIERS, temperature=T, top_p=1.0, max_tokens=4096, behaviour_is_model=False
+def test_snis_reweights_samples_drawn_by_another_policy(model, tok, delta, exact_curve):
+    """E drawn by another policy (θ at temperature 2.5): the stored behaviour log-probs make SNIS agree
+    with exact again, while treating the samples as θ's own (w(θ) ≡ 1) misses H(θ) by many SEs."""
+    rows = PROMPTS * 512
+    E = generate_responses(
+        model, tok, rows, temperature=2.5, top_p=1.0, max_new_tokens=MAX_NEW, batch_size=2048, seed=4, progress=False
     )
-    assert 0.5 * len(ROWS) < r["ess_theta"] < 0.99 * len(ROWS)  # the weights at θ are not 1
-    assert r["max_abs_logp_diff"] > 1e-3
-    # unweighted, E would estimate H(θ − Δθ), which is far from H(θ) in units of the SE
-    unweighted = truth.target_estimates(torch.zeros(len(ROWS), dtype=torch.float64), truth.sampled_stats(E))
-    v, psi = unweighted["token_mean"]
-    assert abs(v - exact_curve["base"]["token_mean"]) > 6 * float(psi.std()) / math.sqrt(len(ROWS))
+    E["prompt_index"] = torch.arange(len(rows)) % len(PROMPTS)
+    kw = dict(temperature=T, top_p=1.0, max_tokens=8192)
+    r = truth.estimate_truth(model, E, delta, MULTIPLIERS, behaviour_is_model=False, **kw)
+    assert 0.3 * len(rows) < r["ess_theta"] < 0.9 * len(rows)  # the weights at θ are far from 1
+    assert r["max_abs_logp_diff"] > 1e-2
     assert all(e["fresh"] is None for e in r["etas"]) and r["entropy"]["fresh"] is None
     _assert_agrees_with_exact(r, exact_curve, ("snis",))
+    wrong = truth.estimate_truth(model, E, delta, [1.0], behaviour_is_model=True, **kw)
+    for t in exact.TARGETS:
+        assert abs(wrong["entropy"]["snis"][t] - exact_curve["base"][t]) > 5 * wrong["entropy_se"]["snis"][t], t
 
 
 def test_common_random_numbers_couple_the_fresh_samples(model, tok, delta):
@@ -327,7 +329,8 @@ def test_truth_stage_end_to_end(stage_setup, capsys):
             assert e["ratio_fresh"] == pytest.approx(e["fresh"]["delta_h"] / e["delta_h1_pred"])
     lin = out["linearity"]
     a, b = truth.quadratic_fit([0.0, 1.0, 2.0], [e["snis"]["delta_h"] for e in out["etas"]])
-    assert lin["delta_h1"] == -2e-3 and lin["slope_snis"] == pytest.approx(a) and lin["curvature_snis"] == pytest.approx(b)
+    assert lin["delta_h1"] == -2e-3
+    assert lin["slope_snis"] == pytest.approx(a) and lin["curvature_snis"] == pytest.approx(b)
     assert lin["slope_fresh"] is not None and lin["curvature_fresh"] is not None
     assert set(out["targets"]) == set(exact.TARGETS)
     tm = out["targets"]["token_mean"]

@@ -1,0 +1,136 @@
+"""Cached sample reuse: samples drawn by one checkpoint, δH₁ probed at another (importance-weighted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1, importance_weights, rescore
+from stages.exact import exact_gradients
+from stages.params import EstimatorParams
+
+from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
+from conftest import make_lora_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peaked_model(seed: int, lora_shift: float = 0.0):
+    """The test_delta_h1 model (peaked policy); `lora_shift` moves the adapter to make 'another checkpoint'."""
+    torch.manual_seed(0)
+    model = make_lora_model(seed=3, rank=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(lora_shift * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stages.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_same_checkpoint_weights_are_one_and_change_nothing(tok):
+    """Explicit uniform weights reproduce the unweighted computation (the plain path forms no weights)."""
+    model = peaked_model(0)
+    E = sample_batch(model, tok, PROMPTS * 8, seed=1)
+    U = sample_u(model, tok, n_groups=4, G=4, seed=2)
+    layout, state = adam_state(model)
+    spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+    plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
+    ones = compute_delta_h1(
+        model, E, U, layout, spec, EstimatorParams(), 4096, torch.full((len(E),), 1 / len(E)), torch.ones(len(U))
+    )
+    for key in ("delta_h1", "se_E", "se_U", "entropy"):
+        assert ones[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-15), key
+    # and re-scoring under the sampler itself gives log-ratios ~0, i.e. ESS = N
+    log_ratio = rescore(model, E, 4096)
+    assert log_ratio.abs().max() < 1e-4
+    assert importance_weights(log_ratio)[1] == pytest.approx(len(E), rel=1e-6)
+
+
+def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
+    """Samples from checkpoint A, probed at B: the weighted δH₁ agrees with B's exact ∇H·Δθ (z-test)."""
+    sampler, probed = peaked_model(0), peaked_model(7, lora_shift=0.008)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    _, grads, _ = exact_gradients(
+        probed, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE, top_p=1.0, max_sequences=100_000,
+    )  # fmt: skip
+    layout, state = adam_state(probed)
+    zs, fractions = [], []
+    for seed in range(3):
+        E = sample_batch(sampler, tok, PROMPTS * 64, seed=40 + seed)
+        U = sample_u(sampler, tok, n_groups=8, G=4, seed=50 + seed)
+        w_e, ess_e = importance_weights(rescore(probed, E, 4096))
+        w_u, _ = importance_weights(rescore(probed, U, 4096))
+        fractions.append(ess_e / len(E))
+        r = compute_delta_h1(
+            probed, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096,
+            w_e.float(), (w_u * len(U)).float(),
+        )  # fmt: skip
+        for t, res in r["targets"].items():
+            zs.append((res["delta_h1"] - directional(grads[t], layout.unflatten(r["delta_theta"]))) / res["se_E"])
+    assert 0.2 < min(fractions) and max(fractions) < 0.999  # a real reweighting, not a trivial one
+    assert max(abs(z) for z in zs) < 4, zs
+
+
+def _git_files(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+
+
+@pytest.mark.slow
+def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
+    """dvc in a temp copy of the repo: after a run, adding a probed checkpoint re-runs no sampling stage,
+    and a far-away checkpoint is refused for low ESS unless forced."""
+    if shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists():
+        pytest.skip("dvc not installed")
+    _git_files(tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["demo"].update(warmup_steps=30, rl_steps=6, save_steps=2)
+    params["checkpoint"]["path"] = "data/demo/run/checkpoint-2"
+    params["probe"]["checkpoints"] = {"step2": "data/demo/run/checkpoint-2"}
+    params["batch_config"].update(B_E=32, B_U=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+    def dvc(*args: str) -> str:
+        out = subprocess.run(["dvc", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    first = dvc("repro", "delta-h1@step2")
+    assert "Running stage 'sample-e'" in first and "Running stage 'delta-h1@step2'" in first
+    params["probe"]["checkpoints"]["step4"] = "data/demo/run/checkpoint-4"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = dvc("repro", "delta-h1@step2", "delta-h1@step4")
+    assert "Running stage 'verify@step4'" in second and "Running stage 'delta-h1@step4'" in second
+    for stage in ("demo", "sample-e", "sample-u", "verify@step2", "delta-h1@step2"):
+        assert f"Running stage '{stage}'" not in second, (stage, second)
+    reuse = yaml.safe_load((tmp_path / "data/probe/step4/delta_h1/delta_h1.json").read_text())["reuse"]
+    assert reuse["weighted"] and 0 < reuse["ess_fraction_E"] < 1
+
+    # the same probe with a stricter ESS threshold is refused: one line, exit 2, nothing written
+    cmd = [str(Path(sys.executable).parent / "entropy-probe"), "delta-h1", "-S", "checkpoint.path=data/demo/run/checkpoint-4",
+           "-S", "paths.verify=data/probe/step4/verify", "-S", "reuse.min_ess_fraction=0.9999", "--out", "strict"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "ESS/N" in out.stderr and "reuse.force" in out.stderr
+    assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1
+    assert not (tmp_path / "strict").exists()
