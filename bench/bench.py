@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,7 +197,7 @@ def trainable(model, layout: FlatLayout) -> list[torch.Tensor]:
 def plain_forward_backward(model, batches: list[Batch], max_tokens: int) -> None:
     """A trainer's step on the same tokens: Σ_ij A_i·log π(y_ij) over the response, backward into .grad."""
     for B in batches:
-        adv = B.tensors["advantages"] if "advantages" in B.tensors else torch.ones(len(B), device=B.mask.device)
+        adv = B.tensors.get("advantages", torch.ones(len(B), device=B.mask.device))
         for rows in B.slices(max_tokens):
             ids, am = B.input_ids[rows], B.attention_mask[rows]
             position_ids = (am.cumsum(-1) - 1).clamp(min=0)
@@ -312,6 +311,68 @@ def logprob_tangents_forward_mode(model, params, U: Batch, direction, max_tokens
     return dlogp
 
 
+# ----------------------------------------------------------------------------- lean scoring (bench only)
+
+
+def lean_score(model, B: Batch, rows: slice, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp [n, R], H [n, R] or None) with graph: `teacher_force` minus what the delta-h1 passes never use.
+
+    Differences from teacher_force (same numbers): no top-1/margin features (a topk over [n, R, V];
+    delta-h1 reads those from the artifact), no entropy at all when the pass does not need it (the U
+    passes), no division by T = 1, and H = −Σ π log π without the isfinite/where guard when top_p = 1
+    (no −inf entries then) — each is a full pass over [n, R, V] forward and again backward.
+    """
+    ids, am = B.input_ids[rows], B.attention_mask[rows]
+    position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(B.n_prompt_cols - 1, ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep,
+                   use_cache=False).logits  # fmt: skip
+    if B.top_p < 1.0 or B.temperature != 1.0 or logits.dtype != torch.float32:
+        logp = policy_logprobs(logits, B.temperature, B.top_p)
+    else:
+        logp = torch.log_softmax(logits, dim=-1)
+    del logits
+    mask = B.mask[rows]
+    token_logp = torch.where(mask, logp.gather(-1, ids[:, B.n_prompt_cols :].unsqueeze(-1)).squeeze(-1), 0.0)
+    if not entropy:
+        return token_logp, None
+    H = entropy_from_logprobs(logp) if B.top_p < 1.0 else -(logp.exp() * logp).sum(-1)
+    return token_logp, torch.where(mask, H, 0.0)
+
+
+def lean_policy_gradient(model, params, layout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """`policy_gradient` with `lean_score(entropy=False)`."""
+    g = torch.zeros(layout.numel, dtype=torch.float32, device=coef.device)
+    for rows in U.slices(max_tokens):
+        logp, _ = lean_score(model, U, rows, entropy=False)
+        grads, _ = grad_and_tangents([logp], [coef[rows]], params, None)
+        g += torch.cat([x.reshape(-1).float() for x in grads])
+    return g
+
+
+def lean_entropy_pass(model, params, layout, E: Batch, coefs, direction, max_tokens: int):
+    """`entropy_pass` with `lean_score(entropy=True)`."""
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).float(), (coefs.c * w).float()
+    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows in E.slices(max_tokens):
+        logp, H = lean_score(model, E, rows, entropy=True)
+        grads, (dH[rows], dlogp[rows]) = grad_and_tangents([H, logp], [a[rows], c[rows]], params, direction)
+        xbar += torch.cat([x.reshape(-1).float() for x in grads])
+    return xbar, dH, dlogp
+
+
+def lean_logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
+    """`logprob_tangents` with `lean_score(entropy=False)`."""
+    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
+    ones = U.mask.float()
+    for rows in U.slices(max_tokens):
+        logp, _ = lean_score(model, U, rows, entropy=False)
+        _, (dlogp[rows],) = grad_and_tangents([logp], [ones[rows]], params, direction)
+    return dlogp
+
+
 # ----------------------------------------------------------------------------- timing and memory
 
 
@@ -339,16 +400,48 @@ def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int:
+    """Return freed heap to the OS, reset the kernel's RSS high-water mark to the current RSS; return it (bytes).
+
+    Why not ru_maxrss: a child's ru_maxrss starts at its *parent's* peak (fork copies the page
+    counters and exec keeps the old mm's high-water mark in signal->maxrss), so below the parent's
+    peak nothing registers. VmHWM in /proc/self/status is this process's own, and writing 5 to
+    /proc/self/clear_refs resets it (Linux ≥ 4.0).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def peak_rss_above(baseline: int) -> int:
+    return _proc_status_kb("VmHWM") * 1024 - baseline
 
 
 def peak_memory_child(args) -> None:
-    """Subprocess entry (--measure-memory KIND): build everything, then the peak above the post-load baseline."""
+    """Subprocess entry (--measure-memory KIND): build everything, then the peak above the post-load baseline.
+
+    A one-row forward+backward first initialises the libraries (thread pools, kernel caches), so
+    the measurement sees the work's own tensors and graph only.
+    """
     cfg = json.loads(args.cfg_json)
     torch.set_num_threads(args.threads)
     model, tok, E, U, layout, spec = setup(cfg, args.device, DTYPES[args.dtype], args.qlora, batches=args.batches)
     est = EstimatorParams()
+    one = Batch(E.input_ids[:1], E.attention_mask[:1], E.mask[:1], E.n_prompt_cols, E.temperature, E.top_p, {})
+    plain_forward_backward(model, [one], cfg["max_tokens"])
     work = {
         "plain": lambda: plain_forward_backward(model, [E, U], cfg["max_tokens"]),
         "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, cfg["max_tokens"]),
@@ -359,12 +452,12 @@ def peak_memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         work()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak, how = torch.cuda.max_memory_allocated() - base, "torch.cuda.max_memory_allocated"
     else:
-        base = _maxrss_bytes()
+        base = reset_peak_rss()
         work()
-        peak = _maxrss_bytes() - base
-    print(json.dumps({"peak_bytes": peak, "baseline_bytes": base}))
+        peak, how = peak_rss_above(base), "VmHWM after clear_refs"
+    print(json.dumps({"peak_bytes": peak, "baseline_bytes": base, "method": how}))
 
 
 def peak_memory(kind: str, cfg: dict, args, batches_file: str) -> dict:

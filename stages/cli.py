@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 
+from . import distributed
 from .errors import ProbeError
 from .params import Params, load_params
 
@@ -34,6 +36,8 @@ STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
     "truth": ("stages.truth", lambda p: p.paths.truth, "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure."),
     "report": ("stages.report", lambda p: p.paths.report, "Tables and plots of dH1 +- SE, exact and truth across checkpoints."),
 }
+# stages that run under `torchrun --nproc_per_node=N` (the others are single-process only)
+DISTRIBUTED_STAGES = ("sample-e", "sample-u", "delta-h1")
 
 
 def _make_command(stage: str) -> None:
@@ -46,15 +50,28 @@ def _make_command(stage: str) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="output dir (default from params)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit"),
     ) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+        world = distributed.env_world_size()
+        rank = int(os.environ.get("RANK", "0"))
+        # under torchrun only rank 0 reports progress; every rank still reports warnings and errors
+        level = logging.INFO if rank == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
         try:
+            if world > 1 and stage not in DISTRIBUTED_STAGES:
+                raise ProbeError(
+                    f"stage {stage} does not run under torchrun (WORLD_SIZE={world})",
+                    f"run it as one process; only {', '.join(DISTRIBUTED_STAGES)} run multi-process",
+                )
             params = load_params(params_file, overrides or [])
+            if world > 1:  # one whole model per process: "auto" would spread each over all GPUs
+                params.checkpoint.device_map = distributed.resolve_device_map(params.checkpoint.device_map)
             out_dir = out if out is not None else Path(default_out(params))
             module = importlib.import_module(module_name)
             runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run
-            runner(params, out_dir, dry_run)
+            with distributed.process_group(params.checkpoint.device_map):
+                runner(params, out_dir, dry_run)
         except ProbeError as exc:
-            typer.echo(f"entropy-probe {stage}: error: {exc}", err=True)
+            where = f" (rank {rank})" if world > 1 else ""
+            typer.echo(f"entropy-probe {stage}{where}: error: {exc}", err=True)
             raise typer.Exit(code=2) from None
 
 

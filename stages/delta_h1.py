@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .errors import ProbeError
 from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
 from .params import Params
@@ -53,6 +53,9 @@ class Batch:
     temperature: float
     top_p: float
     tensors: dict = field(repr=False)  # everything else in the artifact (logprobs, entropies, rewards, …)
+    # under torchrun: this process's contiguous share of the rows; the passes visit only these rows and
+    # all-reduce their sums (`reduce`), so every process ends with the whole batch's results. None = all rows.
+    shard: slice | None = None
 
     @classmethod
     def from_artifact(cls, tensors: dict, meta: dict, device: torch.device) -> "Batch":
@@ -88,7 +91,16 @@ class Batch:
         )
 
     def slices(self, max_tokens: int) -> list[slice]:
-        return token_budget_slices(len(self), self.input_ids.shape[1], max_tokens)
+        """Token-budget microbatches (row ranges) over this process's rows (all rows unless sharded)."""
+        if self.shard is None:
+            return token_budget_slices(len(self), self.input_ids.shape[1], max_tokens)
+        start, stop, _ = self.shard.indices(len(self))
+        local = token_budget_slices(max(0, stop - start), self.input_ids.shape[1], max_tokens)
+        return [slice(start + s.start, start + s.stop) for s in local]
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: Σ over the processes that share this batch (identity unless sharded)."""
+        return tensor if self.shard is None else distributed.all_reduce_sum(tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Ten
         stats = U.score(model, rows)
         grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
         g += torch.cat([x.reshape(-1).float() for x in grads])
-    return g
+    return U.reduce(g)
 
 
 def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
@@ -117,7 +129,7 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
             [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
         )
         xbar += torch.cat([x.reshape(-1).float() for x in grads])
-    return xbar, dH, dlogp
+    return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 
 def logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
@@ -127,7 +139,7 @@ def logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> tor
     for rows in tqdm(U.slices(max_tokens), desc="U tangents", leave=False, disable=None):
         stats = U.score(model, rows)
         _, (dlogp[rows],) = grad_and_tangents([stats.logprobs], [ones[rows]], params, direction)
-    return dlogp
+    return U.reduce(dlogp)
 
 
 @torch.no_grad()
@@ -144,6 +156,8 @@ def rescore(model, batch: Batch, max_tokens: int) -> torch.Tensor:
         )  # fmt: skip
         for k in stats:
             stats[k][rows] = getattr(out, k).to(stats[k].dtype)
+    for k in stats:
+        batch.reduce(stats[k])
     log_ratio = (stats["logprobs"].double() - batch.tensors["logprobs"].double()).sum(-1)
     batch.tensors.update(stats)
     return log_ratio
@@ -384,6 +398,12 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     device = next(model.parameters()).device
     E = Batch.from_artifact(E_t, E_meta, device)
     U = Batch.from_artifact(U_t, U_meta, device)
+    world = distributed.world_size()
+    if world > 1:  # torchrun: every process scores its contiguous share of E and of U; sums are all-reduced
+        E.shard = distributed.row_slice(len(E), distributed.rank(), world)
+        U.shard = distributed.row_slice(len(U), distributed.rank(), world)
+        log.info("delta-h1: rank %d of %d: E rows %d..%d, U rows %d..%d", distributed.rank(), world,
+                 E.shard.start, E.shard.stop - 1, U.shard.start, U.shard.stop - 1)  # fmt: skip
     reuse, e_weights, u_weights = _reweight(model, E, U, E_meta, U_meta, report["fingerprint"], params)
 
     named = dict(model.named_parameters())
@@ -418,7 +438,13 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
                 "max_grad_norm": max_grad_norm},
         checkpoint_fingerprint=report["fingerprint"],
         reuse=reuse,
+        world_size=world,
     )
+    # every process holds the same results now; rank 0 writes them (an error there is raised on every rank)
+    distributed.on_rank0(lambda: _write_outputs(out_dir, summary, result, layout, params, E, U, tokenizer))
+
+
+def _write_outputs(out_dir: Path, summary: dict, result: dict, layout, params: Params, E: Batch, U: Batch, tokenizer) -> None:
     with artifacts.staged_output_dir(out_dir) as tmp:
         artifacts.write_tensors(
             tmp / "bars.safetensors",

@@ -554,9 +554,11 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
                  share.stop - 1, n_batches)  # fmt: skip
     gathered = distributed.gather_results_to_rank0(my_batches)
     gen_seconds = time.perf_counter() - t_gen
+
     def finish() -> None:  # rank 0 only: one layout with the global P and R, rewards, metadata, the write
         tensors = place_batches([b for part in gathered for b in part], special_ids(tokenizer)[1])
         tensors["prompt_index"] = rows
+
         reward_info, advantage_info, mean_reward, frac_equal = None, None, None, None
         if kind == "samples_u":
             from .update import group_advantages

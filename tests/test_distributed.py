@@ -1,0 +1,221 @@
+"""Multi-process runs (torchrun, gloo on CPU): the same artifacts and the same δH₁ as one process.
+
+The parity tests launch `python -m torch.distributed.run --nproc_per_node=2 -m stages.cli STAGE …` in a
+subprocess (OMP_NUM_THREADS=1, a free port, a timeout so a hang fails instead of blocking CI) and compare
+with the single-process stage run in this process on the same inputs: tensors, not bytes (the headers
+record world_size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
+
+from stages import artifacts, distributed  # noqa: E402
+from stages.delta_h1 import Batch  # noqa: E402
+from stages.params import validate_params  # noqa: E402
+from stages.policy import token_budget_slices  # noqa: E402
+from stages.sampling import load_samples  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 150  # a healthy 2-process run takes a few seconds; a hang must fail, not block CI
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 16])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_row_slices_partition_the_rows(n, world):
+    """Contiguous, in rank order, disjoint, covering range(n), sizes differing by at most one."""
+    parts = [distributed.row_slice(n, r, world) for r in range(world)]
+    assert [i for s in parts for i in range(n)[s]] == list(range(n))
+    sizes = [s.stop - s.start for s in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError):
+        distributed.row_slice(n, world, world)
+
+
+def test_helpers_are_the_identity_in_one_process():
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    x = torch.tensor([1.5, 2.5])
+    assert distributed.all_reduce_sum(x) is x and torch.equal(x, torch.tensor([1.5, 2.5]))
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.gather_objects_to_rank0(3) == [3]
+    assert distributed.on_rank0(lambda: 7) == 7
+    assert distributed.gather_results_to_rank0(lambda: 7) == [7]
+    with pytest.raises(KeyError):  # an error in one process is raised as is
+        distributed.on_rank0(lambda: {}["missing"])
+    with distributed.process_group("cpu"):  # WORLD_SIZE unset: no process group
+        assert not torch.distributed.is_initialized()
+
+
+def test_sharded_microbatches_cover_the_shard_only():
+    n, cols = 11, 6
+    batch = Batch(
+        input_ids=torch.zeros(n, cols, dtype=torch.long), attention_mask=torch.ones(n, cols, dtype=torch.long),
+        mask=torch.ones(n, 3, dtype=torch.bool), n_prompt_cols=3, temperature=1.0, top_p=1.0, tensors={},
+    )  # fmt: skip
+    assert batch.slices(20) == token_budget_slices(n, cols, 20)  # unsharded: unchanged
+    for world in (2, 3):
+        rows = []
+        for r in range(world):
+            batch.shard = distributed.row_slice(n, r, world)
+            got = batch.slices(20)
+            assert all(s.stop - s.start <= 3 for s in got)  # 20 // 6 rows per microbatch
+            rows += [i for s in got for i in range(s.start, s.stop)]
+        assert rows == list(range(n))
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """`entropy-probe ARGS` under torchrun with gloo on CPU; fails the test on a non-zero exit or a hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "stages.cli", *args]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun hung for {TIMEOUT_S}s: {' '.join(cmd)}\n{exc.stderr}")
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr[-4000:]}"
+    assert "terminate called" not in out.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny Trainer checkpoint, its verify report and 1-process sample artifacts; params as a YAML file."""
+    from stages import verify
+    from stages.sampling import run_sample_e, run_sample_u
+
+    root = tmp_path_factory.mktemp("ddp")
+    ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
+    tree = {
+        "paths": {k: str(root / "one" / k) for k in ("verify", "sample_e", "sample_u", "delta_h1")},
+        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
+        # 13 E rows in 3 generate batches and 4×4 U rows in 4: uneven shares for 2 processes
+        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 13, "B_U": 4, "G": 4},
+        "generation": {"max_new_tokens": 4, "gen_batch_size": 5},
+        "estimator": {"entropy": "token_mean", "baseline": "regression", "crossfit_folds": 3},
+        "compute": {"max_tokens_per_microbatch": 40},  # several microbatches per process
+    }
+    params = validate_params(tree)
+    verify.run(params, Path(params.paths.verify), dry_run=False)
+    run_sample_e(params, Path(params.paths.sample_e), False)
+    run_sample_u(params, Path(params.paths.sample_u), False)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tree))
+    return root, params, params_file
+
+
+def test_two_process_sampling_equals_one_process(pipeline):
+    root, params, params_file = pipeline
+    for stage, kind, key in (("sample-e", "samples_e", "sample_e"), ("sample-u", "samples_u", "sample_u")):
+        out = root / "two" / key
+        torchrun(2, stage, "--params", str(params_file), "--out", str(out))
+        two, meta2 = load_samples(out, kind)  # schema-checked: complete and consistent
+        one, meta1 = load_samples(getattr(params.paths, key), kind)
+        assert meta2["world_size"] == 2 and meta1["world_size"] == 1
+        assert {k: v for k, v in meta2.items() if k != "world_size"} == {k: v for k, v in meta1.items() if k != "world_size"}
+        assert two.keys() == one.keys()
+        for name in one:  # the same draws, the same layout (global P and R), the same rewards
+            assert torch.equal(two[name], one[name]), name
+        assert sorted(p.name for p in out.iterdir()) == ["samples.json", "samples.safetensors"]
+
+
+def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
+    bars, _ = artifacts.read_tensors(out / "bars.safetensors", "bars")
+    return json.loads((out / "delta_h1.json").read_text()), bars
+
+
+def _assert_same_delta_h1(two: Path, one: Path) -> dict:
+    (s2, bars2), (s1, bars1) = _delta_h1_outputs(two), _delta_h1_outputs(one)
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    keys = ["delta_h1", "se_delta_h1", "se_E", "se_U", "entropy", "delta_h1_momentum_part", "delta_h1_naive",
+            "delta_h1_gradient_part_linearised", "norm_xbar", "norm_g", "norm_delta_theta"]  # fmt: skip
+    for key in keys:
+        assert s2[key] == pytest.approx(s1[key], rel=1e-5, abs=1e-12), key
+    for target, values in s1["targets"].items():
+        for key, value in values.items():
+            assert s2["targets"][target][key] == pytest.approx(value, rel=1e-5, abs=1e-12), (target, key)
+    for key in ("B_E", "B_U", "G", "n_E_tokens", "n_U_tokens"):
+        assert s2[key] == s1[key], key
+    for key, value in s1["reuse"].items():
+        assert s2["reuse"][key] == (value if key in ("weighted", "sampler_fingerprint") else pytest.approx(value, rel=1e-5))
+    assert bars2.keys() == bars1.keys()
+    for name in bars1:
+        torch.testing.assert_close(bars2[name], bars1[name], rtol=1e-5, atol=1e-9)
+    rows2 = (two / "attributions.csv").read_text().splitlines()
+    rows1 = (one / "attributions.csv").read_text().splitlines()
+    assert len(rows2) == len(rows1) == 1 + 4 + 13  # header, U groups, E sequences
+    return s2
+
+
+def test_two_process_delta_h1_equals_one_process(pipeline):
+    from stages import delta_h1
+
+    root, params, params_file = pipeline
+    delta_h1.run(params, Path(params.paths.delta_h1), dry_run=False)
+    two = root / "two" / "delta_h1"
+    torchrun(2, "delta-h1", "--params", str(params_file), "--out", str(two))
+    s2 = _assert_same_delta_h1(two, Path(params.paths.delta_h1))
+    assert s2["reuse"]["weighted"] is False
+
+
+def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
+    """Samples recorded as drawn by another checkpoint: the sharded re-scoring pass and the weighted path."""
+    from stages import delta_h1
+
+    root, params, params_file = pipeline
+    overrides = []
+    for key, kind in (("sample_e", "samples_e"), ("sample_u", "samples_u")):
+        tensors, meta = artifacts.read_tensors(Path(getattr(params.paths, key)) / "samples.safetensors", kind)
+        foreign = root / "foreign" / key
+        foreign.mkdir(parents=True)
+        artifacts.write_tensors(foreign / "samples.safetensors", tensors, kind, {**meta, "checkpoint_fingerprint": "other"})
+        overrides += ["-S", f"paths.{key}={foreign}"]
+    one = root / "one" / "delta_h1_foreign"
+    p1 = params.model_copy(deep=True)
+    p1.paths.sample_e, p1.paths.sample_u = str(root / "foreign" / "sample_e"), str(root / "foreign" / "sample_u")
+    delta_h1.run(p1, one, dry_run=False)
+    two = root / "two" / "delta_h1_foreign"
+    torchrun(2, "delta-h1", "--params", str(params_file), *overrides, "--out", str(two))
+    s2 = _assert_same_delta_h1(two, one)
+    assert s2["reuse"]["weighted"] is True and s2["reuse"]["ess_fraction_E"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_single_process_stages_are_refused_under_torchrun(pipeline, tmp_path, monkeypatch):
+    """verify (and the other one-process stages) exits 2 with one line under WORLD_SIZE > 1, writing nothing."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    _, _, params_file = pipeline
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["verify", "--params", str(params_file), "--out", str(tmp_path / "v")])
+    assert result.exit_code == 2
+    assert "does not run under torchrun (WORLD_SIZE=2)" in result.output and "(rank 1)" in result.output
+    assert not (tmp_path / "v").exists() and not torch.distributed.is_initialized()
