@@ -227,12 +227,47 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
 # ----------------------------------------------------------------------------- forward-mode alternatives (bench only)
 
 
-def _dual_stats(model, params, direction, B: Batch, rows: slice):
-    """One forward with θ + ε·v as dual numbers: (entropies, logprobs) [n, R] with graph, and their tangents.
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for a frozen W, with an explicit forward-mode rule dy = dx Wᵀ.
 
-    The LoRA parameters are replaced by dual tensors (make_dual is differentiable in its primal, so a
-    backward through the primal outputs still reaches .grad-able leaves).
+    torch's own forward-AD rule for linear/mm is dx Wᵀ + x dWᵀ and materialises dW = 0 for a weight
+    without tangent, so every frozen matmul runs three times instead of two (seen in the profile).
     """
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.weight, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias):
+        return dx @ ctx.weight.T
+
+
+class frozen_linears:
+    """Context: every frozen nn.Linear of `model` runs through `_FrozenLinear` (not for 4-bit layers)."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+
+    def __enter__(self):
+        for m in self.modules:
+            m.forward = (lambda mod: lambda x: _FrozenLinear.apply(x, mod.weight, mod.bias))(m)
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            del m.forward
+
+
+def _dual_logits(model, params, direction, B: Batch, rows: slice):
+    """One forward with θ + ε·v as dual numbers: (logits with graph, their tangent along v)."""
     from torch.func import functional_call
 
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -240,37 +275,38 @@ def _dual_stats(model, params, direction, B: Batch, rows: slice):
     ids, am = B.input_ids[rows], B.attention_mask[rows]
     position_ids = (am.cumsum(-1) - 1).clamp(min=0)
     keep = torch.arange(B.n_prompt_cols - 1, ids.shape[1] - 1, device=ids.device)
-    with fwAD.dual_level():
+    with fwAD.dual_level(), frozen_linears(model):
         duals = {n: fwAD.make_dual(p, v) for n, p, v in zip(names, params, direction)}
-        logits = functional_call(
-            model, duals, args=(),
-            kwargs=dict(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep, use_cache=False),
-            strict=False,
-        ).logits  # fmt: skip
+        kwargs = dict(input_ids=ids, attention_mask=am, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
+        logits = functional_call(model, duals, args=(), kwargs=kwargs, strict=False).logits
         primal, dlogits = fwAD.unpack_dual(logits)
-    return primal, dlogits
+    return primal, dlogits.detach()
 
 
-def _stats_and_tangents(logits, dlogits, B: Batch, rows: slice):
-    """(H, logp) of the primal logits with graph; (dH, dlogp) from the logit tangent, in closed form.
+def _stats_and_tangents(logits, dlogits, B: Batch, rows: slice, entropy: bool):
+    """(logp, H) of the primal logits with graph; (dlogp, dH) from the logit tangent in closed form.
 
     With z = logits / T (top-p set constant), π = softmax(z), dz = dlogits / T:
-      dlogp_y = dz_y − Σ_v π_v dz_v,     dH = −Σ_v π_v (log π_v + H) dlogp_v  (sums over the nucleus)
+      dlogp_v = dz_v − Σ_u π_u dz_u,     dH = −Σ_v π_v (log π_v + H) dlogp_v  (sums over the nucleus)
     """
     logp = policy_logprobs(logits, B.temperature, B.top_p)
     mask = B.mask[rows]
     targets = B.input_ids[rows, B.n_prompt_cols :].unsqueeze(-1)
     token_logp = torch.where(mask, logp.gather(-1, targets).squeeze(-1), 0.0)
-    H = torch.where(mask, entropy_from_logprobs(logp), 0.0)
+    H = torch.where(mask, entropy_from_logprobs(logp), 0.0) if entropy else None
     with torch.no_grad():
         lp = logp.detach()
         p = lp.exp()
-        dz = torch.where(torch.isfinite(lp), dlogits.float() / B.temperature, 0.0)
-        dlp = dz - (p * dz).sum(-1, keepdim=True)  # tangent of log π over the vocabulary
-        plogp = torch.where(torch.isfinite(lp), p * lp, 0.0)
-        dH = -((plogp + p * H.detach().unsqueeze(-1)) * dlp).sum(-1)
-        dlogp = dlp.gather(-1, targets).squeeze(-1)
-    return token_logp, H, torch.where(mask, dH, 0.0), torch.where(mask, dlogp, 0.0)
+        dz = dlogits.float() / B.temperature
+        if B.top_p < 1.0:
+            dz = torch.where(torch.isfinite(lp), dz, 0.0)
+        dlp = dz - (p * dz).sum(-1, keepdim=True)
+        dlogp = torch.where(mask, dlp.gather(-1, targets).squeeze(-1), 0.0)
+        dH = None
+        if entropy:
+            plogp = torch.where(torch.isfinite(lp), p * lp, 0.0) if B.top_p < 1.0 else p * lp
+            dH = torch.where(mask, -((plogp + p * H.detach().unsqueeze(-1)) * dlp).sum(-1), 0.0)
+    return token_logp, H, dlogp, dH
 
 
 def entropy_pass_forward_mode(model, params, layout, E: Batch, coefs, direction, max_tokens: int):
@@ -280,13 +316,22 @@ def entropy_pass_forward_mode(model, params, layout, E: Batch, coefs, direction,
     xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
     dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
     for rows in E.slices(max_tokens):
-        logits, dlogits = _dual_stats(model, params, direction, E, rows)
-        dlogits = dlogits.detach()
-        token_logp, H, dH[rows], dlogp[rows] = _stats_and_tangents(logits, dlogits, E, rows)
+        logits, dlogits = _dual_logits(model, params, direction, E, rows)
+        token_logp, H, dlogp[rows], dH[rows] = _stats_and_tangents(logits, dlogits, E, rows, entropy=True)
         del dlogits
         grads = torch.autograd.grad([H, token_logp], params, grad_outputs=[a[rows], c[rows]], allow_unused=True)
         xbar += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
     return xbar, dH, dlogp
+
+
+def logprob_tangents_forward_mode(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
+    """Same output as `logprob_tangents`: one no-grad forward with dual numbers, no backward at all."""
+    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
+    with torch.no_grad():
+        for rows in U.slices(max_tokens):
+            logits, dlogits = _dual_logits(model, params, direction, U, rows)
+            dlogp[rows] = _stats_and_tangents(logits, dlogits, U, rows, entropy=False)[2]
+    return dlogp
 
 
 def entropy_pass_gradient_only(model, params, layout, E: Batch, coefs, max_tokens: int) -> torch.Tensor:
@@ -299,16 +344,6 @@ def entropy_pass_gradient_only(model, params, layout, E: Batch, coefs, max_token
         grads, _ = grad_and_tangents([stats.entropies, stats.logprobs], [a[rows], c[rows]], params, None)
         xbar += torch.cat([x.reshape(-1).float() for x in grads])
     return xbar
-
-
-def logprob_tangents_forward_mode(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
-    """Same output as `logprob_tangents`: one no-grad forward with dual numbers, no backward at all."""
-    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
-    with torch.no_grad():
-        for rows in U.slices(max_tokens):
-            logits, dlogits = _dual_stats(model, params, direction, U, rows)
-            dlogp[rows] = _stats_and_tangents(logits, dlogits, U, rows)[3]
-    return dlogp
 
 
 # ----------------------------------------------------------------------------- lean scoring (bench only)
@@ -373,6 +408,95 @@ def lean_logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -
     return dlogp
 
 
+# ----------------------------------------------------------------------------- per-row directional derivatives by hooks (bench only)
+
+
+class RowDots:
+    """Per-row ⟨∇_θ Σ_t c_t y_t(row i), v⟩ for all rows in ONE ordinary backward, θ = LoRA weights.
+
+    Rows of a batch never interact (causal attention within a row only), so row i's gradient of a
+    Linear weight W (y = x Wᵀ) is G_i = Σ_{p in row i} δ_p x_pᵀ with δ_p = ∂L/∂y_p, and
+        ⟨G_i, V⟩ = Σ_p δ_p · (x_p Vᵀ)
+    needs only the layer input x (forward hook) and δ (hook on the output's gradient) — no per-row
+    gradient, no double backward, no forward-mode AD, and the frozen (even 4-bit) base is untouched.
+    Every trainable parameter must be the weight of an nn.Linear (LoRA A and B are).
+    """
+
+    def __init__(self, model, layout: FlatLayout, direction: list[torch.Tensor]):
+        modules = dict(model.named_modules())
+        self.handles, self.acc = [], None
+        for name, v in zip(layout.names, direction):
+            module = modules[name.removesuffix(".weight")]
+            if not (isinstance(module, torch.nn.Linear) and name.endswith(".weight")):
+                raise ValueError(f"RowDots handles Linear weights only, not {name}")
+            self.handles.append(module.register_forward_hook(self._forward_hook(v)))
+
+    def _forward_hook(self, v: torch.Tensor):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(delta):
+                dots = (delta * (x @ v.to(x.dtype).T)).flatten(1).sum(-1, dtype=torch.float32)  # [n]
+                self.acc = dots if self.acc is None else self.acc + dots
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def take(self) -> torch.Tensor:
+        out, self.acc = self.acc, None
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def row_dot_logprob_tangents(model, params, layout, U: Batch, coef: torch.Tensor, direction, max_tokens: int):
+    """Per U row: Σ_j coef_ij dlogp_ij along `direction` — all `pg_group_terms` needs from `logprob_tangents`."""
+    dots = RowDots(model, layout, direction)
+    out = torch.zeros(len(U), dtype=torch.float32, device=coef.device)
+    try:
+        for rows in U.slices(max_tokens):
+            logp, _ = lean_score(model, U, rows, entropy=False)
+            torch.autograd.grad([logp], params, grad_outputs=[coef[rows]], allow_unused=True)
+            out[rows] = dots.take()
+    finally:
+        dots.remove()
+    return out
+
+
+def row_dot_entropy_pass(model, params, layout, E: Batch, coefs, direction, max_tokens: int):
+    """(X̄, s_i, β) of the main target from one backward (X̄ and s) plus one more (β, token_mean only).
+
+    s_i = X_i·v = Σ_k a_ik dH_ik + c_ik dlogp_ik (`EntropyCoefs.scalars`), β = Σ_i w_i Σ_j len_c_ij dlogp_ij:
+    with these, `EntropyCoefs.influence` needs no per-token tangents. (The other targets' SEs would
+    each need their own backward.)
+    """
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).float(), (coefs.c * w).float()
+    len_c = None if coefs.len_c is None else (coefs.len_c * w).float()
+    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
+    s = torch.zeros(len(E), dtype=torch.float32, device=a.device)
+    beta = torch.zeros((), dtype=torch.float64, device=a.device)
+    dots = RowDots(model, layout, direction)
+    try:
+        for rows in E.slices(max_tokens):
+            logp, H = lean_score(model, E, rows, entropy=True)
+            grads = torch.autograd.grad([H, logp], params, grad_outputs=[a[rows], c[rows]], allow_unused=True,
+                                        retain_graph=len_c is not None)  # fmt: skip
+            xbar += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+            s[rows] = dots.take() / coefs.weights[rows].float()
+            if len_c is not None:
+                torch.autograd.grad([logp], params, grad_outputs=[len_c[rows]], allow_unused=True)
+                beta += dots.take().double().sum()
+    finally:
+        dots.remove()
+    return xbar, s, beta
+
+
 # ----------------------------------------------------------------------------- timing and memory
 
 
@@ -397,7 +521,12 @@ def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
+    _LAST_TIMES.clear()
+    _LAST_TIMES.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+_LAST_TIMES: dict[str, list[float]] = {}  # the raw times of the last median_times call
 
 
 def _proc_status_kb(field: str) -> int:
@@ -414,7 +543,9 @@ def reset_peak_rss() -> int:
     Why not ru_maxrss: a child's ru_maxrss starts at its *parent's* peak (fork copies the page
     counters and exec keeps the old mm's high-water mark in signal->maxrss), so below the parent's
     peak nothing registers. VmHWM in /proc/self/status is this process's own, and writing 5 to
-    /proc/self/clear_refs resets it (Linux ≥ 4.0).
+    /proc/self/clear_refs resets it (Linux ≥ 4.0). The child runs with MALLOC_MMAP_THRESHOLD_=65536
+    so freed tensors leave RSS (glibc's dynamic threshold keeps them in the heap: peaks then double
+    and wobble by ~5% between runs).
     """
     import ctypes
     import gc
@@ -440,11 +571,26 @@ def peak_memory_child(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok, E, U, layout, spec = setup(cfg, args.device, DTYPES[args.dtype], args.qlora, batches=args.batches)
     est = EstimatorParams()
+    mt = cfg["max_tokens"]
     one = Batch(E.input_ids[:1], E.attention_mask[:1], E.mask[:1], E.n_prompt_cols, E.temperature, E.top_p, {})
-    plain_forward_backward(model, [one], cfg["max_tokens"])
+    plain_forward_backward(model, [one], mt)
+    params = trainable(model, layout)
+    coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
+    delta = update_direction(spec.rule, policy_gradient(model, params, layout, U, coef, mt).double(), spec.state, spec.max_grad_norm)
+    d = [x.to(p.dtype) for x, p in zip(layout.unflatten(delta.float()).values(), params)]
+    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline)
     work = {
-        "plain": lambda: plain_forward_backward(model, [E, U], cfg["max_tokens"]),
-        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, cfg["max_tokens"]),
+        "plain": lambda: plain_forward_backward(model, [E, U], mt),
+        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, mt),
+        # the passes one by one (--memory-passes)
+        "u_gradient": lambda: policy_gradient(model, params, layout, U, coef, mt),
+        "e_pass": lambda: entropy_pass(model, params, layout, E, coefs, d, mt),
+        "e_pass_gradient_only": lambda: entropy_pass_gradient_only(model, params, layout, E, coefs, mt),
+        "u_tangents": lambda: logprob_tangents(model, params, U, d, mt),
+        "lean_e_pass": lambda: lean_entropy_pass(model, params, layout, E, coefs, d, mt),
+        "row_dot_e_pass": lambda: row_dot_entropy_pass(model, params, layout, E, coefs, d, mt),
+        "row_dot_u_tangents": lambda: row_dot_logprob_tangents(model, params, layout, U, coef, d, mt),
+        "fwd_mode_u_tangents": lambda: logprob_tangents_forward_mode(model, params, U, d, mt),
     }[args.measure_memory]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -465,7 +611,9 @@ def peak_memory(kind: str, cfg: dict, args, batches_file: str) -> dict:
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]  # fmt: skip
     if args.qlora:
         cmd.append("--qlora")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # every block ≥ 64 KiB mmapped and returned to the OS when freed: RSS follows live memory (see reset_peak_rss)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess {kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -489,29 +637,10 @@ def setup(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, batches: str 
     return model, tok, E, U, layout, spec
 
 
-def forward_mode_check(model, E, U, layout, spec, cfg) -> dict:
-    """Forward-mode tangent passes vs the product's double-backward ones: max relative differences."""
-    params = trainable(model, layout)
-    coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
-    g = policy_gradient(model, params, layout, U, coef, cfg["max_tokens"])
-    delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm).float()
-    direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta).values(), params)]
-    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target="token_mean", baseline="mean")
-    ref = entropy_pass(model, params, layout, E, coefs, direction, cfg["max_tokens"])
-    alt = entropy_pass_forward_mode(model, params, layout, E, coefs, direction, cfg["max_tokens"])
-    ref_u = logprob_tangents(model, params, U, direction, cfg["max_tokens"])
-    alt_u = logprob_tangents_forward_mode(model, params, U, direction, cfg["max_tokens"])
-
-    def rel(x, y):
-        return float((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30))
-
-    return {
-        "xbar": rel(alt[0], ref[0]),
-        "dH": rel(alt[1], ref[1]),
-        "dlogp_E": rel(alt[2], ref[2]),
-        "dlogp_U": rel(alt_u, ref_u),
-        "estimate": [coefs.estimate(*ref[1:])[0], coefs.estimate(*alt[1:])[0]],
-    }
+def max_rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x − y| / max |y| (0 when both are 0)."""
+    x, y = x.double(), y.double()
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-300))
 
 
 def main(argv=None) -> dict:
@@ -520,16 +649,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "bench/results/bench.json"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes); skips the forward-mode checks")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes); skips forward-mode AD")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for every measurement (1: least disturbed by other load on a shared machine)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (median)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a size, e.g. B_E=64")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one compute_delta_h1")
+    ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of one compute_delta_h1")
     # internal: one peak-memory measurement in a fresh process
-    ap.add_argument("--measure-memory", choices=["plain", "delta_h1"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-passes", action="store_true", help="also the peak memory of each pass and alternative")
+    ap.add_argument("--measure-memory", help=argparse.SUPPRESS)
     ap.add_argument("--cfg-json", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -551,17 +682,17 @@ def main(argv=None) -> dict:
     tok = build_tokenizer(cfg["vocab"])
     model = build_model(cfg, args.device, dtype, args.qlora)
     E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
+    U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+    outs: dict = {}
     sample_t = median_times(
         {
-            "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
-            "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
+            "generate_responses": lambda: outs.__setitem__("E_t", sample(model, tok, E_prompts, cfg, seed=11)),
+            "plain_generate": lambda: outs.__setitem__("steps", plain_generate(model, tok, E_prompts, cfg, seed=11)),
         },
         cfg["repeats"],
         args.device,
     )
-    plain_steps = plain_generate(model, tok, E_prompts, cfg, seed=11)
-    E_t = sample(model, tok, E_prompts, cfg, seed=11)
-    U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+    E_t = outs["E_t"]
     U_t = sample(model, tok, U_prompts, cfg, seed=12)
     E, U = to_batches(E_t, U_t, cfg, torch.device(args.device))
     layout, spec = adam_spec(model)
@@ -569,97 +700,132 @@ def main(argv=None) -> dict:
     est = EstimatorParams()
     max_tokens = cfg["max_tokens"]
 
-    # --- delta-h1 and its parts vs the plain forward+backward over the same E and U tokens
+    # --- delta-h1, its parts, and bench-only alternatives, all on the same E and U
     coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
     g = policy_gradient(model, params, layout, U, coef, max_tokens)
     delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm).float()
     direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta).values(), params)]
-    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline)
-    last: dict = {}
+    coefs = entropy_coefficients(
+        E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline,
+        features=torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).float(),
+    )  # fmt: skip
+    phases: dict[str, list[float]] = {}
 
     def run_delta_h1():
-        last["result"] = compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+        result = compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+        for k, v in result["timings"].items():
+            phases.setdefault(k, []).append(v)
+        return result
+
+    def keep(name, fn):  # every call stores its output, so the first (warm-up) call serves the equality checks
+        return lambda: outs.__setitem__(name, fn())
 
     fns = {
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
-        "delta_h1": run_delta_h1,
-        "e_pass_with_tangents": lambda: entropy_pass(model, params, layout, E, coefs, direction, max_tokens),
+        "delta_h1": keep("delta_h1", run_delta_h1),
+        "u_gradient": keep("u_gradient", lambda: policy_gradient(model, params, layout, U, coef, max_tokens)),
+        "e_pass": keep("e_pass", lambda: entropy_pass(model, params, layout, E, coefs, direction, max_tokens)),
         "e_pass_gradient_only": lambda: entropy_pass_gradient_only(model, params, layout, E, coefs, max_tokens),
-        "u_tangents": lambda: logprob_tangents(model, params, U, direction, max_tokens),
-        "plain_fwd_bwd_E": lambda: plain_forward_backward(model, [E], max_tokens),
-        "plain_fwd_bwd_U": lambda: plain_forward_backward(model, [U], max_tokens),
+        "u_tangents": keep("u_tangents", lambda: logprob_tangents(model, params, U, direction, max_tokens)),
+        "lean_u_gradient": keep("lean_u_gradient", lambda: lean_policy_gradient(model, params, layout, U, coef, max_tokens)),
+        "lean_e_pass": keep("lean_e_pass", lambda: lean_entropy_pass(model, params, layout, E, coefs, direction, max_tokens)),
+        "lean_u_tangents": keep("lean_u_tangents", lambda: lean_logprob_tangents(model, params, U, direction, max_tokens)),
+        "row_dot_u_tangents": keep(
+            "row_dot_u_tangents", lambda: row_dot_logprob_tangents(model, params, layout, U, coef, direction, max_tokens)
+        ),
+        "row_dot_e_pass": keep(
+            "row_dot_e_pass", lambda: row_dot_entropy_pass(model, params, layout, E, coefs, direction, max_tokens)
+        ),
     }
-    forward_mode = not args.qlora
+    forward_mode = not args.qlora  # forward-mode AD segfaults through bitsandbytes 4-bit layers (SPEC §3)
     if forward_mode:
-        fns["e_pass_forward_mode"] = lambda: entropy_pass_forward_mode(model, params, layout, E, coefs, direction, max_tokens)
-        fns["u_tangents_forward_mode"] = lambda: logprob_tangents_forward_mode(model, params, U, direction, max_tokens)
+        fns["fwd_mode_e_pass"] = keep(
+            "fwd_mode_e_pass", lambda: entropy_pass_forward_mode(model, params, layout, E, coefs, direction, max_tokens)
+        )
+        fns["fwd_mode_u_tangents"] = keep(
+            "fwd_mode_u_tangents", lambda: logprob_tangents_forward_mode(model, params, U, direction, max_tokens)
+        )
     t = median_times(fns, cfg["repeats"], args.device)
-    phase = {k: [] for k in last["result"]["timings"]}
-    for _ in range(max(1, cfg["repeats"] - 1)):  # the product's own per-phase timings, median of a few calls
-        run_delta_h1()
-        for k, v in last["result"]["timings"].items():
-            phase[k].append(v)
-    phases = {k: statistics.median(v) for k, v in phase.items()}
+    t_min = {k: min(v) for k, v in _LAST_TIMES.items()}
 
-    plain = t["plain_fwd_bwd"]
-    se_extra = (t["e_pass_with_tangents"] - t["e_pass_gradient_only"]) + t["u_tangents"]
-    ratios = {
-        "delta_h1": t["delta_h1"] / plain,
-        "se_extra": se_extra / plain,
-        "delta_h1_without_se": (t["delta_h1"] - se_extra) / plain,
-        "sample": sample_t["generate_responses"] / sample_t["plain_generate"],
-    }
-    alternatives = {}
-    if forward_mode:
-        alt_extra = (t["e_pass_forward_mode"] - t["e_pass_gradient_only"]) + t["u_tangents_forward_mode"]
-        alt_total = t["delta_h1"] - se_extra + alt_extra
-        alternatives = {
-            "forward_mode_tangents": {
-                "times_s": {"e_pass": t["e_pass_forward_mode"], "u_tangents": t["u_tangents_forward_mode"]},
-                "speedup_e_pass": t["e_pass_with_tangents"] / t["e_pass_forward_mode"],
-                "speedup_u_tangents": t["u_tangents"] / t["u_tangents_forward_mode"],
-                "se_extra_ratio": alt_extra / plain,
-                "delta_h1_ratio_estimated": alt_total / plain,
-                "max_rel_diff_vs_product": forward_mode_check(model, E, U, layout, spec, cfg),
-            }
+    def ratios_from(t: dict) -> dict:
+        plain = t["plain_fwd_bwd"]
+        se_extra = (t["e_pass"] - t["e_pass_gradient_only"]) + t["u_tangents"]
+        best_e = min(t["lean_e_pass"], t.get("fwd_mode_e_pass", float("inf")))
+        best_u = min(t["row_dot_u_tangents"], t["lean_u_tangents"], t.get("fwd_mode_u_tangents", float("inf")))
+        return {
+            "delta_h1": t["delta_h1"] / plain,
+            "se_extra": se_extra / plain,
+            "delta_h1_without_se": (t["u_gradient"] + t["e_pass_gradient_only"]) / plain,
+            "sample": sample_t["generate_responses"] / sample_t["plain_generate"],
+            # the three passes with the fastest bench-only variant of each (same numbers, checked below)
+            "delta_h1_with_alternatives": (t["lean_u_gradient"] + best_e + best_u) / plain,
+            "se_extra_with_alternatives": (best_e - t["e_pass_gradient_only"] + best_u) / plain,
         }
+
+    ratios = ratios_from(t)
+    ratios_min = ratios_from({**t_min, **{k: v for k, v in t.items() if k not in t_min}})
+
+    # equality of every alternative with the product's pass (max relative difference)
+    xbar, dH, dlogp = outs["e_pass"]
+    ref_u = outs["u_tangents"]
+    checks = {
+        "lean_u_gradient": max_rel_diff(outs["lean_u_gradient"], outs["u_gradient"]),
+        "lean_e_pass": max(max_rel_diff(x, y) for x, y in zip(outs["lean_e_pass"], outs["e_pass"])),
+        "lean_u_tangents": max_rel_diff(outs["lean_u_tangents"], ref_u),
+        "row_dot_u_tangents": max_rel_diff(outs["row_dot_u_tangents"], (coef * ref_u).sum(-1)),
+        "row_dot_e_pass": max(
+            max_rel_diff(outs["row_dot_e_pass"][0], xbar), max_rel_diff(outs["row_dot_e_pass"][1], coefs.scalars(dH, dlogp))
+        ),
+        "delta_h1_vs_own_passes": max_rel_diff(outs["delta_h1"]["xbar"], xbar),
+    }
+    if forward_mode:
+        checks["fwd_mode_e_pass"] = max(max_rel_diff(x, y) for x, y in zip(outs["fwd_mode_e_pass"], outs["e_pass"]))
+        checks["fwd_mode_u_tangents"] = max_rel_diff(outs["fwd_mode_u_tangents"], ref_u)
 
     memory = {}
     if not args.no_memory:
         with tempfile.TemporaryDirectory() as tmp:
             path = str(Path(tmp) / "batches.pt")
             torch.save((E_t, U_t), path)
-            memory = {k: peak_memory(k, cfg, args, path) for k in ("plain", "delta_h1")}
+            kinds = ["plain", "delta_h1"]
+            if args.memory_passes:
+                kinds += ["u_gradient", "e_pass", "e_pass_gradient_only", "u_tangents", "lean_e_pass", "row_dot_e_pass",
+                          "row_dot_u_tangents"] + ([] if args.qlora else ["fwd_mode_u_tangents"])  # fmt: skip
+            memory = {k: peak_memory(k, cfg, args, path) for k in kinds}
         ratios["memory"] = memory["delta_h1"]["peak_bytes"] / max(1, memory["plain"]["peak_bytes"])
 
+    out = Path(args.out)
     if args.profile:
-        profile(model, E, U, layout, spec, est, max_tokens, args.device)
+        profile_path = out.with_name(out.stem + "_profile.txt")
+        profile(model, E, U, layout, spec, est, max_tokens, args.device, profile_path)
 
     n_params = sum(p.numel() for p in model.parameters())
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "ratios_from_min_times": {k: round(v, 3) for k, v in ratios_min.items()},
         "targets": {"delta_h1": 1.2, "se_extra": 0.5, "sample": 1.05},
-        "times_s": {k: round(v, 4) for k, v in {**t, **sample_t, "se_extra": se_extra}.items()},
-        "delta_h1_phases_s": phases,
+        "times_s": {k: round(v, 4) for k, v in {**t, **sample_t}.items()},
+        "delta_h1_phases_s": {k: round(statistics.median(v), 4) for k, v in phases.items()},
+        "alternatives_max_rel_diff": checks,
         "memory": memory,
-        "alternatives": alternatives,
         "config": cfg,
         "tokens": {
-            "E_sequences": len(E), "U_sequences": len(U), "columns": E.input_ids.shape[1],
+            "E_sequences": len(E), "U_sequences": len(U), "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
             "E_response_tokens": int(E.mask.sum()), "U_response_tokens": int(U.mask.sum()),
-            "generate_steps": {"generate_responses": E_t["logprobs"].shape[1], "plain_generate": plain_steps},
+            "generate_steps": {"generate_responses": E_t["logprobs"].shape[1], "plain_generate": outs["steps"]},
         },  # fmt: skip
         "model": {"parameters": n_params, "trainable": layout.numel, "dtype": args.dtype, "qlora": args.qlora,
-                  "attn_implementation": "eager"},  # fmt: skip
+                  "hidden": cfg["hidden"], "layers": cfg["layers"], "vocab": cfg["vocab"], "attn_implementation": "eager"},  # fmt: skip
         "env": {
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "peft": __import__("peft").__version__, "python": platform.python_version(), "device": device_name(args.device),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },  # fmt: skip
         "wall_s": round(time.perf_counter() - wall, 1),
     }
     print_report(report)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
@@ -672,30 +838,36 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def profile(model, E, U, layout, spec, est, max_tokens: int, device: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+def profile(model, E, U, layout, spec, est, max_tokens: int, device: str, path: Path) -> None:
+    """torch.profiler table of one compute_delta_h1 call (ops by self time, then by input shape)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch_profile(activities=activities) as prof:
-        with record_function("compute_delta_h1"):
-            compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    text = prof.key_averages().table(sort_by=key, row_limit=30)
+    text += "\n" + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_shapes_column_width=80)
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 def print_report(report: dict) -> None:
-    r, tg = report["ratios"], report["targets"]
-    print(f"model {report['model']['parameters'] / 1e6:.1f}M params ({report['model']['trainable'] / 1e6:.2f}M "
-          f"trainable), {report['env']['device']}, {report['env']['threads']} threads, {report['model']['dtype']}")  # fmt: skip
-    for k in ("delta_h1", "se_extra", "delta_h1_without_se", "sample", "memory"):
-        if k in r:
-            print(f"  {k:22s} {r[k]:7.3f}" + (f"   (target ≤ {tg[k]})" if k in tg else ""))
-    print("  times (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["times_s"].items()))
+    r, rm, tg = report["ratios"], report["ratios_from_min_times"], report["targets"]
+    m = report["model"]
+    print(f"model {m['parameters'] / 1e6:.1f}M params ({m['trainable'] / 1e6:.2f}M trainable, hidden {m['hidden']}, "
+          f"{m['layers']} layers, vocab {m['vocab']}), {report['env']['device']}, {report['env']['threads']} threads, "
+          f"{m['dtype']}{' QLoRA' if m['qlora'] else ''}")  # fmt: skip
+    print(f"  {'ratio':28s} {'median':>7s} {'min':>7s}")
+    for k in r:
+        extra = f"   (target ≤ {tg[k]})" if k in tg else ""
+        print(f"  {k:28s} {r[k]:7.3f} {rm.get(k, float('nan')):7.3f}{extra}")
+    print("  times (s, median): " + ", ".join(f"{k} {v:.3f}" for k, v in report["times_s"].items()))
     print("  compute_delta_h1 phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["delta_h1_phases_s"].items()))
-    for name, alt in report["alternatives"].items():
-        print(f"  {name}: E pass ×{alt['speedup_e_pass']:.2f}, U tangents ×{alt['speedup_u_tangents']:.2f} faster; "
-              f"se_extra → {alt['se_extra_ratio']:.3f}, delta_h1 → {alt['delta_h1_ratio_estimated']:.3f}; "
-              f"max rel diff {alt['max_rel_diff_vs_product']}")  # fmt: skip
+    if report["memory"]:
+        print("  peak memory above baseline (MB): " + ", ".join(
+            f"{k} {v['peak_bytes'] / 2**20:.1f}" for k, v in report["memory"].items()))  # fmt: skip
+    print("  alternatives vs product, max rel diff: " + ", ".join(f"{k} {v:.1e}" for k, v in report["alternatives_max_rel_diff"].items()))
     print(f"  wall {report['wall_s']} s")
 
 
