@@ -8,6 +8,11 @@ Passes over the data (each in token-budget microbatches, SPEC §3):
      sums of those tangents (`EntropyCoefs.estimate`), so one pass serves all three targets.
   4. U, double-backward along u = (∂Δθ/∂g)ᵀ X̄: dlogp_U, giving per-prompt-group attributions and SE_U.
 No per-sample parameter-sized gradient is ever formed.
+
+Under torchrun (`stages.distributed`) every process loads the model and the whole (small) artifacts, runs
+each pass over its contiguous share of the rows (`Batch.shard`) and all-reduces the sums — g, X̄, the
+per-token tangents and the re-scored statistics — so every process ends with the one-process results
+(up to float32 summation order); the coefficients come from the full batch on every process; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -444,7 +449,10 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     distributed.on_rank0(lambda: _write_outputs(out_dir, summary, result, layout, params, E, U, tokenizer))
 
 
-def _write_outputs(out_dir: Path, summary: dict, result: dict, layout, params: Params, E: Batch, U: Batch, tokenizer) -> None:
+def _write_outputs(
+    out_dir: Path, summary: dict, result: dict, layout: FlatLayout, params: Params, E: Batch, U: Batch, tokenizer
+) -> None:
+    """delta_h1.json, bars.safetensors and attributions.csv, atomically; then the log summary."""
     with artifacts.staged_output_dir(out_dir) as tmp:
         artifacts.write_tensors(
             tmp / "bars.safetensors",

@@ -1,6 +1,7 @@
 """Multi-process runs under `torchrun` (torch.distributed): process group, rank helpers, collectives.
 
-    torchrun --nproc_per_node=N -m stages.cli sample-e|sample-u|delta-h1 ...   (or: torchrun ... $(which entropy-probe) ...)
+    torchrun --standalone --nproc_per_node=N --no-python entropy-probe sample-e|sample-u|delta-h1 ...
+    torchrun --standalone --nproc_per_node=N -m stages.cli sample-e|sample-u|delta-h1 ...      (the same)
 
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous address; `process_group` turns them
 into a process group (gloo on CPU, nccl with one GPU per process, picked by LOCAL_RANK). Every helper

@@ -14,6 +14,10 @@ the behaviour log-prob of the token actually drawn, the full-vocabulary entropy,
 probability and the top-1 − top-2 margin — so no second forward pass is needed, and memory stays
 O(batch · vocab) instead of O(batch · steps · vocab) (as `output_scores` would be).
 An optional stop string ends a response (not truncated) once the response text contains it.
+
+Under torchrun (`stages.distributed`) rank 0 makes the index plan and broadcasts it; each process generates
+a contiguous share of the generate batches, each seeded by its global batch index, and rank 0 lays the
+gathered batches out (global P and R) and writes one artifact — the same tensors as one process draws.
 """
 
 from __future__ import annotations
@@ -571,7 +575,8 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
             log.info("%s: advantage scale=%s from %s, eps=%g", stage, scale, s_source, params.advantage.eps)
             grouped = rewards.view(n_prompts, G)
             advantages = group_advantages(grouped, scale, params.advantage.eps).reshape(-1).float()
-            tensors.update(rewards=rewards, advantages=advantages, group_index=torch.arange(n_prompts).repeat_interleave(G))
+            group_index = torch.arange(n_prompts).repeat_interleave(G)
+            tensors.update(rewards=rewards, advantages=advantages, group_index=group_index)
             reward_info, advantage_info = batch.reward_fn, {"scale": scale, "eps": params.advantage.eps}
             mean_reward, frac_equal = float(rewards.mean()), _fraction_all_equal(grouped)
 

@@ -94,8 +94,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """`entropy-probe ARGS` under torchrun with gloo on CPU; fails the test on a non-zero exit or a hang."""
+def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`entropy-probe ARGS` under torchrun with gloo on CPU; fails the test on a hang, and unless ok=False
+    on a non-zero exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
@@ -105,8 +106,8 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun hung for {TIMEOUT_S}s: {' '.join(cmd)}\n{exc.stderr}")
-    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr[-4000:]}"
-    assert "terminate called" not in out.stderr
+    assert (out.returncode == 0) == ok, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr[-4000:]}"
+    assert "terminate called" not in out.stderr  # the gloo abort of a process group left alive at exit
     return out
 
 
@@ -214,6 +215,15 @@ def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
     torchrun(2, "delta-h1", "--params", str(params_file), *overrides, "--out", str(two))
     s2 = _assert_same_delta_h1(two, one)
     assert s2["reuse"]["weighted"] is True and s2["reuse"]["ess_fraction_E"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_an_error_in_rank0_work_fails_every_rank_cleanly(pipeline):
+    """The plan is made on rank 0 only; its ProbeError reaches every rank (no rank left in a collective)."""
+    root, _, params_file = pipeline
+    out = root / "two" / "too_many"
+    run = torchrun(2, "sample-u", "--params", str(params_file), "-S", "batch_config.B_U=1000", "--out", str(out), ok=False)
+    assert "1000 distinct prompts requested" in run.stderr and "(rank 0)" in run.stderr
+    assert not out.exists()
 
 
 def test_single_process_stages_are_refused_under_torchrun(pipeline, tmp_path, monkeypatch):
