@@ -4,22 +4,24 @@
 
 One run builds a random Qwen2 larger than the demo (eager attention) with a LoRA adapter, samples an E
 and a U batch with the product's own `generate_responses`, and measures, with the same thread count,
-one warm-up and the median of a few interleaved repeats:
+one warm-up and the median of a few interleaved rounds:
 
-    delta_h1_ratio   = t(compute_delta_h1 on E, U)                 / t(plain fwd+bwd over E and U)   target ≤ 1.2
-    se_extra_ratio   = [t(entropy_pass, direction) − t(entropy_pass, None)
-                        + t(logprob_tangents)]                     / t(plain fwd+bwd over E and U)   target ≤ 0.5
-    sample_ratio     = t(generate_responses)                       / t(plain model.generate)          target ≤ 1.05
-    memory_ratio     = peak(delta-h1) / peak(plain fwd+bwd), above the post-load baseline
-                       (CPU: ru_maxrss of a fresh subprocess each; CUDA: max_memory_allocated)
+    delta_h1   = t(compute_delta_h1 on E, U)                          / t(plain fwd+bwd over E and U)   ≤ 1.2
+    se_extra   = [t(entropy_pass with tangents) − t(without tangents)
+                  + t(logprob_tangents)]                              / t(plain fwd+bwd over E and U)   ≤ 0.5
+    sample     = t(generate_responses)                                / t(plain model.generate)         ≤ 1.05
+    memory     = peak(compute_delta_h1) / peak(plain fwd+bwd), above the post-load baseline, each in a
+                 fresh process (CPU: VmHWM after clear_refs; CUDA: max_memory_allocated)
 
 "plain fwd+bwd" is what a trainer's step costs on the same tokens: forward on the same padded
 input_ids (logits only for the response columns), log_softmax(logits / T), gather, masked sum, and
 `.backward()` into `.grad`, in the same token-budget microbatches.
 
-It also times bench-only forward-mode alternatives of the two tangent passes (`torch.autograd.forward_ad`
-dual numbers, eager attention, not QLoRA) and checks they give the same numbers; `--profile` adds a
-torch.profiler table of one compute_delta_h1 call.
+It also times bench-only alternatives of the passes and checks each against the product's pass:
+lean scoring (no unused vocabulary-wide statistics), per-row directional derivatives from one ordinary
+backward (`RowDots`, instead of the double backward), and forward-mode AD (`torch.autograd.forward_ad`
+dual numbers; eager attention, not QLoRA). `--profile` writes a torch.profiler table of one
+compute_delta_h1 call; `--memory-passes` measures the peak memory of every pass and alternative.
 """
 
 from __future__ import annotations
@@ -830,7 +832,11 @@ def main(argv=None) -> dict:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def profile(model, E, U, layout, spec, est, max_tokens: int, device: str, path: Path) -> None:
