@@ -17,6 +17,7 @@ per-token tangents and the re-scored statistics — so every process ends with t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -32,13 +33,13 @@ from .errors import ProbeError
 from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
 from .params import Params
 from .policy import teacher_force, token_budget_slices
-from .tangents import grad_and_tangents
+from .tangents import RowDirectional, grad_and_tangents
 from .update import (
     AdamState,
     FlatLayout,
     linearise,
     pg_coefficients,
-    pg_group_terms,
+    group_terms_from_rows,
     resolve_loss_agg_mode,
     update_direction,
     zero_gradient_part,
@@ -82,8 +83,8 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def score(self, model, rows: slice):
-        """Teacher-forced TokenStats (with graph) for a microbatch of rows."""
+    def score(self, model, rows: slice, entropies: bool = True):
+        """Teacher-forced TokenStats (with graph) for a microbatch of rows; features come from the artifact."""
         return teacher_force(
             model,
             self.input_ids[rows],
@@ -93,6 +94,8 @@ class Batch:
             self.temperature,
             self.top_p,
             with_grad=True,
+            entropies=entropies,
+            features=False,
         )
 
     def slices(self, max_tokens: int) -> list[slice]:
@@ -116,7 +119,7 @@ def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Ten
     """g = ∇_θ Σ_ij coef_ij logp_ij over U, as a flat float32 vector."""
     g = torch.zeros(layout.numel, dtype=torch.float32, device=coef.device)
     for rows in tqdm(U.slices(max_tokens), desc="U gradient", leave=False, disable=None):
-        stats = U.score(model, rows)
+        stats = U.score(model, rows, entropies=False)
         grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
         g += torch.cat([x.reshape(-1).float() for x in grads])
     return U.reduce(g)
@@ -137,14 +140,25 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
     return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 
-def logprob_tangents(model, params, U: Batch, direction, max_tokens: int) -> torch.Tensor:
-    """dlogp_ij = ∇logp_ij · direction for every U token, [N, R]."""
-    dlogp = torch.zeros(U.mask.shape, dtype=torch.float32, device=U.mask.device)
-    ones = U.mask.float()
-    for rows in tqdm(U.slices(max_tokens), desc="U tangents", leave=False, disable=None):
-        stats = U.score(model, rows)
-        _, (dlogp[rows],) = grad_and_tangents([stats.logprobs], [ones[rows]], params, direction)
-    return U.reduce(dlogp)
+def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, direction, max_tokens: int):
+    """row_i = Σ_j coef_ij ∇logp_ij · direction for every U row, [N] — all the U attributions need.
+
+    One ordinary backward per microbatch with `RowDirectional` hooks when every trainable parameter is a
+    Linear weight/bias (LoRA); otherwise per-token tangents by double backward, summed with coef.
+    """
+    rows_out = torch.zeros(len(U), dtype=torch.float32, device=coef.device)
+    row_dots = RowDirectional.supports(model, names)
+    hooks = RowDirectional(model, names, direction) if row_dots else contextlib.nullcontext()
+    with hooks:
+        for rows in tqdm(U.slices(max_tokens), desc="U tangents", leave=False, disable=None):
+            stats = U.score(model, rows, entropies=False)
+            if row_dots:
+                torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
+                rows_out[rows] = hooks.take()
+            else:
+                _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask[rows].float()], params, direction)
+                rows_out[rows] = (coef[rows] * dlogp).sum(-1)
+    return U.reduce(rows_out)
 
 
 @torch.no_grad()
@@ -252,9 +266,9 @@ def compute_delta_h1(
     u = linearise(spec.rule, g.double(), xbar.double(), spec.state, spec.max_grad_norm)
     timings["linearise"] = round(time.perf_counter() - start, 4)
     u_dir = [d.to(p.dtype) for d, p in zip(layout.unflatten(u.float()).values(), params)]
-    dlogp_u = timed("u_tangents", logprob_tangents, model, params, U, u_dir, max_tokens)
-    attribution, influence = pg_group_terms(
-        dlogp_u, advantages, U.mask, U.tensors["group_index"], spec.loss_agg_mode, spec.max_len, u_weights
+    row_terms = timed("u_tangents", u_row_terms, model, params, layout.names, U, pg_coef, u_dir, max_tokens)
+    attribution, influence = group_terms_from_rows(
+        row_terms, U.mask, U.tensors["group_index"], spec.loss_agg_mode, u_weights
     )
 
     delta_h1 = float((xbar.double() * delta_theta).sum())

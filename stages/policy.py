@@ -33,7 +33,9 @@ def policy_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
 
     log π = log_softmax(logits / T) restricted to the top-p set of that same tempered distribution.
     """
-    scaled = logits.float() / temperature if logits.dtype in (torch.float16, torch.bfloat16) else logits / temperature
+    scaled = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:  # (x / 1.0 == x; skipping it saves a [N, R, V] pass)
+        scaled = scaled / temperature
     if top_p < 1.0:
         scaled = scaled.masked_fill(~top_p_keep_mask(scaled, top_p), float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
@@ -58,9 +60,9 @@ class TokenStats:
     """
 
     logprobs: torch.Tensor
-    entropies: torch.Tensor
-    top1_prob: torch.Tensor
-    margin: torch.Tensor
+    entropies: torch.Tensor | None
+    top1_prob: torch.Tensor | None
+    margin: torch.Tensor | None
     mask: torch.Tensor
 
 
@@ -83,6 +85,8 @@ def teacher_force(
     temperature: float,
     top_p: float,
     with_grad: bool = False,
+    entropies: bool = True,
+    features: bool = True,
 ) -> TokenStats:
     """Score the response columns of `input_ids` [N, P+R] under π_θ in one forward pass.
 
@@ -90,6 +94,8 @@ def teacher_force(
     the R columns P−1 … P+R−2 only (`logits_to_keep`), never on the whole [N, P+R, V] block.
     Position ids = cumsum(attention_mask) − 1, clamped at 0 — the same as `generate` uses for
     non-padding positions, so teacher forcing reproduces the sampler's distribution.
+    `entropies=False` / `features=False` skip those vocabulary-wide reductions (the fields are None):
+    the policy-gradient passes need only the log-probs.
     """
     n_rows, n_cols = input_ids.shape
     n_resp = response_mask.shape[1]
@@ -112,16 +118,12 @@ def teacher_force(
         token_logp = logp.gather(-1, targets).squeeze(-1)
         # where (not multiply): padding tokens may sit outside the nucleus (−inf), and 0·−inf = nan
         token_logp = torch.where(mask, token_logp, torch.zeros_like(token_logp))
-        entropies = torch.where(mask, entropy_from_logprobs(logp), torch.zeros_like(token_logp))
-    top1, margin = distribution_features(logp)
-    zero = torch.zeros_like(top1)
-    return TokenStats(
-        logprobs=token_logp,
-        entropies=entropies,
-        top1_prob=torch.where(mask, top1, zero),
-        margin=torch.where(mask, margin, zero),
-        mask=mask,
-    )
+        zero = torch.zeros_like(token_logp)
+        entropy = torch.where(mask, entropy_from_logprobs(logp), zero) if entropies else None
+    top1 = margin = None
+    if features:
+        top1, margin = (torch.where(mask, f, zero.detach()) for f in distribution_features(logp))
+    return TokenStats(logprobs=token_logp, entropies=entropy, top1_prob=top1, margin=margin, mask=mask)
 
 
 def token_budget_slices(n_rows: int, row_len: int, max_tokens: int) -> list[slice]:

@@ -36,3 +36,69 @@ def grad_and_tangents(
     tangents = torch.autograd.grad(directional, leaves, allow_unused=True)
     tangents = [torch.zeros_like(c) if t is None else t for t, c in zip(tangents, coefficients)]
     return [g.detach() for g in grads], [t.detach() for t in tangents]
+
+
+class RowDirectional:
+    """Per-row directional derivatives ⟨∇_θ Σ_t c_t y_t(row i), v⟩ for all rows from ONE ordinary backward.
+
+    Rows of a batch never interact (attention stays within a row), and for a Linear layer y = x Wᵀ + b
+    row i's gradient is G_i = Σ_{p ∈ row i} δ_p x_pᵀ (and Σ_p δ_p for b), δ_p = ∂L/∂y_p. So
+
+        ⟨G_i, V⟩ = Σ_p δ_p · (x_p Vᵀ),      ⟨g_i^b, v_b⟩ = Σ_p δ_p · v_b
+
+    need only the layer's input x (forward hook) and δ (a hook on the output's gradient): no per-row
+    gradient, no double backward, no forward-mode AD, and a frozen (even 4-bit) base is never touched.
+    Works when every trainable parameter is the weight or bias of an nn.Linear (LoRA A/B are);
+    `supports` tells. Use: `with RowDirectional(model, names, direction) as rd:` … backward … `rd.take()`.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str], direction: list[torch.Tensor]):
+        self.model, self.acc, self.handles = model, None, []
+        modules = dict(model.named_modules())
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for name, v in zip(names, direction):
+            module_name, kind = name.rsplit(".", 1)
+            by_module.setdefault(module_name, {})[kind] = v
+        self.plan = [(modules[m], parts) for m, parts in by_module.items()]
+
+    @staticmethod
+    def supports(model: torch.nn.Module, names: list[str]) -> bool:
+        modules = dict(model.named_modules())
+        for name in names:
+            module_name, kind = name.rsplit(".", 1)
+            if kind not in ("weight", "bias") or not isinstance(modules.get(module_name), torch.nn.Linear):
+                return False
+        return True
+
+    def __enter__(self) -> "RowDirectional":
+        for module, parts in self.plan:
+            self.handles.append(module.register_forward_hook(self._hook(parts)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, parts: dict[str, torch.Tensor]):
+        def forward_hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(delta):
+                dots = torch.zeros(delta.shape[0], dtype=torch.float32, device=delta.device)
+                if "weight" in parts:
+                    dots += (delta * (x @ parts["weight"].to(x.dtype).T)).flatten(1).sum(-1, dtype=torch.float32)
+                if "bias" in parts:
+                    dots += (delta * parts["bias"].to(delta.dtype)).flatten(1).sum(-1, dtype=torch.float32)
+                self.acc = dots if self.acc is None else self.acc + dots
+
+            output.register_hook(on_grad)
+
+        return forward_hook
+
+    def take(self) -> torch.Tensor | None:
+        """The per-row sums accumulated since the last take (None if no hooked layer saw a gradient)."""
+        out, self.acc = self.acc, None
+        return out

@@ -120,9 +120,21 @@ def pg_group_terms(
     max_len: int | None = None,
     seq_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(attribution [B], influence [B]) along a direction u, given dlogp_ij = u·∇logp_ij.
+    """(attribution [B], influence [B]) along a direction u, given per-token dlogp_ij = u·∇logp_ij.
 
-    attribution_b = Σ_{i ∈ b} Σ_j c_ij dlogp_ij, so Σ_b attribution_b = u·g. Groups (prompts) are the
+    Sums the tokens of each sequence with the policy-gradient coefficients and defers to
+    `group_terms_from_rows`, which has the formulas.
+    """
+    row_terms = (pg_coefficients(advantages, mask, mode, max_len, seq_weights) * dlogp.to(torch.float64)).sum(-1)
+    return group_terms_from_rows(row_terms, mask, group_index, mode, seq_weights)
+
+
+def group_terms_from_rows(
+    row_terms: Tensor, mask: Tensor, group_index: Tensor, mode: str, seq_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(attribution [B], influence [B]) from row_terms_i = Σ_j c_ij u·∇logp_ij (c = `pg_coefficients`).
+
+    attribution_b = Σ_{i ∈ b} row_terms_i, so Σ_b attribution_b = u·g. Groups (prompts) are the
     independent units of U, so SE_U = std(influence)/√B with mean(influence) = u·g:
     - token-mean, u·g = Σ_b N_b / Σ_b D_b (D_b = tokens of group b) has a random denominator; delta
       method: influence_b = r + (N_b − r D_b)/D̄, r = u·g, D̄ = mean_b D_b.
@@ -132,7 +144,7 @@ def pg_group_terms(
     """
     _, group = torch.unique(group_index, return_inverse=True)
     n_groups = int(group.max()) + 1
-    per_seq = (pg_coefficients(advantages, mask, mode, max_len, seq_weights) * dlogp.to(torch.float64)).sum(-1)
+    per_seq = row_terms.to(torch.float64)
     attribution = torch.zeros(n_groups, dtype=torch.float64, device=per_seq.device).index_add_(0, group, per_seq)
     if mode == "token-mean":
         lengths = mask.to(torch.float64).sum(-1)

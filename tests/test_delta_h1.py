@@ -260,3 +260,54 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
     )  # fmt: skip
     exact_value = directional(grads["token_mean"], layout.unflatten(r["delta_theta"]))
     assert abs(r["delta_h1"] - exact_value) / r["se_E"] < 4
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias):
+    """u_row_terms' one-backward row dots (hooks on LoRA Linear weights and biases) = per-token double backward."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.delta_h1 import u_row_terms
+    from stages.tangents import RowDirectional, grad_and_tangents
+    from stages.tiny import build_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, lora_bias=lora_bias)  # fmt: skip
+    model = get_peft_model(build_model(hidden_size=32, seed=5), config).eval()
+    named = trainable(model)
+    names, params = list(named), list(named.values())
+    assert RowDirectional.supports(model, names) and any(n.endswith(".bias") for n in names) == lora_bias
+    U = sample_u(model, tok, n_groups=3, G=4, seed=31)
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").float()
+    direction = [torch.randn_like(p) for p in params]
+    rows = u_row_terms(model, params, names, U, coef, direction, max_tokens=20)
+    stats = U.score(model, slice(0, len(U)), entropies=False)
+    _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.float()], params, direction)
+    torch.testing.assert_close(rows, (coef * dlogp).sum(-1), rtol=1e-4, atol=1e-7)
+
+
+def test_row_directional_refuses_what_it_cannot_do():
+    """A trainable parameter that is not a Linear weight/bias (e.g. an embedding) is not supported."""
+    from stages.tangents import RowDirectional
+
+    model = make_lora_model()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert RowDirectional.supports(model, names)
+    assert not RowDirectional.supports(model, names + ["base_model.model.model.embed_tokens.weight"])
+
+
+def test_u_row_terms_fallback_path_agrees(model, tok, monkeypatch):
+    """Without the hooks (unsupported parameter types) the double-backward path gives the same row terms."""
+    from stages.delta_h1 import u_row_terms
+    from stages.tangents import RowDirectional
+
+    named = trainable(model)
+    names, params = list(named), list(named.values())
+    U = sample_u(model, tok, n_groups=3, G=4, seed=32)
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "seq-mean-token-mean").float()
+    direction = [torch.randn_like(p) for p in params]
+    fast = u_row_terms(model, params, names, U, coef, direction, max_tokens=40)
+    monkeypatch.setattr(RowDirectional, "supports", staticmethod(lambda model, names: False))
+    slow = u_row_terms(model, params, names, U, coef, direction, max_tokens=40)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-7)
