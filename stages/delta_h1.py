@@ -6,7 +6,8 @@ Passes over the data (each in token-budget microbatches, SPEC §3):
   3. E, reverse + double-backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) and, for every E
      token, dH_ik = ∇H_ik·Δθ and dlogp_ik = ∇logp_ik·Δθ. Every target's δH₁ and SE_E are weighted
      sums of those tangents (`EntropyCoefs.estimate`), so one pass serves all three targets.
-  4. U, double-backward along u = (∂Δθ/∂g)ᵀ X̄: dlogp_U, giving per-prompt-group attributions and SE_U.
+  4. U, one ordinary backward with `RowDirectional` hooks: row_i = Σ_j c_ij ∇logp_ij · u along
+     u = (∂Δθ/∂g)ᵀ X̄ (the update's linearisation in g), giving per-prompt-group attributions and SE_U.
 No per-sample parameter-sized gradient is ever formed.
 
 Under torchrun (`stages.distributed`) every process loads the model and the whole (small) artifacts, runs
