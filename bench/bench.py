@@ -228,16 +228,15 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
 
 def time_rounds(fns: dict, repeats: int, device: str) -> tuple[dict, dict]:
     """One warm-up call each, then `repeats` interleaved rounds; (times [s] per name, last output per name)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     outs = {k: fn() for k, fn in fns.items()}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             outs[k] = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             times[k].append(time.perf_counter() - start)
     return times, outs
 
@@ -317,14 +316,7 @@ def ratios(t: dict) -> dict:
     }
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-
-
-def main(argv=None) -> dict:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller batches, 2 rounds (≲ 1 min on 2 CPU cores)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/bench.json"))
@@ -335,21 +327,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (median)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a size, e.g. B_E=64")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-passes", action="store_true", help="also the peak memory of each pass")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of one compute_delta_h1")
-    ap.add_argument("--measure-memory", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
-    ap.add_argument("--cfg-json", help=argparse.SUPPRESS)
-    ap.add_argument("--batches", help=argparse.SUPPRESS)
+    for internal in ("--measure-memory", "--cfg-json", "--batches"):  # one memory measurement in a fresh process
+        ap.add_argument(internal, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.measure_memory:
         return measure_memory_child(args)
-
     cfg = dict(QUICK if args.quick else FULL, temperature=args.temperature, top_p=args.top_p)
-    for key, value in (item.split("=", 1) for item in args.set):
-        cfg[key] = int(value)
     cfg["repeats"] = args.repeats or cfg["repeats"]
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -360,11 +352,11 @@ def main(argv=None) -> dict:
     E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
     sample_times, sample_outs = time_rounds(
         {"generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
-         "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11)},  # fmt: skip
+         "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11)},
         cfg["repeats"], args.device,
     )  # fmt: skip
     E_t = sample_outs["generate_responses"]
-    U_t = sample(model, tok, [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])], cfg, seed=12)
+    U_t = sample(model, tok, [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])], cfg, 12)
     E, U = to_batches(E_t, U_t, cfg, args.device)
     layout, spec = adam_spec(model)
 
@@ -373,72 +365,61 @@ def main(argv=None) -> dict:
     phase_log, run_delta_h1 = [], fns["delta_h1"]
     fns["delta_h1"] = lambda: phase_log.append(run_delta_h1()) or phase_log[-1]  # keeps each call's "timings"
     pass_times, outs = time_rounds(fns, cfg["repeats"], args.device)
-    phases = {k: round(statistics.median(r["timings"][k] for r in phase_log[1:]), 4) for k in phase_log[0]["timings"]}
+    phases = {k: statistics.median(r["timings"][k] for r in phase_log[1:]) for k in phase_log[0]["timings"]}
     times = {**pass_times, **sample_times}
     median = ratios({k: statistics.median(v) for k, v in times.items()})
-    fastest = ratios({k: min(v) for k, v in times.items()})
     xbar = outs["delta_h1"]["xbar"].double()
-    checks = {"delta_h1_xbar_vs_e_pass": float((xbar - outs["e_pass"][0].double()).abs().max() / xbar.abs().max())}
+    check = float((xbar - outs["e_pass"][0].double()).abs().max() / xbar.abs().max())
 
     memory = {}
     if not args.no_memory:
-        kinds = ["plain_fwd_bwd", "delta_h1"] + (["u_gradient", "e_pass", "e_pass_gradient_only", "u_row_terms"]
-                                                 if args.memory_passes else [])  # fmt: skip
+        kinds = ["plain_fwd_bwd", "delta_h1"]
+        kinds += ["u_gradient", "e_pass", "e_pass_gradient_only", "u_row_terms"] if args.memory_passes else []
         with tempfile.TemporaryDirectory() as tmp:
             torch.save((E_t, U_t), Path(tmp) / "batches.pt")
             memory = {k: peak_memory(k, cfg, args, str(Path(tmp) / "batches.pt")) for k in kinds}
         median["memory"] = memory["delta_h1"]["peak_bytes"] / max(1, memory["plain_fwd_bwd"]["peak_bytes"])
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
         profile(fns["delta_h1"], args.device, out.with_name(out.stem + "_profile.txt"))
 
+    rounded = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
     report = {
-        "ratios": {k: round(v, 3) for k, v in median.items()},
-        "ratios_from_min_times": {k: round(v, 3) for k, v in fastest.items()},
+        "ratios": rounded(median),
+        "ratios_from_min_times": rounded(ratios({k: min(v) for k, v in times.items()})),
         "targets": TARGETS,
-        "times_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
-        "delta_h1_phases_s": phases,
-        "checks_max_rel_diff": checks,
+        "times_s": rounded({k: statistics.median(v) for k, v in times.items()}),
+        "delta_h1_phases_s": rounded(phases),
+        "checks_max_rel_diff": {"delta_h1_xbar_vs_e_pass": check},
         "memory": memory,
         "config": cfg,
-        "tokens": {
-            "E_sequences": len(E), "U_sequences": len(U), "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
-            "E_response_tokens": int(E.mask.sum()), "U_response_tokens": int(U.mask.sum()),
-            "generate_steps": {"generate_responses": E_t["logprobs"].shape[1], "plain_generate": sample_outs["plain_generate"]},
-        },  # fmt: skip
-        "model": {"parameters": sum(p.numel() for p in model.parameters()), "trainable": layout.numel, "dtype": args.dtype,
-                  "qlora": args.qlora, "hidden": cfg["hidden"], "layers": cfg["layers"], "vocab": cfg["vocab"],
-                  "attn_implementation": "eager"},  # fmt: skip
-        "env": {
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__, "python": platform.python_version(), "device": device_name(args.device),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "load_average": os.getloadavg(),
-        },  # fmt: skip
+        "tokens": {"E_sequences": len(E), "U_sequences": len(U), "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
+                   "E_response_tokens": int(E.mask.sum()), "U_response_tokens": int(U.mask.sum()),
+                   "generate_steps": {"generate_responses": E_t["logprobs"].shape[1],
+                                      "plain_generate": sample_outs["plain_generate"]}},  # fmt: skip
+        "model": {"parameters": sum(p.numel() for p in model.parameters()), "trainable": layout.numel,
+                  "dtype": args.dtype, "qlora": args.qlora, "attn_implementation": "eager"},  # fmt: skip
+        "env": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                "peft": __import__("peft").__version__, "python": platform.python_version(),
+                "device": device_name(args.device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "machine": platform.machine(), "load_average": os.getloadavg()},  # fmt: skip
         "wall_s": round(time.perf_counter() - wall, 1),
     }
-    print_report(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({k: report[k] for k in ("ratios", "ratios_from_min_times", "times_s", "delta_h1_phases_s")}))
+    print(f"{report['env']['device']}, {report['env']['threads']} threads, {args.dtype}{' QLoRA' * args.qlora}, "
+          f"memory above baseline (MB): { {k: round(v['peak_bytes'] / 2**20, 1) for k, v in memory.items()} }, "
+          f"wall {report['wall_s']} s")  # fmt: skip
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return report
 
 
-def print_report(report: dict) -> None:
-    r, rm, m = report["ratios"], report["ratios_from_min_times"], report["model"]
-    print(f"model {m['parameters'] / 1e6:.1f}M params ({m['trainable'] / 1e6:.2f}M trainable, hidden {m['hidden']}, "
-          f"{m['layers']} layers, vocab {m['vocab']}), {report['env']['device']}, {report['env']['threads']} threads, "
-          f"{m['dtype']}{' QLoRA' if m['qlora'] else ''}")  # fmt: skip
-    print(f"  {'ratio':20s} {'median':>7s} {'min':>7s}")
-    for k, v in r.items():
-        target = f"   (target ≤ {TARGETS[k]})" if k in TARGETS else ""
-        print(f"  {k:20s} {v:7.3f} {rm.get(k, float('nan')):7.3f}{target}")
-    print("  times (s, median): " + ", ".join(f"{k} {v:.3f}" for k, v in report["times_s"].items()))
-    print("  compute_delta_h1 phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["delta_h1_phases_s"].items()))
-    if report["memory"]:
-        print("  peak memory above baseline (MB): "
-              + ", ".join(f"{k} {v['peak_bytes'] / 2**20:.1f}" for k, v in report["memory"].items()))  # fmt: skip
-    print(f"  checks (max rel diff): {report['checks_max_rel_diff']}; wall {report['wall_s']} s")
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ def grpo_config(demo: DemoParams, run_dir: Path):
         save_steps=demo.save_steps,
         save_only_model=False,
         learning_rate=demo.rl_lr,
+        weight_decay=demo.rl_weight_decay,  # non-zero so the probe's decoupled-decay term is exercised
         optim="adamw_torch",
         lr_scheduler_type="linear",
         max_grad_norm=1.0,

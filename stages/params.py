@@ -32,6 +32,7 @@ class DemoParams(Section):
     warmup_lr: float = Field(1e-3, gt=0)
     rl_steps: int = Field(8, ge=1)
     rl_lr: float = Field(5e-3, gt=0)
+    rl_weight_decay: float = Field(0.01, ge=0)
     save_steps: int = Field(2, ge=1)
     lora_rank: int = Field(4, ge=1)
     num_generations: int = Field(4, ge=2)
