@@ -23,6 +23,7 @@ the exact ΔH(η) = H(θ + (η/lr)Δθ) − H(θ), computed on a float64 copy of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -103,17 +104,25 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+def _cache_field() -> str:
+    """The KV-cache argument/output name: `cache` in recent transformers 5.x, `past_key_values` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 def _next_logprobs(model, input_ids, attention_mask, position_ids, temperature: float, top_p: float, past, use_cache):
     """(log π(·|prefix) at the last position of every row [n, V], the updated KV cache or None)."""
+    cache = _cache_field()
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=past,
         use_cache=use_cache,
         logits_to_keep=1,
+        **{cache: past},
     )
-    return policy_logprobs(out.logits[:, -1, :], temperature, top_p), out.cache if use_cache else None
+    return policy_logprobs(out.logits[:, -1, :], temperature, top_p), getattr(out, cache) if use_cache else None
 
 
 def _too_many(count: int, limit: int, depth: int, max_new_tokens: int) -> ProbeError:
