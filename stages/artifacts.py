@@ -75,6 +75,8 @@ def _sorted_header(data: bytes) -> bytes:
     header = json.loads(data[8 : 8 + n])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen for safetensors' own compact header; never write a corrupt file
+        raise RuntimeError("safetensors header grew when its metadata keys were sorted")
     return data[:8] + text.ljust(n) + data[8 + n :]
 
 

@@ -155,7 +155,8 @@ def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, d
             stats = U.score(model, rows, entropies=False)
             if row_dots:
                 torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
-                rows_out[rows] = hooks.take()
+                taken = hooks.take()  # None: no hooked layer is on the path to these log-probs
+                rows_out[rows] = 0.0 if taken is None else taken
             else:
                 _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask[rows].float()], params, direction)
                 rows_out[rows] = (coef[rows] * dlogp).sum(-1)
@@ -353,13 +354,16 @@ def _reweight(model, E: Batch, U: Batch, E_meta: dict, U_meta: dict, fingerprint
     Samples drawn by another checkpoint are re-scored under this one and weighted per sequence by the
     self-normalised ratio π_probed(y)/π_behaviour(y); below `reuse.min_ess_fraction` this refuses unless forced.
     """
+    load = {"dtype": params.checkpoint.dtype, "use_qlora": params.checkpoint.use_qlora}
     sampler = {"E": E_meta.get("checkpoint_fingerprint"), "U": U_meta.get("checkpoint_fingerprint")}
+    # the same files loaded another way (4-bit, another dtype) are a slightly different policy
+    same = {k: sampler[k] == fingerprint and meta.get("load", load) == load for k, meta in (("E", E_meta), ("U", U_meta))}
     reuse = {"weighted": False, "sampler_fingerprint": sampler, "ess_fraction_E": 1.0, "ess_fraction_U": 1.0}
-    if sampler["E"] == fingerprint and sampler["U"] == fingerprint:
+    if same["E"] and same["U"]:
         return reuse, None, None  # weights are exactly 1: the plain computation
     weights = {}
     for name, batch in (("E", E), ("U", U)):
-        if sampler[name] == fingerprint:
+        if same[name]:
             weights[name] = None
             continue
         w, ess = importance_weights(rescore(model, batch, params.compute.max_tokens_per_microbatch))
@@ -376,10 +380,19 @@ def _reweight(model, E: Batch, U: Batch, E_meta: dict, U_meta: dict, fingerprint
     return reuse, weights["E"], weights["U"]
 
 
-def _max_grad_norm(setting, report: dict) -> float | None:
-    if setting == "auto":
-        return report.get("max_grad_norm")
-    return setting
+HF_DEFAULT_MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments.max_grad_norm
+
+
+def _max_grad_norm(setting, report: dict) -> tuple[float | None, str]:
+    """(max_grad_norm, where it came from): `auto` takes the trainer's, else the HF Trainer default."""
+    if setting != "auto":
+        return setting, "update.max_grad_norm"
+    if report.get("max_grad_norm") is not None:
+        return report["max_grad_norm"], "the trainer's max_grad_norm"
+    return HF_DEFAULT_MAX_GRAD_NORM, (
+        f"default {HF_DEFAULT_MAX_GRAD_NORM} (the trainer's is not recorded: set checkpoint.trust_pickles "
+        "or update.max_grad_norm)"
+    )
 
 
 def run(params: Params, out_dir: Path, dry_run: bool) -> None:
@@ -391,9 +404,13 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     U_t, U_meta = load_samples(params.paths.sample_u, "samples_u")
     report, opt = read_verify(params.paths.verify)
     mode, max_len, why = resolve_loss_agg_mode(params.update.loss_agg_mode, report.get("trainer_config") or {})
-    if max_len is None and mode == "seq-mean-token-sum-norm":
-        max_len = int(U_meta["generation"]["max_new_tokens"])
-    max_grad_norm = _max_grad_norm(params.update.max_grad_norm, report)
+    max_grad_norm, clip_source = _max_grad_norm(params.update.max_grad_norm, report)
+    log.info("delta-h1: gradient clipping at %s from %s", max_grad_norm, clip_source)
+    if not U_t["advantages"].any():
+        raise ProbeError(
+            "every U group has all-equal rewards (all advantages are 0), so the update has no policy gradient",
+            "sample more or harder U prompts (batch_config.B_U, batch_config.G), or check the reward function",
+        )
     log.info(
         "delta-h1: E %d sequences, U %d sequences (%d groups); target %s, baseline %s; rule %s, loss %s (%s)",
         len(E_t["input_ids"]), len(U_t["input_ids"]), int(U_t["group_index"].max()) + 1,
@@ -455,7 +472,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         n_U_tokens=int(U.mask.sum()),
         estimator=params.estimator.model_dump(),
         update={"rule": spec.rule, "loss_agg_mode": mode, "loss_agg_reason": why, "max_len": max_len,
-                "max_grad_norm": max_grad_norm},
+                "max_grad_norm": max_grad_norm, "max_grad_norm_source": clip_source},
         checkpoint_fingerprint=report["fingerprint"],
         reuse=reuse,
         world_size=world,

@@ -138,7 +138,7 @@ def reward_rate(model, tokenizer, records: list[dict], samples_per_prompt: int, 
 
 def save_base(model, tokenizer, path: Path) -> None:
     """save_pretrained (fp32 safetensors) + tokenizer; config.json also asks for eager attention, so a
-    plain from_pretrained gets the attention that forward-mode AD (torch.func.jvp) can go through."""
+    plain from_pretrained gets eager attention, the implementation every stage loads (double backward through it is well supported)."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())

@@ -37,12 +37,12 @@ import torch
 
 from .artifacts import read_json, read_tensors, staged_output_dir, write_json
 from .errors import ProbeError
+from .estimators import TARGETS
 from .params import Params
-from .policy import policy_logprobs
+from .policy import entropy_from_logprobs, policy_logprobs
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("sequence", "token_mean", "seq_mean_token_mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,16 +80,6 @@ class Enumeration:
     def entropy_sum(self) -> torch.Tensor:
         """S(y) = Σ_k H_k(y)."""
         return self.entropies.sum(-1)
-
-
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    """H = −Σ_v π(v) log π(v); π = 0 entries (log π = −inf, outside the nucleus) contribute 0.
-
-    The −inf entries are zeroed *before* the product so the backward pass stays finite (a
-    `where` after the product would send 0·(−inf) = NaN into the gradient).
-    """
-    finite = torch.isfinite(logp)
-    return -(logp.exp() * logp.masked_fill(~finite, 0.0)).sum(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +175,7 @@ def enumerate_forest(
                 f"the model produced NaN logits at depth {k} of exact enumeration",
                 "check the checkpoint for NaN weights; for float64 use exact.as_float64(model)",
             )
-        H = _entropy(logp)  # [n]
+        H = entropy_from_logprobs(logp)  # [n]
         if k == 0:
             lp_cols = h_cols = logp.new_zeros((logp.shape[0], 0))
         parent, tok = torch.isfinite(logp).nonzero(as_tuple=True)  # children: nucleus tokens only
@@ -566,6 +556,12 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
         raise ProbeError("bars.safetensors holds no delta_theta.* tensors", "rerun delta-h1")
     report = read_json(Path(params.paths.delta_h1) / "delta_h1.json", "delta-h1 report")
     verify = read_json(Path(params.paths.verify) / "verify.json", "verify report")
+    if report.get("checkpoint_fingerprint") != verify.get("fingerprint"):
+        raise ProbeError(
+            f"delta_h1.json is for checkpoint {report.get('checkpoint_fingerprint')}, "
+            f"but {params.paths.verify} describes {verify.get('fingerprint')}",
+            "point paths.delta_h1 and paths.verify at the same checkpoint's outputs (dvc repro)",
+        )
     lr = report.get("learning_rate")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ProbeError(f"delta_h1.json has learning_rate {lr!r}, need a positive number", "rerun delta-h1")

@@ -154,7 +154,7 @@ def load_probe(inp: CheckpointInputs, default_multipliers: list[float]) -> Probe
         _same(d1, t.get("delta_h1"), "exact.json", name, "δH₁")
         ex = _number(t, "delta_h1_exact", f"exact.json of checkpoint '{name}'")
         row["exact_delta_h1"] = ex
-        row["exact_z"] = (d1 - ex) / row["se_E"] if row["se_E"] > 0 else None
+        row["exact_z"] = _opt(t.get("z"))  # (δH₁ − exact)/SE_E, as exact computed it
         for g in t.get("eta_grid") or []:
             point(float(g["multiplier"]))["exact"] = _opt(g.get("delta_h_exact"))
 

@@ -586,6 +586,7 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
             "kind": kind,
             "checkpoint_fingerprint": fingerprint,
             "checkpoint_path": sampler.path,
+            "load": {"dtype": sampler.dtype, "use_qlora": sampler.use_qlora},
             "generation": {
                 "temperature": temperature,
                 "temperature_source": t_source,

@@ -6,7 +6,7 @@ increases J; g = ∇J. Everything here is a pure function of tensors.
 - `group_advantages`: A = r − mean_group(r), optionally / (std_group + eps).
 - `pg_coefficients`: c [N, R] with J = Σ_ij c_ij logp_ij for the trainer's loss aggregation
   (verl's names). At the on-policy point the clipped ratio π/π_old = 1, so ∇J = Σ c ∇logp.
-- `pg_group_terms`: per-prompt-group attributions of u·g and influence values for SE_U.
+- `group_terms_from_rows`: per-prompt-group attributions of u·g and influence values for SE_U.
 - Update rules on flat vectors: `adam_step_delta` (the exact next AdamW step), `adam_precond_delta`,
   `sgd_delta`; `update_direction`, `zero_gradient_part` and `linearise` dispatch on the rule.
 """
@@ -111,24 +111,6 @@ def pg_coefficients(
     raise ProbeError(f"unknown loss aggregation mode '{mode}'", f"use one of {', '.join(LOSS_AGG_MODES)}")
 
 
-def pg_group_terms(
-    dlogp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    group_index: Tensor,
-    mode: str,
-    max_len: int | None = None,
-    seq_weights: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(attribution [B], influence [B]) along a direction u, given per-token dlogp_ij = u·∇logp_ij.
-
-    Sums the tokens of each sequence with the policy-gradient coefficients and defers to
-    `group_terms_from_rows`, which has the formulas.
-    """
-    row_terms = (pg_coefficients(advantages, mask, mode, max_len, seq_weights) * dlogp.to(torch.float64)).sum(-1)
-    return group_terms_from_rows(row_terms, mask, group_index, mode, seq_weights)
-
-
 def group_terms_from_rows(
     row_terms: Tensor, mask: Tensor, group_index: Tensor, mode: str, seq_weights: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -229,7 +211,8 @@ class AdamState:
         """From named state and param groups ({lr, betas, eps, weight_decay, names} each).
 
         A parameter absent from exp_avg/exp_avg_sq/step never had a gradient: AdamW would start it
-        from zero state at step 0, and so does this. `lr` replaces every group's lr when given.
+        from zero state at step 0, and so does this (verify refuses such checkpoints, so this serves
+        in-memory use, e.g. the AdamW parity tests). `lr` replaces every group's lr when given.
         """
         hyper: dict[str, tuple] = {}
         for group in param_groups:

@@ -252,7 +252,9 @@ def write_stage_inputs(root, model, prompts_rows, horizon, delta, lr, estimates)
     write_json(root / "sample_e" / "samples.json", {"kind": "samples_e", "generation": gen})
     bars = {f"delta_theta.{n}": v.float() for n, v in delta.items()}
     write_tensors(root / "delta_h1" / "bars.safetensors", bars, "bars")
-    write_json(root / "delta_h1" / "delta_h1.json", {"learning_rate": lr, "targets": estimates})
+    write_json(
+        root / "delta_h1" / "delta_h1.json", {"learning_rate": lr, "targets": estimates, "checkpoint_fingerprint": "abc123"}
+    )
     write_json(root / "verify" / "verify.json", {"fingerprint": "abc123"})
     return gen
 

@@ -110,3 +110,22 @@ def test_foreign_and_truncated_artifacts_are_refused(workdir, tmp_path):
         errors = [line for line in result.output.splitlines() if "error:" in line]
         assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
         assert not (tmp_path / "x").exists()
+
+
+def test_all_equal_rewards_are_refused(workdir, tmp_path):
+    """A U batch whose every group has equal rewards has no policy gradient: one line, exit 2, nothing written."""
+    import shutil
+
+    from stages.artifacts import write_tensors
+
+    tensors, meta = read_tensors(workdir / "sample_u" / "samples.safetensors", "samples_u")
+    tensors["rewards"] = tensors["rewards"].zero_()
+    tensors["advantages"] = tensors["advantages"].zero_()
+    write_tensors(tmp_path / "u" / "samples.safetensors", tensors, kind="samples_u", meta=meta)
+    shutil.copy(workdir / "sample_u" / "samples.json", tmp_path / "u" / "samples.json")
+    assert cli(workdir, "verify", "--out", str(tmp_path / "v")).exit_code == 0
+    result = cli(workdir, "delta-h1", "-S", f"paths.sample_u={tmp_path / 'u'}", "-S", f"paths.verify={tmp_path / 'v'}",
+                 "--out", str(tmp_path / "x"))  # fmt: skip
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert result.exit_code == 2 and len(errors) == 1 and "all-equal rewards" in errors[0], result.output
+    assert not (tmp_path / "x").exists()

@@ -47,7 +47,7 @@ def exact_json(dh: dict, multipliers: list[float]) -> dict:
         "configured_target": TARGET,
         "learning_rate": dh["learning_rate"],
         "targets": {TARGET: {"delta_h1": dh["targets"][TARGET]["delta_h1"], "delta_h1_exact": ex, "se_E": dh["se_E"],
-                             "eta_grid": grid}},
+                             "z": (dh["delta_h1"] - ex) / dh["se_E"], "eta_grid": grid}},
     }  # fmt: skip
 
 

@@ -104,10 +104,10 @@ def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
     _git_files(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["demo"].update(warmup_steps=30, rl_steps=6, save_steps=2)
+    params["demo"].update(rl_steps=6, save_steps=2)
     params["checkpoint"]["path"] = "data/demo/run/checkpoint-2"
     params["probe"]["checkpoints"] = {"step2": "data/demo/run/checkpoint-2"}
-    params["batch_config"].update(B_E=32, B_U=4)
+    params["batch_config"].update(B_E=32, B_U=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
 
