@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import artifacts, distributed
 from .errors import ProbeError
-from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
+from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, importance_weights, naive_coefficients
 from .params import Params
 from .policy import teacher_force, token_budget_slices
 from .tangents import RowDirectional, grad_and_tangents
@@ -182,12 +182,6 @@ def rescore(model, batch: Batch, max_tokens: int) -> torch.Tensor:
     log_ratio = (stats["logprobs"].double() - batch.tensors["logprobs"].double()).sum(-1)
     batch.tensors.update(stats)
     return log_ratio
-
-
-def importance_weights(log_ratio: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Self-normalised weights w_i ∝ exp(log_ratio_i) (sum 1) and the effective sample size 1/Σ w_i²."""
-    w = torch.softmax(log_ratio.double(), dim=0)
-    return w, float(1.0 / (w * w).sum())
 
 
 def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:

@@ -395,7 +395,8 @@ def as_float64(model):
     return model
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def param_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and raw bytes of the given tensors (bit-exact restore checks)."""
     digest = hashlib.sha256()
     for name, t in tensors.items():
         digest.update(name.encode())
@@ -419,7 +420,7 @@ def perturbed(model, delta_theta: dict[str, torch.Tensor], scale: float) -> Iter
         if p.shape != delta_theta[n].shape:
             raise ProbeError(f"Δθ for '{n}' has shape {tuple(delta_theta[n].shape)}, parameter {tuple(p.shape)}")
     saved = {n: p.detach().clone() for n, p in touched.items()}
-    before = _checksum(saved)
+    before = param_checksum(saved)
     try:
         with torch.no_grad():
             for n, p in touched.items():
@@ -429,7 +430,7 @@ def perturbed(model, delta_theta: dict[str, torch.Tensor], scale: float) -> Iter
         with torch.no_grad():
             for n, p in touched.items():
                 p.copy_(saved[n])
-        if _checksum(touched) != before:
+        if param_checksum(touched) != before:
             raise RuntimeError("perturbed(): parameters were not restored exactly")
 
 

@@ -34,7 +34,6 @@ least-squares fit ΔH(m) = a·m + b·m² (slope a vs δH₁, curvature b).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -48,8 +47,8 @@ from tqdm.auto import tqdm
 
 from .artifacts import read_json, read_tensors, staged_output_dir, write_json
 from .errors import ProbeError
-from .estimators import TARGETS
-from .exact import perturbed
+from .estimators import TARGETS, importance_weights
+from .exact import param_checksum, perturbed
 from .params import Params
 from .policy import teacher_force, token_budget_slices
 
@@ -102,9 +101,8 @@ def ratio_estimate(logw: Tensor, a: Tensor, b: Tensor) -> tuple[float, Tensor]:
 
 
 def effective_sample_size(logw: Tensor) -> float:
-    """ESS = (Σ w)² / Σ w²  (N for equal weights)."""
-    w = _weights(logw.double())
-    return float(w.sum() ** 2 / (w * w).sum())
+    """ESS = (Σ w)² / Σ w²  (N for equal weights); see `estimators.importance_weights`."""
+    return importance_weights(logw)[1]
 
 
 def target_estimates(logw: Tensor, stats: SeqStats) -> dict[str, tuple[float, Tensor]]:
@@ -231,14 +229,10 @@ def _check_same_prompts(fresh: dict[str, Tensor], samples: dict[str, Tensor]) ->
         )
 
 
-def param_checksum(model, names: Sequence[str]) -> str:
-    """sha256 over the raw bytes of the named parameters (the ones a perturbation touches)."""
+def model_checksum(model, names: Sequence[str]) -> str:
+    """`exact.param_checksum` of the named parameters (the ones a perturbation touches)."""
     params = dict(model.named_parameters())
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode())
-        digest.update(params[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return param_checksum({n: params[n] for n in names})
 
 
 def _check_delta(model, delta_theta: dict[str, Tensor]) -> None:
@@ -281,7 +275,7 @@ def estimate_truth(
         raise ValueError("estimate_truth needs the model in eval mode (dropout off)")
     _check_delta(model, delta_theta)
     names = list(delta_theta)
-    checksum = param_checksum(model, names)
+    checksum = model_checksum(model, names)
     timings = {"teacher_forcing": 0.0, "fresh_sampling": 0.0}
 
     def tf_pass(desc: str) -> tuple[SeqStats, float]:
@@ -331,7 +325,7 @@ def estimate_truth(
             ),
         )  # fmt: skip
 
-    after = param_checksum(model, names)
+    after = model_checksum(model, names)
     if after != checksum:  # perturbed() restores by copy_ and checks too; this guards the whole run
         raise RuntimeError("truth: the parameters were not restored exactly")
     return {
@@ -580,7 +574,7 @@ __all__ = [
     "effective_sample_size",
     "estimate_truth",
     "paired_difference",
-    "param_checksum",
+    "model_checksum",
     "quadratic_fit",
     "ratio_estimate",
     "run",

@@ -153,7 +153,7 @@ def test_zero_step_is_exact_and_parameters_are_restored(model, tok, delta):
     before = snapshot(model)
     r = run_truth(model, tok, E, delta, [0.0, 1.0], max_tokens=100)  # several microbatches
     assert_bit_identical(model, before)
-    assert r["restored_exactly"] is True and r["checksum"] == truth.param_checksum(model, list(delta))
+    assert r["restored_exactly"] is True and r["checksum"] == truth.model_checksum(model, list(delta))
     assert r["n_sequences"] == 64 and r["ess_theta"] == 64.0
     assert r["max_abs_logp_diff"] < 1e-4  # teacher forcing reproduces the sampler's log-probs
     zero, one = r["etas"]
