@@ -22,7 +22,7 @@ venv: $(BIN)/entropy-probe
 
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@cat data/report/report.md
+	@echo "report: data/report/report.md, plots: data/report/*.png (dvc plots show)"
 
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 -q
