@@ -2,7 +2,7 @@
 
 One module per concept:
   params      typed, validated knobs (params.yaml + -S overrides)
-  artifacts   atomic safetensors/JSON writing, schema-checked loading, fingerprints
+  artifacts   atomic safetensors/JSON writing, schema-checked loading, safe output dirs
   task        the embedded synthetic arithmetic task, prompt datasets and reward registry
   demo        builds the embedded demo (tokenizer, tiny Qwen2, warm-up, GRPO run with LoRA)
   checkpoint  loads base + adapter (LoRA/QLoRA) and maps AdamW state to named parameters

@@ -1,17 +1,26 @@
-"""Artifacts: atomic writes, schema-checked reads, fingerprints.
+"""Artifacts: atomic writes, schema-checked reads, and the rules by which a stage replaces its output dir.
 
 Every tensor artifact is a safetensors file whose metadata carries `kind` and `schema_version`,
 so a foreign, stale or truncated file is refused with a clear message instead of being misread.
-Every write goes to a temporary file in the same directory and is renamed into place, so an
-interrupted stage never leaves a half-written artifact.
+Every JSON artifact is strict JSON (a NaN or Infinity is an error naming the key where it arose).
+
+Output dirs (docs/design.md, "Output safety"): a stage owns only what it writes. Each output dir holds
+a manifest (MANIFEST: the stage and the sorted relative paths it wrote, no timestamps, so DVC's hash of
+the dir is stable), and a dir holding anything else is refused. The stage writes into a staging dir next
+to the output and swaps it in so that a kill at any instant leaves the complete old or the complete new
+set (`_swap_in`); the next run cleans up what a killed run left (`_clean_leftovers`). One run at a time
+per output dir (a lock file next to it). Files and dirs honour the umask.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
+import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,24 +33,85 @@ from safetensors.torch import load_file, safe_open, save
 from .errors import ProbeError
 
 SCHEMA_VERSION = "1"
+MANIFEST = ".entropy-probe-stage.json"
+SWAP_STEPS = ("manifest", "set_aside", "rename_in", "discard_old", "delete_old")
+
+
+def _read_umask() -> int:
+    old = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(old)
+    return old
+
+
+UMASK = _read_umask()  # mkstemp/mkdtemp create 0600/0700; we chmod to what open()/mkdir() would have made
+
+# errno -> the first half of the fix for a write that failed with it
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space (disk quota exceeded)",
+    errno.EROFS: "make it writable",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "make it writable",
+}
+
+_staging: dict[Path, Path] = {}  # staging dir -> the output dir it will replace (to name files in errors)
+_claimed: dict[Path, str | None] = {}  # output dirs this process holds the lock of -> the stage writing them
+
+
+def _shown(path: Path) -> Path:
+    """Where a file will end up: a path inside a staging dir is named by its place in the output dir."""
+    for new, out in _staging.items():
+        if path.is_relative_to(new):
+            return out / path.relative_to(new)
+    return path
+
+
+def _write_error(exc: OSError, path: Path) -> ProbeError | None:
+    """A one-line error for a write that failed for lack of space or permission; None for any other error."""
+    fix = _WRITE_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    return ProbeError(f"cannot write {_shown(path)}: {os.strerror(exc.errno)}", f"{fix} or choose another --out")
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turn a disk-full / read-only / permission OSError inside the block into a ProbeError naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        err = _write_error(exc, path)
+        if err is None:
+            raise
+        raise err from None
+
+
+# ----------------------------------------------------------------------------------------------
+# files
 
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Yield a temp file beside `path`; renamed onto `path` when the block succeeds, removed otherwise."""
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o666 & ~UMASK)
+            yield Path(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json(path: str | Path, obj: dict) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write `obj` as strict JSON (no NaN/Infinity: a ProbeError names the key that holds one)."""
+    path = Path(path)
+    text = _strict_json(obj, path.name, indent=2)
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -57,11 +127,45 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _strict_json(obj, what: str, **kwargs) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False, default=_json_default, **kwargs)
+    except ValueError:
+        where = _first_nonfinite(obj)
+        if where is None:
+            raise
+        raise ProbeError(
+            f"{what}: non-finite value at {where or 'the top level'}",
+            "JSON has no NaN/Infinity: check the inputs and params that produced it",
+        ) from None
+
+
+def _first_nonfinite(obj, where: str = "") -> str | None:
+    """Key path ('targets.sequence.se_E', 'etas[2].ratio') of the first NaN/±Infinity in `obj`; None if none."""
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    if isinstance(obj, dict):
+        children = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        children = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for key, value in children:
+        found = _first_nonfinite(value, key)
+        if found is not None:
+            return found
+    return None
+
+
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict | None = None) -> None:
-    """Save tensors (made contiguous, on CPU) with kind/schema_version (+ JSON meta) in the header."""
-    metadata = {"kind": kind, "schema_version": SCHEMA_VERSION, "meta": json.dumps(meta or {}, default=_json_default)}
+    """Save tensors (made contiguous, on CPU) with kind/schema_version (+ strict-JSON meta) in the header."""
+    path = Path(path)
+    meta_json = _strict_json(meta or {}, f"{path.name} metadata")
+    metadata = {"kind": kind, "schema_version": SCHEMA_VERSION, "meta": meta_json}
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with _atomic_path(Path(path)) as tmp:
+    with _atomic_path(path) as tmp:
         tmp.write_bytes(_sorted_header(save(cpu, metadata=metadata)))
 
 
@@ -111,34 +215,270 @@ def read_json(path: str | Path, what: str = "report") -> dict:
         raise ProbeError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})", "rerun its stage") from None
 
 
-@contextlib.contextmanager
-def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `out_dir` whole, on error it vanishes."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+# ----------------------------------------------------------------------------------------------
+# output dirs
+#
+# Names next to the output dir `NAME` (all with the lock held, so one of each at most):
+#   .NAME.entropy-probe.lock   the lock file (removed on release)
+#   .NAME.XXXXXXXX.tmp         a staging dir (tempfile.mkdtemp: 8 of [a-z0-9_]); incomplete until renamed in
+#   .NAME.old.tmp              the complete previous set, set aside during the swap
+#   .NAME.trash.tmp            the previous set being deleted (may be partial)
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.entropy-probe.lock"
+
+
+def _set_aside_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.old.tmp"
+
+
+def _trash_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.trash.tmp"
+
+
+def _is_staging_dir(path: Path, out: Path) -> bool:
+    pattern = rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp"
+    return re.fullmatch(pattern, path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def _before_step(step: str) -> None:
+    """Called before each step of SWAP_STEPS; a test replaces it to kill the process at that step."""
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace `out` by the complete dir `new` (same parent) so that a kill at any instant loses nothing.
+
+    Step         action                           a kill just before it leaves   the next start (`_clean_leftovers`)
+    set_aside    rename out -> .NAME.old.tmp      the old set at out             deletes the staging dir
+    rename_in    rename new -> out                no out, old set aside          puts the old set back at out
+    discard_old  rename .old.tmp -> .trash.tmp    the new set at out             deletes the set-aside old set
+    delete_old   rmtree .trash.tmp                the new set at out             deletes the (partial) trash
+    Renames within one directory are atomic, so the complete old or new set always exists under one name.
+    """
+    old, trash = _set_aside_path(out), _trash_path(out)
+    had_old = os.path.lexists(out)
+    _before_step("set_aside")
+    if had_old:
+        os.rename(out, old)
+    _before_step("rename_in")
     try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        os.rename(new, out)
+    except OSError:
+        if had_old:
+            os.rename(old, out)  # put the previous set back before reporting the error
+        raise
+    if had_old:
+        _before_step("discard_old")
+        os.rename(old, trash)
+        _before_step("delete_old")
+        shutil.rmtree(trash)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Undo what a killed run left next to `out` (lock held): see the states in `_swap_in`."""
+    old = _set_aside_path(out)
+    if old.is_dir() and not old.is_symlink():
+        if os.path.lexists(out):
+            os.rename(old, _trash_path(out))  # killed after the new set went in: the old one is obsolete
+        else:
+            os.rename(old, out)  # killed between set_aside and rename_in: the old set is the output
+    trash = _trash_path(out)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash)
+    for path in out.parent.iterdir():
+        if _is_staging_dir(path, out):
+            shutil.rmtree(path)
+
+
+def _listing(root: Path) -> tuple[set[str], set[str]]:
+    """(files, dirs) below `root` as relative POSIX paths; a symlink counts as a file and is not followed."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for here, subdirs, names in os.walk(root):
+        rel = Path(here).relative_to(root)
+        for d in subdirs:
+            (files if os.path.islink(os.path.join(here, d)) else dirs).add((rel / d).as_posix())
+        files.update((rel / n).as_posix() for n in names)
+    return files, dirs
+
+
+def _write_manifest(new: Path, stage: str | None) -> None:
+    files, dirs = _listing(new)
+    write_json(new / MANIFEST, {"stage": stage, "files": sorted(files), "dirs": sorted(dirs)})
+
+
+def _read_manifest(out: Path) -> dict | None:
+    """The manifest in `out` as {"stage", "files", "dirs"}; None when it is missing or not one of ours."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        if isinstance(manifest.get("files"), list) and isinstance(manifest.get("dirs"), list):
+            return manifest
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _check_owned(out: Path, stage: str | None) -> None:
+    """Refuse to replace `out` unless it is missing, empty, or holds only what its manifest lists.
+
+    Listed files that are gone are fine (`dvc repro` deletes a stage's outs before running it). A
+    manifest of another stage makes its files someone else's (`stage` None: any entropy-probe stage).
+    """
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise ProbeError(f"output dir {out} is an existing file", "choose a directory for --out (created if missing)")
+    files, dirs = _listing(out)
+    files.discard(MANIFEST)
+    if not files and not dirs:
+        return
+    manifest = _read_manifest(out) or {"stage": None, "files": [], "dirs": []}
+    owner = manifest["stage"]
+    if stage is not None and owner is not None and owner != stage:
+        raise ProbeError(
+            f"output dir {out} holds the output of entropy-probe {owner}, not {stage}", "choose another --out"
+        )
+    foreign = sorted((files - set(manifest["files"])) | (dirs - set(manifest["dirs"])))
+    if foreign:
+        raise ProbeError(
+            f"output dir {out} holds files entropy-probe did not write ({foreign[0]}; {len(foreign)} in all)",
+            "move them away or choose another --out (a stage replaces only its own output)",
+        )
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` (flock on .NAME.entropy-probe.lock next to it) for the block."""
+    path = _lock_path(out)
+    with _write_errors(path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ProbeError(
+                    f"another entropy-probe run is writing {out}", "wait for it or choose another --out"
+                ) from None
+            if _same_file(path, fd):
+                break
+            os.close(fd)  # the previous holder removed the file between our open and flock: lock a fresh one
+    try:
+        yield
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked, so nobody can lock the file we remove and think they hold it
+        os.close(fd)
 
 
-def fingerprint_files(paths: list[str | Path]) -> str:
-    """sha256 over (name, bytes) of the given files, in the given order; a short hex digest."""
-    digest = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        digest.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+@contextlib.contextmanager
+def _writing(out: Path, stage: str | None) -> Iterator[None]:
+    """Lock `out`, clean up a killed run's leftovers, refuse it unless ours, and register the claim."""
+    with _locked(out):
+        with _write_errors(out):
+            _clean_leftovers(out)
+        _check_owned(out, stage)
+        _claimed[out] = stage
+        try:
+            yield
+        finally:
+            del _claimed[out]
 
 
-def fingerprint_dir(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
-    files = sorted({f for pat in patterns for f in Path(path).glob(pat) if f.is_file()})
-    return fingerprint_files(files)
+def _resolve(out_dir: str | Path) -> Path:
+    out = Path(out_dir).expanduser().resolve()
+    if out == out.parent:
+        raise ProbeError(f"output dir {out} is a filesystem root", "choose a directory of its own for --out")
+    return out
+
+
+def _relation(out: Path, other: Path) -> str | None:
+    if out == other:
+        return "is"
+    if other in out.parents:
+        return "is inside"
+    if out in other.parents:
+        return "contains"
+    return None
+
+
+def check_output_dir(out_dir: str | Path, inputs: dict[str, str | Path]) -> Path:
+    """The resolved `out_dir`, refused if it is, is inside or contains one of `inputs`.
+
+    `inputs` maps a params key to a path the stage reads (checkpoint, dataset, input artifacts). Paths are
+    resolved (relative paths, symlinks) before they are compared; no file is read.
+    """
+    out = _resolve(out_dir)
+    for key, path in inputs.items():
+        relation = _relation(out, Path(path).expanduser().resolve())
+        if relation is not None:
+            raise ProbeError(
+                f"output dir {out} {relation} {key} ({path}), which the stage reads",
+                "choose an --out apart from the checkpoint and the stage's inputs (a stage replaces its --out whole)",
+            )
+    return out
+
+
+@contextlib.contextmanager
+def claim_output_dir(
+    out_dir: str | Path, stage: str, inputs: dict[str, str | Path] | None = None, dry_run: bool = False
+) -> Iterator[Path]:
+    """Check `out_dir` for `stage` before any work, and hold it for the block (the CLI wraps each stage in it).
+
+    Refused with a one-line ProbeError: an --out that is, is inside or contains one of `inputs`
+    (`check_output_dir`), an existing file or a dir holding files this stage did not write (`_check_owned`),
+    a dir another run holds the lock of. Outside a dry run the lock is held for the whole block, a killed
+    run's leftovers are cleaned up first, and `staged_output_dir` inside the block uses this claim. A dry
+    run only checks.
+    """
+    out = check_output_dir(out_dir, inputs or {})
+    if dry_run:
+        _check_owned(out, stage)
+        yield out
+        return
+    with _writing(out, stage):
+        yield out
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: str | Path, stage: str | None = None) -> Iterator[Path]:
+    """Yield an empty staging dir; when the block succeeds it replaces `out_dir` (`_swap_in`), else it vanishes.
+
+    Inside `claim_output_dir` for the same dir the claim's lock and stage are used; on its own (library
+    use) it locks, cleans up and checks ownership itself, here rather than before the caller's work.
+    """
+    out = _resolve(out_dir)
+    claimed = out in _claimed
+    stage = stage or _claimed.get(out)
+    with contextlib.nullcontext() if claimed else _writing(out, stage):
+        with _write_errors(out):
+            new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            os.chmod(new, 0o777 & ~UMASK)
+        _staging[new] = out
+        try:
+            try:
+                yield new
+            except OSError as exc:  # e.g. disk full in another library's writer (savefig, the Trainer)
+                place = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else new
+                err = _write_error(exc, place) if place.is_relative_to(out.parent) else None
+                if err is None:
+                    raise
+                raise err from None
+            _check_owned(out, stage)  # again: someone may have put files there while the stage ran
+            _before_step("manifest")
+            _write_manifest(new, stage)
+            with _write_errors(out):
+                _swap_in(new, out)
+        finally:
+            del _staging[new]
+            if new.exists():
+                shutil.rmtree(new)

@@ -4,6 +4,9 @@ Layouts read (SPEC §4): a Hugging Face / TRL Trainer `checkpoint-N/` (adapter_m
 adapter_config.json, optimizer.pt, scheduler.pt, trainer_state.json, training_args.bin), or an adapter
 directory with optimizer.pt inside, beside or one level above it (optionally with an
 `optimizer_param_names.json` name map).
+The trainer's settings (loss_type, temperature, ...) come from a plain `trainer_config.json` beside the
+adapter when there is one (the demo writes it), else from training_args.bin — a pickle, so only when
+the user trusts it.
 
 optimizer.pt holds `{"state": {int: {...}}, "param_groups": [{"params": [int, ...], lr, ...}]}`: the ints
 are positions, not names. The Trainer builds two groups — decay then no-decay, each in
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ProbeError
 from .params import CheckpointParams
@@ -38,24 +42,34 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS = "training_args.bin"
+TRAINER_CONFIG = "trainer_config.json"  # a JSON copy of TRAINER_CONFIG_KEYS from training_args.bin
 NAME_MAP = "optimizer_param_names.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# what the probe needs from the trainer's arguments (GRPOConfig names); None when unknown
-TRAINER_CONFIG_KEYS = (
-    "loss_type",
-    "scale_rewards",
-    "temperature",
-    "top_p",
-    "max_grad_norm",
-    "beta",
-    "max_completion_length",
-    "num_generations",
-    "learning_rate",
-    "lr_scheduler_type",
-)
+
+class TrainerConfig(BaseModel):
+    """What the probe needs from the trainer's arguments (GRPOConfig names); None when unknown.
+
+    Strict and finite: a hand-edited trainer_config.json gets no silent coercion ("0.7" is not 0.7).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    loss_type: str | None = None
+    scale_rewards: bool | str | None = None
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_grad_norm: float | None = None  # the HF Trainer clips only when > 0
+    beta: float | None = None
+    max_completion_length: int | None = Field(None, ge=1)
+    num_generations: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, ge=0)
+    lr_scheduler_type: str | None = None
+
+
+TRAINER_CONFIG_KEYS = tuple(TrainerConfig.model_fields)
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 EIGHT_BIT_KEYS = ("state1", "state2", "__bnb_optimizer_quant_state__")  # bitsandbytes optimizers
 
@@ -73,6 +87,7 @@ class CheckpointPaths:
     training_args_path: Path | None
     base_model: str  # a local directory or a hub id
     name_map_path: Path | None
+    trainer_config_path: Path | None = None
 
     @property
     def base_is_local(self) -> bool:
@@ -176,8 +191,10 @@ def resolve_paths(ckpt: CheckpointParams) -> CheckpointPaths:
     if not root.is_dir():
         raise ProbeError(f"checkpoint path {root} is a file, not a directory", "set checkpoint.path to its directory")
     adapter_dir = _find_adapter_dir(root)
-    if not any((adapter_dir / w).is_file() for w in ADAPTER_WEIGHTS):
+    weights = next((adapter_dir / w for w in ADAPTER_WEIGHTS if (adapter_dir / w).is_file()), None)  # PEFT's order
+    if weights is None:
         raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {adapter_dir}", "point checkpoint.path at a saved adapter")
+    _check_adapter_weights(weights)
     optimizer_path = _find_optimizer(ckpt, root, adapter_dir)
     side = _unique([optimizer_path.parent, adapter_dir, root])  # where the Trainer's other files live
     base = ckpt.base_model
@@ -193,7 +210,26 @@ def resolve_paths(ckpt: CheckpointParams) -> CheckpointPaths:
         training_args_path=_first_existing(side, TRAINING_ARGS),
         base_model=_resolve_base(base, _unique([root, adapter_dir])),
         name_map_path=_first_existing(_unique([optimizer_path.parent, adapter_dir]), NAME_MAP),
+        trainer_config_path=_first_existing(side, TRAINER_CONFIG),
     )
+
+
+def _check_adapter_weights(path: Path) -> None:
+    """Refuse an empty or cut-off adapter weights file now, not deep inside PEFT after the base is loaded.
+
+    safe_open reads only the header and checks that the data it describes covers the file exactly.
+    """
+    fix = "the adapter weights are damaged (an interrupted copy or save?): copy or re-save the checkpoint"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # SafetensorError, truncated zip, ...: unreadable input either way
+        raise ProbeError(f"adapter weights {path} are unreadable ({_first_line(exc)})", fix) from None
 
 
 def adapter_info(paths: CheckpointPaths) -> dict:
@@ -647,30 +683,71 @@ def read_trainer_state(path: Path | None) -> dict:
     return out
 
 
-def read_trainer_config(paths: CheckpointPaths, trust_pickles: bool) -> dict:
-    """TRAINER_CONFIG_KEYS (None when unknown) + global_step, learning_rate_last, learning_rate_last_step.
+def trainer_config_from_args(args: Any) -> dict:
+    """TRAINER_CONFIG_KEYS of a TrainingArguments/GRPOConfig, JSON-ready (what trainer_config.json holds)."""
+    return {k: _plain(getattr(args, k, None)) for k in TRAINER_CONFIG_KEYS}
 
-    training_args.bin is a pickle (arbitrary code on load): read only when `trust_pickles`.
+
+def _validated_trainer_config(raw: Any, path: Path, fix: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ProbeError(f"{path} holds a {type(raw).__name__}, not a mapping of trainer settings", fix)
+    try:
+        return TrainerConfig.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(map(str, err["loc"])) or "?"
+        raise ProbeError(f"{path}: bad trainer setting '{key}' = {err.get('input')!r} ({err['msg']})", fix) from None
+
+
+def _read_trainer_config_json(path: Path) -> dict:
+    fix = f"fix {path} (keys: {', '.join(TRAINER_CONFIG_KEYS)}; null when unknown) or delete it"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{path} is not readable JSON ({exc.__class__.__name__})", fix) from None
+    return _validated_trainer_config(raw, path, fix)
+
+
+def _unpickle_training_args(path: Path) -> dict:
+    try:
+        args = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ProbeError(
+            f"cannot unpickle {path} ({_first_line(exc)})",
+            "install the package that wrote it, or set checkpoint.trust_pickles: false",
+        ) from None
+    fix = f"write the settings into {path.parent / TRAINER_CONFIG} instead (it is read first)"
+    return _validated_trainer_config(trainer_config_from_args(args), path, fix)
+
+
+def read_trainer_config(paths: CheckpointPaths, trust_pickles: bool) -> dict:
+    """TRAINER_CONFIG_KEYS (None when unknown) + global_step, learning_rate_last, learning_rate_last_step,
+    and `trainer_config_source`: the file the settings came from (None: unknown).
+
+    Sources, first found: trainer_config.json (plain JSON); training_args.bin, a pickle (arbitrary code
+    on load), only when `trust_pickles`; else the settings are unknown.
     """
     cfg: dict[str, Any] = {k: None for k in TRAINER_CONFIG_KEYS}
     cfg.update(read_trainer_state(paths.trainer_state_path))
+    source = None
     args_path = paths.training_args_path
-    if args_path is None:
-        log.info("no %s beside the checkpoint: trainer settings (loss_type, temperature, ...) unknown", TRAINING_ARGS)
+    if paths.trainer_config_path is not None:
+        cfg.update(_read_trainer_config_json(paths.trainer_config_path))
+        source = TRAINER_CONFIG
+    elif args_path is None:
+        log.info(
+            "no %s or %s beside the checkpoint: trainer settings (loss_type, temperature, ...) unknown; "
+            "write them into %s to use them",
+            TRAINER_CONFIG, TRAINING_ARGS, TRAINER_CONFIG,
+        )  # fmt: skip
     elif not trust_pickles:
         log.info(
-            "skipped %s (a pickle, unpickling runs code); set checkpoint.trust_pickles: true to read loss_type, "
-            "temperature, max_grad_norm, ... from it",
-            args_path,
-        )
+            "skipped %s (a pickle, unpickling runs code); to use loss_type, temperature, max_grad_norm, ... write "
+            "them into %s beside it, or set checkpoint.trust_pickles: true if you trust the file",
+            args_path, TRAINER_CONFIG,
+        )  # fmt: skip
     else:
-        try:
-            args = torch.load(args_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ProbeError(
-                f"cannot unpickle {args_path} ({_first_line(exc)})",
-                "install the package that wrote it, or set checkpoint.trust_pickles: false",
-            ) from None
-        for k in TRAINER_CONFIG_KEYS:
-            cfg[k] = _plain(getattr(args, k, None))
+        cfg.update(_unpickle_training_args(args_path))
+        source = TRAINING_ARGS
+    cfg["trainer_config_source"] = source
     return cfg

@@ -1,7 +1,8 @@
 """The `entropy-probe` console script: one typer subcommand per pipeline stage.
 
 Every stage has the same shape:  entropy-probe STAGE [--params FILE] [-S key.path=value ...] [--out DIR] [--dry-run]
-Stage modules expose `run(params, out_dir, dry_run)`; this file only parses options and reports errors.
+Stage modules expose `run(params, out_dir, dry_run)`; this file parses options, checks the output dir
+before any work (`protected_inputs`, `artifacts.claim_output_dir`) and reports errors.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 
-from . import distributed
+from . import artifacts, distributed
 from .errors import ProbeError
 from .params import Params, load_params
 
@@ -38,6 +40,57 @@ STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
 }
 # stages that run under `torchrun --nproc_per_node=N` (the others are single-process only)
 DISTRIBUTED_STAGES = ("sample-e", "sample-u", "delta-h1")
+# stage name -> the paths.* artifacts it reads (report's are listed by `protected_inputs`)
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "demo": (),
+    "verify": (),
+    "sample-e": (),
+    "sample-u": (),
+    "delta-h1": ("verify", "sample_e", "sample_u"),
+    "exact": ("verify", "delta_h1", "sample_e"),
+    "truth": ("delta_h1", "sample_e"),
+    "report": ("verify", "delta_h1", "exact", "truth"),
+}
+
+
+def protected_inputs(stage: str, params: Params) -> dict[str, str]:
+    """{params key: path} that `stage`'s output dir must not be, be inside, or contain.
+
+    Every stage but demo (which creates its checkpoints) keeps clear of every checkpoint named in params
+    and of a local dataset; each also of the artifacts it reads (report: per probed checkpoint, in
+    probe.root). base_model and dataset_name count only when they exist locally (else they are hub names).
+    """
+    if stage == "demo":
+        return {}
+    ck = params.checkpoint
+    paths = {
+        "checkpoint.path": ck.path,
+        "checkpoint.optimizer_path": ck.optimizer_path,
+        "sampling.checkpoint": params.sampling.checkpoint,
+        **{f"probe.checkpoints.{c.name}": c.path for c in params.probe.checkpoints},
+    }
+    local = {"checkpoint.base_model": ck.base_model, "batch_config.dataset_name": params.batch_config.dataset_name}
+    paths.update({key: value for key, value in local.items() if value is not None and Path(value).exists()})
+    if stage == "report" and params.probe.checkpoints:
+        root = Path(params.probe.root)
+        for c in params.probe.checkpoints:
+            paths.update({f"probe.root/{c.name}/{a}": str(root / c.name / a) for a in STAGE_INPUTS[stage]})
+    else:
+        paths.update({f"paths.{a}": getattr(params.paths, a) for a in STAGE_INPUTS[stage]})
+    return {key: value for key, value in paths.items() if value is not None}
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to what the user needs: no library chatter, no progress bars in logs.
+
+    bitsandbytes logs a warning about an optional CPU kernel package on import (even without QLoRA); peft
+    calls a property transformers deprecated (a FutureWarning the user cannot act on). Progress bars are
+    drawn only on a terminal: our tqdm loops use disable=None, and the hub/transformers bars read this variable.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _make_command(stage: str) -> None:
@@ -55,6 +108,7 @@ def _make_command(stage: str) -> None:
         # under torchrun only rank 0 reports progress; every rank still reports warnings and errors
         level = logging.INFO if rank == 0 else logging.WARNING
         logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+        _quiet_libraries()
         try:
             if world > 1 and stage not in DISTRIBUTED_STAGES:
                 raise ProbeError(
@@ -65,10 +119,14 @@ def _make_command(stage: str) -> None:
             if world > 1:  # one whole model per process: "auto" would spread each over all GPUs
                 params.checkpoint.device_map = distributed.resolve_device_map(params.checkpoint.device_map)
             out_dir = out if out is not None else Path(default_out(params))
-            module = importlib.import_module(module_name)
-            runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run
-            with distributed.process_group(params.checkpoint.device_map):
-                runner(params, out_dir, dry_run)
+            # before any work (and before the stage's imports): refuse an --out the stage may not replace;
+            # only rank 0 writes, so only it takes the lock (the others just check)
+            claim = artifacts.claim_output_dir(out_dir, stage, protected_inputs(stage, params), dry_run or rank != 0)
+            with claim:
+                module = importlib.import_module(module_name)
+                runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run
+                with distributed.process_group(params.checkpoint.device_map):
+                    runner(params, out_dir, dry_run)
         except ProbeError as exc:
             where = f" (rank {rank})" if world > 1 else ""
             typer.echo(f"entropy-probe {stage}{where}: error: {exc}", err=True)

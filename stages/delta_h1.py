@@ -384,14 +384,14 @@ def _max_grad_norm(setting, report: dict) -> tuple[float | None, str]:
     if report.get("max_grad_norm") is not None:
         return report["max_grad_norm"], "the trainer's max_grad_norm"
     return HF_DEFAULT_MAX_GRAD_NORM, (
-        f"default {HF_DEFAULT_MAX_GRAD_NORM} (the trainer's is not recorded: set checkpoint.trust_pickles "
-        "or update.max_grad_norm)"
+        f"default {HF_DEFAULT_MAX_GRAD_NORM} (the trainer's is not recorded: set update.max_grad_norm, write "
+        "trainer_config.json beside the checkpoint, or set checkpoint.trust_pickles for a checkpoint you trust)"
     )
 
 
 def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     from .checkpoint import checkpoint_fingerprint, load_policy_model, load_tokenizer, resolve_paths
-    from .sampling import load_samples
+    from .sampling import check_samples_fit_model, load_samples
     from .verify import read_verify
 
     E_t, E_meta = load_samples(params.paths.sample_e, "samples_e")
@@ -425,6 +425,8 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         )
     model = load_policy_model(params.checkpoint, paths)
     tokenizer = load_tokenizer(paths)
+    check_samples_fit_model(E_t, E_meta, params.paths.sample_e, model, tokenizer)
+    check_samples_fit_model(U_t, U_meta, params.paths.sample_u, model, tokenizer)
     load_seconds = time.perf_counter() - start
     device = next(model.parameters()).device
     E = Batch.from_artifact(E_t, E_meta, device)
@@ -455,8 +457,12 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
     )
     result["timings"]["load_model"] = round(load_seconds, 4)
 
+    log.info("delta-h1: phase seconds %s", result["timings"])
+    # no timings in delta_h1.json: exact, truth and report depend on it, and a re-run must not change it
     summary = {
-        k: v for k, v in result.items() if k not in ("xbar", "delta_theta", "e_contributions", "u_attribution")
+        k: v
+        for k, v in result.items()
+        if k not in ("xbar", "delta_theta", "e_contributions", "u_attribution", "timings")
     }
     summary.update(
         B_E=len(E),

@@ -5,7 +5,9 @@
    and eos tokens only, stopped early so that the policy at temperature 1 is right about half the
    time: a GRPO group then usually holds both rewards, so advantages are non-zero. Saved as `base/`.
 3. A real RL run: TRL's GRPOTrainer with a LoRA adapter and AdamW (linear schedule), reward
-   `exact_number`, checkpoints `run/checkpoint-N/` in the Trainer's own layout.
+   `exact_number`, checkpoints `run/checkpoint-N/` in the Trainer's own layout, plus a plain
+   `trainer_config.json` (the trainer settings the probe reads), so the probe never has to unpickle
+   training_args.bin.
 
 Layout of `out_dir` (written into a staged temp dir, renamed into place on success):
     prompts.jsonl  base/  run/checkpoint-{save_steps, 2*save_steps, ..}/  demo.json
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import staged_output_dir, write_json, write_text
+from .checkpoint import TRAINER_CONFIG, trainer_config_from_args
 from .errors import ProbeError
 from .params import DemoParams, Params
 from .task import exact_number, make_arithmetic_prompts, score_responses
@@ -368,6 +371,8 @@ def _build(demo: DemoParams, out_dir: Path) -> None:
             missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).exists()]
             if missing:
                 raise RuntimeError(f"{ckpt.name} lacks {missing}")
+            # the same settings training_args.bin pickles, as JSON: read without trusting a pickle
+            write_json(ckpt / TRAINER_CONFIG, trainer_config_from_args(trainer.args))
         n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         seconds["total"] = time.perf_counter() - t0
         write_json(

@@ -32,7 +32,7 @@ Baselines b_ij are detached and never use sequence i (so E[∇logp_ij · b_ij] =
 - mean:        per-position leave-one-out mean of the return over the other sequences with position j
                (0 where no other sequence has it)
 - regression:  ridge (intercept unpenalised) of the return on per-position features
-               [H_ij, extra features (e.g. top1_prob, margin), j/R, 1], cross-fitted: sequences are split
+               [H_ij, extra features (e.g. top1_prob, margin), log(1 + j), 1], cross-fitted: sequences are split
                into `folds` folds (i mod folds) and each fold is predicted from a fit on the others.
 For token_mean the two causal sums are baselined separately, b = b^S − Ĥ₋ᵢ b^L, so that neither the
 baseline nor Ĥ₋ᵢ sees sequence i. Baselines ignore importance weights (any function of the other
@@ -203,7 +203,9 @@ def _baseline(
         return _loo_position_mean(returns, mask)
     if kind == "regression":
         n, r = mask.shape
-        pos = torch.arange(r, dtype=returns.dtype, device=returns.device).expand(n, r) / r
+        # a fixed function of the position k: scaling by the artifact's longest response (which may be
+        # sequence i's own) would let the ridge fit, and so i's baseline, depend on i's later tokens
+        pos = torch.log1p(torch.arange(r, dtype=returns.dtype, device=returns.device)).expand(n, r)
         design = torch.cat([entropies[..., None], _feature_columns(features, mask), pos[..., None]], dim=-1)
         design = torch.cat([design, torch.ones_like(pos)[..., None]], dim=-1).to(returns.dtype)
         return _crossfit_ridge(design, returns, mask, ridge, folds)

@@ -376,19 +376,62 @@ def _rmsnorm_in_input_dtype(module: torch.nn.Module):
     return forward
 
 
+# The attention that `as_float64` selects: transformers' eager attention computed in the input dtype.
+FLOAT64_ATTENTION = "eager_input_dtype"
+
+
+def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """softmax(q kᵀ · scaling + mask) v with every step in the input dtype; returns (output, weights).
+
+    transformers' eager attention runs the softmax in float32 whatever the model dtype: ~1e-7 rounding
+    that depends on θ, and in float64 the fully masked query rows of left padding (every score at
+    finfo(float64).min, which is −inf in float32) become NaN that leaks through the value matmul. SDPA
+    computes in the input dtype but its CPU kernel has no double backward (the tangents need one).
+    Keys and values are repeated per query group as in transformers' `repeat_kv`.
+    """
+    unsupported = [k for k in ("softcap", "s_aux", "sinks") if kwargs.get(k) is not None]
+    if unsupported:  # computing without them would silently give another model
+        raise ProbeError(
+            f"float64 exact enumeration does not implement attention with {', '.join(unsupported)}",
+            "run the exact stage on a model without attention logit soft-capping or attention sinks",
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = torch.softmax(scores, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _register_float64_attention() -> None:
+    """Make FLOAT64_ATTENTION a transformers attention implementation, with eager's additive float mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(FLOAT64_ATTENTION, _eager_attention_in_input_dtype)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FLOAT64_ATTENTION, eager_mask)
+
+
 def as_float64(model):
     """`model.double()` in eval mode, made float64 end to end (in place; returns the model).
 
     Two places in transformers' Llama-family code compute in float32 whatever the model dtype,
-    which leaves θ-dependent rounding of ~1e-7 and ruins float64 finite differences:
+    which leaves θ-dependent rounding of ~1e-7 and ruins float64 finite differences and identities:
     - RMSNorm upcasts to float32 (not float64): its instances get a forward in the input dtype;
-    - eager attention runs its softmax in float32, and in float64 it turns the fully masked query
-      rows of left padding into NaN that leaks through the value matmul: eager becomes SDPA,
-      which computes in the input dtype. (Rotary cos/sin stay float32: they do not depend on θ.)
+    - eager attention runs its softmax in float32 (and turns left padding into NaN in float64): the
+      model gets eager attention computed in the input dtype (FLOAT64_ATTENTION), which, unlike SDPA
+      on CPU, also has a double backward. (Rotary cos/sin stay float32: they do not depend on θ.)
     """
     model = model.double().eval()
-    if getattr(model.config, "_attn_implementation", None) == "eager":
-        model.set_attn_implementation("sdpa")
+    _register_float64_attention()
+    model.set_attn_implementation(FLOAT64_ATTENTION)
+    if getattr(model.config, "_attn_implementation", None) != FLOAT64_ATTENTION:
+        raise ProbeError(
+            f"{type(model).__name__} cannot switch its attention implementation, so it cannot run in float64",
+            "use a transformers model that supports set_attn_implementation (Llama, Qwen2, Mistral, …)",
+        )
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = _rmsnorm_in_input_dtype(module)
@@ -500,6 +543,26 @@ def _load_model(params: Params):
     return load_policy_model(params.checkpoint, resolve_paths(params.checkpoint))
 
 
+def sequences_per_prompt(vocab_size: int, n_eos: int, max_new_tokens: int) -> int:
+    """Leaves of the full response tree when every token has π > 0 (top_p = 1).
+
+    A response ends at depth d < R only on an eos token (n_eos · (V − n_eos)^(d−1) of them); at depth R
+    every token ends it (V · (V − n_eos)^(R−1)). With top_p < 1 the nucleus prunes, so this is an upper bound.
+    """
+    open_prefixes = vocab_size - n_eos
+    ended_early = sum(n_eos * open_prefixes ** (d - 1) for d in range(1, max_new_tokens))
+    return ended_early + vocab_size * open_prefixes ** (max_new_tokens - 1)
+
+
+def _base_config(params: Params):
+    """The base model's config (vocabulary, eos), read without loading any weights."""
+    from transformers import AutoConfig
+
+    from .checkpoint import resolve_paths
+
+    return AutoConfig.from_pretrained(resolve_paths(params.checkpoint).base_model)
+
+
 def _prepare_float64(model, names: list[str]):
     """The exact stage's model: float64, θ = the parameters Δθ names (and only those) require grad."""
     if any(not p.is_floating_point() for p in model.parameters()):
@@ -536,20 +599,21 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
     samples, _ = read_tensors(sample_dir / "samples.safetensors", "samples_e")
     temperature, top_p, max_new = _generation(read_json(sample_dir / "samples.json", "E samples report"))
     prompts, mult = e_batch_prompts(samples)
+    if dry_run:
+        config = _base_config(params)
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        bound = len(prompts) * sequences_per_prompt(config.vocab_size, len(eos), max_new)
+        exactly = "exactly" if top_p >= 1.0 else "at most (top_p < 1 prunes the tree)"
+        print(f"exact: {len(prompts)} distinct prompts ({sum(mult)} E rows), {exactly} {bound} sequences to "
+              f"enumerate (vocab {config.vocab_size}, max_new_tokens={max_new}); limit exact.max_sequences="
+              f"{ep.max_sequences}; writes {Path(out_dir) / 'exact.json'}")  # fmt: skip
+        return None
     model = _load_model(params)
     eos = _eos_id(model)
     kw = dict(eos_id=eos, max_new_tokens=max_new, temperature=temperature, top_p=top_p, max_sequences=ep.max_sequences)
     log.info("exact: %d distinct prompts (%d E rows), T=%g, top_p=%g, max_new_tokens=%d",
              len(prompts), sum(mult), temperature, top_p, max_new)  # fmt: skip
 
-    if dry_run:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        out = exact_moments(model, prompts, mult, with_grad=False, prompts_per_chunk=ep.prompts_per_chunk, **kw)
-        n = int(out["n_sequences"])
-        print(f"exact: {len(prompts)} distinct prompts, {n} sequences to enumerate "
-              f"(max_new_tokens={max_new}, top_p={top_p}); limit exact.max_sequences={ep.max_sequences}")  # fmt: skip
-        return None
 
     bars, _ = read_tensors(Path(params.paths.delta_h1) / "bars.safetensors", "bars")
     delta = {k[len("delta_theta.") :]: v for k, v in bars.items() if k.startswith("delta_theta.")}
@@ -616,7 +680,6 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
         "n_e_rows": sum(mult),
         "n_sequences": n_seq,
         "n_parameters": sum(v.numel() for v in delta.values()),
-        "seconds": time.perf_counter() - t0,
     }
     with staged_output_dir(out_dir) as tmp:
         write_json(tmp / "exact.json", result)
@@ -625,7 +688,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
         z = "n/a" if r["z"] is None else f"{r['z']:+.2f}"
         log.info("%s: H=%.5f  δH₁ exact %.4e  estimate %s  z %s  FD rel err %.1e",
                  t, r["entropy_exact"], r["delta_h1_exact"], r["delta_h1"], z, r["rel_err_fd"])  # fmt: skip
-    log.info("exact: wrote %s in %.1f s", Path(out_dir) / "exact.json", result["seconds"])
+    log.info("exact: wrote %s in %.1f s", Path(out_dir) / "exact.json", time.perf_counter() - t0)
     return result
 
 

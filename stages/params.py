@@ -2,6 +2,8 @@
 
 `load_params(path, overrides)` reads params.yaml, applies `-S key.path=value` overrides (values parsed
 as YAML, like `dvc exp run -S`), and validates. An unknown or ill-typed key is a ProbeError naming it.
+Every float, wherever it sits (a plain field, a union member, a list item), must be finite: NaN and ±inf
+are refused once, for all sections, by `allow_inf_nan=False` on the base Section.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .errors import ProbeError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: YAML's .nan/.inf (or "nan") in any float field is a validation error
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DemoParams(Section):
@@ -90,7 +93,7 @@ class GenerationParams(Section):
     @field_validator("temperature")
     @classmethod
     def _positive_temperature(cls, v):
-        if v != "auto" and v <= 0:
+        if v != "auto" and not v > 0:
             raise ValueError("must be > 0 or 'auto'")
         return v
 
@@ -109,7 +112,7 @@ class AdvantageParams(Section):
 class EstimatorParams(Section):
     entropy: Literal["sequence", "token_mean", "seq_mean_token_mean"] = "token_mean"
     baseline: Literal["none", "mean", "regression"] = "mean"
-    ridge: float = Field(1.0, ge=0)  # regression baseline: ridge on [H_k, top1_prob, margin, k/R, 1]
+    ridge: float = Field(1.0, ge=0)  # regression baseline: ridge on [H_k, top1_prob, margin, log(1+k), 1]
     crossfit_folds: int = Field(5, ge=2)  # regression baseline is fitted on the other folds only
 
 
@@ -119,6 +122,14 @@ class UpdateParams(Section):
         "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "auto"
     max_grad_norm: float | Literal["auto"] | None = "auto"  # auto: the trainer's; null or 0: no clipping
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip_norm(cls, v):
+        # the HF Trainer reads a negative norm as "no clipping"; here that must be said with null or 0
+        if v not in ("auto", None) and v < 0:
+            raise ValueError("must be > 0, 'auto', or null/0 for no clipping")
+        return v
 
 
 class ComputeParams(Section):
@@ -227,9 +238,15 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         if not path.exists():
             raise ProbeError(f"params file {path} not found", "pass --params FILE or run from the repo root")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ProbeError(f"params file {path} is not valid YAML ({exc.__class__.__name__})") from exc
+        tree = {} if tree is None else tree
+        if not isinstance(tree, dict):
+            raise ProbeError(
+                f"params file {path} holds a YAML {type(tree).__name__}, not a mapping of sections",
+                "write it as `section:` blocks of `key: value` lines, like params.yaml",
+            )
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     return validate_params(tree)
@@ -254,8 +271,15 @@ def validate_params(tree: dict) -> Params:
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        err = errors[0]
         key = _key_path(err["loc"])
         if err["type"] == "extra_forbidden":
             raise ProbeError(f"unknown params key '{key}'", "check the spelling against params.yaml") from None
-        raise ProbeError(f"bad value for params key '{key}': {err['msg']}", "fix it in params.yaml or -S") from None
+        # a union field fails once per member ("should be 'auto'", "should be a finite number"): say them all
+        msgs = list(dict.fromkeys(e["msg"] for e in errors if _key_path(e["loc"]) == key))
+        value = repr(err["input"])
+        value = value if len(value) <= 60 else value[:57] + "..."
+        raise ProbeError(
+            f"bad value {value} for params key '{key}': {'; or '.join(msgs)}", "fix it in params.yaml or -S"
+        ) from None

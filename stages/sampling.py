@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import time
@@ -292,7 +293,7 @@ def generate_batches(
     device = _input_device(model)
     batches = []
     starts = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=not progress)):
+    for b, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=None if progress else True)):
         enc = tokenizer(
             prompts[start : start + batch_size],
             return_tensors="pt",
@@ -402,6 +403,8 @@ def check_samples(tensors: dict[str, torch.Tensor], meta: dict, kind: str) -> st
             return f"'{key}' has shape {tuple(tensors[key].shape)}, expected {expected}"
     if N == 0 or P < 1 or R < 1:
         return f"empty artifact (N={N}, P={P}, R={R})"
+    if bool((tensors["input_ids"] < 0).any()):
+        return "negative token ids"
     plens, rlens = tensors["prompt_lens"], tensors["response_lens"]
     if bool(((plens < 1) | (plens > P)).any()) or bool(((rlens < 1) | (rlens > R)).any()):
         return "prompt_lens/response_lens out of range"
@@ -448,6 +451,32 @@ def load_samples(sample_dir: str | Path, kind: str) -> tuple[dict[str, torch.Ten
     return tensors, meta
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """len(tokenizer) and a short sha256 of its vocabulary (token -> id, added tokens included)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {"vocab_size": len(tokenizer), "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16]}
+
+
+def check_samples_fit_model(tensors: dict[str, torch.Tensor], meta: dict, sample_dir, model, tokenizer) -> None:
+    """Refuse samples the model cannot score: a token id beyond its embedding table, or (when the samples
+    record one) another tokenizer than `tokenizer`. Cheap; call it before any pass over the samples."""
+    path = Path(sample_dir) / SAMPLES_FILE
+    fix = "they were made with another tokenizer; re-run sample-e and sample-u with this checkpoint"
+    n_embed = model.get_input_embeddings().num_embeddings
+    top = int(tensors["input_ids"].max())
+    if top >= n_embed:
+        raise ProbeError(f"samples in {path} hold token id {top} but the model's vocabulary has {n_embed} entries", fix)
+    recorded, current = meta.get("tokenizer"), tokenizer_identity(tokenizer)
+    if recorded is not None and recorded != current:
+        recorded = recorded if isinstance(recorded, dict) else {}
+        raise ProbeError(
+            f"samples in {path} were made with a tokenizer of {recorded.get('vocab_size')} tokens (vocabulary "
+            f"{recorded.get('vocab_sha256')}); this checkpoint's has {current['vocab_size']} tokens "
+            f"({current['vocab_sha256']})",
+            fix,
+        )
+
+
 # ----------------------------------------------------------------------------- the stages
 
 
@@ -472,7 +501,11 @@ def resolve_scale(setting, trainer_config: dict) -> tuple[bool, str]:
         return True, f"the trainer's scale_rewards={recorded!r}"
     if recorded in (False, "none", "false", "False"):
         return False, f"the trainer's scale_rewards={recorded!r}"
-    return True, f"default True (the trainer's scale_rewards={recorded!r} is not 'group', 'none' or a bool)"
+    # e.g. TRL's "batch" divides by the std of the whole batch, which the per-group advantages here cannot emulate
+    raise ProbeError(
+        f"the trainer's scale_rewards={recorded!r} is not emulated (only 'group', 'none' or a bool)",
+        "set advantage.scale: true or false explicitly, knowing the emulated step then differs from the trainer's",
+    )
 
 
 def sampler_checkpoint(params):
@@ -503,7 +536,6 @@ def _fraction_all_equal(rewards: torch.Tensor) -> float:
 def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
     from . import task  # stage-level imports: keep `import stages.sampling` light
 
-    t0 = time.perf_counter()
     stage = "sample-e" if kind == "samples_e" else "sample-u"
     batch, gen = params.batch_config, params.generation
     prompt_set = task.load_prompts(batch)
@@ -587,6 +619,7 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
             "checkpoint_fingerprint": fingerprint,
             "checkpoint_path": sampler.path,
             "load": {"dtype": sampler.dtype, "use_qlora": sampler.use_qlora},
+            "tokenizer": tokenizer_identity(tokenizer),
             "generation": {
                 "temperature": temperature,
                 "temperature_source": t_source,
@@ -618,12 +651,9 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
         if problem is not None:
             raise RuntimeError(f"{stage} produced a malformed artifact: {problem}")  # a bug, not user input
         with artifacts.staged_output_dir(out_dir) as tmp:
-            # the safetensors file holds no timings, so same seed + inputs ⇒ byte-identical file
+            # no timings in either file: same seed + inputs ⇒ byte-identical artifacts (and no DVC re-runs)
             artifacts.write_tensors(tmp / SAMPLES_FILE, tensors, kind, meta)
-            artifacts.write_json(
-                tmp / SAMPLES_JSON,
-                {**meta, "seconds": time.perf_counter() - t0, "generate_seconds": gen_seconds},
-            )
+            artifacts.write_json(tmp / SAMPLES_JSON, meta)
         log.info(
             "%s: %d prompts %s (%d distinct), G=%d, %d sequences; mean reward %s, all-equal groups %s, "
             "mean response length %.2f, truncated %.1f%%; %.1fs generating -> %s",

@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.dtype:
+    """The dtype to sum t in: float32 for half precision, t's own dtype for float32 and float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def grad_and_tangents(
     outputs: list[torch.Tensor],
     coefficients: list[torch.Tensor],
@@ -32,7 +37,9 @@ def grad_and_tangents(
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     if direction is None:
         return grads, None
-    directional = sum((g.float() * v.float()).sum() for g, v in zip(grads, direction))
+    # in float32 or better: half-precision grads are summed in float32, float64 ones stay float64
+    dtypes = [_at_least_float32(g) for g in grads]
+    directional = sum((g.to(d) * v.to(d)).sum() for g, v, d in zip(grads, direction, dtypes))
     tangents = torch.autograd.grad(directional, leaves, allow_unused=True)
     tangents = [torch.zeros_like(c) if t is None else t for t, c in zip(tangents, coefficients)]
     return [g.detach() for g in grads], [t.detach() for t in tangents]
@@ -87,11 +94,12 @@ class RowDirectional:
             x = inputs[0].detach()
 
             def on_grad(delta):
-                dots = torch.zeros(delta.shape[0], dtype=torch.float32, device=delta.device)
+                acc = _at_least_float32(delta)  # float32 for half-precision models, float64 for float64 ones
+                dots = torch.zeros(delta.shape[0], dtype=acc, device=delta.device)
                 if "weight" in parts:
-                    dots += (delta * (x @ parts["weight"].to(x.dtype).T)).flatten(1).sum(-1, dtype=torch.float32)
+                    dots += (delta * (x @ parts["weight"].to(x.dtype).T)).flatten(1).sum(-1, dtype=acc)
                 if "bias" in parts:
-                    dots += (delta * parts["bias"].to(delta.dtype)).flatten(1).sum(-1, dtype=torch.float32)
+                    dots += (delta * parts["bias"].to(delta.dtype)).flatten(1).sum(-1, dtype=acc)
                 self.acc = dots if self.acc is None else self.acc + dots
 
             output.register_hook(on_grad)

@@ -149,7 +149,8 @@ def _plan(params: Params, paths: CheckpointPaths, out_dir: Path) -> str:
         f"  load                 {'QLoRA 4-bit nf4' if ck.use_qlora else 'LoRA'} dtype={ck.dtype} "
         f"device_map={ck.device_map} checkpointing={ck.use_checkpointing}",
         f"  learning_rate        {ck.learning_rate}",
-        f"  training_args.bin    {'read' if ck.trust_pickles else 'not unpickled (checkpoint.trust_pickles: false)'}",
+        f"  trainer config       {paths.trainer_config_path or 'no trainer_config.json'}; training_args.bin "
+        f"{'read if no JSON' if ck.trust_pickles else 'not unpickled (checkpoint.trust_pickles: false)'}",
         "  checks               names/groups/shapes of Adam state, finiteness, step, lr, eval mode, adapter-only grads",
         f"  writes               {out_dir / STATE}, {out_dir / REPORT}",
     ]
@@ -209,11 +210,10 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         "global_step": tcfg["global_step"],
         "max_grad_norm": tcfg["max_grad_norm"],
         "trainer_config": {k: tcfg[k] for k in TRAINER_CONFIG_KEYS},
-        "trainer_config_source": "training_args.bin" if ck.trust_pickles and paths.training_args_path else None,
+        "trainer_config_source": tcfg["trainer_config_source"],
         "checks": checks,
         "warnings": warnings,
-        "load_seconds": round(load_seconds, 3),
-    }
+    }  # no timings: later stages depend on this file, and a re-run must not change it
     tensors = {}
     for n in state.names:
         tensors[f"exp_avg.{n}"] = state.exp_avg[n]

@@ -27,6 +27,7 @@ from stages.delta_h1 import Batch  # noqa: E402
 from stages.params import validate_params  # noqa: E402
 from stages.policy import token_budget_slices  # noqa: E402
 from stages.sampling import load_samples  # noqa: E402
+from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 
@@ -150,7 +151,7 @@ def test_two_process_sampling_equals_one_process(pipeline):
         assert two.keys() == one.keys()
         for name in one:  # the same draws, the same layout (global P and R), the same rewards
             assert torch.equal(two[name], one[name]), name
-        assert sorted(p.name for p in out.iterdir()) == ["samples.json", "samples.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == sorted([artifacts.MANIFEST, "samples.json", "samples.safetensors"])
 
 
 def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
@@ -158,31 +159,44 @@ def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
     return json.loads((out / "delta_h1.json").read_text()), bars
 
 
+# δH₁-like results: float32 dot products of X̄ (or the tangents) with an update-sized vector, which may cancel
+DOT_KEYS = ("delta_h1", "delta_h1_momentum_part", "delta_h1_naive", "delta_h1_gradient_part_linearised")
+
+
 def _assert_same_delta_h1(two: Path, one: Path) -> dict:
+    """Two processes sum in another order than one: float32 results agree to FP32_REL of their scale.
+
+    A δH₁-like value is compared relative to ‖X̄‖‖Δθ‖ (by Cauchy–Schwarz, the largest a dot product of
+    X̄ with Δθ can be: the magnitude of its terms), not to itself; norms, SEs and entropies do not cancel.
+    """
     (s2, bars2), (s1, bars1) = _delta_h1_outputs(two), _delta_h1_outputs(one)
     assert s2["world_size"] == 2 and s1["world_size"] == 1
+    dot_scale = s1["norm_xbar"] * s1["norm_delta_theta"]
     keys = ["delta_h1", "se_delta_h1", "se_E", "se_U", "entropy", "delta_h1_momentum_part", "delta_h1_naive",
             "delta_h1_gradient_part_linearised", "norm_xbar", "norm_g", "norm_delta_theta"]  # fmt: skip
     for key in keys:
-        assert s2[key] == pytest.approx(s1[key], rel=1e-5, abs=1e-12), key
+        assert_close_scaled(s2[key], s1[key], dot_scale if key in DOT_KEYS else abs(s1[key]), what=key)
     for target, values in s1["targets"].items():
+        # X̄ of another target is ~ the main X̄ × the ratio of the entropies (sequence = token_mean × mean length)
+        target_scale = dot_scale * max(1.0, values["entropy"] / s1["entropy"])
         for key, value in values.items():
-            assert s2["targets"][target][key] == pytest.approx(value, rel=1e-5, abs=1e-12), (target, key)
+            scale = target_scale if key in DOT_KEYS else abs(value)
+            assert_close_scaled(s2["targets"][target][key], value, scale, what=f"{target}.{key}")
     for key in ("B_E", "B_U", "G", "n_E_tokens", "n_U_tokens"):
         assert s2[key] == s1[key], key
     for key, value in s1["reuse"].items():
-        assert s2["reuse"][key] == (value if key in ("weighted", "sampler_fingerprint") else pytest.approx(value, rel=1e-5))
+        assert s2["reuse"][key] == (value if key in ("weighted", "sampler_fingerprint") else pytest.approx(value, rel=FP32_REL))
     assert bars2.keys() == bars1.keys()
     for name in bars1:
-        # float32 sums in another order (per-process microbatches): 1e-5 of the tensor's scale
-        scale = float(bars1[name].abs().max())
-        torch.testing.assert_close(bars2[name], bars1[name], rtol=1e-5, atol=1e-5 * scale)
+        # float32 sums in another order (per-process microbatches): compared as whole tensors
+        assert_close_scaled(bars2[name], bars1[name], float(bars1[name].double().norm()), what=name)
     rows2 = (two / "attributions.csv").read_text().splitlines()
     rows1 = (one / "attributions.csv").read_text().splitlines()
     assert len(rows2) == len(rows1) == 1 + 4 + 13  # header, U groups, E sequences
     return s2
 
 
+@pytest.mark.numerics
 def test_two_process_delta_h1_equals_one_process(pipeline):
     from stages import delta_h1
 
@@ -195,6 +209,7 @@ def test_two_process_delta_h1_equals_one_process(pipeline):
     assert s2["se_U"] > 0 and s2["norm_g"] > 0  # the U passes carry signal, so their parity means something
 
 
+@pytest.mark.numerics
 def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
     """Samples recorded as drawn by another checkpoint: the sharded re-scoring pass and the weighted path."""
     from stages import delta_h1

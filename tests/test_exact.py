@@ -17,6 +17,9 @@ from stages.policy import policy_logprobs
 
 from conftest import make_lora_model
 
+# floating-point results of the model's kernels, compared to tight tolerances (see tests/tolerances.py)
+pytestmark = pytest.mark.numerics
+
 PROMPTS = [[1, 2, 3], [7], [3, 3, 10, 11, 0]]  # different lengths: exercises left padding
 MULT = [2, 1, 3]
 
@@ -143,16 +146,55 @@ def test_cuda_matches_cpu():
         assert all(g.is_cuda for g in grads[t].values())
 
 
-def test_every_token_an_eos_stops_after_one_step(lora_model):
-    """All prefixes end at depth 0: the loop stops early; several eos ids are honoured."""
+def test_every_token_an_eos_stops_after_one_step():
+    """All prefixes end at depth 0: the loop stops early; several eos ids are honoured (float64: exact sums)."""
+    model = exact.as_float64(make_lora_model())
     kw = dict(max_new_tokens=3, temperature=1.0, top_p=1.0, max_sequences=10**6)
     with torch.no_grad():
-        enum = exact.enumerate_forest(lora_model, PROMPTS, eos_id=list(range(16)), **kw)
+        enum = exact.enumerate_forest(model, PROMPTS, eos_id=list(range(16)), **kw)
     assert enum.n_sequences == 16 * len(PROMPTS)
     assert (enum.lengths == 1).all() and not enum.truncated.any()
-    values = exact.exact_moments(lora_model, PROMPTS, eos_id=list(range(16)), with_grad=False, **kw)
-    assert float(values["mass"]) == pytest.approx(1.0, abs=1e-6)
-    assert float(values["token_mean"]) == pytest.approx(float(values["sequence"]), rel=1e-6)  # L = 1
+    values = exact.exact_moments(model, PROMPTS, eos_id=list(range(16)), with_grad=False, **kw)
+    assert float(values["mass"]) == pytest.approx(1.0, abs=1e-12)
+    assert float(values["token_mean"]) == pytest.approx(float(values["sequence"]), rel=1e-12)  # L = 1
+
+
+def test_as_float64_is_float64_end_to_end_and_twice_differentiable():
+    """as_float64: attention in float64 (transformers' eager softmax would round to float32, and turn the
+    fully masked rows of left padding into NaN), so a left-padded batch scores each row exactly as its
+    unpadded forward; and a double backward exists (SDPA's CPU kernel has none), giving directional
+    derivatives that match central finite differences."""
+    from stages.policy import teacher_force
+    from stages.tangents import grad_and_tangents
+
+    model = exact.as_float64(make_lora_model(seed=4))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.config._attn_implementation == exact.FLOAT64_ATTENTION
+    rows = [[1, 2, 3, 4, 5], [7, 8, 9]]  # prompt of 3 and of 1 token, two response tokens each
+    ids = torch.tensor([rows[0], [15, 15] + rows[1]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    scored = teacher_force(model, ids, mask, 3, torch.ones(2, 2, dtype=torch.bool), 1.0, 1.0, with_grad=True)
+    assert scored.logprobs.dtype == torch.float64 and torch.isfinite(scored.logprobs).all()
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row])).logits[0, -3:-1]
+        alone = policy_logprobs(logits, 1.0).gather(-1, torch.tensor(row[-2:])[:, None])[:, 0]
+        torch.testing.assert_close(scored.logprobs[i], alone, rtol=0, atol=1e-12)
+
+    params = list(exact.trainable(model).values())
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+                 for k, p in enumerate(params)]  # fmt: skip
+    _, (tangents,) = grad_and_tangents([scored.logprobs], [torch.ones(2, 2, dtype=torch.float64)], params, direction)
+    delta, h = dict(zip(exact.trainable(model), direction)), 1e-6
+
+    def scored_at(step: float) -> torch.Tensor:
+        with torch.no_grad(), exact.perturbed(model, delta, step):
+            return teacher_force(model, ids, mask, 3, torch.ones(2, 2, dtype=torch.bool), 1.0, 1.0).logprobs
+
+    assert torch.equal(scored_at(0.0), scored.logprobs.detach())
+    # central differences: truncation O(h²) and round-off ~1e-16/h, both ~1e-10 here
+    torch.testing.assert_close(tangents, (scored_at(h) - scored_at(-h)) / (2 * h), rtol=1e-7, atol=1e-9)
+    assert tangents.abs().min() > 1e-4
 
 
 def random_direction(model, scale=0.05, seed=0):
@@ -278,9 +320,13 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     gen = write_stage_inputs(tmp_path, reference, rows, 2, delta, 1e-2, estimates)
     params = stage_params(tmp_path)
 
-    assert exact.run(params, tmp_path / "dry", dry_run=True) is None
+    # --dry-run counts from the config alone: no model load, no enumeration
+    monkeypatch.setattr(exact, "_base_config", lambda params: reference.config)
+    with monkeypatch.context() as m:
+        m.setattr(exact, "_load_model", lambda params: pytest.fail("--dry-run loaded the model"))
+        assert exact.run(params, tmp_path / "dry", dry_run=True) is None
     assert not (tmp_path / "dry").exists()
-    assert "2 distinct prompts, 482 sequences" in capsys.readouterr().out  # 2 × (15·16 + 1)
+    assert "2 distinct prompts (4 E rows), exactly 482 sequences" in capsys.readouterr().out  # 2 × (1 + 16·15)
 
     exact.run(params, tmp_path / "exact", dry_run=False)
     out = json.loads((tmp_path / "exact" / "exact.json").read_text())
@@ -306,3 +352,15 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     with pytest.raises(ProbeError, match="'nope'"):
         exact.run(params, tmp_path / "exact", dry_run=False)
     assert json.loads((tmp_path / "exact" / "exact.json").read_text()) == out
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3])
+def test_sequence_count_formula_matches_enumeration(max_new):
+    """--dry-run's count (no model needed) equals the number of leaves exact enumeration produces at top_p = 1."""
+    model = exact.as_float64(make_lora_model(seed=2))
+    V = model.config.vocab_size
+    with torch.no_grad():
+        enum = exact.enumerate_forest(
+            model, [[1, 2]], eos_id=14, max_new_tokens=max_new, temperature=1.0, top_p=1.0, max_sequences=10**6
+        )
+    assert enum.tokens.shape[0] == exact.sequences_per_prompt(V, 1, max_new)

@@ -1,4 +1,7 @@
-"""π_θ = top-p(softmax(logits/T)) against hand computations; teacher forcing against a brute-force forward."""
+"""π_θ = top-p(softmax(logits/T)) against hand computations; teacher forcing against a brute-force forward.
+
+Identities run in float64 with tight tolerances (tests/tolerances.py): the hand formulas are exact, and
+a padded batch scores each row exactly as its own unpadded forward."""
 
 from __future__ import annotations
 
@@ -16,13 +19,15 @@ from stages.policy import (
 )
 
 NEG_INF = float("-inf")
+pytestmark = pytest.mark.numerics  # floating-point results of the policy's kernels (see tests/tolerances.py)
 
 
 def _expected_logp(probs: list[float], keep: set[int], temperature: float = 1.0) -> torch.Tensor:
-    """Hand formula: q_v ∝ p_v^(1/T), restricted to `keep`, renormalised; log, −inf outside."""
+    """Hand formula: q_v ∝ p_v^(1/T), restricted to `keep`, renormalised; log, −inf outside (float64)."""
     tempered = [p ** (1 / temperature) for p in probs]
     total = sum(tempered[v] for v in keep)
-    return torch.tensor([math.log(tempered[v] / total) if v in keep else NEG_INF for v in range(len(probs))])
+    return torch.tensor([math.log(tempered[v] / total) if v in keep else NEG_INF for v in range(len(probs))],
+                        dtype=torch.float64)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -37,21 +42,21 @@ def _expected_logp(probs: list[float], keep: set[int], temperature: float = 1.0)
     ],
 )
 def test_top_p_against_hand_computation(probs, top_p, keep):
-    logits = torch.tensor(probs).log() + 3.0  # a shift must not matter
+    logits = torch.tensor(probs, dtype=torch.float64).log() + 3.0  # a shift must not matter
     mask = top_p_keep_mask(logits, top_p)
     assert set(mask.nonzero().flatten().tolist()) == keep
     logp = policy_logprobs(logits, 1.0, top_p)
     expected = _expected_logp(probs, keep)
     assert torch.equal(torch.isinf(logp), torch.isinf(expected))
-    assert torch.allclose(logp[~torch.isinf(logp)], expected[~torch.isinf(expected)], atol=1e-6)
-    assert math.isclose(float(logp.exp().sum()), 1.0, abs_tol=1e-6)  # renormalised mass
+    assert torch.allclose(logp[~torch.isinf(logp)], expected[~torch.isinf(expected)], rtol=0, atol=1e-12)
+    assert math.isclose(float(logp.exp().sum()), 1.0, abs_tol=1e-12)  # renormalised mass
 
 
 def test_top_p_applies_to_the_tempered_distribution():
     probs = [0.5, 0.2, 0.2, 0.1]
     # T = 2: q ∝ sqrt(p) = [.369, .233, .233, .165]; mass before the 3rd token .602 ≥ 0.6 → keep {0, 1}
-    logp = policy_logprobs(torch.tensor(probs).log(), 2.0, 0.6)
-    assert torch.allclose(logp[:2], _expected_logp(probs, {0, 1}, 2.0)[:2], atol=1e-6)
+    logp = policy_logprobs(torch.tensor(probs, dtype=torch.float64).log(), 2.0, 0.6)
+    assert torch.allclose(logp[:2], _expected_logp(probs, {0, 1}, 2.0)[:2], rtol=0, atol=1e-12)
     assert torch.isinf(logp[2:]).all()
     # top_p = 0.7: at T = 2 the mass before the 3rd token is .602 < .7 → three kept;
     # at T = 0.5 (q ∝ p² = [.735, .118, .118, .029]) the first token alone reaches .7 → one kept
@@ -63,20 +68,20 @@ def test_top_p_applies_to_the_tempered_distribution():
 
 
 def test_temperature_without_top_p_is_tempered_softmax():
-    logits = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    logits = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=torch.float64)
     for T in (0.5, 1.0, 1.7):
-        expected = torch.tensor([math.exp(x / T) for x in logits.tolist()])
+        expected = torch.tensor([math.exp(x / T) for x in logits.tolist()], dtype=torch.float64)
         expected = (expected / expected.sum()).log()
-        assert torch.allclose(policy_logprobs(logits, T, 1.0), expected, atol=1e-6)
+        assert torch.allclose(policy_logprobs(logits, T, 1.0), expected, rtol=0, atol=1e-12)
     half = policy_logprobs(logits.to(torch.bfloat16), 0.7, 0.9)
     assert half.dtype == torch.float32  # low-precision logits are scored in float32
 
 
 def test_entropy_hand_and_outside_nucleus_is_zero():
     p = [0.5, 0.25, 0.25, 0.0]
-    logp = torch.tensor([math.log(x) if x > 0 else NEG_INF for x in p])
+    logp = torch.tensor([math.log(x) if x > 0 else NEG_INF for x in p], dtype=torch.float64)
     h = entropy_from_logprobs(logp)
-    assert math.isclose(float(h), -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), rel_tol=1e-6)
+    assert math.isclose(float(h), -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), rel_tol=1e-12)
     assert torch.isfinite(h)
 
 
@@ -93,7 +98,13 @@ def _brute_force_logps(model, rows: list[list[int]], n_prompt: list[int], temper
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_teacher_force_matches_unpadded_forward(lora_model, temperature, top_p):
+def test_teacher_force_matches_unpadded_forward(temperature, top_p):
+    """An exact identity, so in float64: left and right padding change no log-prob and no entropy."""
+    from stages.exact import as_float64
+
+    from conftest import make_lora_model
+
+    lora_model = as_float64(make_lora_model())
     torch.manual_seed(0)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]  # different prompt lengths → left padding
     responses = [[3, 4, 14], [5], [6, 7, 8, 9]]  # different response lengths → right padding
@@ -112,8 +123,8 @@ def test_teacher_force_matches_unpadded_forward(lora_model, temperature, top_p):
         n = len(r)
         finite = torch.isfinite(lps[i])  # a hand-picked token may lie outside the nucleus: −inf in both
         assert torch.equal(torch.isfinite(stats.logprobs[i, :n]), finite)
-        assert torch.allclose(stats.logprobs[i, :n][finite], lps[i][finite], atol=1e-5)
-        assert torch.allclose(stats.entropies[i, :n], hs[i], atol=1e-5)
+        torch.testing.assert_close(stats.logprobs[i, :n][finite], lps[i][finite], rtol=0, atol=1e-12)
+        torch.testing.assert_close(stats.entropies[i, :n], hs[i], rtol=0, atol=1e-12)
     for x in (stats.logprobs, stats.entropies, stats.top1_prob, stats.margin):
         assert (x[~resp_mask] == 0).all()
     assert ((stats.margin >= 0) & (stats.margin <= stats.top1_prob)).all()

@@ -42,6 +42,7 @@ def tok():
     return build_tokenizer()
 
 
+@pytest.mark.numerics
 def test_same_checkpoint_weights_are_one_and_change_nothing(tok):
     """Explicit uniform weights reproduce the unweighted computation (the plain path forms no weights)."""
     model = peaked_model(0)

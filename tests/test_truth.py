@@ -147,6 +147,7 @@ def test_quadratic_fit():
 # ---------------------------------------------------------------------------------------------- on a transformer
 
 
+@pytest.mark.numerics
 def test_zero_step_is_exact_and_parameters_are_restored(model, tok, delta):
     """m = 0: ΔH = 0 exactly with SE 0 (SNIS and fresh) and ESS = N; every parameter bit-identical after."""
     E = sample_e(model, tok, seed=1, rows=ROWS[:64])
@@ -309,11 +310,11 @@ def test_truth_stage_end_to_end(stage_setup, capsys):
     truth.run(params, root / "truth", dry_run=False)
     out = json.loads((root / "truth" / "truth.json").read_text())
     for key in ("target", "learning_rate", "delta_h1", "se_delta_h1", "etas", "linearity", "targets",
-                "n_sequences", "restored_exactly", "seconds"):  # fmt: skip
+                "n_sequences", "restored_exactly"):  # fmt: skip
         assert key in out, key
     assert out["target"] == "token_mean" and out["learning_rate"] == 1e-2 and out["n_sequences"] == 24
     assert out["delta_h1"] == -2e-3 and out["se_delta_h1"] == 1e-3
-    assert out["restored_exactly"] is True and out["same_checkpoint"] is True and out["seconds"] > 0
+    assert out["restored_exactly"] is True and out["same_checkpoint"] is True and "seconds" not in out
     assert [e["multiplier"] for e in out["etas"]] == [0.0, 1.0, 2.0]
     for e in out["etas"]:
         assert set(e) == {"multiplier", "eta", "delta_h1_pred", "snis", "fresh", "ratio_snis", "ratio_fresh"}

@@ -1,0 +1,165 @@
+"""Exact identities of the gradient and tangent machinery, in float64 with a tight tolerance.
+
+delta-h1 rests on three identities of `stages.tangents`; here they are checked on a float64 copy
+(`exact.as_float64`) of the tiny LoRA transformer of test_delta_h1, so they hold to ~1e-12 of the
+size of the summed terms on any CPU (the float32 product path is checked, with magnitude-scaled
+tolerances, in test_delta_h1):
+  - per U row, the RowDirectional hooks (one ordinary backward) = Σ_t c_t (∇logp_t·v) by double
+    backward = ∇(Σ_t c_t logp_t of that row scored alone, without padding)·v;
+  - ∇(Σ_ik w_i (a_ik H_ik + c_ik logp_ik))·v = Σ_i w_i s_i: X̄·v is the mean of the influence values;
+  - rows never interact, so gradients summed over token-budget microbatches, and tangents computed
+    microbatch by microbatch, equal those of the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stages import exact
+from stages.estimators import BASELINES, TARGETS, entropy_coefficients
+from stages.policy import policy_logprobs
+from stages.tangents import RowDirectional, grad_and_tangents
+from stages.update import group_advantages, pg_coefficients
+from test_delta_h1 import sample_batch, trainable
+from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
+
+pytestmark = pytest.mark.numerics
+
+PROMPTS = ["1+2=", "12+34=", "7+8=", "100+1="]  # two lengths: the batches have left padding
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stages.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def lora_model(lora_bias: bool = False, peaked: bool = True):
+    """Tiny Qwen2 + LoRA, optionally with LoRA biases; `peaked`: test_delta_h1's policy far from uniform
+    (where ∇H_k does not vanish), else one that often ends early (responses of several lengths)."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.tiny import build_model
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj"] if lora_bias else ["q_proj", "v_proj"]
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False,
+                        lora_bias=lora_bias)  # fmt: skip
+    model = get_peft_model(build_model(hidden_size=32, seed=3 if peaked else 5), config).eval()
+    if peaked:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+def sample_u(model, tok, n_groups: int, G: int, seed: int):
+    """A U batch of groups of G responses, rewarded by the parity of their token sum (varies within groups)."""
+    U = sample_batch(model, tok, [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)], seed)
+    rewards = ((U.input_ids[:, U.n_prompt_cols :] * U.mask).sum(-1) % 2).double()
+    U.tensors["advantages"] = group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1)
+    return U
+
+
+def random_direction(params, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+def naive_row_directional(model, U, coef, params, direction) -> torch.Tensor:
+    """Per row i: ∇(Σ_t coef_it logp_it)·v with the row scored alone (no padding, natural positions)."""
+    out = []
+    for i in range(len(U)):
+        prompt = U.input_ids[i, : U.n_prompt_cols][U.attention_mask[i, : U.n_prompt_cols].bool()]
+        response = U.input_ids[i, U.n_prompt_cols :][U.mask[i]]
+        logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1 : -1]
+        logp = policy_logprobs(logits, U.temperature, U.top_p).gather(-1, response[:, None])[:, 0]
+        grads = torch.autograd.grad((coef[i, : len(response)] * logp).sum(), params, allow_unused=True)
+        out.append(sum((g * v).sum() for g, v in zip(grads, direction) if g is not None))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_row_hooks_equal_double_backward_equal_naive_loss(tok, lora_bias):
+    model = lora_model(lora_bias, peaked=False)
+    U = sample_u(model, tok, n_groups=4, G=4, seed=31)  # left-padded prompts, right-padded responses
+    m64 = exact.as_float64(copy.deepcopy(model))
+    named = trainable(m64)
+    names, params = list(named), list(named.values())
+    assert RowDirectional.supports(m64, names) and any(n.endswith(".bias") for n in names) == lora_bias
+    assert (U.attention_mask[:, 0] == 0).any() and not U.mask.all()
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").double()
+    direction = random_direction(params, seed=1)
+
+    with RowDirectional(m64, names, direction) as hooks:
+        stats = U.score(m64, slice(0, len(U)), entropies=False)
+        torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef], allow_unused=True)
+        by_hooks = hooks.take()
+    stats = U.score(m64, slice(0, len(U)), entropies=False)
+    _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.double()], params, direction)
+    by_double_backward = (coef * dlogp).sum(-1)
+    by_naive_loss = naive_row_directional(m64, U, coef, params, direction)
+
+    assert by_hooks.dtype == torch.float64 and dlogp.dtype == torch.float64
+    scale = sum_scale(coef * dlogp)
+    assert_close_scaled(by_hooks, by_double_backward, scale, FP64_REL, "hooks vs double backward")
+    assert_close_scaled(by_naive_loss, by_double_backward, scale, FP64_REL, "naive loss vs double backward")
+    assert by_double_backward.abs().min() > 1e-6 * scale  # every row carries signal
+
+
+def entropy_pass_float64(model, E, coefs, direction, max_tokens: int):
+    """(X̄ per parameter, dH, dlogp) as delta-h1's E pass forms them, microbatch by microbatch, in float64."""
+    params = list(trainable(model).values())
+    w = coefs.weights[:, None]
+    a, c = coefs.a.double() * w, coefs.c.double() * w
+    xbar = [torch.zeros_like(p) for p in params]
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows in E.slices(max_tokens):
+        stats = E.score(model, rows)
+        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
+            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
+        )
+        xbar = [x + g for x, g in zip(xbar, grads)]
+    return xbar, dH, dlogp
+
+
+@pytest.fixture(scope="module")
+def e_batch(tok):
+    model = lora_model()
+    E = sample_batch(model, tok, PROMPTS * 8, seed=5)
+    return exact.as_float64(copy.deepcopy(model)), E
+
+
+def test_xbar_dot_v_equals_the_mean_influence(e_batch):
+    """X̄·v by reverse mode = Σ w s = mean ψ from the per-token tangents, every target and baseline."""
+    m64, E = e_batch
+    params = list(trainable(m64).values())
+    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).double()
+    for t in TARGETS:
+        for b in BASELINES:
+            coefs = entropy_coefficients(E.tensors["entropies"].double(), E.mask, target=t, baseline=b,
+                                         features=features, folds=4)  # fmt: skip
+            direction = random_direction(params, seed=7)
+            xbar, dH, dlogp = entropy_pass_float64(m64, E, coefs, direction, 10_000)
+            dot = sum(float((x * v).sum()) for x, v in zip(xbar, direction))
+            scale = sum(dot_scale(x, v) for x, v in zip(xbar, direction))
+            assert_close_scaled(coefs.estimate(dH, dlogp)[0], dot, scale, FP64_REL, f"{t}/{b}: mean ψ vs X̄·v")
+
+
+def test_microbatches_change_nothing(e_batch):
+    """Token budgets of 10 000 (one microbatch), 30 (a few rows each) and 7 (one row each): the same X̄ and tangents."""
+    m64, E = e_batch
+    params = list(trainable(m64).values())
+    coefs = entropy_coefficients(E.tensors["entropies"].double(), E.mask, target="token_mean", baseline="mean")
+    direction = random_direction(params, seed=8)
+    assert len(E.slices(10_000)) == 1 and 1 < len(E.slices(30)) < len(E) and len(E.slices(7)) == len(E)
+    whole = entropy_pass_float64(m64, E, coefs, direction, 10_000)
+    for budget in (30, 7):
+        split = entropy_pass_float64(m64, E, coefs, direction, budget)
+        for x, y in zip(split[0], whole[0]):
+            assert_close_scaled(x, y, float(y.norm()), FP64_REL, f"X̄ at budget {budget}")
+        for x, y in zip(split[1:], whole[1:]):
+            assert_close_scaled(x, y, float(y.norm()), FP64_REL, f"tangents at budget {budget}")
