@@ -41,12 +41,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms  # noqa: E402
-from stages.estimators import entropy_coefficients  # noqa: E402
-from stages.params import EstimatorParams  # noqa: E402
-from stages.sampling import generate_responses, neutral_generation_config  # noqa: E402
-from stages.tangents import grad_and_tangents  # noqa: E402
-from stages.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
+from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms  # noqa: E402
+from entropy_probe.estimators import entropy_coefficients  # noqa: E402
+from entropy_probe.params import EstimatorParams  # noqa: E402
+from entropy_probe.sampling import generate_responses, neutral_generation_config  # noqa: E402
+from entropy_probe.tangents import grad_and_tangents  # noqa: E402
+from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOS, PAD = "<eos>", "<pad>"
@@ -99,7 +99,7 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
             base = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map={"": device},
                                                         attn_implementation="eager", quantization_config=quant)  # fmt: skip
         if device == "cpu":
-            from stages.checkpoint import _disable_bnb_cpu_packing
+            from entropy_probe.checkpoint import _disable_bnb_cpu_packing
 
             _disable_bnb_cpu_packing(base)
     else:

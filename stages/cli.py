@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import typer
 
-from . import artifacts, distributed
-from .errors import ProbeError
-from .params import Params, load_params
+from entropy_probe import artifacts, distributed
+from entropy_probe.errors import ProbeError
+from entropy_probe.params import Params, load_params
 
 app = typer.Typer(
     add_completion=False,
@@ -31,8 +31,8 @@ app = typer.Typer(
 STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
     "demo": ("stages.demo", lambda p: p.demo.out_dir, "Build the embedded demo: tiny model, task, GRPO run with LoRA + AdamW."),
     "verify": ("stages.verify", lambda p: p.paths.verify, "Load base + adapter + optimizer, verify, write optimizer state."),
-    "sample-e": ("stages.sampling", lambda p: p.paths.sample_e, "Sample the E batch: B_E prompts with replacement, G=1."),
-    "sample-u": ("stages.sampling", lambda p: p.paths.sample_u, "Sample the U batch: B_U distinct prompts, G responses, rewards."),
+    "sample-e": ("stages.sample", lambda p: p.paths.sample_e, "Sample the E batch: B_E prompts with replacement, G=1."),
+    "sample-u": ("stages.sample", lambda p: p.paths.sample_u, "Sample the U batch: B_U distinct prompts, G responses, rewards."),
     "delta-h1": ("stages.delta_h1", lambda p: p.paths.delta_h1, "Compute dH1 = Xbar . dtheta with standard errors and attributions."),
     "exact": ("stages.exact", lambda p: p.paths.exact, "Exact H, grad H, dH1 and dH(eta) by enumeration (tiny models)."),
     "truth": ("stages.truth", lambda p: p.paths.truth, "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure."),

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -24,7 +24,7 @@ def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32):
     """Tiny Qwen2 + LoRA adapter with non-zero B (so both A and B get gradients), eval mode, fp32."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.tiny import build_model
+    from entropy_probe.tiny import build_model
 
     base = build_model(hidden_size=hidden_size, num_layers=2, num_heads=4, seed=seed)
     torch.manual_seed(seed + 1000)

@@ -23,17 +23,17 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
-from stages import artifacts, demo  # noqa: E402
-from stages.checkpoint import (  # noqa: E402
+from entropy_probe import artifacts, demo  # noqa: E402
+from entropy_probe.checkpoint import (  # noqa: E402
     TRAINER_CONFIG,
     TRAINER_CONFIG_KEYS,
     read_trainer_config,
     resolve_paths,
 )
 from stages.cli import app  # noqa: E402
-from stages.errors import ProbeError  # noqa: E402
-from stages.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
-from stages.sampling import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
+from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
+from entropy_probe.sampling import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 REPO = Path(__file__).parent.parent
@@ -208,7 +208,7 @@ def _forge_samples(root: Path, dest: Path, edit) -> None:
 @pytest.fixture()
 def no_expensive_pass(monkeypatch):
     """delta-h1 must refuse before re-scoring or any gradient pass."""
-    from stages import delta_h1
+    from entropy_probe import delta_h1
 
     def reached(*args, **kwargs):
         raise AssertionError("the expensive pass was reached")

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import set_base_in_adapter_config, write_trainer_checkpoint  # noqa: E402
 
-from stages.checkpoint import (  # noqa: E402
+from entropy_probe.checkpoint import (  # noqa: E402
     build_adamw,
     checkpoint_fingerprint,
     load_optimizer_state,
@@ -28,8 +28,8 @@ from stages.checkpoint import (  # noqa: E402
     read_trainer_config,
     resolve_paths,
 )
-from stages.errors import ProbeError  # noqa: E402
-from stages.params import CheckpointParams  # noqa: E402
+from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.params import CheckpointParams  # noqa: E402
 
 
 # peft mistakes 1-D LoRA-B biases for un-gathered ZeRO-3 shards when saving
@@ -255,7 +255,7 @@ def test_resolve_errors_name_the_file_and_the_key(trained, tmp_path, setup, patt
 
 
 def test_tokenizer_from_checkpoint_then_base(trained, tmp_path):
-    from stages.tiny import VOCAB
+    from entropy_probe.tiny import VOCAB
 
     paths = resolve_paths(ck_params(trained.dir))
     assert load_tokenizer(paths).convert_tokens_to_ids("<eos>") == VOCAB.index("<eos>")
@@ -341,7 +341,7 @@ def test_name_map_with_unknown_name_is_refused(trained, tmp_path):
 
 def test_trainer_config_without_pickles(trained, caplog):
     paths = resolve_paths(ck_params(trained.dir))
-    with caplog.at_level(logging.INFO, logger="stages.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="entropy_probe.checkpoint"):
         cfg = read_trainer_config(paths, trust_pickles=False)
     assert all(cfg[k] is None for k in ("loss_type", "temperature", "max_grad_norm", "scale_rewards", "beta"))
     assert cfg["global_step"] == 3 and cfg["learning_rate_last"] == pytest.approx(trained.lr_last)

@@ -1,7 +1,7 @@
 """delta-h1 on a real (tiny) transformer: estimates vs exact enumeration, parity, invariance, SEs.
 
 These tests run the product's own code path end to end — generation, teacher forcing, the
-double-backward tangents, the estimator coefficients — and compare with `stages.exact`, which
+double-backward tangents, the estimator coefficients — and compare with `entropy_probe.exact`, which
 differentiates through the enumeration of every continuation.
 """
 
@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient
-from stages.estimators import BASELINES, TARGETS, entropy_coefficients
-from stages.exact import exact_gradients
-from stages.params import EstimatorParams
-from stages.policy import policy_logprobs
-from stages.sampling import generate_responses
-from stages.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction, zero_gradient_part
+from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient
+from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
+from entropy_probe.exact import exact_gradients
+from entropy_probe.params import EstimatorParams
+from entropy_probe.policy import policy_logprobs
+from entropy_probe.sampling import generate_responses
+from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction, zero_gradient_part
 from conftest import make_lora_model
 from tolerances import assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
 
@@ -41,7 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tok():
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -295,9 +295,9 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias):
     in float32 as the stage runs, relative to Σ|c·dlogp| (the float64 identity is in test_tangents)."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.delta_h1 import u_row_terms
-    from stages.tangents import RowDirectional, grad_and_tangents
-    from stages.tiny import build_model
+    from entropy_probe.delta_h1 import u_row_terms
+    from entropy_probe.tangents import RowDirectional, grad_and_tangents
+    from entropy_probe.tiny import build_model
 
     torch.manual_seed(0)
     config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -317,7 +317,7 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias):
 
 def test_row_directional_refuses_what_it_cannot_do():
     """A trainable parameter that is not a Linear weight/bias (e.g. an embedding) is not supported."""
-    from stages.tangents import RowDirectional
+    from entropy_probe.tangents import RowDirectional
 
     model = make_lora_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -330,8 +330,8 @@ def test_u_row_terms_fallback_path_agrees(tok, monkeypatch):
     """Without the hooks (unsupported parameter types) the double-backward path gives the same row terms.
 
     The model is not the peaked one: its groups have responses (and rewards) that differ, so the rows are not 0."""
-    from stages.delta_h1 import u_row_terms
-    from stages.tangents import RowDirectional
+    from entropy_probe.delta_h1 import u_row_terms
+    from entropy_probe.tangents import RowDirectional
 
     model = make_lora_model(seed=3, rank=2)
     named = trainable(model)

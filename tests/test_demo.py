@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import demo
-from stages.artifacts import MANIFEST
-from stages.params import Params, validate_params
-from stages.task import make_arithmetic_prompts
+from entropy_probe import demo
+from entropy_probe.artifacts import MANIFEST
+from entropy_probe.params import Params, validate_params
+from entropy_probe.task import make_arithmetic_prompts
 
 # What a transformers/TRL Trainer `checkpoint-N/` holds for a PEFT model (single process)
 TRAINER_FILES = [
@@ -149,7 +149,7 @@ def test_the_adapter_trained_and_reloads_to_the_reported_policy(two_runs):
 
 def test_default_warmup_leaves_room_for_rl():
     """The default warm-up makes the policy right sometimes, not always, at temperature 1."""
-    from stages.tiny import build_model, build_tokenizer
+    from entropy_probe.tiny import build_model, build_tokenizer
 
     p = Params().demo
     tokenizer = build_tokenizer()
@@ -188,7 +188,7 @@ def test_checkpoint_steps_include_the_last():
 
 
 def test_bad_shapes_are_refused(tmp_path):
-    from stages.errors import ProbeError
+    from entropy_probe.errors import ProbeError
 
     with pytest.raises(ProbeError, match="num_heads"):
         demo.run(small_params(hidden_size=30, num_heads=4), tmp_path / "x", dry_run=True)

@@ -22,11 +22,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
-from stages import artifacts, distributed  # noqa: E402
-from stages.delta_h1 import Batch  # noqa: E402
-from stages.params import validate_params  # noqa: E402
-from stages.policy import token_budget_slices  # noqa: E402
-from stages.sampling import load_samples  # noqa: E402
+from entropy_probe import artifacts, distributed  # noqa: E402
+from entropy_probe.delta_h1 import Batch  # noqa: E402
+from entropy_probe.params import validate_params  # noqa: E402
+from entropy_probe.policy import token_budget_slices  # noqa: E402
+from entropy_probe.sampling import load_samples  # noqa: E402
 from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
@@ -115,8 +115,8 @@ def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A tiny Trainer checkpoint, its verify report and 1-process sample artifacts; params as a YAML file."""
-    from stages import verify
-    from stages.sampling import run_sample_e, run_sample_u
+    from entropy_probe import verify
+    from entropy_probe.sampling import run_sample_e, run_sample_u
 
     root = tmp_path_factory.mktemp("ddp")
     ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
@@ -198,7 +198,7 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
 
 @pytest.mark.numerics
 def test_two_process_delta_h1_equals_one_process(pipeline):
-    from stages import delta_h1
+    from entropy_probe import delta_h1
 
     root, params, params_file = pipeline
     delta_h1.run(params, Path(params.paths.delta_h1), dry_run=False)
@@ -212,7 +212,7 @@ def test_two_process_delta_h1_equals_one_process(pipeline):
 @pytest.mark.numerics
 def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
     """Samples recorded as drawn by another checkpoint: the sharded re-scoring pass and the weighted path."""
-    from stages import delta_h1
+    from entropy_probe import delta_h1
 
     root, params, params_file = pipeline
     overrides = []

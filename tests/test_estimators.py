@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from stages.errors import ProbeError
-from stages.estimators import BASELINES, TARGETS, entropy_coefficients, naive_coefficients
+from entropy_probe.errors import ProbeError
+from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients, naive_coefficients
 from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
 from toy_policy import ToyPolicy
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from stages import exact
-from stages.artifacts import write_json, write_tensors
-from stages.errors import ProbeError
-from stages.params import Params
-from stages.policy import policy_logprobs
+from entropy_probe import exact
+from entropy_probe.artifacts import write_json, write_tensors
+from entropy_probe.errors import ProbeError
+from entropy_probe.params import Params
+from entropy_probe.policy import policy_logprobs
 
 from conftest import make_lora_model
 
@@ -28,7 +28,7 @@ def small_vocab_model(seed: int = 3):
     """Tiny Qwen2 + LoRA with a 6-token vocabulary (eos = 4), so depth 3 stays cheap to brute-force."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.tiny import build_model
+    from entropy_probe.tiny import build_model
 
     base = build_model(
         vocab_size=6, hidden_size=16, num_layers=2, num_heads=2, seed=seed, eos_token_id=4, pad_token_id=5
@@ -164,8 +164,8 @@ def test_as_float64_is_float64_end_to_end_and_twice_differentiable():
     fully masked rows of left padding into NaN), so a left-padded batch scores each row exactly as its
     unpadded forward; and a double backward exists (SDPA's CPU kernel has none), giving directional
     derivatives that match central finite differences."""
-    from stages.policy import teacher_force
-    from stages.tangents import grad_and_tangents
+    from entropy_probe.policy import teacher_force
+    from entropy_probe.tangents import grad_and_tangents
 
     model = exact.as_float64(make_lora_model(seed=4))
     assert all(p.dtype == torch.float64 for p in model.parameters())

@@ -28,11 +28,11 @@ import ctypes, gc, json, sys
 import torch
 torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model
-from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1
-from stages.params import EstimatorParams
-from stages.policy import teacher_force
-from stages.tiny import build_model
-from stages.update import AdamState, FlatLayout, group_advantages
+from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1
+from entropy_probe.params import EstimatorParams
+from entropy_probe.policy import teacher_force
+from entropy_probe.tiny import build_model
+from entropy_probe.update import AdamState, FlatLayout, group_advantages
 
 B_E, max_tokens = int(sys.argv[1]), int(sys.argv[2])
 P, R, V = 8, 56, 14          # 64 columns = the tiny model's max_position_embeddings
@@ -119,7 +119,7 @@ def _clear_refs_works() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(), reason="needs Linux /proc/self/clear_refs")
 def test_peak_memory_of_delta_h1_is_flat_in_B_E():
-    from stages.params import ComputeParams
+    from entropy_probe.params import ComputeParams
 
     budget = ComputeParams().max_tokens_per_microbatch  # the default token budget (64 rows × 64 columns here)
     small, large = _peak(64, budget), _peak(512, budget)

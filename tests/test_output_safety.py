@@ -20,9 +20,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from stages import artifacts
+from entropy_probe import artifacts
 from stages.cli import app
-from stages.errors import ProbeError
+from entropy_probe.errors import ProbeError
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -196,7 +196,7 @@ def test_the_demo_may_write_the_checkpoints_it_creates(tmp_path):
 KILLED_RUN = """
 import os, sys
 from pathlib import Path
-from stages import artifacts
+from entropy_probe import artifacts
 
 out, tag, kill_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -273,7 +273,7 @@ def test_leftovers_of_other_names_are_not_touched(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from stages import artifacts
+from entropy_probe import artifacts
 with artifacts.claim_output_dir(sys.argv[1], "verify"):
     print("locked", flush=True)
     time.sleep(60)
@@ -392,7 +392,7 @@ import os, sys
 os.umask(int(sys.argv[2], 8))  # before the import: artifacts reads the umask once
 from pathlib import Path
 import torch
-from stages import artifacts
+from entropy_probe import artifacts
 with artifacts.staged_output_dir(Path(sys.argv[1]), stage="verify") as tmp:
     artifacts.write_json(tmp / "a.json", {"a": 1})
     artifacts.write_text(tmp / "sub" / "b.txt", "b")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import report
-from stages.errors import ProbeError
-from stages.params import Params
+from entropy_probe import report
+from entropy_probe.errors import ProbeError
+from entropy_probe.params import Params
 
 TARGET = "token_mean"
 DASH = "–"

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from stages.delta_h1 import Batch, UpdateSpec, compute_delta_h1, importance_weights, rescore
-from stages.exact import exact_gradients
-from stages.params import EstimatorParams
+from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, importance_weights, rescore
+from entropy_probe.exact import exact_gradients
+from entropy_probe.params import EstimatorParams
 
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
 from conftest import make_lora_model
@@ -37,7 +37,7 @@ def peaked_model(seed: int, lora_shift: float = 0.0):
 
 @pytest.fixture(scope="module")
 def tok():
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     return build_tokenizer()
 

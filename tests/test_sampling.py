@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from stages import artifacts
-from stages.errors import ProbeError
-from stages.policy import teacher_force, top_p_keep_mask
-from stages.sampling import (
+from entropy_probe import artifacts
+from entropy_probe.errors import ProbeError
+from entropy_probe.policy import teacher_force, top_p_keep_mask
+from entropy_probe.sampling import (
     TOKEN_KEYS,
     _response_lengths,
     generate_responses,
@@ -19,7 +19,7 @@ from stages.sampling import (
     plan_u,
     response_mask,
 )
-from stages.tiny import EOS, build_tokenizer
+from entropy_probe.tiny import EOS, build_tokenizer
 
 from conftest import make_lora_model
 
@@ -110,7 +110,7 @@ def test_checkpoint_generation_config_is_ignored(tokenizer):
 
 def _first_token_distribution(model, tokenizer, prompt: str, temperature: float, top_p: float):
     """π(·|prompt) from a teacher-forced forward, and the first tokens of 3000 sampled responses."""
-    from stages.policy import policy_logprobs
+    from entropy_probe.policy import policy_logprobs
 
     n = 3000
     out = generate_responses(
@@ -138,7 +138,7 @@ def test_sampling_frequencies_follow_the_policy(lora_model, tokenizer):
 
 def test_no_default_top_k_on_a_large_vocabulary(tokenizer):
     """generate's global default top_k=50 must be off: with V = 300 it would cut the distribution."""
-    from stages.tiny import build_model
+    from entropy_probe.tiny import build_model
 
     model = build_model(vocab_size=300, hidden_size=32, seed=1)  # a plain (non-PEFT) model works too
     probs, counts, n = _first_token_distribution(model, tokenizer, "3+4=", 1.3, 1.0)
@@ -301,7 +301,7 @@ def stage_setup(tmp_path_factory):
     """A Trainer-layout checkpoint whose training_args.bin says temperature 0.7, scale_rewards 'none'."""
     from trainer_ckpt import write_trainer_checkpoint
 
-    from stages.params import validate_params
+    from entropy_probe.params import validate_params
 
     root = tmp_path_factory.mktemp("stage")
     ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
@@ -318,7 +318,7 @@ def stage_setup(tmp_path_factory):
     [(0.5, 0.9, 0.5), ("auto", 0.9, 0.9), ("auto", None, 1.0)],
 )
 def test_resolve_temperature(setting, recorded, expected):
-    from stages.sampling import resolve_temperature
+    from entropy_probe.sampling import resolve_temperature
 
     value, source = resolve_temperature(setting, {"temperature": recorded})
     assert value == expected and ("trainer" in source) == (setting == "auto")
@@ -330,7 +330,7 @@ def test_resolve_temperature(setting, recorded, expected):
      ("auto", "none", False), ("auto", False, False), ("auto", None, True), (True, "batch", True)],
 )  # fmt: skip
 def test_resolve_scale(setting, recorded, expected):
-    from stages.sampling import resolve_scale
+    from entropy_probe.sampling import resolve_scale
 
     value, source = resolve_scale(setting, {"scale_rewards": recorded})
     assert value is expected and source
@@ -338,7 +338,7 @@ def test_resolve_scale(setting, recorded, expected):
 
 def test_batch_scaled_rewards_are_refused_not_emulated_as_group():
     """TRL's scale_rewards='batch' divides by the batch std; treating it as 'group' would be a silent wrong step."""
-    from stages.sampling import resolve_scale
+    from entropy_probe.sampling import resolve_scale
 
     with pytest.raises(ProbeError, match=r"scale_rewards='batch' is not emulated.*advantage\.scale"):
         resolve_scale("auto", {"scale_rewards": "batch"})
@@ -366,8 +366,8 @@ def _run_twice(run, params, root, name):
 
 
 def test_sample_e_stage(stage_setup):
-    from stages.sampling import run_sample_e
-    from stages.task import load_prompts
+    from entropy_probe.sampling import run_sample_e
+    from entropy_probe.task import load_prompts
 
     root, params, _ = stage_setup
     out = _run_twice(run_sample_e, params, root, "e")
@@ -379,7 +379,7 @@ def test_sample_e_stage(stage_setup):
     assert torch.equal(tensors["prompt_index"], plan_e(n_data, 7, params.sampling.seed_e))
     assert meta["n_distinct_prompts"] == len(tensors["prompt_index"].unique())
     assert meta["generation"]["temperature"] == 0.7 and "trainer" in meta["generation"]["temperature_source"]
-    from stages import checkpoint
+    from entropy_probe import checkpoint
 
     assert meta["checkpoint_fingerprint"] == checkpoint.checkpoint_fingerprint(checkpoint.resolve_paths(params.checkpoint))
     assert meta["dataset"]["size"] == n_data and meta["dataset"]["fingerprint"]
@@ -388,8 +388,8 @@ def test_sample_e_stage(stage_setup):
 
 
 def test_sample_u_stage(stage_setup):
-    from stages.sampling import decode_responses, run_sample_u
-    from stages.task import exact_number, load_prompts
+    from entropy_probe.sampling import decode_responses, run_sample_u
+    from entropy_probe.task import exact_number, load_prompts
 
     root, params, _ = stage_setup
     out = _run_twice(run_sample_u, params, root, "u")
@@ -401,7 +401,7 @@ def test_sample_u_stage(stage_setup):
     assert (rows == rows[:, :1]).all() and len(rows[:, 0].unique()) == B_U  # distinct prompts, contiguous groups
     assert torch.equal(rows[:, 0], plan_u(len(prompt_set), B_U, params.sampling.seed_u))
     # rewards by hand from the decoded responses; trainer scale_rewards 'none' ⇒ advantages r − group mean
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     texts = decode_responses(build_tokenizer(), tensors)
     answers = [prompt_set.answers[i] for i in tensors["prompt_index"].tolist()]
@@ -415,7 +415,7 @@ def test_sample_u_stage(stage_setup):
 
 
 def test_dry_run_writes_nothing(stage_setup, capsys):
-    from stages.sampling import run_sample_e, run_sample_u
+    from entropy_probe.sampling import run_sample_e, run_sample_u
 
     root, params, _ = stage_setup
     run_sample_e(params, root / "dry_e", True)
@@ -429,8 +429,8 @@ def test_dry_run_writes_nothing(stage_setup, capsys):
 
 def test_sampler_checkpoint_is_separate_from_the_probed_one(stage_setup, tmp_path):
     """sampling.checkpoint names the sampler; a missing one is refused and nothing is written."""
-    from stages.params import validate_params
-    from stages.sampling import run_sample_e, sampler_checkpoint
+    from entropy_probe.params import validate_params
+    from entropy_probe.sampling import run_sample_e, sampler_checkpoint
 
     root, params, tree = stage_setup
     assert sampler_checkpoint(params).path == params.checkpoint.path
@@ -443,8 +443,8 @@ def test_sampler_checkpoint_is_separate_from_the_probed_one(stage_setup, tmp_pat
 
 
 def test_temperature_defaults_to_one_without_the_trainer_pickle(stage_setup, tmp_path):
-    from stages.params import validate_params
-    from stages.sampling import run_sample_e
+    from entropy_probe.params import validate_params
+    from entropy_probe.sampling import run_sample_e
 
     root, _, tree = stage_setup
     params = validate_params({**tree, "checkpoint": {**tree["checkpoint"], "trust_pickles": False}})

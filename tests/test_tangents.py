@@ -1,6 +1,6 @@
 """Exact identities of the gradient and tangent machinery, in float64 with a tight tolerance.
 
-delta-h1 rests on three identities of `stages.tangents`; here they are checked on a float64 copy
+delta-h1 rests on three identities of `entropy_probe.tangents`; here they are checked on a float64 copy
 (`exact.as_float64`) of the tiny LoRA transformer of test_delta_h1, so they hold to ~1e-12 of the
 size of the summed terms on any CPU (the float32 product path is checked, with magnitude-scaled
 tolerances, in test_delta_h1):
@@ -18,11 +18,11 @@ import copy
 import pytest
 import torch
 
-from stages import exact
-from stages.estimators import BASELINES, TARGETS, entropy_coefficients
-from stages.policy import policy_logprobs
-from stages.tangents import RowDirectional, grad_and_tangents
-from stages.update import group_advantages, pg_coefficients
+from entropy_probe import exact
+from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
+from entropy_probe.policy import policy_logprobs
+from entropy_probe.tangents import RowDirectional, grad_and_tangents
+from entropy_probe.update import group_advantages, pg_coefficients
 from test_delta_h1 import sample_batch, trainable
 from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
 
@@ -33,7 +33,7 @@ PROMPTS = ["1+2=", "12+34=", "7+8=", "100+1="]  # two lengths: the batches have 
 
 @pytest.fixture(scope="module")
 def tok():
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -43,7 +43,7 @@ def lora_model(lora_bias: bool = False, peaked: bool = True):
     (where ∇H_k does not vanish), else one that often ends early (responses of several lengths)."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.tiny import build_model
+    from entropy_probe.tiny import build_model
 
     torch.manual_seed(0)
     targets = ["q_proj", "v_proj", "down_proj"] if lora_bias else ["q_proj", "v_proj"]

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from stages.errors import ProbeError
-from stages.params import BatchParams
-from stages.task import (
+from entropy_probe.errors import ProbeError
+from entropy_probe.params import BatchParams
+from entropy_probe.task import (
     REWARDS,
     answer_tag,
     exact_number,
@@ -140,7 +140,7 @@ def test_unknown_reward_names_lists_the_registry():
 
 @pytest.mark.parametrize(
     "path, fragment",
-    [("no_such_module_xyz:fn", "could not be imported"), ("stages.task:no_such_fn", "not a function")],
+    [("no_such_module_xyz:fn", "could not be imported"), ("entropy_probe.task:no_such_fn", "not a function")],
 )
 def test_bad_dotted_reward_paths(path, fragment):
     with pytest.raises(ProbeError, match=fragment):

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from stages import exact, truth
-from stages.artifacts import write_json, write_tensors
-from stages.errors import ProbeError
-from stages.sampling import generate_responses
+from entropy_probe import exact, truth
+from entropy_probe.artifacts import write_json, write_tensors
+from entropy_probe.errors import ProbeError
+from entropy_probe.sampling import generate_responses
 
 from conftest import make_lora_model
 
@@ -26,7 +26,7 @@ MULTIPLIERS = [0.5, 1.0, 2.0]
 
 @pytest.fixture(scope="module")
 def tok():
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -253,9 +253,9 @@ def stage_setup(tmp_path_factory, tok):
     """A Trainer-layout checkpoint, E samples drawn by it, and hand-made delta-h1 outputs."""
     from trainer_ckpt import write_trainer_checkpoint
 
-    from stages import checkpoint
-    from stages.params import validate_params
-    from stages.task import load_prompts
+    from entropy_probe import checkpoint
+    from entropy_probe.params import validate_params
+    from entropy_probe.task import load_prompts
 
     root = tmp_path_factory.mktemp("truth_stage")
     ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)

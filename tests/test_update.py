@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages.errors import ProbeError
-from stages.update import (
+from entropy_probe.errors import ProbeError
+from entropy_probe.update import (
     LOSS_AGG_MODES,
     AdamState,
     FlatLayout,

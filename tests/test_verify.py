@@ -14,10 +14,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import save_base, write_trainer_checkpoint  # noqa: E402
 
-from stages import verify  # noqa: E402
-from stages.artifacts import MANIFEST, read_tensors  # noqa: E402
-from stages.errors import ProbeError  # noqa: E402
-from stages.params import validate_params  # noqa: E402
+from entropy_probe import verify  # noqa: E402
+from entropy_probe.artifacts import MANIFEST, read_tensors  # noqa: E402
+from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.params import validate_params  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape", "ignore:Paged optimizers")
 

@@ -34,7 +34,7 @@ class TrainerCkpt:
 
 
 def save_base(root: Path, hidden_size: int = 64, seed: int = 0) -> Path:
-    from stages.tiny import build_model, build_tokenizer
+    from entropy_probe.tiny import build_model, build_tokenizer
 
     base_dir = root / "base"
     build_model(hidden_size=hidden_size, num_layers=2, num_heads=4, seed=seed).save_pretrained(base_dir)
@@ -91,7 +91,7 @@ def write_trainer_checkpoint(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerState
 
-    from stages.tiny import build_tokenizer
+    from entropy_probe.tiny import build_tokenizer
 
     root = Path(root)
     base_dir = base_dir or save_base(root, hidden_size=hidden_size, seed=seed)

@@ -15,7 +15,7 @@ probability and the top-1 − top-2 margin — so no second forward pass is need
 O(batch · vocab) instead of O(batch · steps · vocab) (as `output_scores` would be).
 An optional stop string ends a response (not truncated) once the response text contains it.
 
-Under torchrun (`stages.distributed`) rank 0 makes the index plan and broadcasts it; each process generates
+Under torchrun (`entropy_probe.distributed`) rank 0 makes the index plan and broadcasts it; each process generates
 a contiguous share of the generate batches, each seeded by its global batch index, and rank 0 lays the
 gathered batches out (global P and R) and writes one artifact — the same tensors as one process draws.
 """
@@ -534,7 +534,7 @@ def _fraction_all_equal(rewards: torch.Tensor) -> float:
 
 
 def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
-    from . import task  # stage-level imports: keep `import stages.sampling` light
+    from . import task  # stage-level imports: keep `import entropy_probe.sampling` light
 
     stage = "sample-e" if kind == "samples_e" else "sample-u"
     batch, gen = params.batch_config, params.generation
