@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import artifacts, distributed
+from . import distributed, files, outputs
 from .errors import ProbeError
 from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, importance_weights, naive_coefficients
 from .params import Params
@@ -485,16 +485,16 @@ def _write_outputs(
     out_dir: Path, summary: dict, result: dict, layout: FlatLayout, params: Params, E: Batch, U: Batch, tokenizer
 ) -> None:
     """delta_h1.json, bars.safetensors and attributions.csv, atomically; then the log summary."""
-    with artifacts.staged_output_dir(out_dir) as tmp:
-        artifacts.write_tensors(
+    with outputs.staged_output_dir(out_dir) as tmp:
+        files.write_tensors(
             tmp / "bars.safetensors",
             {**{f"xbar.{n}": t for n, t in layout.unflatten(result["xbar"]).items()},
              **{f"delta_theta.{n}": t.float() for n, t in layout.unflatten(result["delta_theta"]).items()}},
             kind="bars",
             meta={"learning_rate": summary["learning_rate"], "target": params.estimator.entropy},
         )
-        artifacts.write_json(tmp / "delta_h1.json", summary)
-        artifacts.write_text(tmp / "attributions.csv", _attributions_csv(result, E, U, tokenizer))
+        files.write_json(tmp / "delta_h1.json", summary)
+        files.write_text(tmp / "attributions.csv", _attributions_csv(result, E, U, tokenizer))
     _print_summary(summary, result, U)
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import staged_output_dir, write_json, write_text
+from .files import write_json, write_text
+from .outputs import staged_output_dir
 from .checkpoint import TRAINER_CONFIG, trainer_config_from_args
 from .errors import ProbeError
 from .params import DemoParams, Params

@@ -35,7 +35,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .artifacts import read_json, read_tensors, staged_output_dir, write_json
+from .files import read_json, read_tensors, write_json
+from .outputs import staged_output_dir
 from .errors import ProbeError
 from .estimators import TARGETS
 from .params import Params

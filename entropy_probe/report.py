@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import artifacts
+from . import files, outputs
 from .errors import ProbeError
 from .params import Params
 
@@ -86,7 +86,7 @@ def checkpoint_inputs(params: Params) -> list[CheckpointInputs]:
 def _read_required(path: Path, name: str, what: str) -> dict:
     if not path.exists():
         raise ProbeError(f"checkpoint '{name}' has no {what} ({path})", "run `dvc repro` to compute it")
-    return artifacts.read_json(path, f"{what} of checkpoint '{name}'")
+    return files.read_json(path, f"{what} of checkpoint '{name}'")
 
 
 def _number(d: dict, key: str, where: str) -> float:
@@ -145,7 +145,7 @@ def load_probe(inp: CheckpointInputs, default_multipliers: list[float]) -> Probe
         key = next((k for k in curve if math.isclose(k, m, rel_tol=1e-9)), m)
         return curve.setdefault(key, {"multiplier": key})
 
-    exact = artifacts.read_json(inp.exact, f"exact.json of checkpoint '{name}'") if inp.exact.exists() else None
+    exact = files.read_json(inp.exact, f"exact.json of checkpoint '{name}'") if inp.exact.exists() else None
     row.update(exact_delta_h1=None, exact_z=None)
     if exact is not None:
         t = (exact.get("targets") or {}).get(target)
@@ -158,7 +158,7 @@ def load_probe(inp: CheckpointInputs, default_multipliers: list[float]) -> Probe
         for g in t.get("eta_grid") or []:
             point(float(g["multiplier"]))["exact"] = _opt(g.get("delta_h_exact"))
 
-    truth = artifacts.read_json(inp.truth, f"truth.json of checkpoint '{name}'") if inp.truth.exists() else None
+    truth = files.read_json(inp.truth, f"truth.json of checkpoint '{name}'") if inp.truth.exists() else None
     for k in ("truth_snis", "truth_snis_se", "truth_snis_ess_fraction", "truth_fresh", "truth_fresh_se",
               "ratio_snis", "ratio_fresh", "truth_slope_snis", "truth_slope_fresh"):  # fmt: skip
         row[k] = None
@@ -425,11 +425,11 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
     if dry_run:
         print(f"report: would read {len(inputs)} checkpoint(s) and write {out_dir}/")
         for inp in inputs:
-            files = [("required", inp.verify), ("required", inp.delta_h1),
+            wanted = [("required", inp.verify), ("required", inp.delta_h1),
                      ("optional", inp.exact), ("optional", inp.truth)]  # fmt: skip
             if inp is inputs[-1]:
-                files.insert(2, ("required", inp.attributions))
-            for kind, path in files:
+                wanted.insert(2, ("required", inp.attributions))
+            for kind, path in wanted:
                 state = "" if path.exists() else "  (missing)"
                 print(f"  {inp.name}: {path} [{kind}]{state}")
         return None
@@ -446,11 +446,11 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> dict | No
     rows = {p.row["name"]: {k: v for k, v in p.row.items() if k != "name"} for p in probes}
     result = {"target": targets[0], "checkpoints": rows}
 
-    with artifacts.staged_output_dir(out_dir) as tmp:
-        artifacts.write_text(tmp / "report.md", text)
-        artifacts.write_json(tmp / "report.json", result)
+    with outputs.staged_output_dir(out_dir) as tmp:
+        files.write_text(tmp / "report.md", text)
+        files.write_json(tmp / "report.json", result)
         for fname, body in plot_tables(probes, top).items():
-            artifacts.write_text(tmp / "plots" / fname, body)
+            files.write_text(tmp / "plots" / fname, body)
         plot_delta_h1(probes, unit, tmp / "delta_h1_by_checkpoint.png")
         plot_delta_h_eta(probes, unit, tmp / "delta_h_vs_eta.png")
         plot_top_u(top, last, unit, tmp / "top_u.png")

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from . import artifacts, distributed
+from . import distributed, files, outputs
 from .errors import ProbeError
 from .policy import distribution_features, entropy_from_logprobs, policy_logprobs
 
@@ -443,7 +443,7 @@ def load_samples(sample_dir: str | Path, kind: str) -> tuple[dict[str, torch.Ten
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     path = Path(sample_dir) / SAMPLES_FILE
-    tensors, meta = artifacts.read_tensors(path, kind)
+    tensors, meta = files.read_tensors(path, kind)
     problem = check_samples(tensors, meta, kind)
     if problem is not None:
         stage = "sample-e" if kind == "samples_e" else "sample-u"
@@ -614,7 +614,7 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
 
         lens = tensors["response_lens"].float()
         meta = {
-            "schema_version": artifacts.SCHEMA_VERSION,
+            "schema_version": files.SCHEMA_VERSION,
             "kind": kind,
             "checkpoint_fingerprint": fingerprint,
             "checkpoint_path": sampler.path,
@@ -650,10 +650,10 @@ def _run(params, out_dir: str | Path, dry_run: bool, kind: str) -> None:
         problem = check_samples(tensors, meta, kind)
         if problem is not None:
             raise RuntimeError(f"{stage} produced a malformed artifact: {problem}")  # a bug, not user input
-        with artifacts.staged_output_dir(out_dir) as tmp:
+        with outputs.staged_output_dir(out_dir) as tmp:
             # no timings in either file: same seed + inputs ⇒ byte-identical artifacts (and no DVC re-runs)
-            artifacts.write_tensors(tmp / SAMPLES_FILE, tensors, kind, meta)
-            artifacts.write_json(tmp / SAMPLES_JSON, meta)
+            files.write_tensors(tmp / SAMPLES_FILE, tensors, kind, meta)
+            files.write_json(tmp / SAMPLES_JSON, meta)
         log.info(
             "%s: %d prompts %s (%d distinct), G=%d, %d sequences; mean reward %s, all-equal groups %s, "
             "mean response length %.2f, truncated %.1f%%; %.1fs generating -> %s",

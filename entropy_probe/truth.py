@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifacts import read_json, read_tensors, staged_output_dir, write_json
+from .files import read_json, read_tensors, write_json
+from .outputs import staged_output_dir
 from .errors import ProbeError
 from .estimators import TARGETS, importance_weights
 from .exact import param_checksum, perturbed

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
+from . import files, outputs
 from .checkpoint import (
     CheckpointPaths,
     OptimizerState,
@@ -219,10 +219,10 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
         tensors[f"exp_avg.{n}"] = state.exp_avg[n]
         tensors[f"exp_avg_sq.{n}"] = state.exp_avg_sq[n]
         tensors[f"step.{n}"] = torch.tensor(state.step[n], dtype=torch.float64)
-    with artifacts.staged_output_dir(out_dir) as tmp:
-        artifacts.write_tensors(tmp / STATE, tensors, kind=KIND, meta={"fingerprint": fingerprint})
-        artifacts.write_json(tmp / REPORT, report)
-        artifacts.write_json(tmp / IDENTITY, {k: report[k] for k in IDENTITY_KEYS})
+    with outputs.staged_output_dir(out_dir) as tmp:
+        files.write_tensors(tmp / STATE, tensors, kind=KIND, meta={"fingerprint": fingerprint})
+        files.write_json(tmp / REPORT, report)
+        files.write_json(tmp / IDENTITY, {k: report[k] for k in IDENTITY_KEYS})
     log.info(
         "verify: %d trainable tensors (%d values), lr=%g (next %g, last %s), step %s, loaded in %.1fs -> %s",
         len(state.names),
@@ -239,12 +239,12 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> None:
 def read_verify(verify_dir: str | Path) -> tuple[dict, OptimizerState]:
     """The verify report and the optimizer state it wrote (schema- and fingerprint-checked)."""
     verify_dir = Path(verify_dir)
-    report = artifacts.read_json(verify_dir / REPORT, "verify report")
+    report = files.read_json(verify_dir / REPORT, "verify report")
     fix = "rerun entropy-probe verify"
     missing = [k for k in REQUIRED_KEYS if k not in report]
     if missing:
         raise ProbeError(f"verify report {verify_dir / REPORT} lacks {missing}", fix)
-    tensors, meta = artifacts.read_tensors(verify_dir / STATE, KIND)
+    tensors, meta = files.read_tensors(verify_dir / STATE, KIND)
     if meta.get("fingerprint") != report["fingerprint"]:
         raise ProbeError(
             f"{verify_dir / STATE} (checkpoint {meta.get('fingerprint')}) does not belong to {REPORT} "

@@ -2,7 +2,7 @@
 
 Every stage has the same shape:  entropy-probe STAGE [--params FILE] [-S key.path=value ...] [--out DIR] [--dry-run]
 Stage modules expose `run(params, out_dir, dry_run)`; this file parses options, checks the output dir
-before any work (`protected_inputs`, `artifacts.claim_output_dir`) and reports errors.
+before any work (`protected_inputs`, `outputs.claim_output_dir`) and reports errors.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import typer
 
-from entropy_probe import artifacts, distributed
+from entropy_probe import distributed, outputs
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import Params, load_params
 
@@ -121,7 +121,7 @@ def _make_command(stage: str) -> None:
             out_dir = out if out is not None else Path(default_out(params))
             # before any work (and before the stage's imports): refuse an --out the stage may not replace;
             # only rank 0 writes, so only it takes the lock (the others just check)
-            claim = artifacts.claim_output_dir(out_dir, stage, protected_inputs(stage, params), dry_run or rank != 0)
+            claim = outputs.claim_output_dir(out_dir, stage, protected_inputs(stage, params), dry_run or rank != 0)
             with claim:
                 module = importlib.import_module(module_name)
                 runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
-from entropy_probe import artifacts, demo  # noqa: E402
+from entropy_probe import demo, files  # noqa: E402
 from entropy_probe.checkpoint import (  # noqa: E402
     TRAINER_CONFIG,
     TRAINER_CONFIG_KEYS,
@@ -193,15 +193,15 @@ def probed(trained, tmp_path_factory):
 def test_samples_record_the_tokenizer(probed, tokenizer):
     root, _ = probed
     for name, kind in (("sample_e", "samples_e"), ("sample_u", "samples_u")):
-        _, meta = artifacts.read_tensors(root / name / SAMPLES_FILE, kind)
+        _, meta = files.read_tensors(root / name / SAMPLES_FILE, kind)
         assert meta["tokenizer"] == tokenizer_identity(tokenizer) and meta["tokenizer"]["vocab_size"] == len(tokenizer)
 
 
 def _forge_samples(root: Path, dest: Path, edit) -> None:
     """A copy of the E samples with `edit(tensors, meta)` applied."""
-    tensors, meta = artifacts.read_tensors(root / "sample_e" / SAMPLES_FILE, "samples_e")
+    tensors, meta = files.read_tensors(root / "sample_e" / SAMPLES_FILE, "samples_e")
     edit(tensors, meta)
-    artifacts.write_tensors(dest / SAMPLES_FILE, tensors, "samples_e", meta)
+    files.write_tensors(dest / SAMPLES_FILE, tensors, "samples_e", meta)
     shutil.copy(root / "sample_e" / SAMPLES_JSON, dest / SAMPLES_JSON)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from entropy_probe import demo
-from entropy_probe.artifacts import MANIFEST
+from entropy_probe.outputs import MANIFEST
 from entropy_probe.params import Params, validate_params
 from entropy_probe.task import make_arithmetic_prompts
 

@@ -22,7 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
-from entropy_probe import artifacts, distributed  # noqa: E402
+from entropy_probe import distributed, files, outputs  # noqa: E402
 from entropy_probe.delta_h1 import Batch  # noqa: E402
 from entropy_probe.params import validate_params  # noqa: E402
 from entropy_probe.policy import token_budget_slices  # noqa: E402
@@ -151,11 +151,11 @@ def test_two_process_sampling_equals_one_process(pipeline):
         assert two.keys() == one.keys()
         for name in one:  # the same draws, the same layout (global P and R), the same rewards
             assert torch.equal(two[name], one[name]), name
-        assert sorted(p.name for p in out.iterdir()) == sorted([artifacts.MANIFEST, "samples.json", "samples.safetensors"])
+        assert sorted(p.name for p in out.iterdir()) == sorted([outputs.MANIFEST, "samples.json", "samples.safetensors"])
 
 
 def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
-    bars, _ = artifacts.read_tensors(out / "bars.safetensors", "bars")
+    bars, _ = files.read_tensors(out / "bars.safetensors", "bars")
     return json.loads((out / "delta_h1.json").read_text()), bars
 
 
@@ -217,10 +217,10 @@ def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
     root, params, params_file = pipeline
     overrides = []
     for key, kind in (("sample_e", "samples_e"), ("sample_u", "samples_u")):
-        tensors, meta = artifacts.read_tensors(Path(getattr(params.paths, key)) / "samples.safetensors", kind)
+        tensors, meta = files.read_tensors(Path(getattr(params.paths, key)) / "samples.safetensors", kind)
         foreign = root / "foreign" / key
         foreign.mkdir(parents=True)
-        artifacts.write_tensors(foreign / "samples.safetensors", tensors, kind, {**meta, "checkpoint_fingerprint": "other"})
+        files.write_tensors(foreign / "samples.safetensors", tensors, kind, {**meta, "checkpoint_fingerprint": "other"})
         overrides += ["-S", f"paths.{key}={foreign}"]
     one = root / "one" / "delta_h1_foreign"
     p1 = params.model_copy(deep=True)

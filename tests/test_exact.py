@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from entropy_probe import exact
-from entropy_probe.artifacts import write_json, write_tensors
+from entropy_probe.files import write_json, write_tensors
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import Params
 from entropy_probe.policy import policy_logprobs

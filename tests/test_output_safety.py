@@ -20,7 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from entropy_probe import artifacts
+from entropy_probe import files, outputs
 from stages.cli import app
 from entropy_probe.errors import ProbeError
 
@@ -35,9 +35,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def write_set(out: Path, tag: str, stage: str = "verify") -> None:
     """A small staged output whose file names and contents depend on `tag`."""
-    with artifacts.staged_output_dir(out, stage=stage) as tmp:
-        artifacts.write_json(tmp / "summary.json", {"tag": tag})
-        artifacts.write_text(tmp / "sub" / f"{tag}.txt", tag * 3)
+    with outputs.staged_output_dir(out, stage=stage) as tmp:
+        files.write_json(tmp / "summary.json", {"tag": tag})
+        files.write_text(tmp / "sub" / f"{tag}.txt", tag * 3)
 
 
 def cli(tmp_path: Path, *args: str, params: dict | None = None):
@@ -80,14 +80,14 @@ def test_foreign_files_in_out_are_refused_before_any_work_and_kept(tmp_path, no_
 def test_a_stage_replaces_its_own_output_even_after_dvc_removed_some_of_it(tmp_path):
     out = tmp_path / "v"
     write_set(out, "a")
-    manifest = json.loads((out / artifacts.MANIFEST).read_text())
+    manifest = json.loads((out / outputs.MANIFEST).read_text())
     assert manifest == {"stage": "verify", "files": ["sub/a.txt", "summary.json"], "dirs": ["sub"]}
     (out / "summary.json").unlink()  # `dvc repro` deletes the declared outs before it runs the stage
     write_set(out, "b")
-    assert sorted(snapshot(out)) == [artifacts.MANIFEST, "sub/b.txt", "summary.json"]
-    first = (out / artifacts.MANIFEST).read_bytes()
+    assert sorted(snapshot(out)) == [outputs.MANIFEST, "sub/b.txt", "summary.json"]
+    first = (out / outputs.MANIFEST).read_bytes()
     write_set(out, "b")
-    assert (out / artifacts.MANIFEST).read_bytes() == first  # deterministic: DVC's dir hash does not change
+    assert (out / outputs.MANIFEST).read_bytes() == first  # deterministic: DVC's dir hash does not change
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # no lock, staging or set-aside dir left
 
 
@@ -196,22 +196,22 @@ def test_the_demo_may_write_the_checkpoints_it_creates(tmp_path):
 KILLED_RUN = """
 import os, sys
 from pathlib import Path
-from entropy_probe import artifacts
+from entropy_probe import files, outputs
 
 out, tag, kill_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
 def before_step(step):
     if step == kill_at:
         if step == "delete_old":  # die half-way through deleting the old set
-            next(artifacts._trash_path(out.resolve()).rglob("*.txt")).unlink()
+            next(outputs._trash_path(out.resolve()).rglob("*.txt")).unlink()
         os._exit(9)
 
-artifacts._before_step = before_step
-with artifacts.staged_output_dir(out, stage="verify") as tmp:
-    artifacts.write_json(tmp / "summary.json", {"tag": tag})
+outputs._before_step = before_step
+with outputs.staged_output_dir(out, stage="verify") as tmp:
+    files.write_json(tmp / "summary.json", {"tag": tag})
     if kill_at == "body":
         os._exit(9)
-    artifacts.write_text(tmp / "sub" / f"{tag}.txt", tag * 3)
+    files.write_text(tmp / "sub" / f"{tag}.txt", tag * 3)
 """
 
 
@@ -227,7 +227,7 @@ EXPECTED_AFTER_KILL = {  # what the output dir holds once the next run has clean
 
 @pytest.mark.parametrize("step", list(EXPECTED_AFTER_KILL))
 def test_a_kill_at_any_step_leaves_the_complete_old_or_new_set(tmp_path, step):
-    assert set(EXPECTED_AFTER_KILL) == {"body", *artifacts.SWAP_STEPS}
+    assert set(EXPECTED_AFTER_KILL) == {"body", *outputs.SWAP_STEPS}
     sets = {}
     for tag in ("old", "new"):  # reference sets, written without a kill
         write_set(tmp_path / tag, tag)
@@ -240,12 +240,12 @@ def test_a_kill_at_any_step_leaves_the_complete_old_or_new_set(tmp_path, step):
     held = snapshot(out) if out.exists() else snapshot(aside)
     assert held in (sets["old"], sets["new"]) and (out.exists() or step == "rename_in")
     # the next start cleans up: the expected complete set at `out`, nothing else next to it
-    with artifacts.claim_output_dir(out, "verify"):
+    with outputs.claim_output_dir(out, "verify"):
         pass
     assert snapshot(out) == sets[EXPECTED_AFTER_KILL[step]]
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]
     write_set(out, "third")  # and a following run succeeds
-    assert sorted(snapshot(out)) == [artifacts.MANIFEST, "sub/third.txt", "summary.json"]
+    assert sorted(snapshot(out)) == [outputs.MANIFEST, "sub/third.txt", "summary.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]
 
 
@@ -255,7 +255,7 @@ def test_a_partly_deleted_old_set_is_never_restored(tmp_path):
     write_set(out, "old")
     assert run_killed(out, "new", "delete_old") == 9
     shutil.rmtree(out)
-    with artifacts.claim_output_dir(out, "verify"):
+    with outputs.claim_output_dir(out, "verify"):
         pass
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -273,8 +273,8 @@ def test_leftovers_of_other_names_are_not_touched(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from entropy_probe import artifacts
-with artifacts.claim_output_dir(sys.argv[1], "verify"):
+from entropy_probe import files, outputs
+with outputs.claim_output_dir(sys.argv[1], "verify"):
     print("locked", flush=True)
     time.sleep(60)
 """
@@ -322,14 +322,14 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_output(tmp_path, monkeypa
         real_rename(src, dst)
 
     with pytest.raises(ProbeError) as err:
-        with artifacts.staged_output_dir(out, stage="verify") as tmp:
-            artifacts.write_text(tmp / "first.txt", "written before the disk filled up")
+        with outputs.staged_output_dir(out, stage="verify") as tmp:
+            files.write_text(tmp / "first.txt", "written before the disk filled up")
             if where == "write_json":
                 monkeypatch.setattr(Path, "write_text", _fail(code))
-                artifacts.write_json(tmp / "summary.json", {"tag": "new"})
+                files.write_json(tmp / "summary.json", {"tag": "new"})
             elif where == "write_tensors":
                 monkeypatch.setattr(Path, "write_bytes", _fail(code))
-                artifacts.write_tensors(tmp / "state.safetensors", {"x": torch.zeros(3)}, kind="k")
+                files.write_tensors(tmp / "state.safetensors", {"x": torch.zeros(3)}, kind="k")
             elif where == "foreign_writer":  # e.g. savefig or the Trainer writing into the staging dir
                 raise OSError(code, os.strerror(code), str(tmp / "plot.png"))
             else:
@@ -346,7 +346,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_output(tmp_path, monkeypa
 def test_an_unrelated_os_error_is_not_disguised(tmp_path):
     """Only write failures become 'cannot write': anything else keeps its own traceback."""
     with pytest.raises(FileNotFoundError):
-        with artifacts.staged_output_dir(tmp_path / "v", stage="verify"):
+        with outputs.staged_output_dir(tmp_path / "v", stage="verify"):
             open(tmp_path / "missing-input.json")
     assert list(tmp_path.iterdir()) == []
 
@@ -369,19 +369,19 @@ def _strict_loads(text: str):
 )  # fmt: skip
 def test_write_json_refuses_non_finite_values_naming_the_key(tmp_path, obj, where):
     with pytest.raises(ProbeError, match="^" + re.escape(f"delta_h1.json: non-finite value at {where} — ")):
-        artifacts.write_json(tmp_path / "delta_h1.json", obj)
+        files.write_json(tmp_path / "delta_h1.json", obj)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_tensor_metadata_is_strict_json_too(tmp_path):
     with pytest.raises(ProbeError, match=r"^b\.safetensors metadata: non-finite value at learning_rate"):
-        artifacts.write_tensors(tmp_path / "b.safetensors", {"x": torch.zeros(1)}, "bars", {"learning_rate": math.inf})
+        files.write_tensors(tmp_path / "b.safetensors", {"x": torch.zeros(1)}, "bars", {"learning_rate": math.inf})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_finite_json_is_strict_and_round_trips(tmp_path):
     obj = {"x": 1e-300, "y": [-2.5, 3], "z": torch.tensor(0.25), "p": Path("a/b"), "n": None}
-    artifacts.write_json(tmp_path / "r.json", obj)
+    files.write_json(tmp_path / "r.json", obj)
     assert _strict_loads((tmp_path / "r.json").read_text()) == {**obj, "z": 0.25, "p": "a/b"}
 
 
@@ -392,11 +392,11 @@ import os, sys
 os.umask(int(sys.argv[2], 8))  # before the import: artifacts reads the umask once
 from pathlib import Path
 import torch
-from entropy_probe import artifacts
-with artifacts.staged_output_dir(Path(sys.argv[1]), stage="verify") as tmp:
-    artifacts.write_json(tmp / "a.json", {"a": 1})
-    artifacts.write_text(tmp / "sub" / "b.txt", "b")
-    artifacts.write_tensors(tmp / "c.safetensors", {"x": torch.zeros(2)}, kind="k")
+from entropy_probe import files, outputs
+with outputs.staged_output_dir(Path(sys.argv[1]), stage="verify") as tmp:
+    files.write_json(tmp / "a.json", {"a": 1})
+    files.write_text(tmp / "sub" / "b.txt", "b")
+    files.write_tensors(tmp / "c.safetensors", {"x": torch.zeros(2)}, kind="k")
 """
 
 
@@ -407,7 +407,7 @@ def test_outputs_honour_the_umask(tmp_path, umask, dir_mode, file_mode):
     subprocess.run([sys.executable, "-c", UMASK_RUN, str(out), umask], env=env, check=True, timeout=120)
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
     assert modes == {".": dir_mode, "sub": dir_mode, "a.json": file_mode, "sub/b.txt": file_mode,
-                     "c.safetensors": file_mode, artifacts.MANIFEST: file_mode}  # fmt: skip
+                     "c.safetensors": file_mode, outputs.MANIFEST: file_mode}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- CLI end to end
@@ -425,7 +425,7 @@ def test_verify_cli_replaces_its_own_output_and_keeps_the_users(checkpoint, tmp_
     out = tmp_path / "v"
     assert cli(tmp_path, "verify", "--out", str(out), params=params).exit_code == 0
     first = snapshot(out)
-    assert json.loads(first[artifacts.MANIFEST])["files"] == sorted(k for k in first if k != artifacts.MANIFEST)
+    assert json.loads(first[outputs.MANIFEST])["files"] == sorted(k for k in first if k != outputs.MANIFEST)
     (out / "verify.json").unlink()  # as `dvc repro` does: the declared outs go, the manifest stays
     assert cli(tmp_path, "verify", "--out", str(out), params=params).exit_code == 0
     assert sorted(snapshot(out)) == sorted(first)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from entropy_probe.artifacts import read_tensors
+from entropy_probe.files import read_tensors
 from stages.cli import app
 from tolerances import assert_close_scaled, dot_scale
 
@@ -101,7 +101,7 @@ def test_foreign_and_truncated_artifacts_are_refused(workdir, tmp_path):
     """delta-h1 given another stage's tensors, or a cut-off file, in place of the E samples: a clear error."""
     import torch
 
-    from entropy_probe.artifacts import write_tensors
+    from entropy_probe.files import write_tensors
 
     write_tensors(tmp_path / "foreign" / "samples.safetensors", {"x": torch.zeros(2)}, kind="optimizer_state")
     good = (workdir / "sample_e" / "samples.safetensors").read_bytes()
@@ -119,7 +119,7 @@ def test_all_equal_rewards_are_refused(workdir, tmp_path):
     """A U batch whose every group has equal rewards has no policy gradient: one line, exit 2, nothing written."""
     import shutil
 
-    from entropy_probe.artifacts import write_tensors
+    from entropy_probe.files import write_tensors
 
     tensors, meta = read_tensors(workdir / "sample_u" / "samples.safetensors", "samples_u")
     tensors["rewards"] = tensors["rewards"].zero_()

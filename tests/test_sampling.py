@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from entropy_probe import artifacts
+from entropy_probe import files
 from entropy_probe.errors import ProbeError
 from entropy_probe.policy import teacher_force, top_p_keep_mask
 from entropy_probe.sampling import (
@@ -240,7 +240,7 @@ def sample_u_tensors():
 
 def test_artifact_round_trip(tmp_path, sample_u_tensors):
     tensors, meta = sample_u_tensors
-    artifacts.write_tensors(tmp_path / "samples.safetensors", tensors, "samples_u", meta)
+    files.write_tensors(tmp_path / "samples.safetensors", tensors, "samples_u", meta)
     back, back_meta = load_samples(tmp_path, "samples_u")
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert back_meta == meta
@@ -272,7 +272,7 @@ def _bad(tensors, key, value=None):
 )
 def test_malformed_samples_are_refused(tmp_path, sample_u_tensors, mutate, message):
     tensors, meta = sample_u_tensors
-    artifacts.write_tensors(tmp_path / "samples.safetensors", mutate(tensors), "samples_u", meta)
+    files.write_tensors(tmp_path / "samples.safetensors", mutate(tensors), "samples_u", meta)
     with pytest.raises(ProbeError, match=message) as err:
         load_samples(tmp_path, "samples_u")
     assert str(tmp_path / "samples.safetensors") in str(err.value) and "sample-u" in str(err.value)
@@ -281,10 +281,10 @@ def test_malformed_samples_are_refused(tmp_path, sample_u_tensors, mutate, messa
 def test_foreign_and_truncated_files_are_refused(tmp_path, sample_u_tensors):
     tensors, meta = sample_u_tensors
     path = tmp_path / "samples.safetensors"
-    artifacts.write_tensors(path, {"exp_avg.w": torch.zeros(3)}, "optimizer_state")
+    files.write_tensors(path, {"exp_avg.w": torch.zeros(3)}, "optimizer_state")
     with pytest.raises(ProbeError, match="holds 'optimizer_state', expected 'samples_u'"):
         load_samples(tmp_path, "samples_u")
-    artifacts.write_tensors(path, tensors, "samples_u", meta)
+    files.write_tensors(path, tensors, "samples_u", meta)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ProbeError, match="not a readable safetensors file"):
@@ -348,7 +348,7 @@ def _header_and_body(path) -> tuple[dict, bytes]:
     """(parsed safetensors header, every byte after it).
 
     The header is compared parsed: safetensors 0.8 writes the `__metadata__` keys in a random
-    (Rust HashMap) order, so raw header bytes differ between writes until artifacts.write_tensors
+    (Rust HashMap) order, so raw header bytes differ between writes until files.write_tensors
     canonicalises them.
     """
     data = path.read_bytes()
@@ -372,7 +372,7 @@ def test_sample_e_stage(stage_setup):
     root, params, _ = stage_setup
     out = _run_twice(run_sample_e, params, root, "e")
     tensors, meta = load_samples(out, "samples_e")
-    summary = artifacts.read_json(out / "samples.json")
+    summary = files.read_json(out / "samples.json")
     n_data = len(load_prompts(params.batch_config))
     assert tensors["input_ids"].shape[0] == 7 and meta["n_sequences"] == 7 and meta["G"] == 1
     assert meta["with_replacement"] is True and meta["world_size"] == 1
@@ -449,5 +449,5 @@ def test_temperature_defaults_to_one_without_the_trainer_pickle(stage_setup, tmp
     root, _, tree = stage_setup
     params = validate_params({**tree, "checkpoint": {**tree["checkpoint"], "trust_pickles": False}})
     run_sample_e(params, tmp_path / "e", False)
-    meta = artifacts.read_json(tmp_path / "e" / "samples.json")
+    meta = files.read_json(tmp_path / "e" / "samples.json")
     assert meta["generation"]["temperature"] == 1.0 and "default" in meta["generation"]["temperature_source"]

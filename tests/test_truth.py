@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from entropy_probe import exact, truth
-from entropy_probe.artifacts import write_json, write_tensors
+from entropy_probe.files import write_json, write_tensors
 from entropy_probe.errors import ProbeError
 from entropy_probe.sampling import generate_responses
 

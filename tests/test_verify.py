@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import save_base, write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe import verify  # noqa: E402
-from entropy_probe.artifacts import MANIFEST, read_tensors  # noqa: E402
+from entropy_probe.files import read_tensors  # noqa: E402
+from entropy_probe.outputs import MANIFEST  # noqa: E402
 from entropy_probe.errors import ProbeError  # noqa: E402
 from entropy_probe.params import validate_params  # noqa: E402
 

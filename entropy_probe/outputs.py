@@ -1,24 +1,17 @@
-"""Artifacts: atomic writes, schema-checked reads, and the rules by which a stage replaces its output dir.
+"""Output dirs: the rules by which a stage replaces its output dir (docs/design.md, "Output safety").
 
-Every tensor artifact is a safetensors file whose metadata carries `kind` and `schema_version`,
-so a foreign, stale or truncated file is refused with a clear message instead of being misread.
-Every JSON artifact is strict JSON (a NaN or Infinity is an error naming the key where it arose).
-
-Output dirs (docs/design.md, "Output safety"): a stage owns only what it writes. Each output dir holds
-a manifest (MANIFEST: the stage and the sorted relative paths it wrote, no timestamps, so DVC's hash of
-the dir is stable), and a dir holding anything else is refused. The stage writes into a staging dir next
-to the output and swaps it in so that a kill at any instant leaves the complete old or the complete new
-set (`_swap_in`); the next run cleans up what a killed run left (`_clean_leftovers`). One run at a time
-per output dir (a lock file next to it). Files and dirs honour the umask.
+A stage owns only what it writes. Each output dir holds a manifest (MANIFEST: the stage and the sorted
+relative paths it wrote, no timestamps, so DVC's hash of the dir is stable), and a dir holding anything
+else is refused. The stage writes into a staging dir next to the output and swaps it in so that a kill at
+any instant leaves the complete old or the complete new set (`_swap_in`); the next run cleans up what a
+killed run left (`_clean_leftovers`). One run at a time per output dir (a lock file next to it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
-import math
 import os
 import re
 import shutil
@@ -26,193 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
-
 from .errors import ProbeError
+from .files import UMASK, _staging, _write_error, _write_errors, write_json
 
-SCHEMA_VERSION = "1"
 MANIFEST = ".entropy-probe-stage.json"
 SWAP_STEPS = ("manifest", "set_aside", "rename_in", "discard_old", "delete_old")
-
-
-def _read_umask() -> int:
-    old = os.umask(0)  # the only way to read it is to set it; put it back at once
-    os.umask(old)
-    return old
-
-
-UMASK = _read_umask()  # mkstemp/mkdtemp create 0600/0700; we chmod to what open()/mkdir() would have made
-
-# errno -> the first half of the fix for a write that failed with it
-_WRITE_FIXES = {
-    errno.ENOSPC: "free space",
-    errno.EDQUOT: "free space (disk quota exceeded)",
-    errno.EROFS: "make it writable",
-    errno.EACCES: "make it writable",
-    errno.EPERM: "make it writable",
-}
-
-_staging: dict[Path, Path] = {}  # staging dir -> the output dir it will replace (to name files in errors)
 _claimed: dict[Path, str | None] = {}  # output dirs this process holds the lock of -> the stage writing them
-
-
-def _shown(path: Path) -> Path:
-    """Where a file will end up: a path inside a staging dir is named by its place in the output dir."""
-    for new, out in _staging.items():
-        if path.is_relative_to(new):
-            return out / path.relative_to(new)
-    return path
-
-
-def _write_error(exc: OSError, path: Path) -> ProbeError | None:
-    """A one-line error for a write that failed for lack of space or permission; None for any other error."""
-    fix = _WRITE_FIXES.get(exc.errno)
-    if fix is None:
-        return None
-    return ProbeError(f"cannot write {_shown(path)}: {os.strerror(exc.errno)}", f"{fix} or choose another --out")
-
-
-@contextlib.contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
-    """Turn a disk-full / read-only / permission OSError inside the block into a ProbeError naming `path`."""
-    try:
-        yield
-    except OSError as exc:
-        err = _write_error(exc, path)
-        if err is None:
-            raise
-        raise err from None
-
-
-# ----------------------------------------------------------------------------------------------
-# files
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp file beside `path`; renamed onto `path` when the block succeeds, removed otherwise."""
-    with _write_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            os.chmod(tmp, 0o666 & ~UMASK)
-            yield Path(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write `obj` as strict JSON (no NaN/Infinity: a ProbeError names the key that holds one)."""
-    path = Path(path)
-    text = _strict_json(obj, path.name, indent=2)
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text + "\n")
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        tmp.write_text(text)
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _strict_json(obj, what: str, **kwargs) -> str:
-    try:
-        return json.dumps(obj, allow_nan=False, default=_json_default, **kwargs)
-    except ValueError:
-        where = _first_nonfinite(obj)
-        if where is None:
-            raise
-        raise ProbeError(
-            f"{what}: non-finite value at {where or 'the top level'}",
-            "JSON has no NaN/Infinity: check the inputs and params that produced it",
-        ) from None
-
-
-def _first_nonfinite(obj, where: str = "") -> str | None:
-    """Key path ('targets.sequence.se_E', 'etas[2].ratio') of the first NaN/±Infinity in `obj`; None if none."""
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        obj = obj.item()
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else where
-    if isinstance(obj, dict):
-        children = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        children = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
-    else:
-        return None
-    for key, value in children:
-        found = _first_nonfinite(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict | None = None) -> None:
-    """Save tensors (made contiguous, on CPU) with kind/schema_version (+ strict-JSON meta) in the header."""
-    path = Path(path)
-    meta_json = _strict_json(meta or {}, f"{path.name} metadata")
-    metadata = {"kind": kind, "schema_version": SCHEMA_VERSION, "meta": meta_json}
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with _atomic_path(path) as tmp:
-        tmp.write_bytes(_sorted_header(save(cpu, metadata=metadata)))
-
-
-def _sorted_header(data: bytes) -> bytes:
-    """safetensors writes `__metadata__` keys in arbitrary order; sort them so equal inputs give equal bytes.
-
-    Layout: 8-byte little-endian header length n, n bytes of JSON header (space-padded), then the data.
-    The re-serialised header is no longer than the original, so it is padded back to n bytes.
-    """
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) > n:  # cannot happen for safetensors' own compact header; never write a corrupt file
-        raise RuntimeError("safetensors header grew when its metadata keys were sorted")
-    return data[:8] + text.ljust(n) + data[8 + n :]
-
-
-def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a tensor artifact written by `write_tensors`, refusing foreign/truncated/stale files."""
-    path = Path(path)
-    hint = "rerun the stage that writes it (dvc repro)"
-    if not path.exists():
-        raise ProbeError(f"artifact {path} not found", hint)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ProbeError(f"artifact {path} is not a readable safetensors file ({exc})", hint) from None
-    if metadata.get("kind") != kind:
-        raise ProbeError(f"artifact {path} holds '{metadata.get('kind')}', expected '{kind}'", "point to the right file")
-    if metadata.get("schema_version") != SCHEMA_VERSION:
-        raise ProbeError(
-            f"artifact {path} has schema {metadata.get('schema_version')}, this version reads {SCHEMA_VERSION}", hint
-        )
-    return tensors, json.loads(metadata.get("meta", "{}"))
-
-
-def read_json(path: str | Path, what: str = "report") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ProbeError(f"{what} {path} not found", "rerun the stage that writes it (dvc repro)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProbeError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})", "rerun its stage") from None
 
 
 # ----------------------------------------------------------------------------------------------
