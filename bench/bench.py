@@ -14,7 +14,7 @@ product's own passes timed on them (one warm-up, then the median of `repeats` in
 "plain fwd+bwd" is a trainer's step on the same E and U tokens: forward on the same padded input_ids
 (logits for the response columns only), log_softmax(logits / T), gather, masked sum, `.backward()`
 into `.grad`, in the same token-budget microbatches. "E pass without tangents" is `entropy_pass` with
-no direction (X̄ alone, what δH₁ needs without SE_E): the only pass here that is not the product's.
+no direction (X̄ alone, what δH₁ needs without SE_E).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms  # noqa: E402
+from entropy_probe.probe import UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms  # noqa: E402
+from entropy_probe.scoring import Batch  # noqa: E402
 from entropy_probe.estimators import entropy_coefficients  # noqa: E402
 from entropy_probe.params import EstimatorParams  # noqa: E402
-from entropy_probe.sampling import generate_responses, neutral_generation_config  # noqa: E402
-from entropy_probe.tangents import grad_and_tangents  # noqa: E402
+from entropy_probe.generation import GenerationSpec, generate_responses, neutral_generation_config  # noqa: E402
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,22 +126,20 @@ def random_prompts(cfg: dict, n: int, seed: int) -> list[str]:
 
 
 def sample(model, tok, prompts: list[str], cfg: dict, seed: int) -> dict:
-    return generate_responses(
-        model, tok, prompts, temperature=cfg["temperature"], top_p=cfg["top_p"], max_new_tokens=cfg["new_tokens"],
-        batch_size=len(prompts), seed=seed, progress=False,
-    )  # fmt: skip
+    spec = GenerationSpec(cfg["temperature"], cfg["top_p"], cfg["new_tokens"], batch_size=len(prompts), seed=seed)
+    return generate_responses(model, tok, prompts, spec, progress=False)
 
 
 def to_batches(E_t: dict, U_t: dict, cfg: dict, device: str) -> tuple[Batch, Batch]:
     """E and U Batches; U gets verifiable 0/1 rewards and group-normalised advantages (G rows per prompt)."""
-    meta = {"generation": {"temperature": cfg["temperature"], "top_p": cfg["top_p"]}}
     n_groups, G = cfg["B_U"], cfg["G"]
     rewards = torch.randint(0, 2, (n_groups * G,), generator=torch.Generator().manual_seed(7)).float()
     group = torch.arange(n_groups).repeat_interleave(G)
     U_t = dict(U_t, prompt_index=group, group_index=group, rewards=rewards,
                advantages=group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1))  # fmt: skip
     E_t = dict(E_t, prompt_index=torch.arange(len(E_t["input_ids"])))
-    return Batch.from_artifact(E_t, meta, torch.device(device)), Batch.from_artifact(U_t, meta, torch.device(device))
+    T, top_p, device = cfg["temperature"], cfg["top_p"], torch.device(device)
+    return Batch.from_tensors(E_t, T, top_p, device), Batch.from_tensors(U_t, T, top_p, device)
 
 
 def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateSpec]:
@@ -188,16 +186,6 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
-def entropy_gradient(model, params, layout, E: Batch, a: torch.Tensor, c: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """X̄ = ∇ Σ (a H + c logp) alone: `entropy_pass` without tangents, to isolate what SE_E costs."""
-    xbar = torch.zeros(layout.numel, dtype=torch.float32, device=a.device)
-    for rows in E.slices(max_tokens):
-        stats = E.score(model, rows)
-        grads, _ = grad_and_tangents([stats.entropies, stats.logprobs], [a[rows], c[rows]], params, None)
-        xbar += torch.cat([x.reshape(-1).float() for x in grads])
-    return xbar
-
-
 def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int) -> dict:
     """The timed callables, all on the same E and U (the direction is Δθ of the U gradient)."""
     named = dict(model.named_parameters())
@@ -210,14 +198,13 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
     features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).float()
     coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline,
                                  features=features)  # fmt: skip
-    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
-    a, c = (coefs.a * w).float(), (coefs.c * w).float()
     return {
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
         "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, max_tokens),
         "u_gradient": lambda: policy_gradient(model, params, layout, U, coef, max_tokens),
         "e_pass": lambda: entropy_pass(model, params, layout, E, coefs, direction, max_tokens),
-        "e_pass_gradient_only": lambda: entropy_gradient(model, params, layout, E, a, c, max_tokens),
+        # X̄ alone (no tangents): what SE_E costs on top of the gradient
+        "e_pass_gradient_only": lambda: entropy_pass(model, params, layout, E, coefs, None, max_tokens),
         "u_row_terms": lambda: u_row_terms(model, params, layout.names, U, coef, direction, max_tokens),
     }
 

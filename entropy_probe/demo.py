@@ -1,4 +1,4 @@
-"""The `demo` stage: the embedded default checkpoint, built offline on a CPU in well under a minute.
+"""The embedded demo checkpoint's training, built offline on a CPU in well under a minute.
 
 1. tokenizer + tiny Qwen2 from `entropy_probe.tiny`; the arithmetic task "a+b=" -> "a+b" (prompts.jsonl).
 2. Supervised warm-up (full fine-tune, AdamW) on prompt + answer + eos, cross-entropy on the answer
@@ -9,8 +9,8 @@
    `trainer_config.json` (the trainer settings the probe reads), so the probe never has to unpickle
    training_args.bin.
 
-Layout of `out_dir` (written into a staged temp dir, renamed into place on success):
-    prompts.jsonl  base/  run/checkpoint-{save_steps, 2*save_steps, ..}/  demo.json
+`build_demo` writes, into a (staging) directory: prompts.jsonl  base/  run/checkpoint-{save_steps, ..}/
+and returns what demo.json records (`DemoReport`). The `demo` stage (stages/demo.py) stages and writes it.
 """
 
 from __future__ import annotations
@@ -25,33 +25,20 @@ from pathlib import Path
 
 import torch
 
-from .files import write_json, write_text
-from .outputs import staged_output_dir
-from .checkpoint import TRAINER_CONFIG, trainer_config_from_args
+from .artifacts.demo import GRPO_KEYS, DemoReport
+from .checkpoint import TRAINER_CONFIG
 from .errors import ProbeError
-from .params import DemoParams, Params
+from .files import write_json, write_text
+from .params import DemoParams
 from .task import exact_number, make_arithmetic_prompts, score_responses
 from .tiny import build_model, build_tokenizer
+from .trainer_config import trainer_config_from_args
 
 log = logging.getLogger(__name__)
 
 EVAL_SAMPLES_PER_PROMPT = 4  # reward rate = mean over every prompt x 4 samples at temperature 1
 EVAL_SEED = 12345
 MAX_COMPLETION_LENGTH = 3  # answers have <= 2 digits, + eos
-GRPO_KEYS = (  # the trainer settings the probe mirrors, recorded in demo.json
-    "loss_type",
-    "scale_rewards",
-    "temperature",
-    "top_p",
-    "beta",
-    "max_grad_norm",
-    "num_generations",
-    "max_completion_length",
-    "learning_rate",
-    "lr_scheduler_type",
-    "optim",
-    "weight_decay",
-)
 CHECKPOINT_FILES = (
     "adapter_model.safetensors",
     "adapter_config.json",
@@ -69,7 +56,8 @@ def checkpoint_steps(demo: DemoParams) -> list[int]:
     return steps if steps and steps[-1] == demo.rl_steps else steps + [demo.rl_steps]
 
 
-def _check(demo: DemoParams) -> None:
+def check_sizes(demo: DemoParams) -> None:
+    """Refuse demo sizes the model or the task cannot have."""
     if demo.hidden_size % demo.num_heads:
         raise ProbeError(
             f"demo.hidden_size {demo.hidden_size} is not divisible by demo.num_heads {demo.num_heads}",
@@ -141,8 +129,8 @@ def reward_rate(model, tokenizer, records: list[dict], samples_per_prompt: int, 
 
 
 def save_base(model, tokenizer, path: Path) -> None:
-    """save_pretrained (fp32 safetensors) + tokenizer; config.json also asks for eager attention, so a
-    plain from_pretrained gets eager attention, the implementation every stage loads (double backward through it is well supported)."""
+    """save_pretrained (fp32 safetensors) + tokenizer; config.json also asks for eager attention, so a plain
+    from_pretrained gets what every stage loads (SDPA's CPU kernel has no double backward; the tangents need one)."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
@@ -284,45 +272,29 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- the whole build
 
 
-def plan(params: Params, out_dir: Path) -> dict:
-    demo = params.demo
-    n_prompts = (demo.max_operand + 1) ** 2
-    return {
-        "out_dir": str(out_dir),
-        "model": f"Qwen2 hidden {demo.hidden_size}, {demo.num_layers} layers, {demo.num_heads} heads",
-        "n_prompts": n_prompts,
-        "warmup": f"{demo.warmup_steps} full-batch steps at lr {demo.warmup_lr}",
-        "grpo": (
-            f"{demo.rl_steps} steps x {demo.prompts_per_step} prompts x {demo.num_generations} generations "
-            f"= {demo.rl_steps * demo.prompts_per_step * demo.num_generations} completions, LoRA r={demo.lora_rank}, "
-            f"lr {demo.rl_lr} (linear)"
-        ),
-        "checkpoints": [str(out_dir / "run" / f"checkpoint-{s}") for s in checkpoint_steps(demo)],
-    }
-
-
-def run(params: Params, out_dir: Path | None = None, dry_run: bool = False) -> None:
-    demo = params.demo
-    out_dir = Path(out_dir if out_dir is not None else demo.out_dir)
-    _check(demo)
-    if dry_run:
-        for key, value in plan(params, out_dir).items():
-            print(f"{key}: {value}")
-        return
-
-    _quiet_libraries()
+@contextlib.contextmanager
+def _one_thread():
+    """A 85k-parameter model gains nothing from threads, and loses a lot on a busy CPU."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 85k-parameter model gains nothing from threads, and loses a lot on a busy CPU
+    torch.set_num_threads(1)
     try:
-        _build(demo, out_dir)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(demo: DemoParams, out_dir: Path) -> None:
+def build_demo(demo: DemoParams, directory: Path, final_dir: Path) -> DemoReport:
+    """Warm-up, base, GRPO run and checkpoints into `directory`, named (in adapter configs and in the
+    returned report) by `final_dir`, where `directory` will be moved. Deterministic given `demo.seed`."""
+    _quiet_libraries()
+    with _one_thread():
+        return _build(demo, Path(directory), Path(final_dir))
+
+
+def _build(demo: DemoParams, tmp: Path, out_dir: Path) -> DemoReport:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     records = make_arithmetic_prompts(demo.max_operand)
@@ -338,68 +310,50 @@ def _build(demo: DemoParams, out_dir: Path) -> None:
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("demo: tiny Qwen2 with %d parameters, vocab %d, %d prompts", n_params, len(tokenizer), len(records))
+    write_text(tmp / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
-    with staged_output_dir(out_dir) as tmp:
-        write_text(tmp / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    with torch.random.fork_rng():
+        torch.manual_seed(demo.seed)
+        losses = warmup(model, sft_batch(tokenizer, records), demo.warmup_steps, demo.warmup_lr)
+    rate_base = reward_rate(model, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
+    save_base(model, tokenizer, tmp / "base")
+    seconds["warmup"] = time.perf_counter() - t0
+    log.info("demo: warm-up %d steps, loss %.3f, reward rate at T=1 %.3f (%.1fs)", demo.warmup_steps,
+             losses[-1] if losses else float("nan"), rate_base, seconds["warmup"])  # fmt: skip
 
-        with torch.random.fork_rng():
-            torch.manual_seed(demo.seed)
-            losses = warmup(model, sft_batch(tokenizer, records), demo.warmup_steps, demo.warmup_lr)
-        rate_base = reward_rate(model, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
-        save_base(model, tokenizer, tmp / "base")
-        seconds["warmup"] = time.perf_counter() - t0
-        log.info(
-            "demo: warm-up %d steps, loss %.3f, reward rate at T=1 %.3f (%.1fs)",
-            demo.warmup_steps,
-            losses[-1] if losses else float("nan"),
-            rate_base,
-            seconds["warmup"],
-        )
+    t1 = time.perf_counter()
+    trainer = train_grpo(model, tokenizer, records, demo, tmp / "run", str(out_dir / "base"))
+    policy = trainer.model
+    seconds["grpo"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    rate_final = reward_rate(policy, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
+    seconds["eval"] = time.perf_counter() - t2
+    log.info("demo: GRPO %d steps (%.1fs); reward rate %.3f -> %.3f", demo.rl_steps, seconds["grpo"], rate_base,
+             rate_final)  # fmt: skip
 
-        t1 = time.perf_counter()
-        trainer = train_grpo(model, tokenizer, records, demo, tmp / "run", str(out_dir / "base"))
-        policy = trainer.model
-        seconds["grpo"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        rate_final = reward_rate(policy, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
-        seconds["eval"] = time.perf_counter() - t2
-
-        checkpoints = sorted((tmp / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        expected = [f"checkpoint-{s}" for s in checkpoint_steps(demo)]
-        if [c.name for c in checkpoints] != expected:
-            raise RuntimeError(f"trainer wrote {[c.name for c in checkpoints]}, expected {expected}")
-        for ckpt in checkpoints:
-            missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).exists()]
-            if missing:
-                raise RuntimeError(f"{ckpt.name} lacks {missing}")
-            # the same settings training_args.bin pickles, as JSON: read without trusting a pickle
-            write_json(ckpt / TRAINER_CONFIG, trainer_config_from_args(trainer.args))
-        n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        seconds["total"] = time.perf_counter() - t0
-        write_json(
-            tmp / "demo.json",
-            {
-                "n_params": n_params,
-                "n_trainable": n_trainable,
-                "vocab_size": len(tokenizer),
-                "n_prompts": len(records),
-                "warmup_final_loss": losses[-1] if losses else None,
-                "reward_rate_base": rate_base,
-                "reward_rate_final": rate_final,
-                "reward_rate_samples": len(records) * EVAL_SAMPLES_PER_PROMPT,
-                "grpo": {k: getattr(trainer.args, k) for k in GRPO_KEYS},
-                "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                "base": str(out_dir / "base"),
-                "checkpoints": [str(out_dir / "run" / c.name) for c in checkpoints],
-                "params": demo.model_dump(),
-            },
-        )
-    log.info(
-        "demo: GRPO %d steps (%.1fs); reward rate %.3f -> %.3f; wrote %s (%.1fs total)",
-        demo.rl_steps,
-        seconds["grpo"],
-        rate_base,
-        rate_final,
-        out_dir,
-        seconds["total"],
+    checkpoints = sorted((tmp / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    expected = [f"checkpoint-{s}" for s in checkpoint_steps(demo)]
+    if [c.name for c in checkpoints] != expected:
+        raise RuntimeError(f"trainer wrote {[c.name for c in checkpoints]}, expected {expected}")
+    for ckpt in checkpoints:
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).exists()]
+        if missing:
+            raise RuntimeError(f"{ckpt.name} lacks {missing}")
+        # the same settings training_args.bin pickles, as JSON: read without trusting a pickle
+        write_json(ckpt / TRAINER_CONFIG, trainer_config_from_args(trainer.args))
+    seconds["total"] = time.perf_counter() - t0
+    return DemoReport(
+        n_params=n_params,
+        n_trainable=sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        vocab_size=len(tokenizer),
+        n_prompts=len(records),
+        warmup_final_loss=losses[-1] if losses else None,
+        reward_rate_base=rate_base,
+        reward_rate_final=rate_final,
+        reward_rate_samples=len(records) * EVAL_SAMPLES_PER_PROMPT,
+        grpo={k: getattr(trainer.args, k) for k in GRPO_KEYS},
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+        base=str(out_dir / "base"),
+        checkpoints=[str(out_dir / "run" / c.name) for c in checkpoints],
+        params=demo,
     )

@@ -341,14 +341,3 @@ def naive_coefficients(
         lbar=lbar,
     )
 
-
-def importance_weights(log_ratio: Tensor) -> tuple[Tensor, float]:
-    """Self-normalised weights w_i ∝ exp(log_ratio_i) (sum 1, float64) and the effective sample size
-    ESS = 1/Σ w_i² = (Σ ŵ)²/Σ ŵ² (N for equal weights)."""
-    if not torch.isfinite(log_ratio).any():
-        raise ProbeError(
-            "every importance weight is 0 (no sampled response is possible under the target policy)",
-            "re-sample with this checkpoint, or use generation.top_p = 1",
-        )
-    raw = (log_ratio.double() - log_ratio.double().max()).exp()  # scale-free; equal log-ratios give exactly N
-    return raw / raw.sum(), float(raw.sum() ** 2 / (raw * raw).sum())

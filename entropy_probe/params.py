@@ -8,8 +8,9 @@ are refused once, for all sections, by `allow_inf_nan=False` on the base Section
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,9 +18,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ProbeError
 
 
+# params keys read while `recording_reads` is active (None: not recording). The pipeline test uses it to
+# check that every params key a stage reads is one its dvc.yaml stage lists (so a change re-runs it).
+_reads: set[str] | None = None
+
+
 class Section(BaseModel):
     # allow_inf_nan=False: YAML's .nan/.inf (or "nan") in any float field is a validation error
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def __getattribute__(self, name: str):
+        value = super().__getattribute__(name)
+        if _reads is not None and name in type(self).model_fields and not isinstance(value, Section):
+            _reads.add(_key(type(self), name))
+        return value
+
+    def model_dump(self, *args, **kwargs) -> dict:
+        if _reads is not None:  # a whole section handed on (e.g. recorded in an artifact): every key is read
+            _reads.update(_key(type(self), name) for name in type(self).model_fields)
+        return super().model_dump(*args, **kwargs)
 
 
 class DemoParams(Section):
@@ -87,7 +104,6 @@ class GenerationParams(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(3, ge=1)
     gen_batch_size: int = Field(64, ge=1)
-    tf_batch_size: int = Field(64, ge=1)
     stop: str | None = None  # optional stop string per task
 
     @field_validator("temperature")
@@ -208,6 +224,28 @@ class Params(Section):
     truth: TruthParams = TruthParams()
     probe: ProbeParams = ProbeParams()
     reuse: ReuseParams = ReuseParams()
+
+
+def _key(section: type, name: str) -> str:
+    """The params key of field `name` of a section class: 'estimator.entropy'; a probe checkpoint's fields
+    all count as 'probe.checkpoints'."""
+    if section is ProbeCheckpoint:
+        return "probe.checkpoints"
+    for top, field in Params.model_fields.items():
+        if field.annotation is section:
+            return f"{top}.{name}"
+    return name  # a field of Params itself
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Collect the params keys read inside the block (leaf keys, e.g. 'generation.top_p')."""
+    global _reads
+    _reads = set()
+    try:
+        yield _reads
+    finally:
+        _reads = None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

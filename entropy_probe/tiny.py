@@ -36,7 +36,8 @@ def build_model(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 with eager attention (forward-mode AD needs it), fp32, eval mode."""
+    """A randomly initialised Qwen2, fp32, eval mode, with eager attention: the implementation every stage
+    loads, since SDPA's CPU kernel has no double backward (the directional derivatives of delta-h1 need one)."""
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -7,19 +7,21 @@ before any work (`protected_inputs`, `outputs.claim_output_dir`) and reports err
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
 from entropy_probe import distributed, outputs
 from entropy_probe.errors import ProbeError
-from entropy_probe.params import Params, load_params
+from entropy_probe.params import Params, load_params, recording_reads
 
 app = typer.Typer(
     add_completion=False,
@@ -93,6 +95,20 @@ def _quiet_libraries() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+@contextlib.contextmanager
+def _params_read_log(stage: str) -> Iterator[None]:
+    """With ENTROPY_PROBE_RECORD_PARAMS=FILE, append {stage, reads: the params keys the stage read} to FILE
+    (one JSON line per run): the pipeline test checks them against the stage's params in dvc.yaml."""
+    log_file = os.environ.get("ENTROPY_PROBE_RECORD_PARAMS")
+    if not log_file:
+        yield
+        return
+    with recording_reads() as reads:
+        yield
+    with open(log_file, "a") as f:
+        f.write(json.dumps({"stage": stage, "reads": sorted(reads)}) + "\n")
+
+
 def _make_command(stage: str) -> None:
     module_name, default_out, help_text = STAGES[stage]
 
@@ -125,8 +141,10 @@ def _make_command(stage: str) -> None:
             with claim:
                 module = importlib.import_module(module_name)
                 runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run
-                with distributed.process_group(params.checkpoint.device_map):
-                    runner(params, out_dir, dry_run)
+                with distributed.process_group(params.checkpoint.device_map), _params_read_log(stage):
+                    summary = runner(params, out_dir, dry_run)
+            if isinstance(summary, str) and rank == 0:  # the result line: stdout (progress and diagnostics: stderr)
+                typer.echo(summary)
         except ProbeError as exc:
             where = f" (rank {rank})" if world > 1 else ""
             typer.echo(f"entropy-probe {stage}{where}: error: {exc}", err=True)

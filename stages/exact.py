@@ -1,5 +1,144 @@
-"""The `exact` stage."""
+"""The `exact` stage: exact H, ∇H · Δθ, the FD slope and ΔH(η) for the E prompts (docs/math.md §7).
 
-from entropy_probe.exact import run
+Reads the E samples (prompts and generation settings), Δθ and δH₁ from delta-h1 and the checkpoint
+fingerprint from verify; enumerates on a float64 copy of the policy; writes exact.json (`ExactReport`).
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from entropy_probe.artifacts.delta_h1 import Bars, DeltaH1Report, TargetEstimate
+from entropy_probe.artifacts.exact import EtaPoint, ExactGeneration, ExactReport, ExactTarget
+from entropy_probe.artifacts.samples import Samples
+from entropy_probe.artifacts.verify import VerifyReport
+from entropy_probe.enumeration import (
+    TARGETS, delta_h_curve, directional, e_batch_prompts, eos_ids, exact_gradients, fd_slopes, sequences_per_prompt,
+)  # fmt: skip
+from entropy_probe.errors import ProbeError
+from entropy_probe.outputs import staged_output_dir
+from entropy_probe.params import Params
+from entropy_probe.perturb import as_float64
+
+log = logging.getLogger(__name__)
+
+
+def _load_model(params: Params):
+    """The probed policy (base + adapter), as every other stage loads it."""
+    from entropy_probe.checkpoint import load_policy_model, resolve_paths
+
+    return load_policy_model(params.checkpoint, resolve_paths(params.checkpoint))
+
+
+def _base_config(params: Params):
+    """The base model's config (vocabulary, eos), read without loading any weights."""
+    from transformers import AutoConfig
+
+    from entropy_probe.checkpoint import resolve_paths
+
+    return AutoConfig.from_pretrained(resolve_paths(params.checkpoint).base_model)
+
+
+def _float64_model(model, bars: Bars):
+    """The exact stage's model: float64, θ = the parameters Δθ names (and only those) require grad."""
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise ProbeError(
+            "exact enumeration needs a floating-point model; this one is quantised", "set checkpoint.use_qlora=false"
+        )
+    bars.check_fits(model)
+    model = as_float64(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in bars.delta_theta)
+    return model
+
+
+def _delta_h1_inputs(params: Params) -> tuple[Bars, DeltaH1Report]:
+    """Δθ and delta_h1.json, refused unless delta-h1 ran on the checkpoint verify describes."""
+    bars, report = Bars.read(params.paths.delta_h1), DeltaH1Report.read(params.paths.delta_h1)
+    fingerprint = VerifyReport.read(params.paths.verify).fingerprint
+    report.check_checkpoint(
+        fingerprint, f"{params.paths.verify} describes",
+        "point paths.delta_h1 and paths.verify at the same checkpoint's outputs (dvc repro)",
+    )  # fmt: skip
+    return bars, report
+
+
+def _compared(entropy: float, exact_dh1: float, slope: float, curve: list[float], estimate: TargetEstimate,
+              multipliers: list[float], lr: float) -> ExactTarget:  # fmt: skip
+    """One target's exact values next to delta-h1's estimate: z = (δH₁ − exact) / SE_E, FD relative error."""
+    dh1, se_E = estimate.delta_h1, estimate.se_E
+    grid = [
+        EtaPoint(multiplier=m, eta=m * lr, delta_h_exact=curve[j], delta_h1_exact_linear=m * exact_dh1,
+                 delta_h1_linear=m * dh1)
+        for j, m in enumerate(multipliers)
+    ]  # fmt: skip
+    return ExactTarget(
+        entropy_exact=entropy, entropy_estimate=estimate.entropy, delta_h1_exact=exact_dh1, delta_h1=dh1, se_E=se_E,
+        se_delta_h1=estimate.se_delta_h1, z=(dh1 - exact_dh1) / se_E if se_E and math.isfinite(se_E) else None,
+        fd_slope=slope, rel_err_fd=abs(exact_dh1 - slope) / max(abs(slope), 1e-300), eta_grid=grid,
+    )  # fmt: skip
+
+
+def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | None:
+    """Exact H, ∇H, δH₁, FD slope and ΔH(η) for the E prompts; writes `out_dir/exact.json`."""
+    t0 = time.perf_counter()
+    ep = params.exact
+    samples = Samples.read(params.paths.sample_e, "samples_e")
+    gen = samples.meta.generation
+    if gen.stop:
+        raise ProbeError("exact enumeration does not model generation.stop strings", "set generation.stop: null")
+    prompts, mult = e_batch_prompts(samples.input_ids, samples.prompt_lens, samples.n_prompt_cols)
+    if dry_run:
+        config = _base_config(params)
+        bound = len(prompts) * sequences_per_prompt(config.vocab_size, len(eos_ids(config)), gen.max_new_tokens)
+        exactly = "exactly" if gen.top_p >= 1.0 else "at most (top_p < 1 prunes the tree)"
+        print(f"exact: {len(prompts)} distinct prompts ({sum(mult)} E rows), {exactly} {bound} sequences to "
+              f"enumerate (vocab {config.vocab_size}, max_new_tokens={gen.max_new_tokens}); limit "
+              f"exact.max_sequences={ep.max_sequences}; writes {Path(out_dir) / ExactReport.FILE}")  # fmt: skip
+        return None
+    bars, dh1_report = _delta_h1_inputs(params)
+    lr = dh1_report.learning_rate
+    model = _load_model(params)
+    eos = eos_ids(getattr(model, "generation_config", None), model.config)
+    kw = dict(eos_id=eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+              max_sequences=ep.max_sequences)  # fmt: skip
+    log.info("exact: %d distinct prompts (%d E rows), T=%g, top_p=%g, max_new_tokens=%d",
+             len(prompts), sum(mult), gen.temperature, gen.top_p, gen.max_new_tokens)  # fmt: skip
+    model = _float64_model(model, bars)
+    delta = {n: v.to(torch.float64) for n, v in bars.delta_theta.items()}
+
+    values, grads, n_seq = exact_gradients(model, prompts, mult, prompts_per_chunk=ep.prompts_per_chunk, **kw)
+    exact_dh1 = {t: directional(grads[t], delta) for t in TARGETS}
+    log.info("exact δH₁: %s", {t: f"{v:.4e}" for t, v in exact_dh1.items()})
+    kw_nograd = dict(kw, prompts_per_chunk=ep.prompts_per_chunk)
+    with torch.no_grad():
+        slopes = fd_slopes(model, delta, prompts, mult, step=ep.fd_eps, **kw_nograd)
+        curve = delta_h_curve(model, delta, ep.eta_multipliers, prompts, mult, base=values, **kw_nograd)
+
+    result = ExactReport(
+        configured_target=params.estimator.entropy,
+        targets={t: _compared(values[t], exact_dh1[t], slopes[t], curve[t], dh1_report.targets[t],
+                              ep.eta_multipliers, lr) for t in TARGETS},  # fmt: skip
+        learning_rate=lr,
+        generation=ExactGeneration(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                                   eos_id=eos),  # fmt: skip
+        checkpoint_fingerprint=dh1_report.checkpoint_fingerprint, dtype="float64", fd_step=ep.fd_eps,
+        n_distinct_prompts=len(prompts), n_e_rows=sum(mult), n_sequences=n_seq,
+        n_parameters=sum(v.numel() for v in delta.values()),
+    )  # fmt: skip
+    with staged_output_dir(out_dir) as tmp:
+        result.write(tmp)
+    for t, r in result.targets.items():
+        z = "n/a" if r.z is None else f"{r.z:+.2f}"
+        log.info("%s: H=%.5f  δH₁ exact %.4e  estimate %.4e  z %s  FD rel err %.1e",
+                 t, r.entropy_exact, r.delta_h1_exact, r.delta_h1, z, r.rel_err_fd)  # fmt: skip
+    log.info("exact: done in %.1f s", time.perf_counter() - t0)
+    main = result.targets[result.configured_target]
+    z = "n/a" if main.z is None else f"{main.z:+.2f}"
+    return (f"exact: {main.delta_h1_exact:.4e} exact δH₁ ({result.configured_target}), z {z}, FD rel err "
+            f"{main.rel_err_fd:.1e}, {n_seq} sequences -> {Path(out_dir) / ExactReport.FILE}")  # fmt: skip

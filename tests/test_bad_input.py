@@ -23,17 +23,14 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
-from entropy_probe import demo, files  # noqa: E402
-from entropy_probe.checkpoint import (  # noqa: E402
-    TRAINER_CONFIG,
-    TRAINER_CONFIG_KEYS,
-    read_trainer_config,
-    resolve_paths,
-)
+from entropy_probe import files  # noqa: E402
+from entropy_probe.checkpoint import TRAINER_CONFIG, resolve_paths  # noqa: E402
+from entropy_probe.trainer_config import TRAINER_CONFIG_KEYS, read_trainer_config  # noqa: E402
+from stages import demo as demo_stage  # noqa: E402
 from stages.cli import app  # noqa: E402
 from entropy_probe.errors import ProbeError  # noqa: E402
 from entropy_probe.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
-from entropy_probe.sampling import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
+from entropy_probe.artifacts.samples import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 REPO = Path(__file__).parent.parent
@@ -208,12 +205,12 @@ def _forge_samples(root: Path, dest: Path, edit) -> None:
 @pytest.fixture()
 def no_expensive_pass(monkeypatch):
     """delta-h1 must refuse before re-scoring or any gradient pass."""
-    from entropy_probe import delta_h1
+    from stages import delta_h1
 
     def reached(*args, **kwargs):
         raise AssertionError("the expensive pass was reached")
 
-    monkeypatch.setattr(delta_h1, "_reweight", reached)
+    monkeypatch.setattr(delta_h1, "reuse_weights", reached)
     monkeypatch.setattr(delta_h1, "compute_delta_h1", reached)
 
 
@@ -223,8 +220,7 @@ def test_token_id_beyond_the_vocabulary(probed, tmp_path, no_expensive_pass, tok
 
     def edit(tensors, meta):
         P = tensors["input_ids"].shape[1] - tensors["logprobs"].shape[1]
-        tensors["input_ids"][0, P] = vocab + 5  # the first response token of row 0
-        meta.pop("tokenizer", None)  # as samples from before the tokenizer was recorded: the id check alone
+        tensors["input_ids"][0, P] = vocab + 5  # the first response token of row 0 (the recorded tokenizer is right)
 
     _forge_samples(root, tmp_path / "e", edit)
     out = tmp_path / "out"
@@ -325,7 +321,7 @@ def small_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
     small = {"max_operand": 3, "hidden_size": 32, "warmup_steps": 5, "rl_steps": 2, "save_steps": 1,
              "prompts_per_step": 4, "num_generations": 2, "lora_rank": 2, "rl_lr": 0.01}  # fmt: skip
-    demo.run(validate_params({"demo": small}), out, dry_run=False)
+    demo_stage.run(validate_params({"demo": small}), out, dry_run=False)
     return out
 
 

@@ -20,16 +20,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import set_base_in_adapter_config, write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe.checkpoint import (  # noqa: E402
-    build_adamw,
+    adapter_info,
     checkpoint_fingerprint,
-    load_optimizer_state,
     load_policy_model,
     load_tokenizer,
-    read_trainer_config,
     resolve_paths,
 )
 from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.optimizer_state import build_adamw, load_optimizer_state  # noqa: E402
 from entropy_probe.params import CheckpointParams  # noqa: E402
+from entropy_probe.trainer_config import read_trainer_config  # noqa: E402
 
 
 # peft mistakes 1-D LoRA-B biases for un-gathered ZeRO-3 shards when saving
@@ -341,7 +341,7 @@ def test_name_map_with_unknown_name_is_refused(trained, tmp_path):
 
 def test_trainer_config_without_pickles(trained, caplog):
     paths = resolve_paths(ck_params(trained.dir))
-    with caplog.at_level(logging.INFO, logger="entropy_probe.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="entropy_probe.trainer_config"):
         cfg = read_trainer_config(paths, trust_pickles=False)
     assert all(cfg[k] is None for k in ("loss_type", "temperature", "max_grad_norm", "scale_rewards", "beta"))
     assert cfg["global_step"] == 3 and cfg["learning_rate_last"] == pytest.approx(trained.lr_last)
@@ -357,3 +357,38 @@ def test_trainer_config_with_pickles(trained):
     assert cfg["max_completion_length"] == a.max_completion_length and cfg["learning_rate"] == a.learning_rate
     assert cfg["lr_scheduler_type"] == "linear"
     json.dumps(cfg)  # JSON-ready (enums flattened)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda st: st.update(global_step="3"), r"global_step is '3', not a finite number"),
+        (lambda st: st["log_history"][-1].update(learning_rate=None), r"learning_rate is None, not a finite number"),
+        (lambda st: st.clear() or st.update(x=1) or None, None),  # no global_step, no log: unknown, not an error
+    ],
+)
+def test_trainer_state_values_are_numbers_or_refused(trained, tmp_path, edit, pattern):
+    ckdir = tmp_path / "ck"
+    shutil.copytree(trained.dir, ckdir)
+    state = json.loads((ckdir / "trainer_state.json").read_text())
+    edit(state)
+    (ckdir / "trainer_state.json").write_text(json.dumps(state))
+    paths = resolve_paths(ck_params(ckdir))
+    if pattern is None:
+        cfg = read_trainer_config(paths, trust_pickles=False)
+        assert cfg["global_step"] is None and cfg["learning_rate_last"] is None
+        return
+    with pytest.raises(ProbeError, match=pattern + r".*re-save the checkpoint") as err:
+        read_trainer_config(paths, trust_pickles=False)
+    assert "\n" not in str(err.value)
+
+
+def test_adapter_info_is_typed_and_a_bad_value_is_refused(trained, tmp_path):
+    info = adapter_info(resolve_paths(ck_params(trained.dir)))
+    assert (info.rank, info.alpha, info.targets, info.peft_type) == (2, 4, ["q_proj", "v_proj"], "LORA")
+    ckdir = tmp_path / "ck"
+    shutil.copytree(trained.dir, ckdir)
+    cfg = json.loads((ckdir / "adapter_config.json").read_text())
+    (ckdir / "adapter_config.json").write_text(json.dumps(dict(cfg, r="two")))
+    with pytest.raises(ProbeError, match=r"adapter_config\.json: bad value for 'rank'.*re-save the adapter"):
+        adapter_info(resolve_paths(ck_params(ckdir)))

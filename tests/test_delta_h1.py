@@ -7,20 +7,26 @@ differentiates through the enumeration of every continuation.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
 import torch
 
-from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient
+from entropy_probe.artifacts.delta_h1 import Bars, DeltaH1Report
+from entropy_probe.enumeration import exact_gradients
+from entropy_probe.errors import ProbeError
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
-from entropy_probe.exact import exact_gradients
 from entropy_probe.params import EstimatorParams
 from entropy_probe.policy import policy_logprobs
-from entropy_probe.sampling import generate_responses
-from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction, zero_gradient_part
+from entropy_probe.generation import GenerationSpec, generate_responses
+from entropy_probe.perturb import as_float64
+from entropy_probe.probe import UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms
+from entropy_probe.scoring import Batch
+from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, zero_gradient_part
 from conftest import make_lora_model
-from tolerances import assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
+from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
 
 MAX_NEW = 3
 TEMPERATURE = 1.3  # ≠ 1 so a forgotten temperature anywhere shows up
@@ -47,13 +53,10 @@ def tok():
 
 
 def sample_batch(model, tok, prompts: list[str], seed: int, top_p: float = 1.0) -> Batch:
-    tensors = generate_responses(
-        model, tok, prompts, temperature=TEMPERATURE, top_p=top_p, max_new_tokens=MAX_NEW,
-        batch_size=512, seed=seed, progress=False,
-    )  # fmt: skip
+    spec = GenerationSpec(TEMPERATURE, top_p, MAX_NEW, batch_size=512, seed=seed)
+    tensors = generate_responses(model, tok, prompts, spec, progress=False)
     tensors["prompt_index"] = torch.arange(len(prompts))
-    meta = {"generation": {"temperature": TEMPERATURE, "top_p": top_p}}
-    return Batch.from_artifact(tensors, meta, CPU)
+    return Batch.from_tensors(tensors, TEMPERATURE, top_p, CPU)
 
 
 def sample_u(model, tok, n_groups: int, G: int, seed: int, top_p: float = 1.0) -> Batch:
@@ -209,17 +212,29 @@ def test_policy_gradient_equals_autograd_of_naive_loss(model, tok, mode):
     assert_vectors_close(g, torch.cat([x.reshape(-1) for x in naive]), what=f"∇J ({mode}) vs naive")
 
 
+REL = {"float32": FP32_REL, "float64": FP64_REL}
+
+
+def in_dtype(model, dtype: str):
+    """The model itself (float32, as the stage runs) or a float64 copy, float64 end to end (`as_float64`)."""
+    return model if dtype == "float32" else as_float64(copy.deepcopy(model))
+
+
 @pytest.mark.numerics
-def test_delta_h1_is_invariant_to_the_token_budget(model, tok):
-    """One microbatch, a few rows each, one row each: the same results up to float32 summation order
-    (the float64 identity is in test_tangents). Dot products are compared relative to the magnitude
-    of their terms, X̄ as a whole vector (an element of X̄ may be a sum that cancels to ~0)."""
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_delta_h1_is_invariant_to_the_token_budget(model, tok, dtype):
+    """One microbatch, a few rows each, one row each: the same results up to summation order. In float32 (as
+    the stage runs) to FP32_REL of the magnitude of the summed terms; on a float64 model, whose sums
+    compute_delta_h1 keeps in float64, to FP64_REL: an exact identity. Dot products are compared relative to
+    the magnitude of their terms, X̄ as a whole vector (an element of X̄ may be a sum that cancels to ~0)."""
     E = sample_batch(model, tok, PROMPTS * 8, seed=5)
     U = sample_u(model, tok, n_groups=4, G=4, seed=6)
-    layout, state = adam_state(model)
+    policy = in_dtype(model, dtype)
+    layout, state = adam_state(policy)
     spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
-    results = [compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), budget) for budget in (10_000, 30, 7)]
+    results = [compute_delta_h1(policy, E, U, layout, spec, EstimatorParams(), budget) for budget in (10_000, 30, 7)]
     first = results[0]
+    assert first["xbar"].dtype == getattr(torch, dtype) and first["u_attribution"].dtype == torch.float64
     delta_zero = zero_gradient_part("adam_step", state, 1.0)
     scales = {
         "delta_h1": dot_scale(first["xbar"], first["delta_theta"]),
@@ -229,8 +244,8 @@ def test_delta_h1_is_invariant_to_the_token_budget(model, tok):
     }
     for r in results[1:]:
         for key, scale in scales.items():
-            assert_close_scaled(r[key], first[key], scale, what=key)
-        assert_vectors_close(r["xbar"], first["xbar"], what="X̄")
+            assert_close_scaled(r[key], first[key], scale, rel=REL[dtype], what=key)
+        assert_vectors_close(r["xbar"], first["xbar"], rel=REL[dtype], what="X̄")
 
 
 @pytest.mark.numerics
@@ -289,13 +304,13 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("lora_bias", [False, True])
-def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias):
+def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias, dtype):
     """u_row_terms' one-backward row dots (hooks on LoRA Linear weights and biases) = per-token double backward,
-    in float32 as the stage runs, relative to Σ|c·dlogp| (the float64 identity is in test_tangents)."""
+    relative to Σ|c·dlogp|: to FP32_REL in float32 as the stage runs, to FP64_REL on a float64 model."""
     from peft import LoraConfig, get_peft_model
 
-    from entropy_probe.delta_h1 import u_row_terms
     from entropy_probe.tangents import RowDirectional, grad_and_tangents
     from entropy_probe.tiny import build_model
 
@@ -303,16 +318,19 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias):
     config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                         init_lora_weights=False, lora_bias=lora_bias)  # fmt: skip
     model = get_peft_model(build_model(hidden_size=32, seed=5), config).eval()
+    U = sample_u(model, tok, n_groups=3, G=4, seed=31)
+    model = in_dtype(model, dtype)
     named = trainable(model)
     names, params = list(named), list(named.values())
     assert RowDirectional.supports(model, names) and any(n.endswith(".bias") for n in names) == lora_bias
-    U = sample_u(model, tok, n_groups=3, G=4, seed=31)
-    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").float()
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").to(getattr(torch, dtype))
     direction = [torch.randn_like(p) for p in params]
     rows = u_row_terms(model, params, names, U, coef, direction, max_tokens=20)
+    assert rows.dtype == coef.dtype
     stats = U.score(model, slice(0, len(U)), entropies=False)
-    _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.float()], params, direction)
-    assert_close_scaled(rows, (coef * dlogp).sum(-1), sum_scale(coef * dlogp), what="hooks vs double backward")
+    _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.to(coef.dtype)], params, direction)
+    assert_close_scaled(rows, (coef * dlogp).sum(-1), sum_scale(coef * dlogp), rel=REL[dtype],
+                        what="hooks vs double backward")  # fmt: skip
 
 
 def test_row_directional_refuses_what_it_cannot_do():
@@ -326,21 +344,109 @@ def test_row_directional_refuses_what_it_cannot_do():
 
 
 @pytest.mark.numerics
-def test_u_row_terms_fallback_path_agrees(tok, monkeypatch):
-    """Without the hooks (unsupported parameter types) the double-backward path gives the same row terms.
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_u_row_terms_fallback_path_agrees(tok, monkeypatch, dtype):
+    """Without the hooks (unsupported parameter types) the double-backward path gives the same row terms:
+    to FP32_REL in float32, to FP64_REL on a float64 model.
 
     The model is not the peaked one: its groups have responses (and rewards) that differ, so the rows are not 0."""
-    from entropy_probe.delta_h1 import u_row_terms
     from entropy_probe.tangents import RowDirectional
 
     model = make_lora_model(seed=3, rank=2)
+    U = sample_u(model, tok, n_groups=3, G=4, seed=32)
+    model = in_dtype(model, dtype)
     named = trainable(model)
     names, params = list(named), list(named.values())
-    U = sample_u(model, tok, n_groups=3, G=4, seed=32)
     assert (U.tensors["advantages"] != 0).sum() >= 6
-    coef = pg_coefficients(U.tensors["advantages"], U.mask, "seq-mean-token-mean").float()
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "seq-mean-token-mean").to(getattr(torch, dtype))
     direction = [torch.randn_like(p) for p in params]
     fast = u_row_terms(model, params, names, U, coef, direction, max_tokens=40)
     monkeypatch.setattr(RowDirectional, "supports", staticmethod(lambda model, names: False))
     slow = u_row_terms(model, params, names, U, coef, direction, max_tokens=40)
-    assert_vectors_close(fast, slow, what="hooks vs double-backward fallback")
+    assert fast.dtype == slow.dtype == coef.dtype
+    assert_vectors_close(fast, slow, rel=REL[dtype], what="hooks vs double-backward fallback")
+
+
+# ---------------------------------------------------------------------------------------------- the contracts
+
+
+def delta_h1_report(fingerprint: str) -> DeltaH1Report:
+    """A delta_h1.json with recognisable numbers (token_mean; δH₁ = −2e-3 ± 1e-3, lr 1e-2)."""
+    targets = {t: {"delta_h1": -1e-3 * (i + 1), "se_E": 1e-3, "entropy": 1.0 + i} for i, t in enumerate(TARGETS)}
+    targets["token_mean"].update(se_U=1e-4, se_delta_h1=1e-3)
+    numbers = dict.fromkeys(
+        ("delta_h1_from_tangents", "bars_dot", "entropy", "se_E", "se_U", "delta_h1_gradient_part",
+         "delta_h1_momentum_part", "delta_h1_gradient_part_linearised", "delta_h1_naive", "se_E_naive",
+         "cov_logp_advantage", "norm_xbar", "norm_delta_theta", "norm_g"), 0.5,
+    )  # fmt: skip
+    return DeltaH1Report(
+        delta_h1=-2e-3, se_delta_h1=1e-3, learning_rate=1e-2, **numbers, targets=targets,
+        B_E=24, B_U=4, G=4, n_E_tokens=50, n_U_tokens=40,
+        estimator={"entropy": "token_mean", "baseline": "mean", "ridge": 1.0, "crossfit_folds": 5},
+        update={"rule": "adam_step", "loss_agg_mode": "token-mean", "loss_agg_reason": "params", "max_len": None,
+                "max_grad_norm": 1.0, "max_grad_norm_source": "params"},
+        checkpoint_fingerprint=fingerprint,
+        reuse={"weighted": False, "sampler_fingerprint": {"E": fingerprint, "U": fingerprint},
+               "ess_fraction_E": 1.0, "ess_fraction_U": 1.0},
+        world_size=1,
+    )  # fmt: skip
+
+
+def test_delta_h1_report_round_trip_and_refusals(tmp_path):
+    """delta_h1.json keeps today's keys (se_U/se_delta_h1 only for the configured target, ess_E/ess_U only
+    when re-weighted), reads back equal, and a malformed file is one line naming the stage to re-run."""
+    report = delta_h1_report("abc")
+    report.write(tmp_path)
+    raw = json.loads((tmp_path / "delta_h1.json").read_text())
+    assert set(raw["targets"]["sequence"]) == {"delta_h1", "se_E", "entropy"}
+    assert set(raw["targets"]["token_mean"]) == {"delta_h1", "se_E", "entropy", "se_U", "se_delta_h1"}
+    assert set(raw["reuse"]) == {"weighted", "sampler_fingerprint", "ess_fraction_E", "ess_fraction_U"}
+    assert DeltaH1Report.read(tmp_path) == report and report.target == "token_mean"
+    weighted = report.model_copy(update={"reuse": report.reuse.model_copy(update={"weighted": True, "ess_E": 3.5})})
+    weighted.write(tmp_path)
+    assert json.loads((tmp_path / "delta_h1.json").read_text())["reuse"]["ess_E"] == 3.5
+    assert DeltaH1Report.read(tmp_path) == weighted
+    targets_missing = {**raw, "targets": {k: v for k, v in raw["targets"].items() if k != "sequence"}}
+    for broken, key in (({**raw, "learning_rate": 0.0}, "learning_rate"), (targets_missing, "targets"),
+                        ({**raw, "extra": 1}, "extra"), ({k: v for k, v in raw.items() if k != "se_U"}, "se_U")):  # fmt: skip
+        (tmp_path / "delta_h1.json").write_text(json.dumps(broken))
+        with pytest.raises(ProbeError, match=rf"delta_h1.json of this version \({key}.*rerun the delta-h1 stage"):
+            DeltaH1Report.read(tmp_path)
+    with pytest.raises(ProbeError, match="non-finite value at se_U"):
+        report.model_copy(update={"se_U": float("nan")}).write(tmp_path / "nan")
+    with pytest.raises(ProbeError, match="delta_h1.json is for checkpoint abc, but checkpoint.path x is def"):
+        report.check_checkpoint("def", "checkpoint.path x is", "rerun")
+
+
+def test_bars_round_trip_and_refusals(tmp_path):
+    """bars.safetensors: X̄ and Δθ per name read back bit-exact; a foreign kind, a missing or misshapen part,
+    a non-positive lr, and a Δθ the model cannot take are one-line ProbeErrors."""
+    from entropy_probe.files import write_tensors
+
+    model = make_lora_model()
+    named = trainable(model)
+    gen = torch.Generator().manual_seed(0)
+    xbar = {n: torch.randn(p.shape, generator=gen) for n, p in named.items()}
+    delta = {n: torch.randn(p.shape, generator=gen) for n, p in named.items()}
+    Bars(xbar, delta, 1e-3, "sequence").write(tmp_path)
+    bars = Bars.read(tmp_path)
+    assert (bars.learning_rate, bars.target, list(bars.delta_theta)) == (1e-3, "sequence", list(named))
+    assert all(torch.equal(bars.xbar[n], xbar[n]) and torch.equal(bars.delta_theta[n], delta[n]) for n in named)
+    bars.check_fits(model)
+    name = next(iter(named))
+    cases = {
+        "holds 'other', expected 'bars'": ({f"xbar.{name}": xbar[name]}, "other", {}),
+        "xbar.. and delta_theta.. name different": ({f"delta_theta.{name}": delta[name]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
+        "metadata learning_rate is None": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]}, "bars", {}),
+        "learning_rate -1.0 is not a positive": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]}, "bars", {"learning_rate": -1.0, "target": "sequence"}),
+        "unexpected tensor 'g.x'": ({"g.x": xbar[name]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
+        "are torch.float32 ": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name][:1]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
+    }  # fmt: skip
+    for message, (tensors, kind, meta) in cases.items():
+        write_tensors(tmp_path / "bars.safetensors", tensors, kind, meta)
+        with pytest.raises(ProbeError, match=message.replace("..", r".\*")):
+            Bars.read(tmp_path)
+    with pytest.raises(ProbeError, match="'nope', which the model lacks"):
+        Bars({"nope": torch.zeros(2)}, {"nope": torch.zeros(2)}, 1.0, "sequence").check_fits(model)
+    with pytest.raises(ProbeError, match=f"Δθ for '{name}' has shape"):
+        Bars({name: torch.zeros(1)}, {name: torch.zeros(1)}, 1.0, "sequence").check_fits(model)

@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from entropy_probe import demo
+from entropy_probe.artifacts.demo import DemoReport
+from entropy_probe.errors import ProbeError
 from entropy_probe.outputs import MANIFEST
 from entropy_probe.params import Params, validate_params
 from entropy_probe.task import make_arithmetic_prompts
+from stages import demo as demo_stage
 
 # What a transformers/TRL Trainer `checkpoint-N/` holds for a PEFT model (single process)
 TRAINER_FILES = [
@@ -46,7 +49,9 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("demo")
     outs = root / "a" / "demo", root / "b" / "demo"
     for out in outs:
-        demo.run(small_params(), out, dry_run=False)
+        summary = demo_stage.run(small_params(), out, dry_run=False)
+        # the stage's one-line result (the CLI prints it)
+        assert summary.startswith("demo: reward rate ") and f"-> {out} (" in summary and "\n" not in summary
     return outs
 
 
@@ -92,6 +97,18 @@ def test_demo_json_counts(two_runs):
     assert 0.0 <= info["reward_rate_base"] <= 1.0 and 0.0 <= info["reward_rate_final"] <= 1.0
     prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert prompts == make_arithmetic_prompts(3)
+    report = DemoReport.read(out)  # written through the contract
+    assert report.model_dump(mode="json") == info
+    assert report.grpo.optim == "adamw_torch" and report.grpo.lr_scheduler_type == "linear"
+    assert report.params == small_params().demo and report.grpo.learning_rate == SMALL["rl_lr"]
+
+
+def test_demo_json_malformed_is_one_line(two_runs, tmp_path):
+    info = json.loads((two_runs[0] / "demo.json").read_text())
+    info["grpo"]["num_generations"] = "two"
+    (tmp_path / "demo.json").write_text(json.dumps(info))
+    with pytest.raises(ProbeError, match=r"demo\.json is not a valid .*grpo\.num_generations.*rerun the demo stage"):
+        DemoReport.read(tmp_path)
 
 
 def test_two_runs_are_identical(two_runs):
@@ -174,7 +191,7 @@ def test_sft_labels_cover_answer_and_eos_only(tokenizer):
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
     out = tmp_path / "sub" / "demo"
-    demo.run(Params(), out, dry_run=True)
+    demo_stage.run(Params(), out, dry_run=True)
     assert not (tmp_path / "sub").exists()
     printed = capsys.readouterr().out
     assert "n_prompts: 100" in printed
@@ -188,10 +205,8 @@ def test_checkpoint_steps_include_the_last():
 
 
 def test_bad_shapes_are_refused(tmp_path):
-    from entropy_probe.errors import ProbeError
-
     with pytest.raises(ProbeError, match="num_heads"):
-        demo.run(small_params(hidden_size=30, num_heads=4), tmp_path / "x", dry_run=True)
+        demo_stage.run(small_params(hidden_size=30, num_heads=4), tmp_path / "x", dry_run=True)
     assert not (tmp_path / "x").exists()
 
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe import distributed, files, outputs  # noqa: E402
-from entropy_probe.delta_h1 import Batch  # noqa: E402
+from entropy_probe.artifacts.samples import Samples  # noqa: E402
+from entropy_probe.scoring import Batch  # noqa: E402
 from entropy_probe.params import validate_params  # noqa: E402
 from entropy_probe.policy import token_budget_slices  # noqa: E402
-from entropy_probe.sampling import load_samples  # noqa: E402
 from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
@@ -115,8 +115,8 @@ def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A tiny Trainer checkpoint, its verify report and 1-process sample artifacts; params as a YAML file."""
-    from entropy_probe import verify
-    from entropy_probe.sampling import run_sample_e, run_sample_u
+    from stages import verify
+    from stages.sample import run_sample_e, run_sample_u
 
     root = tmp_path_factory.mktemp("ddp")
     ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
@@ -144,13 +144,13 @@ def test_two_process_sampling_equals_one_process(pipeline):
     for stage, kind, key in (("sample-e", "samples_e", "sample_e"), ("sample-u", "samples_u", "sample_u")):
         out = root / "two" / key
         torchrun(2, stage, "--params", str(params_file), "--out", str(out))
-        two, meta2 = load_samples(out, kind)  # schema-checked: complete and consistent
-        one, meta1 = load_samples(getattr(params.paths, key), kind)
-        assert meta2["world_size"] == 2 and meta1["world_size"] == 1
-        assert {k: v for k, v in meta2.items() if k != "world_size"} == {k: v for k, v in meta1.items() if k != "world_size"}
-        assert two.keys() == one.keys()
-        for name in one:  # the same draws, the same layout (global P and R), the same rewards
-            assert torch.equal(two[name], one[name]), name
+        two = Samples.read(out, kind)  # schema-checked: complete and consistent
+        one = Samples.read(getattr(params.paths, key), kind)
+        assert two.meta.world_size == 2 and one.meta.world_size == 1
+        assert two.meta.model_copy(update={"world_size": 1}) == one.meta
+        assert two.tensors().keys() == one.tensors().keys()
+        for name, value in one.tensors().items():  # the same draws, the same layout (global P and R), the same rewards
+            assert torch.equal(getattr(two, name), value), name
         assert sorted(p.name for p in out.iterdir()) == sorted([outputs.MANIFEST, "samples.json", "samples.safetensors"])
 
 
@@ -198,7 +198,7 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
 
 @pytest.mark.numerics
 def test_two_process_delta_h1_equals_one_process(pipeline):
-    from entropy_probe import delta_h1
+    from stages import delta_h1
 
     root, params, params_file = pipeline
     delta_h1.run(params, Path(params.paths.delta_h1), dry_run=False)
@@ -212,7 +212,7 @@ def test_two_process_delta_h1_equals_one_process(pipeline):
 @pytest.mark.numerics
 def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
     """Samples recorded as drawn by another checkpoint: the sharded re-scoring pass and the weighted path."""
-    from entropy_probe import delta_h1
+    from stages import delta_h1
 
     root, params, params_file = pipeline
     overrides = []

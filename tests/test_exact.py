@@ -9,12 +9,16 @@ import json
 import pytest
 import torch
 
-from entropy_probe import exact
-from entropy_probe.files import write_json, write_tensors
+from entropy_probe import enumeration, perturb
+from entropy_probe.artifacts.delta_h1 import Bars
+from entropy_probe.artifacts.exact import ExactReport
 from entropy_probe.errors import ProbeError
+from entropy_probe.files import write_json
 from entropy_probe.params import Params
 from entropy_probe.policy import policy_logprobs
+from stages import exact as exact_stage
 
+from artifact_builders import delta_h1_json, verify_json, write_e_samples
 from conftest import make_lora_model
 
 # floating-point results of the model's kernels, compared to tight tolerances (see tests/tolerances.py)
@@ -75,13 +79,13 @@ def brute_force(model, prompts, mult, eos, horizon, temperature, top_p):
     [("v16", 2, 0.7, 1.0), ("v16", 2, 1.3, 0.8), ("v6", 3, 1.0, 1.0), ("v6", 3, 0.8, 0.6)],
 )
 def test_exact_matches_brute_force(which, horizon, temperature, top_p):
-    model = exact.as_float64(make_lora_model() if which == "v16" else small_vocab_model())
+    model = perturb.as_float64(make_lora_model() if which == "v16" else small_vocab_model())
     eos = model.config.eos_token_id
     prompts = PROMPTS if which == "v16" else [[1, 2, 3], [0], [3, 3, 1, 5, 0]]  # v6: token ids < 6
     seqs, truth = brute_force(model, prompts, MULT, eos, horizon, temperature, top_p)
     kw = dict(eos_id=eos, max_new_tokens=horizon, temperature=temperature, top_p=top_p, max_sequences=10**6)
     with torch.no_grad():
-        enum = exact.enumerate_forest(model, prompts, **kw)
+        enum = enumeration.enumerate_forest(model, prompts, **kw)
     got = {}
     for i in range(enum.n_sequences):
         L = int(enum.lengths[i])
@@ -95,8 +99,8 @@ def test_exact_matches_brute_force(which, horizon, temperature, top_p):
         assert len(got) < len(prompts) * len(list(all_responses(model.config.vocab_size, eos, horizon)))
     for key, (p, S, L) in seqs.items():
         assert got[key] == pytest.approx((p, S, L), rel=1e-9, abs=1e-14)
-    values = exact.exact_moments(model, prompts, MULT, with_grad=False, **kw)
-    for t in exact.TARGETS:
+    values = enumeration.exact_moments(model, prompts, MULT, with_grad=False, **kw)
+    for t in enumeration.TARGETS:
         assert float(values[t]) == pytest.approx(truth[t], rel=1e-10)
 
 
@@ -104,57 +108,57 @@ def test_exact_matches_brute_force(which, horizon, temperature, top_p):
 def test_probabilities_sum_to_one_per_prompt(lora_model, top_p):
     kw = dict(eos_id=14, max_new_tokens=3, temperature=0.9, top_p=top_p, max_sequences=10**6)
     with torch.no_grad():
-        enum = exact.enumerate_forest(lora_model, PROMPTS, **kw)
+        enum = enumeration.enumerate_forest(lora_model, PROMPTS, **kw)
     mass = torch.zeros(len(PROMPTS), dtype=torch.float64).index_add_(0, enum.prompt_index, enum.logprob.double().exp())
     torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-5)
     assert torch.isfinite(enum.logprob).all()
-    assert enum.n_sequences == len(exact.enumerate_tree(lora_model, PROMPTS[0], **kw).lengths) + sum(
-        len(exact.enumerate_tree(lora_model, p, **kw).lengths) for p in PROMPTS[1:]
+    assert enum.n_sequences == len(enumeration.enumerate_tree(lora_model, PROMPTS[0], **kw).lengths) + sum(
+        len(enumeration.enumerate_tree(lora_model, p, **kw).lengths) for p in PROMPTS[1:]
     )
 
 
 def test_kv_cache_matches_whole_prefix_forwards():
     """Feeding only the newest token with a gathered KV cache == re-running every whole prefix, grads too."""
-    model = exact.as_float64(make_lora_model(seed=4))
+    model = perturb.as_float64(make_lora_model(seed=4))
     kw = dict(eos_id=14, max_new_tokens=3, temperature=0.8, top_p=0.7, max_sequences=10**6)
-    a = exact.enumerate_forest(model, PROMPTS, kv_cache=True, **kw)
-    b = exact.enumerate_forest(model, PROMPTS, kv_cache=False, **kw)
+    a = enumeration.enumerate_forest(model, PROMPTS, kv_cache=True, **kw)
+    b = enumeration.enumerate_forest(model, PROMPTS, kv_cache=False, **kw)
     assert a.forward_tokens < b.forward_tokens
     for field in ("prompt_index", "tokens", "lengths", "truncated"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(a.entropies, b.entropies, rtol=1e-11, atol=1e-12)
-    params = list(exact.trainable(model).values())
+    params = list(enumeration.trainable(model).values())
     w = torch.tensor([0.2, 0.3, 0.5])
-    ga = torch.autograd.grad(exact.weighted_sums(a, w)["mean_h"], params)
-    gb = torch.autograd.grad(exact.weighted_sums(b, w)["mean_h"], params)
+    ga = torch.autograd.grad(enumeration.weighted_sums(a, w)["mean_h"], params)
+    gb = torch.autograd.grad(enumeration.weighted_sums(b, w)["mean_h"], params)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-13)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
-    model = exact.as_float64(make_lora_model(seed=4))
+    model = perturb.as_float64(make_lora_model(seed=4))
     kw = dict(eos_id=14, max_new_tokens=2, temperature=0.8, top_p=0.9, max_sequences=10**6)
-    cpu = exact.exact_moments(model, PROMPTS, MULT, with_grad=False, **kw)
-    values, grads, _ = exact.exact_gradients(model.cuda(), PROMPTS, MULT, **kw)
+    cpu = enumeration.exact_moments(model, PROMPTS, MULT, with_grad=False, **kw)
+    values, grads, _ = enumeration.exact_gradients(model.cuda(), PROMPTS, MULT, **kw)
     delta = {n: d.cuda() for n, d in random_direction(model).items()}
-    with exact.perturbed(model, delta, 0.5):
+    with perturb.perturbed(model, delta, 0.5):
         pass
-    for t in exact.TARGETS:
+    for t in enumeration.TARGETS:
         assert values[t] == pytest.approx(cpu[t].item(), rel=1e-9)
         assert all(g.is_cuda for g in grads[t].values())
 
 
 def test_every_token_an_eos_stops_after_one_step():
     """All prefixes end at depth 0: the loop stops early; several eos ids are honoured (float64: exact sums)."""
-    model = exact.as_float64(make_lora_model())
+    model = perturb.as_float64(make_lora_model())
     kw = dict(max_new_tokens=3, temperature=1.0, top_p=1.0, max_sequences=10**6)
     with torch.no_grad():
-        enum = exact.enumerate_forest(model, PROMPTS, eos_id=list(range(16)), **kw)
+        enum = enumeration.enumerate_forest(model, PROMPTS, eos_id=list(range(16)), **kw)
     assert enum.n_sequences == 16 * len(PROMPTS)
     assert (enum.lengths == 1).all() and not enum.truncated.any()
-    values = exact.exact_moments(model, PROMPTS, eos_id=list(range(16)), with_grad=False, **kw)
+    values = enumeration.exact_moments(model, PROMPTS, eos_id=list(range(16)), with_grad=False, **kw)
     assert float(values["mass"]) == pytest.approx(1.0, abs=1e-12)
     assert float(values["token_mean"]) == pytest.approx(float(values["sequence"]), rel=1e-12)  # L = 1
 
@@ -167,9 +171,9 @@ def test_as_float64_is_float64_end_to_end_and_twice_differentiable():
     from entropy_probe.policy import teacher_force
     from entropy_probe.tangents import grad_and_tangents
 
-    model = exact.as_float64(make_lora_model(seed=4))
+    model = perturb.as_float64(make_lora_model(seed=4))
     assert all(p.dtype == torch.float64 for p in model.parameters())
-    assert model.config._attn_implementation == exact.FLOAT64_ATTENTION
+    assert model.config._attn_implementation == perturb.FLOAT64_ATTENTION
     rows = [[1, 2, 3, 4, 5], [7, 8, 9]]  # prompt of 3 and of 1 token, two response tokens each
     ids = torch.tensor([rows[0], [15, 15] + rows[1]])
     mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
@@ -181,14 +185,14 @@ def test_as_float64_is_float64_end_to_end_and_twice_differentiable():
         alone = policy_logprobs(logits, 1.0).gather(-1, torch.tensor(row[-2:])[:, None])[:, 0]
         torch.testing.assert_close(scored.logprobs[i], alone, rtol=0, atol=1e-12)
 
-    params = list(exact.trainable(model).values())
+    params = list(enumeration.trainable(model).values())
     direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
                  for k, p in enumerate(params)]  # fmt: skip
     _, (tangents,) = grad_and_tangents([scored.logprobs], [torch.ones(2, 2, dtype=torch.float64)], params, direction)
-    delta, h = dict(zip(exact.trainable(model), direction)), 1e-6
+    delta, h = dict(zip(enumeration.trainable(model), direction)), 1e-6
 
     def scored_at(step: float) -> torch.Tensor:
-        with torch.no_grad(), exact.perturbed(model, delta, step):
+        with torch.no_grad(), perturb.perturbed(model, delta, step):
             return teacher_force(model, ids, mask, 3, torch.ones(2, 2, dtype=torch.bool), 1.0, 1.0).logprobs
 
     assert torch.equal(scored_at(0.0), scored.logprobs.detach())
@@ -201,21 +205,21 @@ def random_direction(model, scale=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
         n: scale * p.detach().abs().mean() * torch.randn(p.shape, generator=g, dtype=torch.float64)
-        for n, p in exact.trainable(model).items()
+        for n, p in enumeration.trainable(model).items()
     }
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_delta_h1_matches_finite_difference_slope(top_p):
-    model = exact.as_float64(make_lora_model(seed=1))
+    model = perturb.as_float64(make_lora_model(seed=1))
     kw = dict(eos_id=14, max_new_tokens=2, temperature=1.1, top_p=top_p, max_sequences=10**6)
     delta = random_direction(model)
-    values, grads, n = exact.exact_gradients(model, PROMPTS, MULT, prompts_per_chunk=1, **kw)  # chunked
-    slopes = exact.fd_slopes(model, delta, PROMPTS, MULT, step=1e-3, **kw)
-    full = exact.exact_moments(model, PROMPTS, MULT, with_grad=True, **kw)  # one graph, no chunks
-    params = exact.trainable(model)
-    for t in exact.TARGETS:
-        dh1 = exact.directional(grads[t], delta)
+    values, grads, n = enumeration.exact_gradients(model, PROMPTS, MULT, prompts_per_chunk=1, **kw)  # chunked
+    slopes = enumeration.fd_slopes(model, delta, PROMPTS, MULT, step=1e-3, **kw)
+    full = enumeration.exact_moments(model, PROMPTS, MULT, with_grad=True, **kw)  # one graph, no chunks
+    params = enumeration.trainable(model)
+    for t in enumeration.TARGETS:
+        dh1 = enumeration.directional(grads[t], delta)
         assert abs(dh1) > 1e-6  # a direction that actually moves H
         assert abs(dh1 - slopes[t]) / abs(slopes[t]) < 1e-3, (t, dh1, slopes[t])
         # chunked gradient accumulation == autograd through the single full graph
@@ -224,81 +228,62 @@ def test_delta_h1_matches_finite_difference_slope(top_p):
             torch.testing.assert_close(grads[t][name], g, rtol=1e-9, atol=1e-12)
         assert values[t] == pytest.approx(full[t].item(), rel=1e-12)
     # ΔH(η) is second-order close to the linear prediction for small η, and exactly 0 at η = 0
-    curve = exact.delta_h_curve(model, delta, [0.0, 0.01], PROMPTS, MULT, **kw)
-    for t in exact.TARGETS:
+    curve = enumeration.delta_h_curve(model, delta, [0.0, 0.01], PROMPTS, MULT, **kw)
+    for t in enumeration.TARGETS:
         assert curve[t][0] == 0.0
-        lin = 0.01 * exact.directional(grads[t], delta)
+        lin = 0.01 * enumeration.directional(grads[t], delta)
         assert abs(curve[t][1] - lin) < 0.05 * abs(lin)
 
 
 def test_perturbed_restores_bit_exactly(lora_model):
     before = {n: p.detach().clone() for n, p in lora_model.named_parameters()}
-    delta = {n: torch.randn_like(p) for n, p in exact.trainable(lora_model).items()}
-    with exact.perturbed(lora_model, delta, 0.37):
+    delta = {n: torch.randn_like(p) for n, p in enumeration.trainable(lora_model).items()}
+    with perturb.perturbed(lora_model, delta, 0.37):
         name = next(iter(delta))
         torch.testing.assert_close(dict(lora_model.named_parameters())[name], before[name] + 0.37 * delta[name])
     with pytest.raises(KeyError):  # restored even when the body fails
-        with exact.perturbed(lora_model, delta, 1e-3):
+        with perturb.perturbed(lora_model, delta, 1e-3):
             raise KeyError("boom")
     for n, p in lora_model.named_parameters():
         assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), n
     with pytest.raises(ProbeError, match="does not have"):
-        with exact.perturbed(lora_model, {"nope": torch.zeros(1)}, 1.0):
+        with perturb.perturbed(lora_model, {"nope": torch.zeros(1)}, 1.0):
             pass
 
 
 def test_max_sequences_refusal(lora_model):
     kw = dict(eos_id=14, max_new_tokens=3, temperature=1.0, top_p=1.0)
     with torch.no_grad():
-        n = exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=10**6, **kw).n_sequences
-        assert exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n, **kw).n_sequences == n
+        n = enumeration.enumerate_tree(lora_model, PROMPTS[0], max_sequences=10**6, **kw).n_sequences
+        assert enumeration.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n, **kw).n_sequences == n
         with pytest.raises(ProbeError) as err:
-            exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n - 1, **kw)
+            enumeration.enumerate_tree(lora_model, PROMPTS[0], max_sequences=n - 1, **kw)
         msg = str(err.value)
         assert f"exact.max_sequences = {n - 1}" in msg and "generation.max_new_tokens" in msg and "\n" not in msg
         with pytest.raises(ProbeError, match=r"at least \d+ sequences by depth 2 of 3"):
-            exact.enumerate_tree(lora_model, PROMPTS[0], max_sequences=100, **kw)
+            enumeration.enumerate_tree(lora_model, PROMPTS[0], max_sequences=100, **kw)
         with pytest.raises(ProbeError, match="at least 3 sequences by depth 0"):  # each prompt needs one
-            exact.enumerate_forest(lora_model, PROMPTS, max_sequences=2, **kw)
+            enumeration.enumerate_forest(lora_model, PROMPTS, max_sequences=2, **kw)
         # the limit is on the total over prompt chunks, not per chunk
         with pytest.raises(ProbeError, match=r"at least (\d+) sequences") as err:
-            exact.exact_moments(lora_model, PROMPTS, max_sequences=n + 10, with_grad=False, prompts_per_chunk=1, **kw)
+            enumeration.exact_moments(
+                lora_model, PROMPTS, max_sequences=n + 10, with_grad=False, prompts_per_chunk=1, **kw
+            )
         assert int(str(err.value).split("at least ")[1].split()[0]) > n + 10
 
 
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def write_stage_inputs(root, model, prompts_rows, horizon, delta, lr, estimates):
-    """Hand-made E samples / bars / delta_h1.json / verify.json following docs/design.md."""
-    P = max(len(p) for p in prompts_rows)
-    N = len(prompts_rows)
-    ids = torch.full((N, P + horizon), 15, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts_rows):
-        ids[i, P - len(p) : P] = torch.tensor(p)
-        mask[i, P - len(p) : P + 1] = 1
-        ids[i, P] = 14  # response: eos right away (the tokens do not matter to the exact stage)
-    samples = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "prompt_lens": torch.tensor([len(p) for p in prompts_rows]),
-        "response_lens": torch.ones(N, dtype=torch.long),
-        "truncated": torch.zeros(N, dtype=torch.bool),
-        "prompt_index": torch.arange(N),
-        "logprobs": torch.zeros(N, horizon),
-        "entropies": torch.zeros(N, horizon),
-    }
-    write_tensors(root / "sample_e" / "samples.safetensors", samples, kind="samples_e")
-    gen = {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": horizon, "stop": None}
-    write_json(root / "sample_e" / "samples.json", {"kind": "samples_e", "generation": gen})
-    bars = {f"delta_theta.{n}": v.float() for n, v in delta.items()}
-    write_tensors(root / "delta_h1" / "bars.safetensors", bars, "bars")
-    write_json(
-        root / "delta_h1" / "delta_h1.json", {"learning_rate": lr, "targets": estimates, "checkpoint_fingerprint": "abc123"}
-    )
-    write_json(root / "verify" / "verify.json", {"fingerprint": "abc123"})
-    return gen
+def write_stage_inputs(root, prompts_rows, horizon, delta, lr, estimates, fingerprint="abc123", **generation):
+    """Hand-made E samples (each response a lone eos: the exact stage reads only the prompts and the generation
+    settings), bars, delta_h1.json and verify.json, all valid artifacts of their stages."""
+    write_e_samples(root / "sample_e", prompts_rows, horizon, eos=14, pad=15, **generation)
+    zeros = {n: torch.zeros_like(v, dtype=torch.float32) for n, v in delta.items()}
+    Bars(xbar=zeros, delta_theta=delta, learning_rate=lr, target="token_mean").write(root / "delta_h1")
+    dh1 = delta_h1_json(learning_rate=lr, checkpoint_fingerprint="abc123", targets=estimates, se_delta_h1=2e-3)
+    write_json(root / "delta_h1" / "delta_h1.json", dh1)
+    write_json(root / "verify" / "verify.json", verify_json(2, lr, fingerprint))
 
 
 def stage_params(root) -> Params:
@@ -312,55 +297,127 @@ def stage_params(root) -> Params:
 
 
 def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(exact, "_load_model", lambda params: make_lora_model(seed=2))
-    reference = exact.as_float64(make_lora_model(seed=2))
+    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
+    reference = perturb.as_float64(make_lora_model(seed=2))
     rows = [[1, 2], [5, 12, 3], [1, 2], [1, 2]]  # 2 distinct prompts, multiplicities 3 and 1
     delta = {n: v.float().double() for n, v in random_direction(reference, seed=5).items()}
-    estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "se_delta_h1": 2e-3, "entropy": 2.5}}
-    gen = write_stage_inputs(tmp_path, reference, rows, 2, delta, 1e-2, estimates)
+    estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5},
+                 "sequence": {"delta_h1": 1e-3, "se_E": 0.0, "entropy": 5.0}}  # fmt: skip
+    write_stage_inputs(tmp_path, rows, 2, delta, 1e-2, estimates)
     params = stage_params(tmp_path)
 
     # --dry-run counts from the config alone: no model load, no enumeration
-    monkeypatch.setattr(exact, "_base_config", lambda params: reference.config)
+    monkeypatch.setattr(exact_stage, "_base_config", lambda params: reference.config)
     with monkeypatch.context() as m:
-        m.setattr(exact, "_load_model", lambda params: pytest.fail("--dry-run loaded the model"))
-        assert exact.run(params, tmp_path / "dry", dry_run=True) is None
+        m.setattr(exact_stage, "_load_model", lambda params: pytest.fail("--dry-run loaded the model"))
+        assert exact_stage.run(params, tmp_path / "dry", dry_run=True) is None
     assert not (tmp_path / "dry").exists()
     assert "2 distinct prompts (4 E rows), exactly 482 sequences" in capsys.readouterr().out  # 2 × (1 + 16·15)
 
-    exact.run(params, tmp_path / "exact", dry_run=False)
+    summary = exact_stage.run(params, tmp_path / "exact", dry_run=False)
     out = json.loads((tmp_path / "exact" / "exact.json").read_text())
+    assert ExactReport.read(tmp_path / "exact").model_dump(mode="json") == out  # written through the contract
+    assert "\n" not in summary and summary.startswith("exact: ")
+    assert summary.endswith(str(tmp_path / "exact" / "exact.json"))
+    assert f"{out['targets']['token_mean']['delta_h1_exact']:.4e} exact δH₁ (token_mean)" in summary
     assert out["n_distinct_prompts"] == 2 and out["n_e_rows"] == 4 and out["n_sequences"] == 482
-    kw = dict(eos_id=14, max_new_tokens=2, temperature=gen["temperature"], top_p=1.0, max_sequences=10**6)
-    full = exact.exact_moments(reference, [[1, 2], [5, 12, 3]], [3, 1], with_grad=True, **kw)
-    params_ref = exact.trainable(reference)
-    for t in exact.TARGETS:
+    kw = dict(eos_id=14, max_new_tokens=2, temperature=0.9, top_p=1.0, max_sequences=10**6)
+    full = enumeration.exact_moments(reference, [[1, 2], [5, 12, 3]], [3, 1], with_grad=True, **kw)
+    params_ref = enumeration.trainable(reference)
+    for t in enumeration.TARGETS:
         r = out["targets"][t]
         g = dict(zip(params_ref, torch.autograd.grad(full[t], list(params_ref.values()), retain_graph=True)))
         assert r["entropy_exact"] == pytest.approx(full[t].item(), rel=1e-10)
-        assert r["delta_h1_exact"] == pytest.approx(exact.directional(g, delta), rel=1e-9)
+        assert r["delta_h1_exact"] == pytest.approx(enumeration.directional(g, delta), rel=1e-9)
         assert r["rel_err_fd"] < 1e-3
         linear = [e["delta_h1_exact_linear"] for e in r["eta_grid"]]
         assert linear == pytest.approx([0.5 * r["delta_h1_exact"], r["delta_h1_exact"]])
         assert [e["eta"] for e in r["eta_grid"]] == pytest.approx([0.5e-2, 1e-2])
     tm = out["targets"]["token_mean"]
     assert tm["z"] == pytest.approx((0.0 - tm["delta_h1_exact"]) / 1e-3)
-    assert out["targets"]["sequence"]["z"] is None  # no estimate for that target in delta_h1.json
+    assert tm["se_delta_h1"] == 2e-3 and out["targets"]["sequence"]["se_delta_h1"] is None  # configured target only
+    assert out["targets"]["sequence"]["z"] is None  # SE_E = 0: no z-score
+    assert [e["delta_h1_linear"] for e in out["targets"]["sequence"]["eta_grid"]] == pytest.approx([5e-4, 1e-3])
 
     # Δθ naming a parameter the model lacks: one-line error, previous output untouched
-    write_tensors(tmp_path / "delta_h1" / "bars.safetensors", {"delta_theta.nope": torch.zeros(2)}, "bars")
+    nope = {"xbar": {"nope": torch.zeros(2)}, "delta_theta": {"nope": torch.zeros(2)}}
+    Bars(**nope, learning_rate=1e-2, target="token_mean").write(tmp_path / "delta_h1")
     with pytest.raises(ProbeError, match="'nope'"):
-        exact.run(params, tmp_path / "exact", dry_run=False)
+        exact_stage.run(params, tmp_path / "exact", dry_run=False)
     assert json.loads((tmp_path / "exact" / "exact.json").read_text()) == out
+
+
+def test_exact_stage_refuses_mismatched_inputs(tmp_path, monkeypatch):
+    """delta-h1 and verify of different checkpoints, or stop strings the enumeration cannot model: one line,
+    before any model is loaded."""
+    monkeypatch.setattr(exact_stage, "_load_model", lambda params: pytest.fail("loaded the model"))
+    delta = {"w": torch.zeros(2, dtype=torch.float64)}
+    write_stage_inputs(tmp_path, [[1, 2]], 2, delta, 1e-2, None, fingerprint="other")
+    with pytest.raises(ProbeError, match=r"delta_h1\.json is for checkpoint abc123, but .*verify describes other"):
+        exact_stage.run(stage_params(tmp_path), tmp_path / "exact", dry_run=False)
+    write_stage_inputs(tmp_path, [[1, 2]], 2, delta, 1e-2, None, stop="\n")
+    with pytest.raises(ProbeError, match="does not model generation.stop"):
+        exact_stage.run(stage_params(tmp_path), tmp_path / "exact", dry_run=True)
+    assert not (tmp_path / "exact").exists()
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 3])
 def test_sequence_count_formula_matches_enumeration(max_new):
     """--dry-run's count (no model needed) equals the number of leaves exact enumeration produces at top_p = 1."""
-    model = exact.as_float64(make_lora_model(seed=2))
+    model = perturb.as_float64(make_lora_model(seed=2))
     V = model.config.vocab_size
     with torch.no_grad():
-        enum = exact.enumerate_forest(
+        enum = enumeration.enumerate_forest(
             model, [[1, 2]], eos_id=14, max_new_tokens=max_new, temperature=1.0, top_p=1.0, max_sequences=10**6
         )
-    assert enum.tokens.shape[0] == exact.sequences_per_prompt(V, 1, max_new)
+    assert enum.tokens.shape[0] == enumeration.sequences_per_prompt(V, 1, max_new)
+
+
+def exact_report(**changes) -> dict:
+    """A valid exact.json body (every target, one η point); `changes` replace top-level keys."""
+    point = {"multiplier": 1.0, "eta": 1e-2, "delta_h_exact": -2e-3, "delta_h1_exact_linear": -1.9e-3,
+             "delta_h1_linear": -1.7e-3}  # fmt: skip
+    target = {"entropy_exact": 2.5, "entropy_estimate": 2.4, "delta_h1_exact": -1.9e-3, "delta_h1": -1.7e-3,
+              "se_E": 1e-3, "se_delta_h1": None, "z": 0.2, "fd_slope": -1.9e-3, "rel_err_fd": 1e-9,
+              "eta_grid": [point]}  # fmt: skip
+    body = {
+        "configured_target": "token_mean", "targets": {t: dict(target) for t in enumeration.TARGETS},
+        "learning_rate": 1e-2, "generation": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 2, "eos_id": [14]},
+        "checkpoint_fingerprint": "abc123", "dtype": "float64", "fd_step": 1e-3, "n_distinct_prompts": 2,
+        "n_e_rows": 4, "n_sequences": 482, "n_parameters": 640,
+    }  # fmt: skip
+    return {**body, **changes}
+
+
+def test_exact_report_round_trip(tmp_path):
+    body = exact_report()
+    write_json(tmp_path / "exact.json", body)
+    report = ExactReport.read(tmp_path)
+    assert report.targets["token_mean"].eta_grid[0].delta_h_exact == -2e-3 and report.generation.eos_id == [14]
+    report.write(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "exact.json").read_text()) == body
+    assert list(report.targets) == list(enumeration.TARGETS)
+
+
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"targets": {"token_mean": exact_report()["targets"]["token_mean"]}}, "targets"),  # a target missing
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"configured_target": "entropy"}, "configured_target"),
+        ({"generation": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 2}}, "generation.eos_id"),
+        ({"n_sequences": "many"}, "n_sequences"),
+        ({"timings": {"total": 1.0}}, "timings"),  # unknown key: a renamed or foreign field fails loudly
+    ],
+)
+def test_exact_report_malformed_is_one_line(tmp_path, changes, key):
+    write_json(tmp_path / "exact.json", exact_report(**changes))
+    with pytest.raises(ProbeError) as err:
+        ExactReport.read(tmp_path)
+    msg = str(err.value)
+    assert f"({key}" in msg and "exact.json" in msg and "rerun the exact stage" in msg and "\n" not in msg
+
+
+def test_exact_report_missing_names_the_stage(tmp_path):
+    with pytest.raises(ProbeError, match=r"exact output .*exact\.json not found"):
+        ExactReport.read(tmp_path)

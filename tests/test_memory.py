@@ -28,7 +28,8 @@ import ctypes, gc, json, sys
 import torch
 torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model
-from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1
+from entropy_probe.probe import UpdateSpec, compute_delta_h1
+from entropy_probe.scoring import Batch
 from entropy_probe.params import EstimatorParams
 from entropy_probe.policy import teacher_force
 from entropy_probe.tiny import build_model
@@ -43,7 +44,6 @@ torch.manual_seed(1)
 lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                   init_lora_weights=False)
 model = get_peft_model(base, lora).eval()
-META = {"generation": {"temperature": 1.0, "top_p": 1.0}}
 
 def artifact(n, seed):
     # a sample artifact: left-padded prompts, right-padded responses of random length, stats by teacher forcing
@@ -67,8 +67,8 @@ def u_artifact(n_groups, seed):
     return t
 
 cpu = torch.device("cpu")
-E = Batch.from_artifact(artifact(B_E, 1), META, cpu)
-U = Batch.from_artifact(u_artifact(B_U, 2), META, cpu)
+E = Batch.from_tensors(artifact(B_E, 1), 1.0, 1.0, cpu)
+U = Batch.from_tensors(u_artifact(B_U, 2), 1.0, 1.0, cpu)
 named = {n: p for n, p in model.named_parameters() if p.requires_grad}
 layout = FlatLayout.from_named(named)
 m = {n: 1e-3 * torch.randn(p.shape) for n, p in named.items()}
@@ -79,7 +79,7 @@ spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
 est = EstimatorParams(baseline="regression")  # the baseline with the most per-row work
 
 # warm-up on a few rows (thread pools, kernel caches), then the baseline
-compute_delta_h1(model, Batch.from_artifact(artifact(4, 3), META, cpu), Batch.from_artifact(u_artifact(1, 4), META, cpu),
+compute_delta_h1(model, Batch.from_tensors(artifact(4, 3), 1.0, 1.0, cpu), Batch.from_tensors(u_artifact(1, 4), 1.0, 1.0, cpu),
                  layout, spec, est, max_tokens)
 
 def status_kb(field):

@@ -100,7 +100,7 @@ def _brute_force_logps(model, rows: list[list[int]], n_prompt: list[int], temper
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_teacher_force_matches_unpadded_forward(temperature, top_p):
     """An exact identity, so in float64: left and right padding change no log-prob and no entropy."""
-    from entropy_probe.exact import as_float64
+    from entropy_probe.perturb import as_float64
 
     from conftest import make_lora_model
 

@@ -6,6 +6,7 @@ repository; then each command of the README's ```bash blocks runs there, in orde
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -49,37 +50,70 @@ def test_readme_commands_are_parsed():
 
 
 def _copy_tracked_files(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, dest / f)
 
 
-@pytest.mark.slow
-def test_every_readme_command_works_after_the_demo(tmp_path):
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory):
+    """A copy of the repository after `dvc repro` (the demo pipeline, smaller batches), with the params keys
+    every stage read recorded (ENTROPY_PROBE_RECORD_PARAMS) in params_reads.jsonl."""
     if not (BIN / "dvc").exists() or not (BIN / "entropy-probe").exists():
         pytest.skip("dvc / entropy-probe console scripts not installed in this environment")
-    _copy_tracked_files(tmp_path)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    params_path = tmp_path / "params.yaml"
+    repo = tmp_path_factory.mktemp("demo_repo")
+    _copy_tracked_files(repo)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    params_path = repo / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["batch_config"].update(B_E=24, B_U=4)
     params["truth"]["eta_multipliers"] = [0.5, 1.0]
     params["exact"]["eta_multipliers"] = [0.5, 1.0]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    reads = repo.parent / f"{repo.name}_params_reads.jsonl"  # outside the repo: no stage owns it
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
+           "ENTROPY_PROBE_RECORD_PARAMS": str(reads)}  # fmt: skip
+    _run(repo, env, "dvc repro", timeout=900)
+    env.pop("ENTROPY_PROBE_RECORD_PARAMS")
+    return repo, env, reads
 
-    def run(command: str, timeout: int) -> subprocess.CompletedProcess:
-        out = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, f"`{command}` exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
-        return out
 
-    run("dvc repro", timeout=900)
+def _run(repo: Path, env: dict, command: str, timeout: int) -> subprocess.CompletedProcess:
+    out = subprocess.run(shlex.split(command), cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"`{command}` exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+@pytest.mark.slow
+def test_every_readme_command_works_after_the_demo(demo_repo):
+    repo, env, _ = demo_repo
     ran = []
     for command in readme_commands((REPO / "README.md").read_text()):
         if any(command.startswith(prefix) for prefix in NOT_RUN):
             continue
-        run(command, timeout=300)
+        _run(repo, env, command, timeout=300)
         ran.append(command)
     assert any(c.startswith("entropy-probe") for c in ran) and any(c.startswith("dvc") for c in ran)
+
+
+@pytest.mark.slow
+def test_every_params_key_a_stage_reads_is_tracked_by_dvc(demo_repo):
+    """The keys each stage read during the run are covered by its dvc.yaml params (a section or the key) or set
+    on its command line; paths.* are wired through commands and deps. A missing one means changing that
+    key would not re-run the stage."""
+    from test_dvc_pipeline import cli_stage, dvc_stages
+
+    _, _, reads_file = demo_repo
+    records = [json.loads(line) for line in reads_file.read_text().splitlines()]
+    by_cli = {cli_stage(body["cmd"]): body for body in dvc_stages().values()}
+    assert {r["stage"] for r in records} == set(by_cli)  # every stage ran and was recorded
+    missing = set()
+    for record in records:
+        body = by_cli[record["stage"]]
+        tracked = list(body.get("params", [])) + re.findall(r"-S ([\w.]+)=", body["cmd"]) + ["paths"]
+        for key in record["reads"]:
+            if not any(key == entry or key.startswith(entry + ".") for entry in tracked):
+                missing.add((record["stage"], key))
+    assert not missing, f"params read but not listed in dvc.yaml: {sorted(missing)}"

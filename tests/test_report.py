@@ -11,18 +11,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from entropy_probe import report
+from entropy_probe import reporting
+from entropy_probe.artifacts.exact import ExactReport
+from entropy_probe.artifacts.report import CheckpointMetrics, Report
 from entropy_probe.errors import ProbeError
+from entropy_probe.estimators import TARGETS
 from entropy_probe.params import Params
+from stages import report as report_stage
+
+from artifact_builders import delta_h1_json, truth_json, verify_json
 
 TARGET = "token_mean"
 DASH = "–"
 
 
-def delta_h1_json(i: int, reuse: dict | None) -> dict:
+def delta_h1_body(i: int, reuse: dict | None) -> dict:
     """A delta_h1.json with distinct, recognisable numbers for checkpoint i."""
-    d = {
-        "delta_h1": -1.25e-3 * (i + 1),
+    d = -1.25e-3 * (i + 1)
+    numbers = {
+        "delta_h1": d,
         "se_delta_h1": 4.0e-4 * (i + 1),
         "se_E": 3.0e-4 * (i + 1),
         "se_U": 2.5e-4,
@@ -32,26 +39,31 @@ def delta_h1_json(i: int, reuse: dict | None) -> dict:
         "delta_h1_momentum_part": 2.5e-4 * (i + 1),
         "delta_h1_naive": -4.5e-3,
         "cov_logp_advantage": 0.2 + i,
-        "targets": {TARGET: {"delta_h1": -1.25e-3 * (i + 1) * (1 + 1e-7)}},  # last-bit noise, as in real runs
-        "estimator": {"entropy": TARGET, "baseline": "mean"},
     }
     if reuse is not None:
-        d["reuse"] = reuse
-    return d
+        reuse = {**reuse, "sampler_fingerprint": {"E": "fp0", "U": "fp0"}}
+    targets = {TARGET: {"delta_h1": d * (1 + 1e-7), "se_E": numbers["se_E"], "entropy": numbers["entropy"]}}
+    return delta_h1_json(TARGET, targets, reuse, **numbers)  # last-bit noise on the target's δH₁, as in real runs
 
 
 def exact_json(dh: dict, multipliers: list[float]) -> dict:
+    """A complete exact.json (`ExactReport`) whose configured target's exact δH₁ is δH₁ + SE_E / 2 (z = −0.5)."""
     ex = dh["delta_h1"] + 0.5 * dh["se_E"]  # z = −0.5
-    grid = [{"multiplier": m, "eta": m * dh["learning_rate"], "delta_h_exact": m * ex + 1e-4 * m * m} for m in multipliers]
-    return {
-        "configured_target": TARGET,
-        "learning_rate": dh["learning_rate"],
-        "targets": {TARGET: {"delta_h1": dh["targets"][TARGET]["delta_h1"], "delta_h1_exact": ex, "se_E": dh["se_E"],
-                             "z": (dh["delta_h1"] - ex) / dh["se_E"], "eta_grid": grid}},
-    }  # fmt: skip
+    d1 = dh["targets"][TARGET]["delta_h1"]
+    grid = [{"multiplier": m, "eta": m * dh["learning_rate"], "delta_h_exact": m * ex + 1e-4 * m * m,
+             "delta_h1_exact_linear": m * ex, "delta_h1_linear": m * d1} for m in multipliers]  # fmt: skip
+    target = {"entropy_exact": dh["entropy"], "entropy_estimate": dh["entropy"], "delta_h1_exact": ex, "delta_h1": d1,
+              "se_E": dh["se_E"], "se_delta_h1": dh["se_delta_h1"], "z": (dh["delta_h1"] - ex) / dh["se_E"],
+              "fd_slope": ex, "rel_err_fd": 1e-9, "eta_grid": grid}  # fmt: skip
+    return ExactReport.model_validate({
+        "configured_target": TARGET, "targets": {t: target for t in TARGETS}, "learning_rate": dh["learning_rate"],
+        "generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3, "eos_id": [14]},
+        "checkpoint_fingerprint": "fp", "dtype": "float64", "fd_step": 1e-3, "n_distinct_prompts": 4, "n_e_rows": 8,
+        "n_sequences": 100, "n_parameters": 640,
+    }).model_dump(mode="json")  # fmt: skip
 
 
-def truth_json(dh: dict, fresh: bool) -> dict:
+def truth_body(dh: dict, fresh: bool) -> dict:
     lr, d1 = dh["learning_rate"], dh["delta_h1"]
     etas = []
     for m in (0.5, 1.0, 2.0):
@@ -61,12 +73,10 @@ def truth_json(dh: dict, fresh: bool) -> dict:
             "fresh": {"delta_h": 1.1 * m * d1, "se": 2e-4 * m} if fresh else None,
             "ratio_snis": 0.9, "ratio_fresh": 1.1 if fresh else None,
         })  # fmt: skip
-    return {
-        "target": TARGET, "learning_rate": lr, "delta_h1": d1, "se_delta_h1": dh["se_delta_h1"], "etas": etas,
-        "linearity": {"delta_h1": d1, "slope_snis": 0.9 * d1, "curvature_snis": 0.0,
-                      "slope_fresh": 1.1 * d1 if fresh else None, "curvature_fresh": None},
-        "n_sequences": 64,
-    }  # fmt: skip
+    linearity = {"delta_h1": d1, "slope_snis": 0.9 * d1, "curvature_snis": 0.0,
+                 "slope_fresh": 1.1 * d1 if fresh else None, "curvature_fresh": None}  # fmt: skip
+    return truth_json(target=TARGET, learning_rate=lr, delta_h1=d1, se_delta_h1=dh["se_delta_h1"], etas=etas,
+                      linearity=linearity)  # fmt: skip
 
 
 ATTRIBUTIONS = [  # batch, index, prompt_index, contribution, prompt, responses
@@ -81,12 +91,11 @@ ATTRIBUTIONS = [  # batch, index, prompt_index, contribution, prompt, responses
 
 def write_checkpoint(base: Path, i: int, *, reuse=None, exact=None, truth=None, step=None) -> dict:
     """<base>/{verify,delta_h1,exact,truth}/ for checkpoint i; returns what was written."""
-    dh = delta_h1_json(i, reuse)
+    dh = delta_h1_body(i, reuse)
     written = {"delta_h1": dh, "step": step if step is not None else 2 * (i + 1)}
     for sub in ("verify", "delta_h1"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    verify = {"step": written["step"], "global_step": written["step"], "learning_rate": dh["learning_rate"],
-              "fingerprint": f"fp{i}"}  # fmt: skip
+    verify = verify_json(written["step"], dh["learning_rate"], f"fp{i}")
     (base / "verify" / "verify.json").write_text(json.dumps(verify))
     (base / "delta_h1" / "delta_h1.json").write_text(json.dumps(dh))
     with open(base / "delta_h1" / "attributions.csv", "w", newline="") as f:
@@ -98,7 +107,7 @@ def write_checkpoint(base: Path, i: int, *, reuse=None, exact=None, truth=None, 
         (base / "exact").mkdir(exist_ok=True)
         (base / "exact" / "exact.json").write_text(json.dumps(written["exact"]))
     if truth is not None:
-        written["truth"] = truth_json(dh, fresh=truth == "fresh")
+        written["truth"] = truth_body(dh, fresh=truth == "fresh")
         (base / "truth").mkdir(exist_ok=True)
         (base / "truth" / "truth.json").write_text(json.dumps(written["truth"]))
     return written
@@ -124,7 +133,7 @@ def sweep(tmp_path_factory):
     }  # fmt: skip
     out = root.parent / "report_out"
     params = sweep_params(root, ["a", "b", "c"])
-    result = report.run(params, out, dry_run=False)
+    result = report_stage.run(params, out, dry_run=False)
     return {"root": root, "out": out, "written": written, "result": result, "params": params}
 
 
@@ -152,12 +161,12 @@ def close(a: float, b: float, rel: float = 5e-3) -> bool:
 
 def test_report_json_numbers_match_inputs(sweep):
     res = json.loads((sweep["out"] / "report.json").read_text())
-    assert res == json.loads(json.dumps(sweep["result"]))
+    assert res == Report.read(sweep["out"]).model_dump(mode="json")  # written through the contract
     assert res["target"] == TARGET and list(res["checkpoints"]) == ["a", "b", "c"]
     for name, w in sweep["written"].items():
         row, dh = res["checkpoints"][name], w["delta_h1"]
         assert row["step"] == w["step"]
-        for k in report.DELTA_H1_KEYS:
+        for k in reporting.DELTA_H1_KEYS:
             assert row[k] == dh[k], (name, k)
         if "exact" in w:
             ex = w["exact"]["targets"][TARGET]["delta_h1_exact"]
@@ -175,7 +184,7 @@ def test_report_json_numbers_match_inputs(sweep):
     assert b["truth_snis"] is None and b["ratio_snis"] is None
 
 
-def test_markdown_table_shows_inputs_and_dashes(sweep, capsys):
+def test_markdown_table_shows_inputs_and_dashes(sweep):
     md = (sweep["out"] / "report.md").read_text()
     rows = table_rows(md)
     assert list(rows) == ["a", "b", "c"]
@@ -202,9 +211,8 @@ def test_markdown_table_shows_inputs_and_dashes(sweep, capsys):
     listed = md.split("## Top entropy-lowering U groups (c)")[1]
     assert listed.index("9+3=") < listed.index("4+5=") < listed.index('say "a, b"')
     assert "3+8=" not in listed and "6+5=" not in listed and "8+5=" not in listed
-    # the same markdown goes to stdout
-    report.run(sweep["params"], sweep["out"], dry_run=False)
-    assert capsys.readouterr().out == md
+    # the stage's result (which the CLI prints) is the same markdown
+    assert sweep["result"] + "\n" == md
 
 
 def test_plot_csvs(sweep):
@@ -265,7 +273,7 @@ def test_missing_delta_h1_names_checkpoint_and_writes_nothing(tmp_path):
     (root / "second" / "delta_h1" / "delta_h1.json").unlink()
     out = tmp_path / "reports" / "report"
     with pytest.raises(ProbeError, match=r"checkpoint 'second' has no delta_h1\.json.*dvc repro"):
-        report.run(sweep_params(root, ["first", "second"]), out, dry_run=False)
+        report_stage.run(sweep_params(root, ["first", "second"]), out, dry_run=False)
     assert not out.parent.exists()  # not even the parent (nor a staging dir in it)
 
 
@@ -277,14 +285,14 @@ def test_stale_exact_or_truth_is_refused(tmp_path):
     ex["targets"][TARGET]["delta_h1"] *= 1.5  # computed from another δH₁ run
     path.write_text(json.dumps(ex))
     with pytest.raises(ProbeError, match=r"exact\.json of checkpoint 'x'.*stale"):
-        report.run(sweep_params(root, ["x"]), tmp_path / "out", dry_run=False)
+        report_stage.run(sweep_params(root, ["x"]), tmp_path / "out", dry_run=False)
     path.unlink()
     tpath = root / "x" / "truth" / "truth.json"
     tr = json.loads(tpath.read_text())
     tr["target"] = "sequence"
     tpath.write_text(json.dumps(tr))
     with pytest.raises(ProbeError, match=r"truth\.json of checkpoint 'x' is for target 'sequence'"):
-        report.run(sweep_params(root, ["x"]), tmp_path / "out", dry_run=False)
+        report_stage.run(sweep_params(root, ["x"]), tmp_path / "out", dry_run=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -292,7 +300,7 @@ def test_dry_run_lists_inputs_and_writes_nothing(tmp_path, capsys):
     root = tmp_path / "probe"
     write_checkpoint(root / "a", 0, exact=[1.0])
     out = tmp_path / "out"
-    assert report.run(sweep_params(root, ["a", "b"]), out, dry_run=True) is None
+    assert report_stage.run(sweep_params(root, ["a", "b"]), out, dry_run=True) is None
     printed = capsys.readouterr().out
     assert str(root / "a" / "delta_h1" / "delta_h1.json") in printed
     assert f"{root / 'b' / 'delta_h1' / 'delta_h1.json'} [required]  (missing)" in printed
@@ -309,10 +317,12 @@ def test_single_run_fallback_uses_paths_and_checkpoint_name(tmp_path):
         "paths": {"verify": str(s / "verify"), "delta_h1": str(s / "delta_h1"), "exact": str(s / "exact"),
                   "truth": str(s / "truth")},
     })  # fmt: skip
-    res = report.run(params, tmp_path / "out", dry_run=False)
-    assert list(res["checkpoints"]) == ["checkpoint-6"]
-    row = res["checkpoints"]["checkpoint-6"]
-    assert row["truth_fresh"] is None and row["ratio_fresh"] is None and row["ratio_snis"] == pytest.approx(0.9)
+    report_stage.run(params, tmp_path / "out", dry_run=False)
+    res = Report.read(tmp_path / "out")
+    assert list(res.checkpoints) == ["checkpoint-6"]
+    row = res.checkpoints["checkpoint-6"]
+    assert row.truth_fresh is None and row.ratio_fresh is None and row.ratio_snis == pytest.approx(0.9)
+    assert CheckpointMetrics.read(tmp_path / "out", "checkpoint-6").truth_ratio_snis == row.ratio_snis
     md = table_rows((tmp_path / "out" / "report.md").read_text())["checkpoint-6"]
     assert md["ΔH(lr) fresh ± SE"] == DASH and md["exact δH₁"] == DASH
     assert [v.strip() for v in md["ΔH/δH₁ (SNIS, fresh)"].split(",")] == ["0.90", DASH]
@@ -329,3 +339,69 @@ def test_cli_exit_code_2_on_missing_input(tmp_path):
     result = CliRunner().invoke(app, ["report", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "checkpoint 'gone' has no" in result.output
+
+
+def test_compact_metrics_one_small_file_per_checkpoint(sweep):
+    """metrics/<name>.json: only the numbers DVC tracks, equal to report.json's (`dvc metrics show` stays narrow)."""
+    metrics_dir = sweep["out"] / CheckpointMetrics.DIR
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["a.json", "b.json", "c.json"]
+    rows = Report.read(sweep["out"]).checkpoints
+    for name, row in rows.items():
+        raw = json.loads((metrics_dir / f"{name}.json").read_text())
+        assert list(raw) == ["delta_h1", "se_delta_h1", "exact_z", "ess_fraction_E", "ess_fraction_U",
+                             "truth_ratio_snis", "truth_ratio_fresh"]  # fmt: skip
+        assert raw == {"delta_h1": row.delta_h1, "se_delta_h1": row.se_delta_h1, "exact_z": row.exact_z,
+                       "ess_fraction_E": row.ess_fraction_E, "ess_fraction_U": row.ess_fraction_U,
+                       "truth_ratio_snis": row.ratio_snis, "truth_ratio_fresh": row.ratio_fresh}  # fmt: skip
+        assert CheckpointMetrics.read(sweep["out"], name) == CheckpointMetrics.model_validate(raw)
+    c = json.loads((metrics_dir / "c.json").read_text())
+    assert c["truth_ratio_snis"] == pytest.approx(0.9) and c["truth_ratio_fresh"] == pytest.approx(1.1)
+    assert c["exact_z"] == pytest.approx(-0.5) and c["ess_fraction_E"] == 0.55
+    a = json.loads((metrics_dir / "a.json").read_text())
+    assert a["exact_z"] is a["ess_fraction_E"] is a["truth_ratio_snis"] is None  # no exact, truth or reuse
+
+
+def test_report_contracts_round_trip_and_refuse_malformed(sweep, tmp_path):
+    report = Report.read(sweep["out"])
+    report.write(tmp_path)
+    assert (tmp_path / "report.json").read_text() == (sweep["out"] / "report.json").read_text()
+    raw = json.loads((sweep["out"] / "report.json").read_text())
+    raw["checkpoints"]["b"]["exact_zz"] = raw["checkpoints"]["b"].pop("exact_z")  # a renamed key
+    (tmp_path / "report.json").write_text(json.dumps(raw))
+    with pytest.raises(ProbeError, match=r"report\.json is not a valid .*checkpoints\.b\.exact_z.*rerun the report"):
+        Report.read(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "b.json").write_text(json.dumps({"delta_h1": "small", "se_delta_h1": 1.0}))
+    with pytest.raises(ProbeError, match=r"b\.json is not a valid metrics file .*delta_h1.*rerun the report stage"):
+        CheckpointMetrics.read(tmp_path, "b")
+
+
+def test_malformed_exact_json_is_one_line_naming_the_stage(tmp_path):
+    root = tmp_path / "probe"
+    write_checkpoint(root / "x", 0, exact=[1.0])
+    path = root / "x" / "exact" / "exact.json"
+    ex = json.loads(path.read_text())
+    del ex["targets"]["sequence"]
+    path.write_text(json.dumps(ex))
+    with pytest.raises(ProbeError) as err:
+        report_stage.run(sweep_params(root, ["x"]), tmp_path / "out", dry_run=False)
+    assert str(path) in str(err.value) and "rerun the exact stage" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_name_must_be_a_file_name(tmp_path):
+    with pytest.raises(ProbeError, match=r"probe\.checkpoints has the name 'x/y'"):
+        report_stage.run(sweep_params(tmp_path, ["a", "x/y"]), tmp_path / "out", dry_run=True)
+
+
+def test_cli_prints_the_table_once(sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    names = "".join(f"    - {{name: {n}, path: run/{n}}}\n" for n in "abc")
+    (tmp_path / "params.yaml").write_text(f"probe:\n  root: {sweep['root']}\n  checkpoints:\n{names}")
+    args = ["report", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (sweep["out"] / "report.md").read_text()

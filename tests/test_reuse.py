@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 
-from entropy_probe.delta_h1 import Batch, UpdateSpec, compute_delta_h1, importance_weights, rescore
-from entropy_probe.exact import exact_gradients
+from entropy_probe.enumeration import exact_gradients
+from entropy_probe.importance import importance_weights
+from entropy_probe.errors import ProbeError
+from entropy_probe.probe import UpdateSpec, compute_delta_h1, reuse_weights
 from entropy_probe.params import EstimatorParams
 
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
@@ -57,7 +59,7 @@ def test_same_checkpoint_weights_are_one_and_change_nothing(tok):
     for key in ("delta_h1", "se_E", "se_U", "entropy"):
         assert ones[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-15), key
     # and re-scoring under the sampler itself gives log-ratios ~0, i.e. ESS = N
-    log_ratio = rescore(model, E, 4096)
+    log_ratio = E.rescore(model, 4096)
     assert log_ratio.abs().max() < 1e-4
     assert importance_weights(log_ratio)[1] == pytest.approx(len(E), rel=1e-6)
 
@@ -75,12 +77,11 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
     for seed in range(3):
         E = sample_batch(sampler, tok, PROMPTS * 64, seed=40 + seed)
         U = sample_u(sampler, tok, n_groups=8, G=4, seed=50 + seed)
-        w_e, ess_e = importance_weights(rescore(probed, E, 4096))
-        w_u, _ = importance_weights(rescore(probed, U, 4096))
-        fractions.append(ess_e / len(E))
+        reuse = reuse_weights(probed, E, U, {"E": "A", "U": "A"}, 4096, min_ess_fraction=0.1, force=False)
+        fractions.append(reuse.ess["E"] / len(E))
         r = compute_delta_h1(
             probed, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096,
-            w_e.float(), (w_u * len(U)).float(),
+            reuse.e_weights, reuse.u_weights,
         )  # fmt: skip
         for t, res in r["targets"].items():
             zs.append((res["delta_h1"] - directional(grads[t], layout.unflatten(r["delta_theta"]))) / res["se_E"])
@@ -88,8 +89,30 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
     assert max(abs(z) for z in zs) < 4, zs
 
 
+def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tok):
+    """Only the batches another checkpoint drew are re-scored (their statistics replaced by the probed policy's)
+    and weighted: E by w (sum 1), U by N·w (mean 1); an ESS/N below the floor is refused unless forced."""
+    sampler, probed = peaked_model(0), peaked_model(7, lora_shift=0.008)
+    E = sample_batch(sampler, tok, PROMPTS * 16, seed=60)
+    U = sample_u(sampler, tok, n_groups=4, G=4, seed=61)
+    e_before, u_before = E.tensors["entropies"].clone(), U.tensors["entropies"].clone()
+    reuse = reuse_weights(probed, E, U, {"U": "A"}, 4096, min_ess_fraction=0.0, force=False)
+    assert reuse.e_weights is None and set(reuse.ess) == {"U"} and torch.equal(E.tensors["entropies"], e_before)
+    assert not torch.equal(U.tensors["entropies"], u_before)  # re-scored under the probed checkpoint
+    assert reuse.u_weights.sum().item() == pytest.approx(len(U), rel=1e-12)
+    assert reuse.ess["U"] == pytest.approx(float(reuse.u_weights.sum() ** 2 / (reuse.u_weights**2).sum()), rel=1e-12)
+    fraction = reuse.ess["U"] / len(U)
+    assert fraction < 0.999
+    with pytest.raises(ProbeError, match=r"the E samples \(drawn by checkpoint A\) have ESS/N = .* reuse.force"):
+        reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=False)
+    E = sample_batch(sampler, tok, PROMPTS * 16, seed=60)  # re-scoring replaced the behaviour log-probs
+    forced = reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=True)
+    assert forced.ess["E"] / len(E) < 0.9999 and forced.u_weights is None
+    assert forced.e_weights.sum().item() == pytest.approx(1.0, rel=1e-12)
+
+
 def _git_files(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)

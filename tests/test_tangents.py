@@ -1,7 +1,7 @@
 """Exact identities of the gradient and tangent machinery, in float64 with a tight tolerance.
 
 delta-h1 rests on three identities of `entropy_probe.tangents`; here they are checked on a float64 copy
-(`exact.as_float64`) of the tiny LoRA transformer of test_delta_h1, so they hold to ~1e-12 of the
+(`perturb.as_float64`) of the tiny LoRA transformer of test_delta_h1, so they hold to ~1e-12 of the
 size of the summed terms on any CPU (the float32 product path is checked, with magnitude-scaled
 tolerances, in test_delta_h1):
   - per U row, the RowDirectional hooks (one ordinary backward) = Σ_t c_t (∇logp_t·v) by double
@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 
-from entropy_probe import exact
+from entropy_probe.perturb import as_float64
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
 from entropy_probe.policy import policy_logprobs
 from entropy_probe.tangents import RowDirectional, grad_and_tangents
@@ -86,7 +86,7 @@ def naive_row_directional(model, U, coef, params, direction) -> torch.Tensor:
 def test_row_hooks_equal_double_backward_equal_naive_loss(tok, lora_bias):
     model = lora_model(lora_bias, peaked=False)
     U = sample_u(model, tok, n_groups=4, G=4, seed=31)  # left-padded prompts, right-padded responses
-    m64 = exact.as_float64(copy.deepcopy(model))
+    m64 = as_float64(copy.deepcopy(model))
     named = trainable(m64)
     names, params = list(named), list(named.values())
     assert RowDirectional.supports(m64, names) and any(n.endswith(".bias") for n in names) == lora_bias
@@ -130,7 +130,7 @@ def entropy_pass_float64(model, E, coefs, direction, max_tokens: int):
 def e_batch(tok):
     model = lora_model()
     E = sample_batch(model, tok, PROMPTS * 8, seed=5)
-    return exact.as_float64(copy.deepcopy(model)), E
+    return as_float64(copy.deepcopy(model)), E
 
 
 def test_xbar_dot_v_equals_the_mean_influence(e_batch):

@@ -1,0 +1,272 @@
+"""The delta-h1 stage's outputs: delta_h1.json (`DeltaH1Report`), bars.safetensors (`Bars`), attributions.csv.
+
+Written by delta-h1; exact, truth and report read them. delta_h1.json keys (docs/math.md §5):
+
+    delta_h1, delta_h1_from_tangents, bars_dot, learning_rate, entropy, se_delta_h1, se_E, se_U,
+    delta_h1_gradient_part, delta_h1_momentum_part, delta_h1_gradient_part_linearised,
+    delta_h1_naive, se_E_naive, cov_logp_advantage, norm_xbar, norm_delta_theta, norm_g,
+    targets {sequence, token_mean, seq_mean_token_mean: {delta_h1, se_E, entropy (+ se_U, se_delta_h1
+             for the configured target)}},
+    B_E, B_U, G, n_E_tokens, n_U_tokens, estimator {entropy, baseline, ridge, crossfit_folds},
+    update {rule, loss_agg_mode, loss_agg_reason, max_len, max_grad_norm, max_grad_norm_source},
+    checkpoint_fingerprint, reuse {weighted, sampler_fingerprint {E, U}, ess_fraction_E, ess_fraction_U
+                                   (+ ess_E, ess_U for a re-weighted batch)}, world_size
+
+bars.safetensors (kind "bars"): `xbar.<name>` = X̄ and `delta_theta.<name>` = Δθ (float32, lr included) per
+trainable parameter; metadata {learning_rate, target}. attributions.csv: one row per U prompt group and
+per E sequence (batch, index, prompt_index, contribution, prompt, responses), most negative first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator, model_serializer
+
+from ..errors import ProbeError
+from ..estimators import TARGETS
+from ..files import read_tensors, write_tensors
+from .base import JsonArtifact, Record
+
+Target = Literal["sequence", "token_mean", "seq_mean_token_mean"]
+BARS_FILE = "bars.safetensors"
+BARS_KIND = "bars"
+ATTRIBUTIONS_FILE = "attributions.csv"
+RERUN = "rerun the delta-h1 stage (dvc repro)"
+RERUN_FOR_CHECKPOINT = "rerun delta-h1 for this checkpoint"
+
+
+class _Sparse(Record):
+    """A record whose optional fields are left out of the file when they are None (not written as null)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler) -> dict[str, Any]:
+        optional = {name for name, f in type(self).model_fields.items() if not f.is_required()}
+        return {k: v for k, v in handler(self).items() if not (k in optional and v is None)}
+
+
+class TargetEstimate(_Sparse):
+    """δH₁ and SE_E of one entropy target (from the tangents), its plug-in entropy; SE_U and the total SE
+    for the configured target only."""
+
+    delta_h1: float
+    se_E: float
+    entropy: float
+    se_U: float | None = None
+    se_delta_h1: float | None = None
+
+
+class EstimatorRecord(Record):
+    """The estimator params delta-h1 ran with (a copy: reading it is not reading params)."""
+
+    entropy: Target
+    baseline: Literal["none", "mean", "regression"]
+    ridge: float
+    crossfit_folds: int
+
+
+class UpdateRecord(Record):
+    rule: Literal["adam_step", "adam_precond", "sgd"]
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+    loss_agg_reason: str
+    max_len: int | None
+    max_grad_norm: float | None
+    max_grad_norm_source: str
+
+
+class ReuseRecord(_Sparse):
+    """Whether the samples were importance-weighted (drawn by another checkpoint) and their ESS (docs/math.md §5.4)."""
+
+    weighted: bool
+    sampler_fingerprint: dict[Literal["E", "U"], str]
+    ess_fraction_E: float
+    ess_fraction_U: float
+    ess_E: float | None = None
+    ess_U: float | None = None
+
+    @classmethod
+    def of(cls, sampler: dict[str, str], sizes: dict[str, int], ess: dict[str, float]) -> "ReuseRecord":
+        """From who drew each batch ("E"/"U" -> fingerprint), the batch sizes and the ESS of the re-weighted
+        batches (ESS/N = 1 for a batch the probed checkpoint drew)."""
+        fractions = {f"ess_fraction_{k}": ess[k] / n if k in ess else 1.0 for k, n in sizes.items()}
+        counts = {f"ess_{k}": v for k, v in ess.items()}
+        return cls(weighted=bool(ess), sampler_fingerprint=sampler, **fractions, **counts)
+
+
+class DeltaH1Report(JsonArtifact):
+    FILE: ClassVar[str] = "delta_h1.json"
+    STAGE: ClassVar[str] = "delta-h1"
+
+    delta_h1: float
+    delta_h1_from_tangents: float
+    bars_dot: float
+    learning_rate: float = Field(gt=0)  # mean over parameters of the lr Δθ includes
+    entropy: float
+    se_delta_h1: float
+    se_E: float
+    se_U: float
+    delta_h1_gradient_part: float
+    delta_h1_momentum_part: float
+    delta_h1_gradient_part_linearised: float
+    delta_h1_naive: float
+    se_E_naive: float
+    cov_logp_advantage: float
+    norm_xbar: float
+    norm_delta_theta: float
+    norm_g: float
+    targets: dict[Target, TargetEstimate]
+    B_E: int
+    B_U: int
+    G: int
+    n_E_tokens: int
+    n_U_tokens: int
+    estimator: EstimatorRecord
+    update: UpdateRecord
+    checkpoint_fingerprint: str
+    reuse: ReuseRecord
+    world_size: int
+
+    @field_validator("targets")
+    @classmethod
+    def _every_target(cls, targets: dict[str, TargetEstimate]) -> dict[str, TargetEstimate]:
+        missing = [t for t in TARGETS if t not in targets]
+        if missing:
+            raise ValueError(f"no entry for target '{missing[0]}'")
+        return {t: targets[t] for t in TARGETS}  # file order = TARGETS order
+
+    @property
+    def target(self) -> str:
+        """The configured entropy target (the one δH₁, X̄ and the SEs at the top level are for)."""
+        return self.estimator.entropy
+
+    def check_checkpoint(self, fingerprint: str, where: str, fix: str) -> None:
+        """Refuse a report computed for another checkpoint than `fingerprint`; `where` names it ("checkpoint.path
+        X is", "data/verify describes")."""
+        if self.checkpoint_fingerprint != fingerprint:
+            raise ProbeError(
+                f"delta_h1.json is for checkpoint {self.checkpoint_fingerprint}, but {where} {fingerprint}", fix
+            )
+
+
+@dataclass(eq=False)
+class Bars:
+    """bars.safetensors: X̄ and Δθ per trainable parameter name (the same names, shapes), lr and target."""
+
+    xbar: dict[str, torch.Tensor]
+    delta_theta: dict[str, torch.Tensor]
+    learning_rate: float
+    target: str
+
+    def write(self, directory: str | Path) -> Path:
+        problem = self.problem()
+        if problem is not None:  # the stage built it: a bug, not user input
+            raise RuntimeError(f"delta-h1 produced malformed bars: {problem}")
+        path = Path(directory) / BARS_FILE
+        tensors = {**{f"xbar.{n}": t for n, t in self.xbar.items()},
+                   **{f"delta_theta.{n}": t.float() for n, t in self.delta_theta.items()}}  # fmt: skip
+        write_tensors(path, tensors, kind=BARS_KIND, meta={"learning_rate": self.learning_rate, "target": self.target})
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Bars":
+        """Read and validate (kind, schema, names, shapes, dtypes, finite Δθ, lr > 0); one-line ProbeError if not."""
+        path = Path(directory) / BARS_FILE
+        tensors, meta = read_tensors(path, BARS_KIND)
+        parts: dict[str, dict[str, torch.Tensor]] = {"xbar": {}, "delta_theta": {}}
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind not in parts or not name:
+                raise _malformed(path, f"unexpected tensor '{key}'")
+            parts[kind][name] = t
+        lr, target = meta.get("learning_rate"), meta.get("target")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            raise _malformed(path, f"metadata learning_rate is {lr!r}")
+        bars = cls(parts["xbar"], parts["delta_theta"], float(lr), target)
+        problem = bars.problem()
+        if problem is not None:
+            raise _malformed(path, problem)
+        return bars
+
+    def problem(self) -> str | None:
+        """The first inconsistency, as text; None when the bars are consistent."""
+        if not self.delta_theta:
+            return "no delta_theta.* tensors"
+        if list(self.xbar) != list(self.delta_theta):
+            return "xbar.* and delta_theta.* name different parameters"
+        for name, d in self.delta_theta.items():
+            x = self.xbar[name]
+            if not (x.is_floating_point() and d.is_floating_point()) or x.shape != d.shape:
+                return f"xbar/delta_theta of '{name}' are {x.dtype} {tuple(x.shape)} / {d.dtype} {tuple(d.shape)}"
+            if not d.isfinite().all():
+                return f"Δθ of '{name}' has non-finite entries"
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            return f"learning_rate {self.learning_rate} is not a positive number"
+        if self.target not in TARGETS:
+            return f"unknown entropy target {self.target!r}"
+        return None
+
+    def check_fits(self, model) -> None:
+        """Refuse a Δθ the model cannot take: a parameter it lacks, or another shape."""
+        params = dict(model.named_parameters())
+        for name, d in self.delta_theta.items():
+            if name not in params:
+                raise ProbeError(f"Δθ names parameter '{name}', which the model lacks", RERUN_FOR_CHECKPOINT)
+            if tuple(d.shape) != tuple(params[name].shape):
+                raise ProbeError(
+                    f"Δθ for '{name}' has shape {tuple(d.shape)}, the parameter {tuple(params[name].shape)}",
+                    RERUN_FOR_CHECKPOINT,
+                )
+
+
+def _malformed(path: Path, problem: str) -> ProbeError:
+    return ProbeError(f"{path} is not a valid bars file of this version ({problem})", RERUN)
+
+
+def attributions_csv(u_attribution: list[float], e_contribution: list[float], U, E, tokenizer) -> str:
+    """attributions.csv text: every U prompt group and E sequence, U first, most entropy-lowering first.
+
+    U, E: the sample artifacts (`artifacts.samples.Samples`); a U row shows its group's responses → rewards.
+    """
+    from .samples import decode_responses
+
+    def prompt(samples, i: int) -> str:
+        return tokenizer.decode(samples.input_ids[i, : samples.n_prompt_cols].tolist(), skip_special_tokens=True)
+
+    responses = {"U": decode_responses(tokenizer, U.tensors()), "E": decode_responses(tokenizer, E.tensors())}
+    rewards = U.rewards.tolist()
+    members_of: dict[int, list[int]] = {}
+    for i, b in enumerate(U.group_index.tolist()):
+        members_of.setdefault(b, []).append(i)
+    rows = []
+    for b, contribution in enumerate(u_attribution):
+        members = members_of[b]
+        shown = " | ".join(f"{responses['U'][i]!r}→{rewards[i]:g}" for i in members)
+        rows.append(["U", b, int(U.prompt_index[members[0]]), contribution, prompt(U, members[0]), shown])
+    for i, contribution in enumerate(e_contribution):
+        rows.append(["E", i, int(E.prompt_index[i]), contribution, prompt(E, i), repr(responses["E"][i])])
+    rows.sort(key=lambda r: (r[0] != "U", r[3]))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+__all__ = [
+    "ATTRIBUTIONS_FILE",
+    "BARS_FILE",
+    "Bars",
+    "DeltaH1Report",
+    "EstimatorRecord",
+    "ReuseRecord",
+    "Target",
+    "TargetEstimate",
+    "UpdateRecord",
+    "attributions_csv",
+]

@@ -1,0 +1,62 @@
+"""Importance weights, effective sample size and self-normalised ratio estimates (docs/math.md §3.7, §8.1).
+
+For sequences drawn by a behaviour policy and evaluated under another, with per-sequence log-ratios
+λ_i = Σ_k (ℓ_ik^new − ℓ_ik^behaviour):
+
+    ŵ_i = exp(λ_i − max λ)            (the one stabilisation: every quantity below is scale-free)
+    w_i = ŵ_i / Σ ŵ,                   ESS = (Σ ŵ)² / Σ ŵ² = 1 / Σ w_i²   (N for equal weights)
+
+A self-normalised ratio of weighted means R = Σ ŵ a / Σ ŵ b has the influence values
+ψ_i = ŵ_i (a_i − R b_i) / mean(ŵ b): mean(ψ) = 0 and SE(R) = std(ψ)/√N (delta method). Two such
+estimates on the same sequences differ with SE = std(ψ_new − ψ_old)/√N.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from .errors import ProbeError
+
+REUSE_FIX = "re-sample with this checkpoint, or use generation.top_p = 1"
+
+
+def stabilised_weights(log_ratio: Tensor, fix: str = REUSE_FIX) -> Tensor:
+    """ŵ_i = exp(λ_i − max λ) in float64 (equal log-ratios give exactly 1); `fix` names the remedy when all are 0."""
+    log_ratio = log_ratio.double()
+    if not log_ratio.isfinite().any():
+        raise ProbeError(
+            "every importance weight is 0 (no sampled response is possible under the target policy)", fix
+        )
+    return (log_ratio - log_ratio.max()).exp()
+
+
+def importance_weights(log_ratio: Tensor, fix: str = REUSE_FIX) -> tuple[Tensor, float]:
+    """(w_i = ŵ_i / Σ ŵ (sum 1, float64), ESS = (Σ ŵ)² / Σ ŵ²)."""
+    raw = stabilised_weights(log_ratio, fix)
+    return raw / raw.sum(), float(raw.sum() ** 2 / (raw * raw).sum())
+
+
+def effective_sample_size(log_ratio: Tensor, fix: str = REUSE_FIX) -> float:
+    """ESS = (Σ ŵ)² / Σ ŵ²."""
+    return importance_weights(log_ratio, fix)[1]
+
+
+def ratio_estimate(log_ratio: Tensor, a: Tensor, b: Tensor, fix: str = REUSE_FIX) -> tuple[float, Tensor]:
+    """(R = Σ ŵ a / Σ ŵ b, influence values ψ_i = ŵ_i (a_i − R b_i) / mean(ŵ b)); Σ ψ = 0."""
+    w = stabilised_weights(log_ratio, fix)
+    a, b = a.double(), b.double()
+    wb = w * b
+    value = (w * a).sum() / wb.sum()
+    return float(value), w * (a - value * b) / wb.mean()
+
+
+def standard_error(influence: Tensor) -> float:
+    """std(ψ)/√N (Bessel-corrected std; NaN for fewer than 2 values): the delta-method SE of mean(ψ)."""
+    return float(influence.std() / math.sqrt(len(influence))) if len(influence) > 1 else float("nan")
+
+
+def paired_difference(new: tuple[float, Tensor], old: tuple[float, Tensor]) -> dict[str, float]:
+    """R_new − R_old on the same sequences: {"delta_h": R_new − R_old, "se": std(ψ_new − ψ_old)/√N}."""
+    return {"delta_h": new[0] - old[0], "se": standard_error(new[1] - old[1])}

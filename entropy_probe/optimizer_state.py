@@ -1,0 +1,348 @@
+"""AdamW state mapped to *named* trainable parameters: the one optimizer-state type of the probe.
+
+optimizer.pt holds `{"state": {int: {...}}, "param_groups": [{"params": [int, ...], lr, ...}]}`: the ints
+are positions, not names. The HF Trainer builds two groups — decay then no-decay, each in
+`model.named_parameters()` order over trainable parameters — so the k-th id of group g is the k-th
+trainable parameter of that group (a name map or torch's stored `param_names` take precedence). Every
+mapped tensor is checked against the live parameter's shape; any mismatch is a ProbeError naming the
+parameter, never a silently fresh optimizer. The stored lr is the one of the *next* step (docs/math.md §4.4).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ConfigDict
+from typing_extensions import TypedDict
+
+from .checkpoint import NAME_MAP, CheckpointPaths, first_line
+from .errors import ProbeError
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+EIGHT_BIT_KEYS = ("state1", "state2", "__bnb_optimizer_quant_state__")  # bitsandbytes optimizers
+SAME_CHECKPOINT = "check that checkpoint.path's adapter and checkpoint.optimizer_path come from the same checkpoint"
+
+
+class ParamGroup(TypedDict):
+    """One AdamW param group by parameter names (a dict, as torch's param groups are)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)  # as a field of verify.json
+
+    lr: float
+    betas: list[float]
+    eps: float
+    weight_decay: float
+    names: list[str]
+
+
+@dataclass
+class OptimizerState:
+    """AdamW state per named trainable parameter (CPU tensors, dtype as saved).
+
+    names: trainable parameter names in optimizer order (group 0's, then group 1's, ...);
+    groups: lr is the saved one (the lr of the *next* step); mapping: how positions were matched to names.
+    """
+
+    names: list[str]
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    step: dict[str, float]
+    groups: list[ParamGroup]
+    mapping: str
+    group_of: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.group_of = {n: gi for gi, g in enumerate(self.groups) for n in g["names"]}
+
+    @property
+    def last_step(self) -> int | float:
+        """The largest Adam step over the parameters (an int when whole)."""
+        return whole(max(self.step.values()))
+
+
+def whole(x: float) -> int | float:
+    """`x` as an int when it is a whole number (Adam keeps its step count as a float)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer.pt -> named state
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, non-tensor globals: all unreadable input
+        raise ProbeError(
+            f"{what} {path} is not readable with torch.load(weights_only=True) ({first_line(exc)})",
+            "point checkpoint.optimizer_path at an intact optimizer.pt (re-save the checkpoint)",
+        ) from None
+
+
+def trainer_param_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names per Trainer group: [decay, no-decay], each trainable-only, in named_parameters() order.
+
+    The weight-decay rule is transformers' own (`Trainer.get_decay_parameter_names` does not touch `self`).
+    """
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    names = [n for n, _ in trainable_parameters(model)]
+    return [[n for n in names if n in decay], [n for n in names if n not in decay]]
+
+
+def _names_from_map(path: Path, sizes: list[int]) -> list[list[str]]:
+    fix = f"write {NAME_MAP} as a list of names or {{group_index: [names]}} in optimizer order"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{path} is not readable JSON ({exc.__class__.__name__})", fix) from None
+    if isinstance(raw, list):
+        if len(raw) != sum(sizes):
+            raise ProbeError(f"{path} lists {len(raw)} names but optimizer.pt holds {sum(sizes)} parameters", fix)
+        bounds = [0, *itertools.accumulate(sizes)]
+        return [list(map(str, raw[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    if isinstance(raw, dict):
+        try:
+            by_group = {int(k): list(map(str, v)) for k, v in raw.items()}
+        except (TypeError, ValueError):
+            raise ProbeError(f"{path} has non-integer group keys", fix) from None
+        if set(by_group) - set(range(len(sizes))):
+            raise ProbeError(f"{path} names groups {sorted(by_group)} but optimizer.pt has {len(sizes)}", fix)
+        groups = [by_group.get(gi, []) for gi in range(len(sizes))]
+        for gi, (names, size) in enumerate(zip(groups, sizes)):
+            if len(names) != size:
+                raise ProbeError(f"{path} lists {len(names)} names for group {gi}, optimizer.pt has {size}", fix)
+        return groups
+    raise ProbeError(f"{path} is neither a list nor a dict", fix)
+
+
+def _group_names(
+    model: torch.nn.Module, saved_groups: list[dict], name_map: Path | None
+) -> tuple[list[list[str]], str]:
+    """Names for the saved ids of each group, and how they were found."""
+    sizes = [len(g["params"]) for g in saved_groups]
+    if name_map is not None:
+        return _names_from_map(name_map, sizes), f"name map {name_map.name}"
+    if saved_groups and all("param_names" in g for g in saved_groups):  # optimizer built from named params
+        return [list(g["param_names"]) for g in saved_groups], "param_names stored in optimizer.pt"
+    expected = trainer_param_groups(model)
+    fix = (
+        "the adapter does not match this optimizer state: check checkpoint.path / checkpoint.optimizer_path, "
+        f"or write {NAME_MAP} (names in optimizer order) beside optimizer.pt"
+    )
+    if len(saved_groups) == 2:
+        if sizes != [len(g) for g in expected]:
+            raise ProbeError(
+                f"optimizer.pt has param groups of sizes {sizes}, but the model's trainable parameters form "
+                f"Trainer groups (decay, no-decay) of sizes {[len(g) for g in expected]}",
+                fix,
+            )
+        return expected, "Trainer groups (decay, no-decay)"
+    flat = expected[0] + expected[1]
+    if len(saved_groups) == 1 and sizes[0] == len(flat):  # e.g. AdamW(model.parameters()) built by hand
+        order = [n for n, _ in trainable_parameters(model)]
+        return [order], "one group in named_parameters() order"
+    raise ProbeError(
+        f"optimizer.pt has {len(saved_groups)} param groups of sizes {sizes}; the Trainer layout for this model is "
+        f"2 groups of sizes {[len(g) for g in expected]}",
+        fix,
+    )
+
+
+def _group_hyper(g: dict, gi: int) -> dict:
+    missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+    if missing:
+        raise ProbeError(
+            f"optimizer.pt param group {gi} lacks {missing} (not an Adam/AdamW state)",
+            "the probe needs a torch AdamW optimizer.pt (Trainer optim=adamw_torch)",
+        )
+    if g.get("amsgrad") or g.get("maximize"):
+        which = "amsgrad" if g.get("amsgrad") else "maximize"
+        raise ProbeError(f"optimizer.pt param group {gi} uses {which}=True, which the probe does not model",
+                         "probe a checkpoint trained with plain AdamW")
+    if g.get("decoupled_weight_decay") is False and float(g["weight_decay"]) != 0.0:
+        raise ProbeError(f"optimizer.pt param group {gi} is Adam with L2 weight decay (not decoupled AdamW)",
+                         "probe a checkpoint trained with AdamW")
+    return {
+        "lr": float(g["lr"]),
+        "betas": [float(b) for b in g["betas"]],
+        "eps": float(g["eps"]),
+        "weight_decay": float(g["weight_decay"]),
+    }
+
+
+def _refuse_eight_bit(model: torch.nn.Module, saved_groups: list[dict], state: dict, name_map: Path | None) -> None:
+    """bitsandbytes 8-bit / paged optimizers store `state1`/`state2` (quantised, or fp32 for small tensors;
+    bitsandbytes 0.50 nests them under `__bnb_optimizer_quant_state__`): refuse, naming a parameter."""
+    quantised = [pid for pid, st in state.items() if isinstance(st, dict) and any(k in st for k in EIGHT_BIT_KEYS)]
+    if quantised:
+        try:
+            group_names, _ = _group_names(model, saved_groups, name_map)
+            id_to_name = {i: n for g, ns in zip(saved_groups, group_names) for i, n in zip(g["params"], ns)}
+        except ProbeError:
+            id_to_name = {}
+        pid = quantised[0]
+        raise ProbeError(
+            f"optimizer.pt holds bitsandbytes 8-bit/paged optimizer state (state1/state2) for "
+            f"{id_to_name.get(pid, f'param id {pid}')}; bitsandbytes optimizer state is not supported",
+            "save a 32-bit torch AdamW state: train (or resume from this checkpoint for one step) "
+            "with optim='adamw_torch'",
+        )
+
+
+def _check_names(names: list[str], params: dict[str, torch.nn.Parameter]) -> None:
+    """The mapped names are exactly the trainable parameters, each once."""
+    fix = SAME_CHECKPOINT
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ProbeError(
+            f"optimizer state names parameter {unknown[0]}, which is not a trainable parameter of the model", fix
+        )
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ProbeError(f"parameter {dup} appears twice in the optimizer's groups", fix)
+    uncovered = [n for n in params if n not in set(names)]
+    if uncovered:
+        raise ProbeError(f"trainable parameter {uncovered[0]} is in no optimizer param group", fix)
+
+
+def _adam_state(name: str, st: dict | None, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(exp_avg, exp_avg_sq, step) of one parameter, refused unless complete, of its shape, finite, v >= 0."""
+    if not st:
+        raise ProbeError(
+            f"trainable parameter {name} has no optimizer state (it never received a gradient: "
+            "torch creates Adam state lazily)",
+            "the probe needs state for every trainable parameter; check the adapter matches optimizer.pt "
+            "or probe a checkpoint where every adapter tensor was updated",
+        )
+    missing = [k for k in ADAM_STATE_KEYS if k not in st]
+    if missing:
+        raise ProbeError(f"optimizer state of {name} lacks {missing} (not an Adam/AdamW state)",
+                         "the probe needs a torch AdamW optimizer.pt (Trainer optim=adamw_torch)")
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = st[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ProbeError(f"{key} of {name} has shape {got}, the parameter has {shape} "
+                             "(e.g. a different LoRA rank)", SAME_CHECKPOINT)
+        if not bool(torch.isfinite(t).all()):
+            raise ProbeError(f"{key} of {name} contains NaN/inf",
+                             "probe an earlier checkpoint (training diverged before this one was saved)")
+    if bool((st["exp_avg_sq"] < 0).any()):
+        raise ProbeError(f"exp_avg_sq of {name} has negative entries (corrupt state)", "re-save the checkpoint")
+    step = float(st["step"])
+    if not math.isfinite(step) or step < 1:
+        raise ProbeError(f"optimizer step of {name} is {step}, expected >= 1", "re-save the checkpoint")
+    return st["exp_avg"], st["exp_avg_sq"], step
+
+
+def load_optimizer_state(model: torch.nn.Module, paths: CheckpointPaths) -> OptimizerState:
+    """Read optimizer.pt (weights_only) and map its positional ids to named trainable parameters.
+
+    Refuses (ProbeError naming the parameter): group/count mismatch, unknown or duplicate names, a trainable
+    parameter without state (lazy state: it never had a gradient), shape mismatch, missing exp_avg /
+    exp_avg_sq / step, non-finite moments, negative exp_avg_sq, 8-bit/paged state.
+    """
+    saved = _torch_load(paths.optimizer_path, "optimizer state")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
+        saved.get("param_groups"), list
+    ):
+        raise ProbeError(
+            f"{paths.optimizer_path} is not a torch optimizer state_dict (no 'state'/'param_groups')",
+            "point checkpoint.optimizer_path at the optimizer.pt the Trainer saved",
+        )
+    saved_groups, state = saved["param_groups"], saved["state"]
+    params = dict(trainable_parameters(model))
+    _refuse_eight_bit(model, saved_groups, state, paths.name_map_path)
+    group_names, how = _group_names(model, saved_groups, paths.name_map_path)
+    names = [n for names in group_names for n in names]
+    _check_names(names, params)
+
+    exp_avg, exp_avg_sq, step = {}, {}, {}
+    for g, gnames in zip(saved_groups, group_names):
+        for pid, name in zip(g["params"], gnames):
+            exp_avg[name], exp_avg_sq[name], step[name] = _adam_state(name, state.get(pid), tuple(params[name].shape))
+    groups = [
+        ParamGroup(**_group_hyper(g, gi), names=gnames) for gi, (g, gnames) in enumerate(zip(saved_groups, group_names))
+    ]
+    return OptimizerState(names=names, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step, groups=groups, mapping=how)
+
+
+def build_adamw(model: torch.nn.Module, state: OptimizerState, lr: float | None = None) -> torch.optim.AdamW:
+    """A real torch AdamW over `model`'s named parameters carrying `state` (to check update rules against).
+
+    lr (optional) replaces every group's lr — e.g. the chosen learning rate.
+    """
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [
+            {
+                "params": [params[n] for n in g["names"]],
+                "lr": g["lr"] if lr is None else lr,
+                "betas": tuple(g["betas"]),
+                "eps": g["eps"],
+                "weight_decay": g["weight_decay"],
+            }
+            for g in state.groups
+        ],
+        foreach=False,
+    )
+    for n in state.names:
+        p = params[n]
+        opt.state[p] = {
+            "step": torch.tensor(state.step[n], dtype=torch.float32),
+            "exp_avg": state.exp_avg[n].to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": state.exp_avg_sq[n].to(device=p.device, dtype=p.dtype).clone(),
+        }
+    return opt
+
+
+# ----------------------------------------------------------------------------------------------
+# the learning rate of the probed step
+
+
+def learning_rate_next(state: OptimizerState) -> tuple[float, bool]:
+    """The lr stored in the (first non-empty) param group = the lr of the next step; and whether all
+    non-empty groups agree."""
+    lrs = [g["lr"] for g in state.groups if g["names"]]
+    return lrs[0], len(set(lrs)) == 1
+
+
+def choose_learning_rate(
+    setting: str | float, lr_next: float, lr_last: float | None, groups_agree: bool = True
+) -> float:
+    """checkpoint.learning_rate: 'next' (optimizer's), 'last' (trainer_state's last logged) or a number > 0."""
+    if setting != "next" and not groups_agree:
+        raise ProbeError(
+            "the optimizer's param groups have different learning rates, so one checkpoint.learning_rate is ambiguous",
+            "set checkpoint.learning_rate: next (each group keeps its own lr)",
+        )
+    if setting == "next":
+        lr = lr_next
+    elif setting == "last":
+        if lr_last is None:
+            raise ProbeError(
+                "checkpoint.learning_rate is 'last' but no trainer_state.json with a logged learning_rate was found",
+                "set checkpoint.learning_rate to next or a number",
+            )
+        lr = lr_last
+    else:
+        lr = float(setting)
+    if lr == 0:
+        raise ProbeError(
+            f"the chosen learning rate ({setting}) is 0: next-step lr = {lr_next}, last applied lr = {lr_last} "
+            "(a linear schedule ends at 0, so the next step would not move the policy)",
+            "set checkpoint.learning_rate to last or a number",
+        )
+    return lr
