@@ -41,17 +41,30 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from entropy_probe.estimators import entropy_coefficients  # noqa: E402
+from entropy_probe.generation import GenerationSpec, generate_responses, neutral_generation_config  # noqa: E402
+from entropy_probe.params import EstimatorParams  # noqa: E402
 from entropy_probe.probe import UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms  # noqa: E402
 from entropy_probe.scoring import Batch  # noqa: E402
-from entropy_probe.estimators import entropy_coefficients  # noqa: E402
-from entropy_probe.params import EstimatorParams  # noqa: E402
-from entropy_probe.generation import GenerationSpec, generate_responses, neutral_generation_config  # noqa: E402
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOS, PAD = "<eos>", "<pad>"
-FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, vocab=2048, lora_rank=16, prompt_len=24,
-            new_tokens=64, B_E=32, B_U=8, G=4, max_tokens=4096, repeats=5)  # fmt: skip
+FULL = dict(
+    hidden=256,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    vocab=2048,
+    lora_rank=16,
+    prompt_len=24,
+    new_tokens=64,
+    B_E=32,
+    B_U=8,
+    G=4,
+    max_tokens=4096,
+    repeats=5,
+)
 QUICK = dict(FULL, B_E=16, B_U=4, repeats=2)
 TARGETS = {"delta_h1": 1.2, "se_extra": 0.5, "sample": 1.05}
 
@@ -81,23 +94,33 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=3 * cfg["hidden"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
-        max_position_embeddings=cfg["prompt_len"] + cfg["new_tokens"] + 8, eos_token_id=cfg["vocab"] - 2,
-        pad_token_id=cfg["vocab"] - 1, bos_token_id=None, tie_word_embeddings=False, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=3 * cfg["hidden"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        max_position_embeddings=cfg["prompt_len"] + cfg["new_tokens"] + 8,
+        eos_token_id=cfg["vocab"] - 2,
+        pad_token_id=cfg["vocab"] - 1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = Qwen2ForCausalLM(config)
         with torch.no_grad():
             base.lm_head.weight.mul_(8.0)
     if qlora:  # through a saved copy: bitsandbytes quantises at load time
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
         with tempfile.TemporaryDirectory() as tmp:
             base.save_pretrained(tmp)
-            base = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map={"": device},
-                                                        attn_implementation="eager", quantization_config=quant)  # fmt: skip
+            base = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=dtype, device_map={"": device}, attn_implementation="eager", quantization_config=quant
+            )
         if device == "cpu":
             from entropy_probe.checkpoint import _disable_bnb_cpu_packing
 
@@ -105,9 +128,12 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
     else:
         base = base.to(device=device, dtype=dtype)
     lora = LoraConfig(
-        r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0, init_lora_weights=False,
+        r=cfg["lora_rank"],
+        lora_alpha=2 * cfg["lora_rank"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )  # fmt: skip
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = get_peft_model(base, lora)
@@ -135,8 +161,13 @@ def to_batches(E_t: dict, U_t: dict, cfg: dict, device: str) -> tuple[Batch, Bat
     n_groups, G = cfg["B_U"], cfg["G"]
     rewards = torch.randint(0, 2, (n_groups * G,), generator=torch.Generator().manual_seed(7)).float()
     group = torch.arange(n_groups).repeat_interleave(G)
-    U_t = dict(U_t, prompt_index=group, group_index=group, rewards=rewards,
-               advantages=group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1))  # fmt: skip
+    U_t = dict(
+        U_t,
+        prompt_index=group,
+        group_index=group,
+        rewards=rewards,
+        advantages=group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1),
+    )
     E_t = dict(E_t, prompt_index=torch.arange(len(E_t["input_ids"])))
     T, top_p, device = cfg["temperature"], cfg["top_p"], torch.device(device)
     return Batch.from_tensors(E_t, T, top_p, device), Batch.from_tensors(U_t, T, top_p, device)
@@ -165,8 +196,13 @@ def plain_forward_backward(model, batches: list[Batch], max_tokens: int) -> None
         for rows in B.slices(max_tokens):
             ids, am = B.input_ids[rows], B.attention_mask[rows]
             keep = torch.arange(B.n_prompt_cols - 1, ids.shape[1] - 1, device=ids.device)
-            logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
-                           logits_to_keep=keep, use_cache=False).logits  # fmt: skip
+            logits = model(
+                input_ids=ids,
+                attention_mask=am,
+                position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                logits_to_keep=keep,
+                use_cache=False,
+            ).logits
             logp = torch.log_softmax(logits.float() / B.temperature, dim=-1)
             token_logp = logp.gather(-1, ids[:, B.n_prompt_cols :].unsqueeze(-1)).squeeze(-1)
             (-(token_logp * B.mask[rows] * adv[rows].unsqueeze(1)).sum() / B.mask.sum()).backward()
@@ -181,8 +217,9 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
     config = neutral_generation_config(cfg["new_tokens"], tok.eos_token_id, tok.pad_token_id)
     config.temperature, config.top_p = cfg["temperature"], cfg["top_p"]
     torch.manual_seed(seed)
-    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                         generation_config=config)  # fmt: skip
+    out = model.generate(
+        input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), generation_config=config
+    )
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
@@ -196,8 +233,9 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
     delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm).float()
     direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta).values(), params)]
     features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).float()
-    coefs = entropy_coefficients(E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline,
-                                 features=features)  # fmt: skip
+    coefs = entropy_coefficients(
+        E.tensors["entropies"].float(), E.mask, target=est.entropy, baseline=est.baseline, features=features
+    )
     return {
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
         "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, max_tokens),
@@ -266,8 +304,22 @@ def measure_memory_child(args) -> None:
 
 
 def peak_memory(kind: str, cfg: dict, args, batches_file: str) -> dict:
-    cmd = [sys.executable, __file__, "--measure-memory", kind, "--cfg-json", json.dumps(cfg), "--batches", batches_file,
-           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)] + ["--qlora"] * args.qlora  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure-memory",
+        kind,
+        "--cfg-json",
+        json.dumps(cfg),
+        "--batches",
+        batches_file,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+    ] + ["--qlora"] * args.qlora
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every block ≥ 64 KiB returns to the OS when freed
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
@@ -277,14 +329,17 @@ def peak_memory(kind: str, cfg: dict, args, batches_file: str) -> dict:
 
 def profile(fn, device: str, path: Path) -> None:
     """torch.profiler table of one call (ops by self time, then by input shape)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
         fn()
     key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by=key, row_limit=30)
-    text += "\n" + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_shapes_column_width=80)
+    text += "\n" + prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=40, max_shapes_column_width=80
+    )
     path.write_text(text)
     print(f"wrote {path}")
 
@@ -337,10 +392,13 @@ def main(argv=None) -> dict:
     model = build_model(cfg, args.device, DTYPES[args.dtype], args.qlora)
     E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
     sample_times, sample_outs = time_rounds(
-        {"generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
-         "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11)},
-        cfg["repeats"], args.device,
-    )  # fmt: skip
+        {
+            "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
+            "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
+        },
+        cfg["repeats"],
+        args.device,
+    )
     E_t = sample_outs["generate_responses"]
     U_t = sample(model, tok, [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])], cfg, 12)
     E, U = to_batches(E_t, U_t, cfg, args.device)
@@ -386,22 +444,43 @@ def main(argv=None) -> dict:
         "checks_max_rel_diff": {"delta_h1_xbar_vs_e_pass": check},
         "memory": memory,
         "config": cfg,
-        "tokens": {"E_sequences": len(E), "U_sequences": len(U), "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
-                   "E_response_tokens": int(E.mask.sum()), "U_response_tokens": int(U.mask.sum()),
-                   "generate_steps": {"generate_responses": E_t["logprobs"].shape[1],
-                                      "plain_generate": sample_outs["plain_generate"]}},  # fmt: skip
-        "model": {"parameters": sum(p.numel() for p in model.parameters()), "trainable": layout.numel,
-                  "dtype": args.dtype, "qlora": args.qlora, "attn_implementation": "eager"},  # fmt: skip
-        "env": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                "peft": __import__("peft").__version__, "python": platform.python_version(),
-                "device": device_name(args.device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                "machine": platform.machine(), "load_average": os.getloadavg()},  # fmt: skip
+        "tokens": {
+            "E_sequences": len(E),
+            "U_sequences": len(U),
+            "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
+            "E_response_tokens": int(E.mask.sum()),
+            "U_response_tokens": int(U.mask.sum()),
+            "generate_steps": {
+                "generate_responses": E_t["logprobs"].shape[1],
+                "plain_generate": sample_outs["plain_generate"],
+            },
+        },
+        "model": {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable": layout.numel,
+            "dtype": args.dtype,
+            "qlora": args.qlora,
+            "attn_implementation": "eager",
+        },
+        "env": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__,
+            "python": platform.python_version(),
+            "device": device_name(args.device),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "load_average": os.getloadavg(),
+        },
         "wall_s": round(time.perf_counter() - wall, 1),
     }
     print(json.dumps({k: report[k] for k in ("ratios", "ratios_from_min_times", "times_s", "delta_h1_phases_s")}))
-    print(f"{report['env']['device']}, {report['env']['threads']} threads, {args.dtype}{' QLoRA' * args.qlora}, "
-          f"memory above baseline (MB): { {k: round(v['peak_bytes'] / 2**20, 1) for k, v in memory.items()} }, "
-          f"wall {report['wall_s']} s")  # fmt: skip
+    print(
+        f"{report['env']['device']}, {report['env']['threads']} threads, {args.dtype}{' QLoRA' * args.qlora}, "
+        f"memory above baseline (MB): { {k: round(v['peak_bytes'] / 2**20, 1) for k, v in memory.items()} }, "
+        f"wall {report['wall_s']} s"
+    )
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return report

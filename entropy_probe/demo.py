@@ -318,8 +318,13 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path) -> DemoReport:
     rate_base = reward_rate(model, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
     save_base(model, tokenizer, tmp / "base")
     seconds["warmup"] = time.perf_counter() - t0
-    log.info("demo: warm-up %d steps, loss %.3f, reward rate at T=1 %.3f (%.1fs)", demo.warmup_steps,
-             losses[-1] if losses else float("nan"), rate_base, seconds["warmup"])  # fmt: skip
+    log.info(
+        "demo: warm-up %d steps, loss %.3f, reward rate at T=1 %.3f (%.1fs)",
+        demo.warmup_steps,
+        losses[-1] if losses else float("nan"),
+        rate_base,
+        seconds["warmup"],
+    )
 
     t1 = time.perf_counter()
     trainer = train_grpo(model, tokenizer, records, demo, tmp / "run", str(out_dir / "base"))
@@ -328,8 +333,9 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path) -> DemoReport:
     t2 = time.perf_counter()
     rate_final = reward_rate(policy, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
     seconds["eval"] = time.perf_counter() - t2
-    log.info("demo: GRPO %d steps (%.1fs); reward rate %.3f -> %.3f", demo.rl_steps, seconds["grpo"], rate_base,
-             rate_final)  # fmt: skip
+    log.info(
+        "demo: GRPO %d steps (%.1fs); reward rate %.3f -> %.3f", demo.rl_steps, seconds["grpo"], rate_base, rate_final
+    )
 
     checkpoints = sorted((tmp / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     expected = [f"checkpoint-{s}" for s in checkpoint_steps(demo)]

@@ -268,8 +268,10 @@ def targets_from_sums(sums: dict) -> dict:
 
 def _weights(prompts: Sequence, multiplicities: Sequence[float] | None) -> torch.Tensor:
     """w_x = n_x / Σ n (all 1 when multiplicities is None)."""
-    m = torch.ones(len(prompts), dtype=torch.float64) if multiplicities is None else torch.as_tensor(
-        list(multiplicities), dtype=torch.float64
+    m = (
+        torch.ones(len(prompts), dtype=torch.float64)
+        if multiplicities is None
+        else torch.as_tensor(list(multiplicities), dtype=torch.float64)
     )
     if m.shape != (len(prompts),) or (m < 0).any() or m.sum() <= 0:
         raise ProbeError("bad prompt multiplicities", "give one non-negative number per prompt, not all zero")
@@ -323,7 +325,7 @@ def exact_moments(
     counted = 0
     with contextlib.nullcontext() if with_grad else torch.no_grad():
         chunk = None if with_grad else prompts_per_chunk
-        for _, sums, counted in chunk_sums(model, prompts, multiplicities, chunk, **enumerate_kwargs):
+        for _, sums, counted in chunk_sums(model, prompts, multiplicities, chunk, **enumerate_kwargs):  # noqa: B007 (the last count is the total)
             for key, value in sums.items():
                 totals[key] = totals[key] + value if key in totals else value
     out = targets_from_sums(totals)

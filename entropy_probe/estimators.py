@@ -291,9 +291,7 @@ def entropy_coefficients(
     )
 
 
-def naive_coefficients(
-    logprobs: Tensor, mask: Tensor, *, target: str, weights: Tensor | None = None
-) -> EntropyCoefs:
+def naive_coefficients(logprobs: Tensor, mask: Tensor, *, target: str, weights: Tensor | None = None) -> EntropyCoefs:
     """The naive surprisal score-function estimator (comparison only): no RB, no baseline, a = 0.
 
     Entropy is estimated by the surprisal q_i = −Σ_k logp_ik of the sampled tokens (per token:
@@ -340,4 +338,3 @@ def naive_coefficients(
         hhat=hhat,
         lbar=lbar,
     )
-

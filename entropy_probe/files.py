@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
-import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -189,7 +186,9 @@ def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
     except (SafetensorError, OSError, ValueError) as exc:
         raise ProbeError(f"artifact {path} is not a readable safetensors file ({exc})", hint) from None
     if metadata.get("kind") != kind:
-        raise ProbeError(f"artifact {path} holds '{metadata.get('kind')}', expected '{kind}'", "point to the right file")
+        raise ProbeError(
+            f"artifact {path} holds '{metadata.get('kind')}', expected '{kind}'", "point to the right file"
+        )
     if metadata.get("schema_version") != SCHEMA_VERSION:
         raise ProbeError(
             f"artifact {path} has schema {metadata.get('schema_version')}, this version reads {SCHEMA_VERSION}", hint
@@ -204,4 +203,6 @@ def read_json(path: str | Path, what: str = "report") -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ProbeError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})", "rerun its stage") from None
+        raise ProbeError(
+            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})", "rerun its stage"
+        ) from None

@@ -216,16 +216,22 @@ def compare_with_prediction(result: dict, target: str, lr: float, delta_h1: floa
     for e in result["etas"]:
         m, pred = e["multiplier"], e["multiplier"] * delta_h1
         snis, fr = e["snis"][target], e["fresh"][target] if fresh else None
-        etas.append({
-            "multiplier": m,
-            "eta": m * lr,
-            "delta_h1_pred": pred,
-            "snis": {"delta_h": snis["delta_h"], "se": _finite(snis["se"]),
-                     "ess": e["ess"], "ess_fraction": e["ess"] / n},
-            "fresh": None if fr is None else {"delta_h": fr["delta_h"], "se": _finite(fr["se"])},
-            "ratio_snis": _ratio(snis["delta_h"], pred),
-            "ratio_fresh": None if fr is None else _ratio(fr["delta_h"], pred),
-        })  # fmt: skip
+        etas.append(
+            {
+                "multiplier": m,
+                "eta": m * lr,
+                "delta_h1_pred": pred,
+                "snis": {
+                    "delta_h": snis["delta_h"],
+                    "se": _finite(snis["se"]),
+                    "ess": e["ess"],
+                    "ess_fraction": e["ess"] / n,
+                },
+                "fresh": None if fr is None else {"delta_h": fr["delta_h"], "se": _finite(fr["se"])},
+                "ratio_snis": _ratio(snis["delta_h"], pred),
+                "ratio_fresh": None if fr is None else _ratio(fr["delta_h"], pred),
+            }
+        )
     ms = [e["multiplier"] for e in etas]
     slope_s, curv_s = quadratic_fit(ms, [e["snis"]["delta_h"] for e in etas])
     slope_f, curv_f = quadratic_fit(ms, [e["fresh"]["delta_h"] for e in etas]) if fresh else (None, None)
@@ -248,8 +254,13 @@ def compare_with_prediction(result: dict, target: str, lr: float, delta_h1: floa
         }
         for t in TARGETS
     }
-    linearity = {"delta_h1": delta_h1, "slope_snis": slope_s, "curvature_snis": curv_s, "slope_fresh": slope_f,
-                 "curvature_fresh": curv_f}  # fmt: skip
+    linearity = {
+        "delta_h1": delta_h1,
+        "slope_snis": slope_s,
+        "curvature_snis": curv_s,
+        "slope_fresh": slope_f,
+        "curvature_fresh": curv_f,
+    }
     return {"etas": etas, "linearity": linearity, "targets": targets}
 
 

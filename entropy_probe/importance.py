@@ -26,9 +26,7 @@ def stabilised_weights(log_ratio: Tensor, fix: str = REUSE_FIX) -> Tensor:
     """ŵ_i = exp(λ_i − max λ) in float64 (equal log-ratios give exactly 1); `fix` names the remedy when all are 0."""
     log_ratio = log_ratio.double()
     if not log_ratio.isfinite().any():
-        raise ProbeError(
-            "every importance weight is 0 (no sampled response is possible under the target policy)", fix
-        )
+        raise ProbeError("every importance weight is 0 (no sampled response is possible under the target policy)", fix)
     return (log_ratio - log_ratio.max()).exp()
 
 

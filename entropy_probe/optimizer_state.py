@@ -169,11 +169,15 @@ def _group_hyper(g: dict, gi: int) -> dict:
         )
     if g.get("amsgrad") or g.get("maximize"):
         which = "amsgrad" if g.get("amsgrad") else "maximize"
-        raise ProbeError(f"optimizer.pt param group {gi} uses {which}=True, which the probe does not model",
-                         "probe a checkpoint trained with plain AdamW")
+        raise ProbeError(
+            f"optimizer.pt param group {gi} uses {which}=True, which the probe does not model",
+            "probe a checkpoint trained with plain AdamW",
+        )
     if g.get("decoupled_weight_decay") is False and float(g["weight_decay"]) != 0.0:
-        raise ProbeError(f"optimizer.pt param group {gi} is Adam with L2 weight decay (not decoupled AdamW)",
-                         "probe a checkpoint trained with AdamW")
+        raise ProbeError(
+            f"optimizer.pt param group {gi} is Adam with L2 weight decay (not decoupled AdamW)",
+            "probe a checkpoint trained with AdamW",
+        )
     return {
         "lr": float(g["lr"]),
         "betas": [float(b) for b in g["betas"]],
@@ -228,17 +232,23 @@ def _adam_state(name: str, st: dict | None, shape: tuple[int, ...]) -> tuple[tor
         )
     missing = [k for k in ADAM_STATE_KEYS if k not in st]
     if missing:
-        raise ProbeError(f"optimizer state of {name} lacks {missing} (not an Adam/AdamW state)",
-                         "the probe needs a torch AdamW optimizer.pt (Trainer optim=adamw_torch)")
+        raise ProbeError(
+            f"optimizer state of {name} lacks {missing} (not an Adam/AdamW state)",
+            "the probe needs a torch AdamW optimizer.pt (Trainer optim=adamw_torch)",
+        )
     for key in ("exp_avg", "exp_avg_sq"):
         t = st[key]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ProbeError(f"{key} of {name} has shape {got}, the parameter has {shape} "
-                             "(e.g. a different LoRA rank)", SAME_CHECKPOINT)
+            raise ProbeError(
+                f"{key} of {name} has shape {got}, the parameter has {shape} (e.g. a different LoRA rank)",
+                SAME_CHECKPOINT,
+            )
         if not bool(torch.isfinite(t).all()):
-            raise ProbeError(f"{key} of {name} contains NaN/inf",
-                             "probe an earlier checkpoint (training diverged before this one was saved)")
+            raise ProbeError(
+                f"{key} of {name} contains NaN/inf",
+                "probe an earlier checkpoint (training diverged before this one was saved)",
+            )
     if bool((st["exp_avg_sq"] < 0).any()):
         raise ProbeError(f"exp_avg_sq of {name} has negative entries (corrupt state)", "re-save the checkpoint")
     step = float(st["step"])
@@ -255,8 +265,10 @@ def load_optimizer_state(model: torch.nn.Module, paths: CheckpointPaths) -> Opti
     exp_avg_sq / step, non-finite moments, negative exp_avg_sq, 8-bit/paged state.
     """
     saved = _torch_load(paths.optimizer_path, "optimizer state")
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
-        saved.get("param_groups"), list
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("state"), dict)
+        or not isinstance(saved.get("param_groups"), list)
     ):
         raise ProbeError(
             f"{paths.optimizer_path} is not a torch optimizer state_dict (no 'state'/'param_groups')",

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ProbeError
 
-
 # params keys read while `recording_reads` is active (None: not recording). The pipeline test uses it to
 # check that every params key a stage reads is one its dvc.yaml stage lists (so a change re-runs it).
 _reads: set[str] | None = None

@@ -133,8 +133,12 @@ def reuse_weights(
             continue
         w, ess[name] = importance_weights(batch.rescore(model, max_tokens))
         fraction = ess[name] / len(batch)
-        log.info("delta-h1: %s samples drawn by checkpoint %s; importance-weighted, ESS/N = %.3f",
-                 name, foreign[name], fraction)  # fmt: skip
+        log.info(
+            "delta-h1: %s samples drawn by checkpoint %s; importance-weighted, ESS/N = %.3f",
+            name,
+            foreign[name],
+            fraction,
+        )
         if fraction < min_ess_fraction and not force:
             raise ProbeError(
                 f"the {name} samples (drawn by checkpoint {foreign[name]}) have ESS/N = {fraction:.3f} under this "

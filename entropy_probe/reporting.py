@@ -31,13 +31,28 @@ TOP_K = 10  # U groups shown in the "most entropy-lowering" list and plot
 REL_TOL = 1e-4  # exact/truth must describe the same δH₁ run (targets' δH₁ agree with the top level to ~1e-7)
 UNITS = {"sequence": "nats/sequence", "token_mean": "nats/token", "seq_mean_token_mean": "nats/token"}
 DELTA_H1_KEYS = (
-    "delta_h1", "se_delta_h1", "se_E", "se_U", "entropy", "learning_rate", "delta_h1_gradient_part",
-    "delta_h1_momentum_part", "delta_h1_naive", "cov_logp_advantage",
-)  # fmt: skip  (copied from delta_h1.json as they are)
+    "delta_h1",
+    "se_delta_h1",
+    "se_E",
+    "se_U",
+    "entropy",
+    "learning_rate",
+    "delta_h1_gradient_part",
+    "delta_h1_momentum_part",
+    "delta_h1_naive",
+    "cov_logp_advantage",
+)  # copied from delta_h1.json as they are
 TRUTH_KEYS = (
-    "truth_snis", "truth_snis_se", "truth_snis_ess_fraction", "truth_fresh", "truth_fresh_se", "ratio_snis",
-    "ratio_fresh", "truth_slope_snis", "truth_slope_fresh",
-)  # fmt: skip
+    "truth_snis",
+    "truth_snis_se",
+    "truth_snis_ess_fraction",
+    "truth_fresh",
+    "truth_fresh_se",
+    "ratio_snis",
+    "ratio_fresh",
+    "truth_slope_snis",
+    "truth_slope_fresh",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,8 +73,16 @@ class CurvePoint:
     exact: float | None = None
 
 
-CURVE_COLUMNS = ("multiplier", "eta", "delta_h1_pred", "truth_snis", "truth_snis_se", "truth_fresh", "truth_fresh_se",
-                 "exact")  # fmt: skip
+CURVE_COLUMNS = (
+    "multiplier",
+    "eta",
+    "delta_h1_pred",
+    "truth_snis",
+    "truth_snis_se",
+    "truth_fresh",
+    "truth_fresh_se",
+    "exact",
+)
 
 
 @dataclass
@@ -113,9 +136,13 @@ def _truth_numbers(truth: TruthReport, curve: _Curve, target: str, d1: float, lr
         if e.fresh is not None:
             p.truth_fresh, p.truth_fresh_se = e.fresh.delta_h, e.fresh.se
         if math.isclose(p.multiplier, 1.0, rel_tol=1e-9):
-            row.update(truth_snis=p.truth_snis, truth_snis_se=p.truth_snis_se,
-                       truth_snis_ess_fraction=e.snis.ess_fraction, truth_fresh=p.truth_fresh,
-                       truth_fresh_se=p.truth_fresh_se)  # fmt: skip
+            row.update(
+                truth_snis=p.truth_snis,
+                truth_snis_se=p.truth_snis_se,
+                truth_snis_ess_fraction=e.snis.ess_fraction,
+                truth_fresh=p.truth_fresh,
+                truth_fresh_se=p.truth_fresh_se,
+            )
     row.update(truth_slope_snis=truth.linearity.slope_snis, truth_slope_fresh=truth.linearity.slope_fresh)
     return row
 
@@ -188,25 +215,49 @@ def _text(s: str, limit: int = 80) -> str:
 
 
 HEADER = (
-    "checkpoint", "step", "lr", "H", "δH₁ ± SE", "gradient part", "momentum part", "naive δH₁",
-    "Cov(log π, A)", "ESS/N (E, U)", "exact δH₁", "z", "ΔH(lr) SNIS ± SE", "ΔH(lr) fresh ± SE",
+    "checkpoint",
+    "step",
+    "lr",
+    "H",
+    "δH₁ ± SE",
+    "gradient part",
+    "momentum part",
+    "naive δH₁",
+    "Cov(log π, A)",
+    "ESS/N (E, U)",
+    "exact δH₁",
+    "z",
+    "ΔH(lr) SNIS ± SE",
+    "ΔH(lr) fresh ± SE",
     "ΔH/δH₁ (SNIS, fresh)",
-)  # fmt: skip
+)
 
 
 def table_cells(name: str, r: CheckpointRow) -> list[str]:
     """One markdown table row; "–" where a number is not available."""
     ess = DASH if r.ess_fraction_E is None else f"{_f(r.ess_fraction_E, '.2f')}, {_f(r.ess_fraction_U, '.2f')}"
-    ratio = DASH if r.ratio_snis is None and r.ratio_fresh is None else (
-        f"{_f(r.ratio_snis, '.2f')}, {_f(r.ratio_fresh, '.2f')}"
+    ratio = (
+        DASH
+        if r.ratio_snis is None and r.ratio_fresh is None
+        else (f"{_f(r.ratio_snis, '.2f')}, {_f(r.ratio_fresh, '.2f')}")
     )
     return [
-        name, _f(r.step, "d") if isinstance(r.step, int) else _f(r.step), _f(r.learning_rate),
-        _f(r.entropy, ".4g"), _pm(r.delta_h1, r.se_delta_h1), _f(r.delta_h1_gradient_part),
-        _f(r.delta_h1_momentum_part), _f(r.delta_h1_naive), _f(r.cov_logp_advantage), ess,
-        _f(r.exact_delta_h1), _f(r.exact_z, "+.2f"), _pm(r.truth_snis, r.truth_snis_se),
-        _pm(r.truth_fresh, r.truth_fresh_se), ratio,
-    ]  # fmt: skip
+        name,
+        _f(r.step, "d") if isinstance(r.step, int) else _f(r.step),
+        _f(r.learning_rate),
+        _f(r.entropy, ".4g"),
+        _pm(r.delta_h1, r.se_delta_h1),
+        _f(r.delta_h1_gradient_part),
+        _f(r.delta_h1_momentum_part),
+        _f(r.delta_h1_naive),
+        _f(r.cov_logp_advantage),
+        ess,
+        _f(r.exact_delta_h1),
+        _f(r.exact_z, "+.2f"),
+        _pm(r.truth_snis, r.truth_snis_se),
+        _pm(r.truth_fresh, r.truth_fresh_se),
+        ratio,
+    ]
 
 
 def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
@@ -252,17 +303,26 @@ def _csv(header: list[str], rows: list[list]) -> str:
 def plot_tables(probes: list[Probe], top: list[UGroup]) -> dict[str, str]:
     """CSV text of plots/delta_h1.csv (lo/hi = δH₁ ∓ 2 SE), plots/delta_h_eta.csv and plots/top_u.csv."""
     dh1 = [
-        [p.name, p.row.step, p.row.delta_h1, p.row.se_delta_h1, p.row.delta_h1 - 2 * p.row.se_delta_h1,
-         p.row.delta_h1 + 2 * p.row.se_delta_h1, p.row.exact_delta_h1]
+        [
+            p.name,
+            p.row.step,
+            p.row.delta_h1,
+            p.row.se_delta_h1,
+            p.row.delta_h1 - 2 * p.row.se_delta_h1,
+            p.row.delta_h1 + 2 * p.row.se_delta_h1,
+            p.row.exact_delta_h1,
+        ]
         for p in probes
-    ]  # fmt: skip
+    ]
     eta = [[p.name, *(getattr(c, k) for k in CURVE_COLUMNS)] for p in probes for c in p.curve]
     return {
         "delta_h1.csv": _csv(["checkpoint", "step", "delta_h1", "se", "lo", "hi", "exact"], dh1),
         "delta_h_eta.csv": _csv(["checkpoint", *CURVE_COLUMNS], eta),
-        "top_u.csv": _csv(["rank", "contribution", "prompt", "responses"],
-                          [[i, g.contribution, g.prompt, g.responses] for i, g in enumerate(top, start=1)]),
-    }  # fmt: skip
+        "top_u.csv": _csv(
+            ["rank", "contribution", "prompt", "responses"],
+            [[i, g.contribution, g.prompt, g.responses] for i, g in enumerate(top, start=1)],
+        ),
+    }
 
 
 def _figure(width: float, height: float):
@@ -285,8 +345,15 @@ def plot_delta_h1(probes: list[Probe], unit: str, path: Path) -> None:
     ax = fig.add_subplot()
     x = list(range(len(probes)))
     y = [p.row.delta_h1 for p in probes]
-    ax.errorbar(x, y, yerr=[2 * p.row.se_delta_h1 for p in probes], fmt="o-", color="C0", capsize=5,
-                label=r"$\delta H_1$ (sampled) $\pm$ 2 SE")  # fmt: skip
+    ax.errorbar(
+        x,
+        y,
+        yerr=[2 * p.row.se_delta_h1 for p in probes],
+        fmt="o-",
+        color="C0",
+        capsize=5,
+        label=r"$\delta H_1$ (sampled) $\pm$ 2 SE",
+    )
     ex = [(i, p.row.exact_delta_h1) for i, p in enumerate(probes) if p.row.exact_delta_h1 is not None]
     if ex:
         ax.plot(*zip(*ex), "x", color="C3", markersize=10, markeredgewidth=2, zorder=5, label=r"exact $\delta H_1$")
@@ -317,16 +384,33 @@ def plot_delta_h_eta(probes: list[Probe], unit: str, path: Path) -> None:
         slope = d1 / lr if lr > 0 else 0.0  # δH₁(η) = (η/lr)·δH₁
         ax.plot(line, [0.0, slope * eta_max], "-", color="C0", label=r"$\delta H_1 \cdot \eta/\mathrm{lr}$")
         band = 2 * se / lr if lr > 0 else 0.0
-        ax.fill_between(line, [0.0, (slope - band) * eta_max], [0.0, (slope + band) * eta_max], color="C0",
-                        alpha=0.15, linewidth=0, label=r"$\pm$ 2 SE")  # fmt: skip
+        ax.fill_between(
+            line,
+            [0.0, (slope - band) * eta_max],
+            [0.0, (slope + band) * eta_max],
+            color="C0",
+            alpha=0.15,
+            linewidth=0,
+            label=r"$\pm$ 2 SE",
+        )
         truths = (("truth_snis", "o", "C1", "truth (SNIS)"), ("truth_fresh", "s", "C2", "truth (fresh)"))
         for key, fmt, color, label in truths:
-            pts = [(e.eta, getattr(e, key), 2 * (getattr(e, f"{key}_se") or 0.0)) for e in c
-                   if getattr(e, key) is not None]  # fmt: skip
+            pts = [
+                (e.eta, getattr(e, key), 2 * (getattr(e, f"{key}_se") or 0.0)) for e in c if getattr(e, key) is not None
+            ]
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, fmt=fmt, color=color, capsize=4, markersize=5, alpha=0.85,
-                            label=label + r" $\pm$ 2 SE")  # fmt: skip
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    fmt=fmt,
+                    color=color,
+                    capsize=4,
+                    markersize=5,
+                    alpha=0.85,
+                    label=label + r" $\pm$ 2 SE",
+                )
         pts = [(e.eta, e.exact) for e in c if e.exact is not None]
         if pts:
             ax.plot(*zip(*pts), "x:", color="C3", markersize=8, markeredgewidth=2, label="exact")

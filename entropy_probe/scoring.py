@@ -25,6 +25,7 @@ from .artifacts.samples import TOKEN_KEYS, response_mask
 from .errors import ProbeError
 from .policy import TokenStats, teacher_force, token_budget_slices
 
+
 def accumulation_dtype(tensor: Tensor) -> torch.dtype:
     """The dtype sums over a model's outputs are kept in: float32 for float32/half models, float64 for float64."""
     return torch.promote_types(tensor.dtype, torch.float32)

@@ -36,9 +36,7 @@ DEFAULT_MAX_OPERAND = 9
 def make_arithmetic_prompts(max_operand: int) -> list[dict]:
     """All sums a+b with a, b in 0..max_operand: {"prompt": "a+b=", "answer": "a+b"}, a-major order."""
     return [
-        {"prompt": f"{a}+{b}=", "answer": str(a + b)}
-        for a in range(max_operand + 1)
-        for b in range(max_operand + 1)
+        {"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(max_operand + 1) for b in range(max_operand + 1)
     ]
 
 
@@ -141,7 +139,9 @@ def load_prompts(batch: BatchParams) -> PromptSet:
         template = batch.prompt_template
         prompts.append(template.replace("{prompt}", prompt) if template else prompt)  # not .format: braces stay
         answers.append(answer)
-    return PromptSet(name=name, split=split, prompts=prompts, answers=answers, fingerprint=_fingerprint(prompts, answers))
+    return PromptSet(
+        name=name, split=split, prompts=prompts, answers=answers, fingerprint=_fingerprint(prompts, answers)
+    )
 
 
 # ---------------------------------------------------------------- rewards
@@ -199,7 +199,8 @@ def get_reward_fn(name: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ProbeError(
-            f"reward module '{module_name}' could not be imported ({exc})", "check batch_config.reward_fn and PYTHONPATH"
+            f"reward module '{module_name}' could not be imported ({exc})",
+            "check batch_config.reward_fn and PYTHONPATH",
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):

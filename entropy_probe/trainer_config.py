@@ -139,14 +139,17 @@ def read_trainer_config(paths: CheckpointPaths, trust_pickles: bool) -> dict:
         log.info(
             "no %s or %s beside the checkpoint: trainer settings (loss_type, temperature, ...) unknown; "
             "write them into %s to use them",
-            TRAINER_CONFIG, TRAINING_ARGS, TRAINER_CONFIG,
-        )  # fmt: skip
+            TRAINER_CONFIG,
+            TRAINING_ARGS,
+            TRAINER_CONFIG,
+        )
     elif not trust_pickles:
         log.info(
             "skipped %s (a pickle, unpickling runs code); to use loss_type, temperature, max_grad_norm, ... write "
             "them into %s beside it, or set checkpoint.trust_pickles: true if you trust the file",
-            args_path, TRAINER_CONFIG,
-        )  # fmt: skip
+            args_path,
+            TRAINER_CONFIG,
+        )
     else:
         cfg.update(_unpickle_training_args(args_path))
         source = TRAINING_ARGS

@@ -221,7 +221,9 @@ class AdamState:
                 hyper[name] = (group["lr"] if lr is None else lr, b1, b2, group["eps"], group["weight_decay"])
         missing = [n for n in layout.names if n not in hyper]
         if missing:
-            raise ProbeError(f"parameter {missing[0]} is in no optimizer param group", "re-run verify on this checkpoint")
+            raise ProbeError(
+                f"parameter {missing[0]} is in no optimizer param group", "re-run verify on this checkpoint"
+            )
         device = next(iter(theta.values())).device if theta else None
         zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
 

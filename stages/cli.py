@@ -31,14 +31,42 @@ app = typer.Typer(
 
 # stage name -> (module, default output dir from params, one-line help)
 STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
-    "demo": ("stages.demo", lambda p: p.demo.out_dir, "Build the embedded demo: tiny model, task, GRPO run with LoRA + AdamW."),
-    "verify": ("stages.verify", lambda p: p.paths.verify, "Load base + adapter + optimizer, verify, write optimizer state."),
+    "demo": (
+        "stages.demo",
+        lambda p: p.demo.out_dir,
+        "Build the embedded demo: tiny model, task, GRPO run with LoRA + AdamW.",
+    ),
+    "verify": (
+        "stages.verify",
+        lambda p: p.paths.verify,
+        "Load base + adapter + optimizer, verify, write optimizer state.",
+    ),
     "sample-e": ("stages.sample", lambda p: p.paths.sample_e, "Sample the E batch: B_E prompts with replacement, G=1."),
-    "sample-u": ("stages.sample", lambda p: p.paths.sample_u, "Sample the U batch: B_U distinct prompts, G responses, rewards."),
-    "delta-h1": ("stages.delta_h1", lambda p: p.paths.delta_h1, "Compute dH1 = Xbar . dtheta with standard errors and attributions."),
-    "exact": ("stages.exact", lambda p: p.paths.exact, "Exact H, grad H, dH1 and dH(eta) by enumeration (tiny models)."),
-    "truth": ("stages.truth", lambda p: p.paths.truth, "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure."),
-    "report": ("stages.report", lambda p: p.paths.report, "Tables and plots of dH1 +- SE, exact and truth across checkpoints."),
+    "sample-u": (
+        "stages.sample",
+        lambda p: p.paths.sample_u,
+        "Sample the U batch: B_U distinct prompts, G responses, rewards.",
+    ),
+    "delta-h1": (
+        "stages.delta_h1",
+        lambda p: p.paths.delta_h1,
+        "Compute dH1 = Xbar . dtheta with standard errors and attributions.",
+    ),
+    "exact": (
+        "stages.exact",
+        lambda p: p.paths.exact,
+        "Exact H, grad H, dH1 and dH(eta) by enumeration (tiny models).",
+    ),
+    "truth": (
+        "stages.truth",
+        lambda p: p.paths.truth,
+        "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure.",
+    ),
+    "report": (
+        "stages.report",
+        lambda p: p.paths.report,
+        "Tables and plots of dH1 +- SE, exact and truth across checkpoints.",
+    ),
 }
 # stages that run under `torchrun --nproc_per_node=N` (the others are single-process only)
 DISTRIBUTED_STAGES = ("sample-e", "sample-u", "delta-h1")

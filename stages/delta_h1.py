@@ -70,14 +70,22 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     n_groups = int(U_s.group_index.max()) + 1
     log.info(
         "delta-h1: E %d sequences, U %d sequences (%d groups); target %s, baseline %s; rule %s, loss %s (%s)",
-        len(E_s.input_ids), len(U_s.input_ids), n_groups,
-        params.estimator.entropy, params.estimator.baseline, params.update.rule, mode, why,
-    )  # fmt: skip
+        len(E_s.input_ids),
+        len(U_s.input_ids),
+        n_groups,
+        params.estimator.entropy,
+        params.estimator.baseline,
+        params.update.rule,
+        mode,
+        why,
+    )
     if dry_run:
         return None
     if trainer.get("beta"):
-        log.warning("delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only",
-                    trainer["beta"])  # fmt: skip
+        log.warning(
+            "delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only",
+            trainer["beta"],
+        )
 
     start = time.perf_counter()
     paths = resolve_paths(params.checkpoint)
@@ -98,8 +106,15 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     if world > 1:  # torchrun: every process scores its contiguous share of E and of U; sums are all-reduced
         E.shard = distributed.row_slice(len(E), distributed.rank(), world)
         U.shard = distributed.row_slice(len(U), distributed.rank(), world)
-        log.info("delta-h1: rank %d of %d: E rows %d..%d, U rows %d..%d", distributed.rank(), world,
-                 E.shard.start, E.shard.stop - 1, U.shard.start, U.shard.stop - 1)  # fmt: skip
+        log.info(
+            "delta-h1: rank %d of %d: E rows %d..%d, U rows %d..%d",
+            distributed.rank(),
+            world,
+            E.shard.start,
+            E.shard.stop - 1,
+            U.shard.start,
+            U.shard.stop - 1,
+        )
     max_tokens = params.compute.max_tokens_per_microbatch
     foreign = _foreign(samples, fingerprint, params)
     reuse = reuse_weights(model, E, U, foreign, max_tokens, params.reuse.min_ess_fraction, params.reuse.force)
@@ -107,27 +122,49 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     named = dict(model.named_parameters())
     layout = FlatLayout.from_named(named, opt.names)
     state = AdamState.from_groups(
-        layout, {n: named[n].detach() for n in opt.names}, opt.exp_avg, opt.exp_avg_sq, opt.step, opt.groups,
+        layout,
+        {n: named[n].detach() for n in opt.names},
+        opt.exp_avg,
+        opt.exp_avg_sq,
+        opt.step,
+        opt.groups,
         # "next" keeps each param group's own lr; "last" or a number applies one lr to every group
         lr=None if report.learning_rate_setting == "next" else report.learning_rate,
-    )  # fmt: skip
+    )
     spec = UpdateSpec(params.update.rule, state, max_grad_norm, mode, max_len)
     result = compute_delta_h1(model, E, U, layout, spec, params.estimator, max_tokens, reuse.e_weights, reuse.u_weights)
     log.info("delta-h1: phase seconds %s", result.pop("timings"))
 
     summary = DeltaH1Report(
         **{k: v for k, v in result.items() if k not in ("xbar", "delta_theta", "e_contributions", "u_attribution")},
-        B_E=len(E), B_U=n_groups, G=U_s.meta.G, n_E_tokens=int(E.mask.sum()), n_U_tokens=int(U.mask.sum()),
+        B_E=len(E),
+        B_U=n_groups,
+        G=U_s.meta.G,
+        n_E_tokens=int(E.mask.sum()),
+        n_U_tokens=int(U.mask.sum()),
         estimator=params.estimator.model_dump(),
-        update={"rule": spec.rule, "loss_agg_mode": mode, "loss_agg_reason": why, "max_len": max_len,
-                "max_grad_norm": max_grad_norm, "max_grad_norm_source": clip_source},
+        update={
+            "rule": spec.rule,
+            "loss_agg_mode": mode,
+            "loss_agg_reason": why,
+            "max_len": max_len,
+            "max_grad_norm": max_grad_norm,
+            "max_grad_norm_source": clip_source,
+        },
         checkpoint_fingerprint=fingerprint,
-        reuse=ReuseRecord.of({k: s.meta.checkpoint_fingerprint for k, s in samples.items()},
-                              {k: len(s.input_ids) for k, s in samples.items()}, reuse.ess),  # fmt: skip
+        reuse=ReuseRecord.of(
+            {k: s.meta.checkpoint_fingerprint for k, s in samples.items()},
+            {k: len(s.input_ids) for k, s in samples.items()},
+            reuse.ess,
+        ),
         world_size=world,
-    )  # fmt: skip
-    bars = Bars(layout.unflatten(result["xbar"]), layout.unflatten(result["delta_theta"]), summary.learning_rate,
-                params.estimator.entropy)  # fmt: skip
+    )
+    bars = Bars(
+        layout.unflatten(result["xbar"]),
+        layout.unflatten(result["delta_theta"]),
+        summary.learning_rate,
+        params.estimator.entropy,
+    )
     u_attribution, e_contribution = result["u_attribution"].tolist(), result["e_contributions"].tolist()
 
     def write() -> None:  # every process holds the same results now; rank 0 writes them

@@ -42,6 +42,8 @@ def run(params: Params, out_dir: str | Path | None = None, dry_run: bool = False
     with staged_output_dir(out_dir) as tmp:
         report = build_demo(params.demo, tmp, out_dir)
         report.write(tmp)
-    return (f"demo: reward rate {report.reward_rate_base:.3f} -> {report.reward_rate_final:.3f} after "
-            f"{params.demo.rl_steps} GRPO steps, {len(report.checkpoints)} checkpoints -> {out_dir} "
-            f"({report.seconds['total']:.1f}s)")  # fmt: skip
+    return (
+        f"demo: reward rate {report.reward_rate_base:.3f} -> {report.reward_rate_final:.3f} after "
+        f"{params.demo.rl_steps} GRPO steps, {len(report.checkpoints)} checkpoints -> {out_dir} "
+        f"({report.seconds['total']:.1f}s)"
+    )

@@ -18,8 +18,15 @@ from entropy_probe.artifacts.exact import EtaPoint, ExactGeneration, ExactReport
 from entropy_probe.artifacts.samples import Samples
 from entropy_probe.artifacts.verify import VerifyReport
 from entropy_probe.enumeration import (
-    TARGETS, delta_h_curve, directional, e_batch_prompts, eos_ids, exact_gradients, fd_slopes, sequences_per_prompt,
-)  # fmt: skip
+    TARGETS,
+    delta_h_curve,
+    directional,
+    e_batch_prompts,
+    eos_ids,
+    exact_gradients,
+    fd_slopes,
+    sequences_per_prompt,
+)
 from entropy_probe.errors import ProbeError
 from entropy_probe.outputs import staged_output_dir
 from entropy_probe.params import Params
@@ -62,26 +69,46 @@ def _delta_h1_inputs(params: Params) -> tuple[Bars, DeltaH1Report]:
     bars, report = Bars.read(params.paths.delta_h1), DeltaH1Report.read(params.paths.delta_h1)
     fingerprint = VerifyReport.read(params.paths.verify).fingerprint
     report.check_checkpoint(
-        fingerprint, f"{params.paths.verify} describes",
+        fingerprint,
+        f"{params.paths.verify} describes",
         "point paths.delta_h1 and paths.verify at the same checkpoint's outputs (dvc repro)",
-    )  # fmt: skip
+    )
     return bars, report
 
 
-def _compared(entropy: float, exact_dh1: float, slope: float, curve: list[float], estimate: TargetEstimate,
-              multipliers: list[float], lr: float) -> ExactTarget:  # fmt: skip
+def _compared(
+    entropy: float,
+    exact_dh1: float,
+    slope: float,
+    curve: list[float],
+    estimate: TargetEstimate,
+    multipliers: list[float],
+    lr: float,
+) -> ExactTarget:
     """One target's exact values next to delta-h1's estimate: z = (δH₁ − exact) / SE_E, FD relative error."""
     dh1, se_E = estimate.delta_h1, estimate.se_E
     grid = [
-        EtaPoint(multiplier=m, eta=m * lr, delta_h_exact=curve[j], delta_h1_exact_linear=m * exact_dh1,
-                 delta_h1_linear=m * dh1)
+        EtaPoint(
+            multiplier=m,
+            eta=m * lr,
+            delta_h_exact=curve[j],
+            delta_h1_exact_linear=m * exact_dh1,
+            delta_h1_linear=m * dh1,
+        )
         for j, m in enumerate(multipliers)
-    ]  # fmt: skip
+    ]
     return ExactTarget(
-        entropy_exact=entropy, entropy_estimate=estimate.entropy, delta_h1_exact=exact_dh1, delta_h1=dh1, se_E=se_E,
-        se_delta_h1=estimate.se_delta_h1, z=(dh1 - exact_dh1) / se_E if se_E and math.isfinite(se_E) else None,
-        fd_slope=slope, rel_err_fd=abs(exact_dh1 - slope) / max(abs(slope), 1e-300), eta_grid=grid,
-    )  # fmt: skip
+        entropy_exact=entropy,
+        entropy_estimate=estimate.entropy,
+        delta_h1_exact=exact_dh1,
+        delta_h1=dh1,
+        se_E=se_E,
+        se_delta_h1=estimate.se_delta_h1,
+        z=(dh1 - exact_dh1) / se_E if se_E and math.isfinite(se_E) else None,
+        fd_slope=slope,
+        rel_err_fd=abs(exact_dh1 - slope) / max(abs(slope), 1e-300),
+        eta_grid=grid,
+    )
 
 
 def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | None:
@@ -97,18 +124,31 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
         config = _base_config(params)
         bound = len(prompts) * sequences_per_prompt(config.vocab_size, len(eos_ids(config)), gen.max_new_tokens)
         exactly = "exactly" if gen.top_p >= 1.0 else "at most (top_p < 1 prunes the tree)"
-        print(f"exact: {len(prompts)} distinct prompts ({sum(mult)} E rows), {exactly} {bound} sequences to "
-              f"enumerate (vocab {config.vocab_size}, max_new_tokens={gen.max_new_tokens}); limit "
-              f"exact.max_sequences={ep.max_sequences}; writes {Path(out_dir) / ExactReport.FILE}")  # fmt: skip
+        print(
+            f"exact: {len(prompts)} distinct prompts ({sum(mult)} E rows), {exactly} {bound} sequences to "
+            f"enumerate (vocab {config.vocab_size}, max_new_tokens={gen.max_new_tokens}); limit "
+            f"exact.max_sequences={ep.max_sequences}; writes {Path(out_dir) / ExactReport.FILE}"
+        )
         return None
     bars, dh1_report = _delta_h1_inputs(params)
     lr = dh1_report.learning_rate
     model = _load_model(params)
     eos = eos_ids(getattr(model, "generation_config", None), model.config)
-    kw = dict(eos_id=eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-              max_sequences=ep.max_sequences)  # fmt: skip
-    log.info("exact: %d distinct prompts (%d E rows), T=%g, top_p=%g, max_new_tokens=%d",
-             len(prompts), sum(mult), gen.temperature, gen.top_p, gen.max_new_tokens)  # fmt: skip
+    kw = dict(
+        eos_id=eos,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        max_sequences=ep.max_sequences,
+    )
+    log.info(
+        "exact: %d distinct prompts (%d E rows), T=%g, top_p=%g, max_new_tokens=%d",
+        len(prompts),
+        sum(mult),
+        gen.temperature,
+        gen.top_p,
+        gen.max_new_tokens,
+    )
     model = _float64_model(model, bars)
     delta = {n: v.to(torch.float64) for n, v in bars.delta_theta.items()}
 
@@ -122,23 +162,39 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
 
     result = ExactReport(
         configured_target=params.estimator.entropy,
-        targets={t: _compared(values[t], exact_dh1[t], slopes[t], curve[t], dh1_report.targets[t],
-                              ep.eta_multipliers, lr) for t in TARGETS},  # fmt: skip
+        targets={
+            t: _compared(values[t], exact_dh1[t], slopes[t], curve[t], dh1_report.targets[t], ep.eta_multipliers, lr)
+            for t in TARGETS
+        },
         learning_rate=lr,
-        generation=ExactGeneration(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                                   eos_id=eos),  # fmt: skip
-        checkpoint_fingerprint=dh1_report.checkpoint_fingerprint, dtype="float64", fd_step=ep.fd_eps,
-        n_distinct_prompts=len(prompts), n_e_rows=sum(mult), n_sequences=n_seq,
+        generation=ExactGeneration(
+            temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, eos_id=eos
+        ),
+        checkpoint_fingerprint=dh1_report.checkpoint_fingerprint,
+        dtype="float64",
+        fd_step=ep.fd_eps,
+        n_distinct_prompts=len(prompts),
+        n_e_rows=sum(mult),
+        n_sequences=n_seq,
         n_parameters=sum(v.numel() for v in delta.values()),
-    )  # fmt: skip
+    )
     with staged_output_dir(out_dir) as tmp:
         result.write(tmp)
     for t, r in result.targets.items():
         z = "n/a" if r.z is None else f"{r.z:+.2f}"
-        log.info("%s: H=%.5f  δH₁ exact %.4e  estimate %.4e  z %s  FD rel err %.1e",
-                 t, r.entropy_exact, r.delta_h1_exact, r.delta_h1, z, r.rel_err_fd)  # fmt: skip
+        log.info(
+            "%s: H=%.5f  δH₁ exact %.4e  estimate %.4e  z %s  FD rel err %.1e",
+            t,
+            r.entropy_exact,
+            r.delta_h1_exact,
+            r.delta_h1,
+            z,
+            r.rel_err_fd,
+        )
     log.info("exact: done in %.1f s", time.perf_counter() - t0)
     main = result.targets[result.configured_target]
     z = "n/a" if main.z is None else f"{main.z:+.2f}"
-    return (f"exact: {main.delta_h1_exact:.4e} exact δH₁ ({result.configured_target}), z {z}, FD rel err "
-            f"{main.rel_err_fd:.1e}, {n_seq} sequences -> {Path(out_dir) / ExactReport.FILE}")  # fmt: skip
+    return (
+        f"exact: {main.delta_h1_exact:.4e} exact δH₁ ({result.configured_target}), z {z}, FD rel err "
+        f"{main.rel_err_fd:.1e}, {n_seq} sequences -> {Path(out_dir) / ExactReport.FILE}"
+    )

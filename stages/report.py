@@ -30,9 +30,17 @@ from entropy_probe.artifacts.verify import VerifyReport
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import Params
 from entropy_probe.reporting import (
-    UNITS, Probe, UGroup, checkpoint_probe, markdown, plot_delta_h1, plot_delta_h_eta, plot_tables, plot_top_u,
+    UNITS,
+    Probe,
+    UGroup,
+    checkpoint_probe,
+    markdown,
+    plot_delta_h1,
+    plot_delta_h_eta,
+    plot_tables,
+    plot_top_u,
     top_u_groups,
-)  # fmt: skip
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,12 @@ class CheckpointInputs:
 
     def files(self, last: bool) -> list[tuple[str, Path]]:
         """(required/optional, file) in the order the report reads them; attributions only for the last."""
-        wanted = [("required", VerifyReport.path(self.verify)), ("required", DeltaH1Report.path(self.delta_h1)),
-                  ("optional", ExactReport.path(self.exact)), ("optional", TruthReport.path(self.truth))]  # fmt: skip
+        wanted = [
+            ("required", VerifyReport.path(self.verify)),
+            ("required", DeltaH1Report.path(self.delta_h1)),
+            ("optional", ExactReport.path(self.exact)),
+            ("optional", TruthReport.path(self.truth)),
+        ]
         return wanted[:2] + [("required", self.attributions)] + wanted[2:] if last else wanted
 
 
@@ -123,8 +135,10 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     probes = [load_probe(inp, params.truth.eta_multipliers) for inp in inputs]
     targets = sorted({p.row.target for p in probes})
     if len(targets) > 1:
-        raise ProbeError(f"the checkpoints were probed with different entropy targets {targets}",
-                         "rerun delta-h1 with one estimator.entropy for all (dvc repro)")  # fmt: skip
+        raise ProbeError(
+            f"the checkpoints were probed with different entropy targets {targets}",
+            "rerun delta-h1 with one estimator.entropy for all (dvc repro)",
+        )
     last = inputs[-1].name
     top = top_u_groups(read_u_groups(inputs[-1].attributions, last))
     unit = UNITS[targets[0]]

@@ -151,8 +151,15 @@ def _source(params, kind: str, sampler, paths) -> Source:
     fingerprint = checkpoint.checkpoint_fingerprint(paths)
     trainer = read_trainer_config(paths, sampler.trust_pickles)
     temperature, t_source = resolve_temperature(gen.temperature, trainer.get("temperature"))
-    log.info("%s: sampler %s (%s); temperature %g from %s, top_p %g", stage, sampler.path, fingerprint,
-             temperature, t_source, gen.top_p)  # fmt: skip
+    log.info(
+        "%s: sampler %s (%s); temperature %g from %s, top_p %g",
+        stage,
+        sampler.path,
+        fingerprint,
+        temperature,
+        t_source,
+        gen.top_p,
+    )
     if trainer.get("top_p") not in (None, gen.top_p):
         log.warning("%s: generation.top_p=%g differs from the trainer's top_p=%s", stage, gen.top_p, trainer["top_p"])
     scale = None
@@ -169,8 +176,14 @@ def _generate_share(model, tokenizer, prompts: list[str], spec: GenerationSpec, 
     share = distributed.row_slice(n_batches, distributed.rank(), distributed.world_size())
     lo, hi = share.start * spec.batch_size, min(share.stop * spec.batch_size, len(prompts))
     if distributed.world_size() > 1:
-        log.info("%s: rank %d generates batches %d..%d of %d", stage, distributed.rank(), share.start,
-                 share.stop - 1, n_batches)  # fmt: skip
+        log.info(
+            "%s: rank %d generates batches %d..%d of %d",
+            stage,
+            distributed.rank(),
+            share.start,
+            share.stop - 1,
+            n_batches,
+        )
     if hi <= lo:
         return []
     return generate_batches(
@@ -210,11 +223,20 @@ def _meta(params, plan: Plan, prompt_set, spec, source: Source, tokenizer: dict,
         checkpoint_path=sampler.path,
         load={"dtype": sampler.dtype, "use_qlora": sampler.use_qlora},
         tokenizer=tokenizer,
-        generation={"temperature": spec.temperature, "temperature_source": source.temperature_source,
-                    "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens, "stop": spec.stop},  # fmt: skip
+        generation={
+            "temperature": spec.temperature,
+            "temperature_source": source.temperature_source,
+            "top_p": spec.top_p,
+            "max_new_tokens": spec.max_new_tokens,
+            "stop": spec.stop,
+        },
         seed=plan.seed,
-        dataset={"name": prompt_set.name, "split": prompt_set.split, "fingerprint": prompt_set.fingerprint,
-                 "size": len(prompt_set)},  # fmt: skip
+        dataset={
+            "name": prompt_set.name,
+            "split": prompt_set.split,
+            "fingerprint": prompt_set.fingerprint,
+            "size": len(prompt_set),
+        },
         reward_fn=params.batch_config.reward_fn if is_u else None,
         advantage={"scale": source.scale, "eps": params.advantage.eps} if is_u else None,
         world_size=distributed.world_size(),

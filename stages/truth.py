@@ -70,8 +70,9 @@ def _fresh_sampling(params: Params, samples: Samples, tokenizer) -> FreshSamplin
     if bool(((index < 0) | (index >= len(prompt_set))).any()):
         raise ProbeError("E prompt_index lies outside the dataset", "rerun sample-e")
     gen = samples.meta.generation
-    spec = GenerationSpec(gen.temperature, gen.top_p, gen.max_new_tokens, params.generation.gen_batch_size,
-                          params.truth.seed, gen.stop)  # fmt: skip
+    spec = GenerationSpec(
+        gen.temperature, gen.top_p, gen.max_new_tokens, params.generation.gen_batch_size, params.truth.seed, gen.stop
+    )
     return FreshSampling(tokenizer, [prompt_set.prompts[i] for i in index.tolist()], spec)
 
 
@@ -88,9 +89,10 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     paths = resolve_paths(params.checkpoint)
     fingerprint = checkpoint_fingerprint(paths)
     report.check_checkpoint(
-        fingerprint, f"checkpoint.path {params.checkpoint.path} is",
+        fingerprint,
+        f"checkpoint.path {params.checkpoint.path} is",
         "rerun delta-h1 for this checkpoint (dvc repro), or point paths.delta_h1 at its output",
-    )  # fmt: skip
+    )
     sampler = samples.meta.checkpoint_fingerprint
     same = sampler == fingerprint
     fresh = _fresh_sampling(params, samples, load_tokenizer(paths)) if params.truth.fresh_samples else None
@@ -99,51 +101,94 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     gen, target, lr = samples.meta.generation, report.target, report.learning_rate
     log.info(
         "truth: %d E sequences drawn by %s (%s), target %s, lr %.4g, T=%g, top_p=%g; m in %s; fresh samples %s",
-        len(samples.input_ids), sampler, "this checkpoint" if same else f"not this one, {fingerprint}",
-        target, lr, gen.temperature, gen.top_p, multipliers, "on" if fresh else "off",
-    )  # fmt: skip
+        len(samples.input_ids),
+        sampler,
+        "this checkpoint" if same else f"not this one, {fingerprint}",
+        target,
+        lr,
+        gen.temperature,
+        gen.top_p,
+        multipliers,
+        "on" if fresh else "off",
+    )
     if gen.top_p < 1:
         log.warning("truth: top_p=%g < 1 — SNIS cannot see responses outside the behaviour policy's nucleus", gen.top_p)
 
     E = Batch.from_samples(samples, model.get_input_embeddings().weight.device)
     result = estimate_truth(
-        model, E, bars.delta_theta, multipliers, max_tokens=params.compute.max_tokens_per_microbatch,
-        behaviour_is_model=same, fresh=fresh,
-    )  # fmt: skip
+        model,
+        E,
+        bars.delta_theta,
+        multipliers,
+        max_tokens=params.compute.max_tokens_per_microbatch,
+        behaviour_is_model=same,
+        fresh=fresh,
+    )
     _warn(result, same, params.reuse.min_ess_fraction)
     out = TruthReport(
-        target=target, learning_rate=lr, delta_h1=report.delta_h1, se_delta_h1=report.se_delta_h1,
+        target=target,
+        learning_rate=lr,
+        delta_h1=report.delta_h1,
+        se_delta_h1=report.se_delta_h1,
         **compare_with_prediction(result, target, lr, report.delta_h1, report.targets),
-        n_sequences=result["n_sequences"], restored_exactly=result["restored_exactly"],
+        n_sequences=result["n_sequences"],
+        restored_exactly=result["restored_exactly"],
         # provenance and diagnostics
-        checkpoint_fingerprint=fingerprint, sampler_fingerprint=sampler, same_checkpoint=same,
-        ess_theta=result["ess_theta"], max_abs_logp_diff=result["max_abs_logp_diff"], param_checksum=result["checksum"],
-        generation={"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
-                    "stop": gen.stop},
+        checkpoint_fingerprint=fingerprint,
+        sampler_fingerprint=sampler,
+        same_checkpoint=same,
+        ess_theta=result["ess_theta"],
+        max_abs_logp_diff=result["max_abs_logp_diff"],
+        param_checksum=result["checksum"],
+        generation={
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "max_new_tokens": gen.max_new_tokens,
+            "stop": gen.stop,
+        },
         fresh_seed=params.truth.seed if fresh else None,
-    )  # fmt: skip
+    )
     with staged_output_dir(out_dir) as tmp:
         out.write(tmp)
     for e in out.etas:
         fr = "" if e.fresh is None else f", fresh {e.fresh.delta_h:+.3e} ± {e.fresh.se or 0:.1e}"
         ratio = "n/a" if e.ratio_snis is None else f"{e.ratio_snis:.3f}"
         log.info(
-            "%s η = %g·lr: δH₁ pred %+.3e; SNIS %+.3e ± %.1e (ratio %s, ESS/N %.3f)%s", target, e.multiplier,
-            e.delta_h1_pred, e.snis.delta_h, e.snis.se or 0, ratio, e.snis.ess_fraction, fr,
-        )  # fmt: skip
+            "%s η = %g·lr: δH₁ pred %+.3e; SNIS %+.3e ± %.1e (ratio %s, ESS/N %.3f)%s",
+            target,
+            e.multiplier,
+            e.delta_h1_pred,
+            e.snis.delta_h,
+            e.snis.se or 0,
+            ratio,
+            e.snis.ess_fraction,
+            fr,
+        )
     points = "; ".join(f"m={e.multiplier:g}: {e.snis.delta_h:+.3e} (pred {e.delta_h1_pred:+.3e})" for e in out.etas)
     return f"truth: {target} ΔH(m·lr) by SNIS {points} -> {Path(out_dir) / TruthReport.FILE}"
+
 
 def _warn(result: dict, same: bool, floor: float) -> None:
     """Diagnostics that make a result less trustworthy: log-prob mismatch, low ESS."""
     n = result["n_sequences"]
     if same and result["max_abs_logp_diff"] > 1e-2:
-        log.warning("truth: the E log-probs differ from teacher forcing by up to %.2g although this checkpoint drew "
-                    "them", result["max_abs_logp_diff"])  # fmt: skip
+        log.warning(
+            "truth: the E log-probs differ from teacher forcing by up to %.2g although this checkpoint drew them",
+            result["max_abs_logp_diff"],
+        )
     if result["ess_theta"] < floor * n:
-        log.warning("truth: ESS of the E samples at θ is %.1f of %d (< reuse.min_ess_fraction = %g): "
-                    "SNIS is unreliable", result["ess_theta"], n, floor)  # fmt: skip
+        log.warning(
+            "truth: ESS of the E samples at θ is %.1f of %d (< reuse.min_ess_fraction = %g): SNIS is unreliable",
+            result["ess_theta"],
+            n,
+            floor,
+        )
     for e in result["etas"]:
         if e["ess"] < floor * n:
-            log.warning("truth: at η = %g·lr the SNIS ESS is %.1f of %d (< reuse.min_ess_fraction = %g): "
-                        "trust (b) there", e["multiplier"], e["ess"], n, floor)  # fmt: skip
+            log.warning(
+                "truth: at η = %g·lr the SNIS ESS is %.1f of %d (< reuse.min_ess_fraction = %g): trust (b) there",
+                e["multiplier"],
+                e["ess"],
+                n,
+                floor,
+            )

@@ -50,8 +50,9 @@ def _report(
 ) -> VerifyReport:
     ck = params.checkpoint
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    parameters = [Parameter(name=n, shape=list(shapes[n]), numel=shapes[n].numel(), group=state.group_of[n])
-                  for n in state.names]  # fmt: skip
+    parameters = [
+        Parameter(name=n, shape=list(shapes[n]), numel=shapes[n].numel(), group=state.group_of[n]) for n in state.names
+    ]
     return VerifyReport(
         fingerprint=checkpoint_fingerprint(paths),
         checkpoint=paths,
@@ -87,7 +88,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     if dry_run:
         print(_plan(params, paths, out_dir))
         return None
-    import peft, transformers  # noqa: F401,E401  (import time is not load time)
+    import peft  # noqa: F401,E401  (import time is not load time)
 
     start = time.perf_counter()
     model = load_policy_model(ck, paths)

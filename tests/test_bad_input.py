@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe import files  # noqa: E402
+from entropy_probe.artifacts.samples import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
 from entropy_probe.checkpoint import TRAINER_CONFIG, resolve_paths  # noqa: E402
+from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
 from entropy_probe.trainer_config import TRAINER_CONFIG_KEYS, read_trainer_config  # noqa: E402
 from stages import demo as demo_stage  # noqa: E402
 from stages.cli import app  # noqa: E402
-from entropy_probe.errors import ProbeError  # noqa: E402
-from entropy_probe.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
-from entropy_probe.artifacts.samples import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 REPO = Path(__file__).parent.parent
@@ -85,8 +85,16 @@ FLOAT_FIELDS = _float_fields(Params)
 
 def test_the_float_field_walk_finds_the_known_floats():
     keys = {k for k, _ in FLOAT_FIELDS}
-    assert {"update.max_grad_norm", "checkpoint.learning_rate", "generation.temperature", "generation.top_p",
-            "exact.eta_multipliers", "truth.eta_multipliers", "demo.rl_lr", "advantage.eps"} <= keys  # fmt: skip
+    assert {
+        "update.max_grad_norm",
+        "checkpoint.learning_rate",
+        "generation.temperature",
+        "generation.top_p",
+        "exact.eta_multipliers",
+        "truth.eta_multipliers",
+        "demo.rl_lr",
+        "advantage.eps",
+    } <= keys
     assert len(keys) >= 12
 
 
@@ -226,9 +234,13 @@ def test_token_id_beyond_the_vocabulary(probed, tmp_path, no_expensive_pass, tok
     out = tmp_path / "out"
     result = cli("delta-h1", "--params", str(params), "-S", f"paths.sample_e={tmp_path / 'e'}", "--out", str(out))
     assert_refused(
-        result, out, f"samples in {tmp_path / 'e' / SAMPLES_FILE} hold token id {vocab + 5}",
-        f"the model's vocabulary has {vocab} entries", "another tokenizer", "re-run sample-e and sample-u",
-    )  # fmt: skip
+        result,
+        out,
+        f"samples in {tmp_path / 'e' / SAMPLES_FILE} hold token id {vocab + 5}",
+        f"the model's vocabulary has {vocab} entries",
+        "another tokenizer",
+        "re-run sample-e and sample-u",
+    )
 
 
 def test_samples_from_another_tokenizer(probed, tmp_path, no_expensive_pass):
@@ -319,8 +331,17 @@ def test_bad_sidecar_is_refused(trained, tmp_path, content, fragment):
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    small = {"max_operand": 3, "hidden_size": 32, "warmup_steps": 5, "rl_steps": 2, "save_steps": 1,
-             "prompts_per_step": 4, "num_generations": 2, "lora_rank": 2, "rl_lr": 0.01}  # fmt: skip
+    small = {
+        "max_operand": 3,
+        "hidden_size": 32,
+        "warmup_steps": 5,
+        "rl_steps": 2,
+        "save_steps": 1,
+        "prompts_per_step": 4,
+        "num_generations": 2,
+        "lora_rank": 2,
+        "rl_lr": 0.01,
+    }
     demo_stage.run(validate_params({"demo": small}), out, dry_run=False)
     return out
 

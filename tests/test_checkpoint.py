@@ -31,7 +31,6 @@ from entropy_probe.optimizer_state import build_adamw, load_optimizer_state  # n
 from entropy_probe.params import CheckpointParams  # noqa: E402
 from entropy_probe.trainer_config import read_trainer_config  # noqa: E402
 
-
 # peft mistakes 1-D LoRA-B biases for un-gathered ZeRO-3 shards when saving
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 
@@ -345,7 +344,9 @@ def test_trainer_config_without_pickles(trained, caplog):
         cfg = read_trainer_config(paths, trust_pickles=False)
     assert all(cfg[k] is None for k in ("loss_type", "temperature", "max_grad_norm", "scale_rewards", "beta"))
     assert cfg["global_step"] == 3 and cfg["learning_rate_last"] == pytest.approx(trained.lr_last)
-    assert [r for r in caplog.records if "training_args.bin" in r.getMessage() and "trust_pickles: true" in r.getMessage()]
+    assert [
+        r for r in caplog.records if "training_args.bin" in r.getMessage() and "trust_pickles: true" in r.getMessage()
+    ]
 
 
 def test_trainer_config_with_pickles(trained):

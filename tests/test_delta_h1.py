@@ -13,20 +13,20 @@ import math
 
 import pytest
 import torch
+from conftest import make_lora_model
+from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
 
 from entropy_probe.artifacts.delta_h1 import Bars, DeltaH1Report
 from entropy_probe.enumeration import exact_gradients
 from entropy_probe.errors import ProbeError
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
-from entropy_probe.params import EstimatorParams
-from entropy_probe.policy import policy_logprobs
 from entropy_probe.generation import GenerationSpec, generate_responses
+from entropy_probe.params import EstimatorParams
 from entropy_probe.perturb import as_float64
+from entropy_probe.policy import policy_logprobs
 from entropy_probe.probe import UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms
 from entropy_probe.scoring import Batch
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, zero_gradient_part
-from conftest import make_lora_model
-from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
 
 MAX_NEW = 3
 TEMPERATURE = 1.3  # ≠ 1 so a forgotten temperature anywhere shows up
@@ -81,7 +81,9 @@ def adam_state(model, seed: int = 0, lr: float = 1e-2) -> tuple[FlatLayout, Adam
     m = {n: 1e-3 * torch.randn(p.shape, generator=gen) for n, p in named.items()}
     v = {n: 1e-5 * torch.rand(p.shape, generator=gen) for n, p in named.items()}
     groups = [{"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
-    state = AdamState.from_groups(layout, {n: p.detach() for n, p in named.items()}, m, v, {n: 5.0 for n in named}, groups)
+    state = AdamState.from_groups(
+        layout, {n: p.detach() for n, p in named.items()}, m, v, {n: 5.0 for n in named}, groups
+    )
     return layout, state
 
 
@@ -90,9 +92,15 @@ def exact(model, tok):
     """Exact H and ∇H (every target) for the E prompt multiset: each prompt equally often."""
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     values, grads, _ = exact_gradients(
-        model, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
-        temperature=TEMPERATURE, top_p=1.0, max_sequences=100_000,
-    )  # fmt: skip
+        model,
+        ids,
+        [1.0] * len(ids),
+        eos_id=tok.eos_token_id,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        max_sequences=100_000,
+    )
     return values, grads
 
 
@@ -125,8 +133,12 @@ def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tok, exact
             xbar, dH, dlogp = entropy_pass(model, params, layout, E, coefs, [v[n] for n in names], 10_000)
             # the X̄ vector and the tangents agree: X̄·v = mean of the per-sequence influence values
             flat_v = layout.flatten(v)
-            assert_close_scaled(coefs.estimate(dH, dlogp)[0], float(xbar.double() @ flat_v.double()),
-                                dot_scale(xbar, flat_v), what="mean ψ vs X̄·v")  # fmt: skip
+            assert_close_scaled(
+                coefs.estimate(dH, dlogp)[0],
+                float(xbar.double() @ flat_v.double()),
+                dot_scale(xbar, flat_v),
+                what="mean ψ vs X̄·v",
+            )
             for t, b in zs:
                 cf = entropy_coefficients(
                     E.tensors["entropies"], E.mask, target=t, baseline=b, features=features, folds=4
@@ -167,8 +179,12 @@ def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
         spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
         result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
         delta = layout.unflatten(result["delta_theta"])
-        assert_close_scaled(result["delta_h1_from_tangents"], result["delta_h1"],
-                            dot_scale(result["xbar"], result["delta_theta"]), what="tangents vs X̄·Δθ")  # fmt: skip
+        assert_close_scaled(
+            result["delta_h1_from_tangents"],
+            result["delta_h1"],
+            dot_scale(result["xbar"], result["delta_theta"]),
+            what="tangents vs X̄·Δθ",
+        )
         for t in TARGETS:
             r = result["targets"][t]
             zs[t].append((r["delta_h1"] - directional(grads[t], delta)) / r["se_E"])
@@ -256,13 +272,17 @@ def test_sgd_attributions_sum_to_delta_h1(model, tok):
     E = sample_batch(model, tok, PROMPTS * 8, seed=8)
     U = sample_u(model, tok, n_groups=4, G=4, seed=9)
     layout, state = adam_state(model)
-    r = compute_delta_h1(model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096)
+    r = compute_delta_h1(
+        model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096
+    )
     assert r["delta_h1_momentum_part"] == 0
     scale = dot_scale(r["xbar"], r["delta_theta"]) + sum_scale(r["u_attribution"])
     assert_close_scaled(float(r["u_attribution"].sum()), r["delta_h1"], scale, what="Σ attributions vs δH₁")
     # δH₁ changes sign with the advantages: the direction of the update matters, not only its size
     U.tensors["advantages"] = -U.tensors["advantages"]
-    flipped = compute_delta_h1(model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096)
+    flipped = compute_delta_h1(
+        model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096
+    )
     assert abs(r["delta_h1"]) > 1e-3 * scale  # far from 0 on the scale of the check: the sign is meaningful
     assert_close_scaled(flipped["delta_h1"], -r["delta_h1"], scale, what="δH₁ with flipped advantages")
 
@@ -274,10 +294,14 @@ def test_standard_errors_match_spread_over_repeated_batches(model, tok):
     est = EstimatorParams(baseline="mean")
     E0 = sample_batch(model, tok, PROMPTS * 8, seed=1)
     U0 = sample_u(model, tok, n_groups=8, G=4, seed=2)
-    by_e = [compute_delta_h1(model, sample_batch(model, tok, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
-            for s in range(40)]  # fmt: skip
-    by_u = [compute_delta_h1(model, E0, sample_u(model, tok, 8, 4, seed=2000 + s), layout, spec, est, 4096)
-            for s in range(40)]  # fmt: skip
+    by_e = [
+        compute_delta_h1(model, sample_batch(model, tok, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
+        for s in range(40)
+    ]
+    by_u = [
+        compute_delta_h1(model, E0, sample_u(model, tok, 8, 4, seed=2000 + s), layout, spec, est, 4096)
+        for s in range(40)
+    ]
     for runs, key in ((by_e, "se_E"), (by_u, "se_U")):
         values = torch.tensor([r["delta_h1"] for r in runs], dtype=torch.float64)
         mean_se = sum(r[key] for r in runs) / len(runs)
@@ -291,14 +315,22 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
     E = sample_batch(model, tok, PROMPTS * 64, seed=21, top_p=top_p)
     U = sample_u(model, tok, n_groups=4, G=4, seed=22, top_p=top_p)
     layout, state = adam_state(model)
-    r = compute_delta_h1(model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096)
+    r = compute_delta_h1(
+        model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096
+    )
     assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "se_U", "entropy"))
     assert torch.isfinite(r["xbar"]).all()
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
-        model, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
-        temperature=TEMPERATURE, top_p=top_p, max_sequences=100_000,
-    )  # fmt: skip
+        model,
+        ids,
+        [1.0] * len(ids),
+        eos_id=tok.eos_token_id,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        top_p=top_p,
+        max_sequences=100_000,
+    )
     exact_value = directional(grads["token_mean"], layout.unflatten(r["delta_theta"]))
     assert abs(r["delta_h1"] - exact_value) / r["se_E"] < 4
 
@@ -315,8 +347,14 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias, dtype):
     from entropy_probe.tiny import build_model
 
     torch.manual_seed(0)
-    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, lora_bias=lora_bias)  # fmt: skip
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        lora_bias=lora_bias,
+    )
     model = get_peft_model(build_model(hidden_size=32, seed=5), config).eval()
     U = sample_u(model, tok, n_groups=3, G=4, seed=31)
     model = in_dtype(model, dtype)
@@ -329,8 +367,9 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias, dtype):
     assert rows.dtype == coef.dtype
     stats = U.score(model, slice(0, len(U)), entropies=False)
     _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.to(coef.dtype)], params, direction)
-    assert_close_scaled(rows, (coef * dlogp).sum(-1), sum_scale(coef * dlogp), rel=REL[dtype],
-                        what="hooks vs double backward")  # fmt: skip
+    assert_close_scaled(
+        rows, (coef * dlogp).sum(-1), sum_scale(coef * dlogp), rel=REL[dtype], what="hooks vs double backward"
+    )
 
 
 def test_row_directional_refuses_what_it_cannot_do():
@@ -375,21 +414,53 @@ def delta_h1_report(fingerprint: str) -> DeltaH1Report:
     targets = {t: {"delta_h1": -1e-3 * (i + 1), "se_E": 1e-3, "entropy": 1.0 + i} for i, t in enumerate(TARGETS)}
     targets["token_mean"].update(se_U=1e-4, se_delta_h1=1e-3)
     numbers = dict.fromkeys(
-        ("delta_h1_from_tangents", "bars_dot", "entropy", "se_E", "se_U", "delta_h1_gradient_part",
-         "delta_h1_momentum_part", "delta_h1_gradient_part_linearised", "delta_h1_naive", "se_E_naive",
-         "cov_logp_advantage", "norm_xbar", "norm_delta_theta", "norm_g"), 0.5,
-    )  # fmt: skip
+        (
+            "delta_h1_from_tangents",
+            "bars_dot",
+            "entropy",
+            "se_E",
+            "se_U",
+            "delta_h1_gradient_part",
+            "delta_h1_momentum_part",
+            "delta_h1_gradient_part_linearised",
+            "delta_h1_naive",
+            "se_E_naive",
+            "cov_logp_advantage",
+            "norm_xbar",
+            "norm_delta_theta",
+            "norm_g",
+        ),
+        0.5,
+    )
     return DeltaH1Report(
-        delta_h1=-2e-3, se_delta_h1=1e-3, learning_rate=1e-2, **numbers, targets=targets,
-        B_E=24, B_U=4, G=4, n_E_tokens=50, n_U_tokens=40,
+        delta_h1=-2e-3,
+        se_delta_h1=1e-3,
+        learning_rate=1e-2,
+        **numbers,
+        targets=targets,
+        B_E=24,
+        B_U=4,
+        G=4,
+        n_E_tokens=50,
+        n_U_tokens=40,
         estimator={"entropy": "token_mean", "baseline": "mean", "ridge": 1.0, "crossfit_folds": 5},
-        update={"rule": "adam_step", "loss_agg_mode": "token-mean", "loss_agg_reason": "params", "max_len": None,
-                "max_grad_norm": 1.0, "max_grad_norm_source": "params"},
+        update={
+            "rule": "adam_step",
+            "loss_agg_mode": "token-mean",
+            "loss_agg_reason": "params",
+            "max_len": None,
+            "max_grad_norm": 1.0,
+            "max_grad_norm_source": "params",
+        },
         checkpoint_fingerprint=fingerprint,
-        reuse={"weighted": False, "sampler_fingerprint": {"E": fingerprint, "U": fingerprint},
-               "ess_fraction_E": 1.0, "ess_fraction_U": 1.0},
+        reuse={
+            "weighted": False,
+            "sampler_fingerprint": {"E": fingerprint, "U": fingerprint},
+            "ess_fraction_E": 1.0,
+            "ess_fraction_U": 1.0,
+        },
         world_size=1,
-    )  # fmt: skip
+    )
 
 
 def test_delta_h1_report_round_trip_and_refusals(tmp_path):
@@ -407,8 +478,12 @@ def test_delta_h1_report_round_trip_and_refusals(tmp_path):
     assert json.loads((tmp_path / "delta_h1.json").read_text())["reuse"]["ess_E"] == 3.5
     assert DeltaH1Report.read(tmp_path) == weighted
     targets_missing = {**raw, "targets": {k: v for k, v in raw["targets"].items() if k != "sequence"}}
-    for broken, key in (({**raw, "learning_rate": 0.0}, "learning_rate"), (targets_missing, "targets"),
-                        ({**raw, "extra": 1}, "extra"), ({k: v for k, v in raw.items() if k != "se_U"}, "se_U")):  # fmt: skip
+    for broken, key in (
+        ({**raw, "learning_rate": 0.0}, "learning_rate"),
+        (targets_missing, "targets"),
+        ({**raw, "extra": 1}, "extra"),
+        ({k: v for k, v in raw.items() if k != "se_U"}, "se_U"),
+    ):
         (tmp_path / "delta_h1.json").write_text(json.dumps(broken))
         with pytest.raises(ProbeError, match=rf"delta_h1.json of this version \({key}.*rerun the delta-h1 stage"):
             DeltaH1Report.read(tmp_path)
@@ -436,12 +511,28 @@ def test_bars_round_trip_and_refusals(tmp_path):
     name = next(iter(named))
     cases = {
         "holds 'other', expected 'bars'": ({f"xbar.{name}": xbar[name]}, "other", {}),
-        "xbar.. and delta_theta.. name different": ({f"delta_theta.{name}": delta[name]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
-        "metadata learning_rate is None": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]}, "bars", {}),
-        "learning_rate -1.0 is not a positive": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]}, "bars", {"learning_rate": -1.0, "target": "sequence"}),
+        "xbar.. and delta_theta.. name different": (
+            {f"delta_theta.{name}": delta[name]},
+            "bars",
+            {"learning_rate": 1.0, "target": "sequence"},
+        ),
+        "metadata learning_rate is None": (
+            {f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]},
+            "bars",
+            {},
+        ),
+        "learning_rate -1.0 is not a positive": (
+            {f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name]},
+            "bars",
+            {"learning_rate": -1.0, "target": "sequence"},
+        ),
         "unexpected tensor 'g.x'": ({"g.x": xbar[name]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
-        "are torch.float32 ": ({f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name][:1]}, "bars", {"learning_rate": 1.0, "target": "sequence"}),
-    }  # fmt: skip
+        "are torch.float32 ": (
+            {f"xbar.{name}": xbar[name], f"delta_theta.{name}": delta[name][:1]},
+            "bars",
+            {"learning_rate": 1.0, "target": "sequence"},
+        ),
+    }
     for message, (tensors, kind, meta) in cases.items():
         write_tensors(tmp_path / "bars.safetensors", tensors, kind, meta)
         with pytest.raises(ProbeError, match=message.replace("..", r".\*")):

@@ -20,14 +20,14 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
 from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe import distributed, files, outputs  # noqa: E402
 from entropy_probe.artifacts.samples import Samples  # noqa: E402
-from entropy_probe.scoring import Batch  # noqa: E402
 from entropy_probe.params import validate_params  # noqa: E402
 from entropy_probe.policy import token_budget_slices  # noqa: E402
-from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
+from entropy_probe.scoring import Batch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
 
@@ -72,9 +72,14 @@ def test_helpers_are_the_identity_in_one_process():
 def test_sharded_microbatches_cover_the_shard_only():
     n, cols = 11, 6
     batch = Batch(
-        input_ids=torch.zeros(n, cols, dtype=torch.long), attention_mask=torch.ones(n, cols, dtype=torch.long),
-        mask=torch.ones(n, 3, dtype=torch.bool), n_prompt_cols=3, temperature=1.0, top_p=1.0, tensors={},
-    )  # fmt: skip
+        input_ids=torch.zeros(n, cols, dtype=torch.long),
+        attention_mask=torch.ones(n, cols, dtype=torch.long),
+        mask=torch.ones(n, 3, dtype=torch.bool),
+        n_prompt_cols=3,
+        temperature=1.0,
+        top_p=1.0,
+        tensors={},
+    )
     assert batch.slices(20) == token_budget_slices(n, cols, 20)  # unsharded: unchanged
     for world in (2, 3):
         rows = []
@@ -98,11 +103,27 @@ def free_port() -> int:
 def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     """`entropy-probe ARGS` under torchrun with gloo on CPU; fails the test on a hang, and unless ok=False
     on a non-zero exit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "stages.cli", *args]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "stages.cli",
+        *args,
+    ]
     try:
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -124,8 +145,13 @@ def pipeline(tmp_path_factory):
         "paths": {k: str(root / "one" / k) for k in ("verify", "sample_e", "sample_u", "delta_h1")},
         "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
         # 13 E rows in 3 generate batches and 4×4 U rows in 4: uneven shares for 2 processes
-        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 13, "B_U": 4, "G": 4,
-                         "reward_fn": "test_distributed:parity_reward"},
+        "batch_config": {
+            "dataset_name": "arithmetic:3",
+            "B_E": 13,
+            "B_U": 4,
+            "G": 4,
+            "reward_fn": "test_distributed:parity_reward",
+        },
         "generation": {"max_new_tokens": 4, "gen_batch_size": 5},
         "estimator": {"entropy": "token_mean", "baseline": "regression", "crossfit_folds": 3},
         "compute": {"max_tokens_per_microbatch": 40},  # several microbatches per process
@@ -151,7 +177,9 @@ def test_two_process_sampling_equals_one_process(pipeline):
         assert two.tensors().keys() == one.tensors().keys()
         for name, value in one.tensors().items():  # the same draws, the same layout (global P and R), the same rewards
             assert torch.equal(getattr(two, name), value), name
-        assert sorted(p.name for p in out.iterdir()) == sorted([outputs.MANIFEST, "samples.json", "samples.safetensors"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [outputs.MANIFEST, "samples.json", "samples.safetensors"]
+        )
 
 
 def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
@@ -172,8 +200,19 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
     (s2, bars2), (s1, bars1) = _delta_h1_outputs(two), _delta_h1_outputs(one)
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     dot_scale = s1["norm_xbar"] * s1["norm_delta_theta"]
-    keys = ["delta_h1", "se_delta_h1", "se_E", "se_U", "entropy", "delta_h1_momentum_part", "delta_h1_naive",
-            "delta_h1_gradient_part_linearised", "norm_xbar", "norm_g", "norm_delta_theta"]  # fmt: skip
+    keys = [
+        "delta_h1",
+        "se_delta_h1",
+        "se_E",
+        "se_U",
+        "entropy",
+        "delta_h1_momentum_part",
+        "delta_h1_naive",
+        "delta_h1_gradient_part_linearised",
+        "norm_xbar",
+        "norm_g",
+        "norm_delta_theta",
+    ]
     for key in keys:
         assert_close_scaled(s2[key], s1[key], dot_scale if key in DOT_KEYS else abs(s1[key]), what=key)
     for target, values in s1["targets"].items():
@@ -185,7 +224,9 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
     for key in ("B_E", "B_U", "G", "n_E_tokens", "n_U_tokens"):
         assert s2[key] == s1[key], key
     for key, value in s1["reuse"].items():
-        assert s2["reuse"][key] == (value if key in ("weighted", "sampler_fingerprint") else pytest.approx(value, rel=FP32_REL))
+        assert s2["reuse"][key] == (
+            value if key in ("weighted", "sampler_fingerprint") else pytest.approx(value, rel=FP32_REL)
+        )
     assert bars2.keys() == bars1.keys()
     for name in bars1:
         # float32 sums in another order (per-process microbatches): compared as whole tensors
@@ -236,7 +277,9 @@ def test_an_error_in_rank0_work_fails_every_rank_cleanly(pipeline):
     """The plan is made on rank 0 only; its ProbeError reaches every rank (no rank left in a collective)."""
     root, _, params_file = pipeline
     out = root / "two" / "too_many"
-    run = torchrun(2, "sample-u", "--params", str(params_file), "-S", "batch_config.B_U=1000", "--out", str(out), ok=False)
+    run = torchrun(
+        2, "sample-u", "--params", str(params_file), "-S", "batch_config.B_U=1000", "--out", str(out), ok=False
+    )
     assert "1000 distinct prompts requested" in run.stderr and "(rank 0)" in run.stderr
     assert not out.exists()
 

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
+from toy_policy import ToyPolicy
 
 from entropy_probe.errors import ProbeError
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients, naive_coefficients
-from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
-from toy_policy import ToyPolicy
 
 N_DIRS = 3
 
@@ -41,8 +41,12 @@ def _features(batch, rows=slice(None)):
 
 def _coefs(batch, rows, target, baseline, **kw):
     return entropy_coefficients(
-        batch.entropies[rows].detach(), batch.mask[rows], target=target, baseline=baseline,
-        features=_features(batch, rows), **kw,
+        batch.entropies[rows].detach(),
+        batch.mask[rows],
+        target=target,
+        baseline=baseline,
+        features=_features(batch, rows),
+        **kw,
     )
 
 
@@ -149,16 +153,22 @@ def test_regression_baseline_matches_per_fold_least_squares(target):
     rows augmented with √λ·I rows for the penalised (non-intercept) coefficients."""
     ent, mask = _random_case(7, n=13, r=4)
     gen = torch.Generator().manual_seed(8)
-    feats = {"top1_prob": torch.rand(13, 4, generator=gen, dtype=torch.float64),
-             "margin": torch.rand(13, 4, generator=gen, dtype=torch.float64)}
+    feats = {
+        "top1_prob": torch.rand(13, 4, generator=gen, dtype=torch.float64),
+        "margin": torch.rand(13, 4, generator=gen, dtype=torch.float64),
+    }
     ridge, folds = 0.7, 4
-    got = entropy_coefficients(ent, mask, target=target, baseline="regression", features=feats, ridge=ridge, folds=folds)
+    got = entropy_coefficients(
+        ent, mask, target=target, baseline="regression", features=feats, ridge=ridge, folds=folds
+    )
     none = entropy_coefficients(ent, mask, target=target, baseline="none")
     rets = _brute_returns(ent, mask, target)
     n, r = mask.shape
     rows = sorted(rets)
-    x = {(i, j): [float(ent[i, j]), float(feats["margin"][i, j]), float(feats["top1_prob"][i, j]), math.log1p(j), 1.0]
-         for i, j in rows}
+    x = {
+        (i, j): [float(ent[i, j]), float(feats["margin"][i, j]), float(feats["top1_prob"][i, j]), math.log1p(j), 1.0]
+        for i, j in rows
+    }
     baseline = {}
     for k in range(folds):
         train = [key for key in rows if key[0] % folds != k]
@@ -219,7 +229,9 @@ def test_coefficients_of_a_sequence_ignore_its_own_data_except_its_returns(targe
         new0 = entropy_coefficients(bumped, mask, target=target, baseline="none")
         cols = slice(0, lens[i] - 1) if baseline == "regression" else slice(None)
         assert lens[i] == 1 or (old.c[i, cols] != new.c[i, cols]).any()  # the bump does reach c
-        torch.testing.assert_close(new.c[i, cols] - old.c[i, cols], new0.c[i, cols] - old0.c[i, cols], rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            new.c[i, cols] - old.c[i, cols], new0.c[i, cols] - old0.c[i, cols], rtol=0, atol=1e-12
+        )
         torch.testing.assert_close(new.a[i], old.a[i], rtol=0, atol=0)
 
 
@@ -302,29 +314,44 @@ def test_unbiased_against_exact_gradient(toy, big_batches, target, baseline):
     """One batch of N = 4000 per seed: z = (X̄·v − ∇H·v) / SE_E, |z| < 4 for each seed and direction,
     and the mean z over seeds within 4 standard errors of 0 (directions may be correlated)."""
     _, _, exact = toy
-    zs = torch.tensor([
-        [(est - exact[target][k].item()) / se for k, (est, se) in
-         enumerate(_estimates(_coefs(batch, slice(None), target, baseline), derivs, slice(None)))]
-        for batch, derivs in big_batches
-    ])
+    zs = torch.tensor(
+        [
+            [
+                (est - exact[target][k].item()) / se
+                for k, (est, se) in enumerate(
+                    _estimates(_coefs(batch, slice(None), target, baseline), derivs, slice(None))
+                )
+            ]
+            for batch, derivs in big_batches
+        ]
+    )
     print(f"\n{target}/{baseline} z-scores:\n{zs.numpy().round(2)}")
     assert zs.abs().max() < 4
     assert zs.mean(0).abs().max() < 4 / math.sqrt(len(SEEDS))
 
 
-@pytest.mark.parametrize("target,baseline", [(t, b) for t in ("sequence", "seq_mean_token_mean")
-                                             for b in ("mean", "regression")])
+@pytest.mark.parametrize(
+    "target,baseline", [(t, b) for t in ("sequence", "seq_mean_token_mean") for b in ("mean", "regression")]
+)
 def test_exactly_unbiased_at_tiny_batches(toy, target, baseline):
     """sequence / seq_mean_token_mean have no plug-in ratios, so they are unbiased at any N ≥ 2: with
     N = 4 a baseline that leaked its own sequence would be biased by ~1/4 of the score term."""
     policy, dirs, exact = toy
     n, m = 4, 1500
     batch, derivs = _sample(policy, dirs, n * m, 7)
-    est = torch.tensor([
-        [e for e, _ in _estimates(_coefs(batch, slice(b * n, (b + 1) * n), target, baseline, folds=4),
-                                  derivs, slice(b * n, (b + 1) * n))]
-        for b in range(m)
-    ])
+    est = torch.tensor(
+        [
+            [
+                e
+                for e, _ in _estimates(
+                    _coefs(batch, slice(b * n, (b + 1) * n), target, baseline, folds=4),
+                    derivs,
+                    slice(b * n, (b + 1) * n),
+                )
+            ]
+            for b in range(m)
+        ]
+    )
     z = (est.mean(0) - exact[target]) / (est.std(0) / math.sqrt(m))
     print(f"\n{target}/{baseline} N=4 z: {z.numpy().round(2)}")
     assert z.abs().max() < 4
@@ -347,8 +374,10 @@ def test_standard_error_matches_spread_over_batches(toy, target, baseline):
     spread = res[..., 0].std(0)
     ratio = res[..., 1].pow(2).mean(0).sqrt() / spread
     ratio_plain = plain.pow(2).mean(0).sqrt() / spread
-    print(f"\n{target}/{baseline} SE / empirical spread: {ratio.numpy().round(3)} (plain std(s): "
-          f"{ratio_plain.numpy().round(3)})")
+    print(
+        f"\n{target}/{baseline} SE / empirical spread: {ratio.numpy().round(3)} (plain std(s): "
+        f"{ratio_plain.numpy().round(3)})"
+    )
     # the std of a 600-sample std is ~3%: allow ±12%
     assert ((ratio > 0.88) & (ratio < 1.12)).all()
     if target == "token_mean":
@@ -364,8 +393,12 @@ def test_biased_variants_are_detected(toy, big_batches):
     """The tests have power: three deliberately wrong estimators fail the same z-test, while the
     correct ones pass on the same samples."""
     policy, dirs, exact = toy
-    batch = type(big_batches[0][0])(*[torch.cat([getattr(b, f) for b, _ in big_batches]) for f in
-                                      ("tokens", "mask", "entropies", "logprobs", "top1_prob", "margin")])
+    batch = type(big_batches[0][0])(
+        *[
+            torch.cat([getattr(b, f) for b, _ in big_batches])
+            for f in ("tokens", "mask", "entropies", "logprobs", "top1_prob", "margin")
+        ]
+    )
     derivs = [tuple(torch.cat([d[k][j] for _, d in big_batches]) for j in range(2)) for k in range(N_DIRS)]
     rows = slice(None)
     mask = batch.mask.double()
@@ -391,11 +424,17 @@ def test_biased_variants_are_detected(toy, big_batches):
     mk = mask.view(-1, n, mask.shape[1])
     in_sample = ((r * mk).sum(1, keepdim=True) / mk.sum(1, keepdim=True).clamp(min=1) * mk).view_as(none.c)
     z_own = pooled_z(none.a, none.c - in_sample, "sequence")
-    loo = torch.cat([entropy_coefficients(ent[b:b + n], batch.mask[b:b + n], target="sequence", baseline="mean").c
-                     for b in range(0, len(ent), n)])
+    loo = torch.cat(
+        [
+            entropy_coefficients(ent[b : b + n], batch.mask[b : b + n], target="sequence", baseline="mean").c
+            for b in range(0, len(ent), n)
+        ]
+    )
     assert pooled_z(none.a, loo, "sequence").abs().max() < 4
-    print(f"\nbiased variants, max |z|: no pathwise {z_no_path.abs().max():.1f}, causal smtm "
-          f"{z_causal.abs().max():.1f}, own-sequence baseline {z_own.abs().max():.1f}")
+    print(
+        f"\nbiased variants, max |z|: no pathwise {z_no_path.abs().max():.1f}, causal smtm "
+        f"{z_causal.abs().max():.1f}, own-sequence baseline {z_own.abs().max():.1f}"
+    )
     for z in (z_no_path, z_causal, z_own):
         assert z.abs().max() > 8
 
@@ -412,7 +451,9 @@ def test_importance_weighted_estimates_are_consistent(toy):
         w = torch.softmax(batch.logprobs.detach().sum(-1) - behaviour, 0)
         for target in TARGETS:
             coefs = _coefs(batch, slice(None), target, "regression", weights=w)
-            zs.append([(e - exact[target][k].item()) / se for k, (e, se) in enumerate(_estimates(coefs, derivs, slice(None)))])
+            zs.append(
+                [(e - exact[target][k].item()) / se for k, (e, se) in enumerate(_estimates(coefs, derivs, slice(None)))]
+            )
     zs = torch.tensor(zs)
     print(f"\nimportance-weighted z-scores:\n{zs.numpy().round(2)}")
     assert zs.abs().max() < 4
@@ -429,7 +470,9 @@ def test_naive_estimator_unbiased_but_noisier(toy, big_batches, target):
             e, se = naive.estimate(None, d_lp)
             zs.append((e - exact[target][k].item()) / se)
             ratios.append(se / rb.estimate(d_h, d_lp)[1])
-    print(f"\nnaive {target}: z {torch.tensor(zs).numpy().round(2)}, SE naive/RB {torch.tensor(ratios).numpy().round(1)}")
+    print(
+        f"\nnaive {target}: z {torch.tensor(zs).numpy().round(2)}, SE naive/RB {torch.tensor(ratios).numpy().round(1)}"
+    )
     assert max(abs(z) for z in zs) < 4
     assert min(ratios) > 1
 
@@ -447,6 +490,8 @@ def test_naive_seq_mean_token_mean_estimates_its_own_surprisal_functional(toy, b
     zs = []
     for batch, derivs in big_batches:
         naive = naive_coefficients(batch.logprobs.detach(), batch.mask, target="seq_mean_token_mean")
-        zs += [(naive.estimate(None, d_lp)[0] - exact[k].item()) / naive.estimate(None, d_lp)[1]
-               for k, (_, d_lp) in enumerate(derivs)]
+        zs += [
+            (naive.estimate(None, d_lp)[0] - exact[k].item()) / naive.estimate(None, d_lp)[1]
+            for k, (_, d_lp) in enumerate(derivs)
+        ]
     assert max(abs(z) for z in zs) < 4

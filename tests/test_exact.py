@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from artifact_builders import delta_h1_json, verify_json, write_e_samples
+from conftest import make_lora_model
 
 from entropy_probe import enumeration, perturb
 from entropy_probe.artifacts.delta_h1 import Bars
@@ -17,9 +19,6 @@ from entropy_probe.files import write_json
 from entropy_probe.params import Params
 from entropy_probe.policy import policy_logprobs
 from stages import exact as exact_stage
-
-from artifact_builders import delta_h1_json, verify_json, write_e_samples
-from conftest import make_lora_model
 
 # floating-point results of the model's kernels, compared to tight tolerances (see tests/tolerances.py)
 pytestmark = pytest.mark.numerics
@@ -186,8 +185,10 @@ def test_as_float64_is_float64_end_to_end_and_twice_differentiable():
         torch.testing.assert_close(scored.logprobs[i], alone, rtol=0, atol=1e-12)
 
     params = list(enumeration.trainable(model).values())
-    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-                 for k, p in enumerate(params)]  # fmt: skip
+    direction = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        for k, p in enumerate(params)
+    ]
     _, (tangents,) = grad_and_tangents([scored.logprobs], [torch.ones(2, 2, dtype=torch.float64)], params, direction)
     delta, h = dict(zip(enumeration.trainable(model), direction)), 1e-6
 
@@ -289,8 +290,10 @@ def write_stage_inputs(root, prompts_rows, horizon, delta, lr, estimates, finger
 def stage_params(root) -> Params:
     params = Params()
     params.paths.sample_e, params.paths.delta_h1, params.paths.verify = (
-        str(root / "sample_e"), str(root / "delta_h1"), str(root / "verify")
-    )  # fmt: skip
+        str(root / "sample_e"),
+        str(root / "delta_h1"),
+        str(root / "verify"),
+    )
     params.exact.eta_multipliers = [0.5, 1.0]
     params.exact.prompts_per_chunk = 2
     return params
@@ -301,8 +304,10 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     reference = perturb.as_float64(make_lora_model(seed=2))
     rows = [[1, 2], [5, 12, 3], [1, 2], [1, 2]]  # 2 distinct prompts, multiplicities 3 and 1
     delta = {n: v.float().double() for n, v in random_direction(reference, seed=5).items()}
-    estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5},
-                 "sequence": {"delta_h1": 1e-3, "se_E": 0.0, "entropy": 5.0}}  # fmt: skip
+    estimates = {
+        "token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5},
+        "sequence": {"delta_h1": 1e-3, "se_E": 0.0, "entropy": 5.0},
+    }
     write_stage_inputs(tmp_path, rows, 2, delta, 1e-2, estimates)
     params = stage_params(tmp_path)
 
@@ -375,17 +380,38 @@ def test_sequence_count_formula_matches_enumeration(max_new):
 
 def exact_report(**changes) -> dict:
     """A valid exact.json body (every target, one η point); `changes` replace top-level keys."""
-    point = {"multiplier": 1.0, "eta": 1e-2, "delta_h_exact": -2e-3, "delta_h1_exact_linear": -1.9e-3,
-             "delta_h1_linear": -1.7e-3}  # fmt: skip
-    target = {"entropy_exact": 2.5, "entropy_estimate": 2.4, "delta_h1_exact": -1.9e-3, "delta_h1": -1.7e-3,
-              "se_E": 1e-3, "se_delta_h1": None, "z": 0.2, "fd_slope": -1.9e-3, "rel_err_fd": 1e-9,
-              "eta_grid": [point]}  # fmt: skip
+    point = {
+        "multiplier": 1.0,
+        "eta": 1e-2,
+        "delta_h_exact": -2e-3,
+        "delta_h1_exact_linear": -1.9e-3,
+        "delta_h1_linear": -1.7e-3,
+    }
+    target = {
+        "entropy_exact": 2.5,
+        "entropy_estimate": 2.4,
+        "delta_h1_exact": -1.9e-3,
+        "delta_h1": -1.7e-3,
+        "se_E": 1e-3,
+        "se_delta_h1": None,
+        "z": 0.2,
+        "fd_slope": -1.9e-3,
+        "rel_err_fd": 1e-9,
+        "eta_grid": [point],
+    }
     body = {
-        "configured_target": "token_mean", "targets": {t: dict(target) for t in enumeration.TARGETS},
-        "learning_rate": 1e-2, "generation": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 2, "eos_id": [14]},
-        "checkpoint_fingerprint": "abc123", "dtype": "float64", "fd_step": 1e-3, "n_distinct_prompts": 2,
-        "n_e_rows": 4, "n_sequences": 482, "n_parameters": 640,
-    }  # fmt: skip
+        "configured_target": "token_mean",
+        "targets": {t: dict(target) for t in enumeration.TARGETS},
+        "learning_rate": 1e-2,
+        "generation": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 2, "eos_id": [14]},
+        "checkpoint_fingerprint": "abc123",
+        "dtype": "float64",
+        "fd_step": 1e-3,
+        "n_distinct_prompts": 2,
+        "n_e_rows": 4,
+        "n_sequences": 482,
+        "n_parameters": 640,
+    }
     return {**body, **changes}
 
 

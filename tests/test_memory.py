@@ -97,13 +97,15 @@ print(json.dumps({"peak_kb": peak, "baseline_kb": baseline, "n_microbatches": le
 """
 
 
-
 def _peak(B_E: int, max_tokens: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(B_E), str(max_tokens)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -117,7 +119,9 @@ def _clear_refs_works() -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _clear_refs_works(), reason="needs Linux /proc/self/clear_refs"
+)
 def test_peak_memory_of_delta_h1_is_flat_in_B_E():
     from entropy_probe.params import ComputeParams
 

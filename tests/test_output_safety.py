@@ -21,8 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from entropy_probe import files, outputs
-from stages.cli import app
 from entropy_probe.errors import ProbeError
+from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -161,12 +161,20 @@ def test_out_overlapping_the_checkpoint_is_refused_before_any_work(tmp_path, mon
 
 @pytest.mark.parametrize(
     "stage, key",
-    [("delta-h1", "paths.verify"), ("delta-h1", "paths.sample_e"), ("delta-h1", "paths.sample_u"),
-     ("exact", "paths.delta_h1"), ("truth", "paths.sample_e"), ("report", "probe.root/step2/delta_h1")],
-)  # fmt: skip
+    [
+        ("delta-h1", "paths.verify"),
+        ("delta-h1", "paths.sample_e"),
+        ("delta-h1", "paths.sample_u"),
+        ("exact", "paths.delta_h1"),
+        ("truth", "paths.sample_e"),
+        ("report", "probe.root/step2/delta_h1"),
+    ],
+)
 def test_out_overlapping_an_input_artifact_is_refused(tmp_path, no_stage_import, stage, key):
-    params = {"paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1")},
-              "probe": {"root": str(tmp_path / "probe"), "checkpoints": {"step2": str(tmp_path / "ck")}}}  # fmt: skip
+    params = {
+        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1")},
+        "probe": {"root": str(tmp_path / "probe"), "checkpoints": {"step2": str(tmp_path / "ck")}},
+    }
     if stage != "report":
         params["probe"]["checkpoints"] = {}
     artifact = tmp_path / "probe" / "step2" / "delta_h1" if stage == "report" else Path(params["paths"][key[6:]])
@@ -186,8 +194,14 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, no_stage_import
 
 def test_the_demo_may_write_the_checkpoints_it_creates(tmp_path):
     """demo's --out holds the default checkpoint.path: that is not an overlap for the stage that makes it."""
-    result = cli(tmp_path, "demo", "--out", str(tmp_path / "demo"), "--dry-run",
-                 params={"checkpoint": {"path": str(tmp_path / "demo" / "run" / "checkpoint-6")}})  # fmt: skip
+    result = cli(
+        tmp_path,
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--dry-run",
+        params={"checkpoint": {"path": str(tmp_path / "demo" / "run" / "checkpoint-6")}},
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -221,8 +235,13 @@ def run_killed(out: Path, tag: str, kill_at: str) -> int:
 
 
 EXPECTED_AFTER_KILL = {  # what the output dir holds once the next run has cleaned up
-    "body": "old", "manifest": "old", "set_aside": "old", "rename_in": "old", "discard_old": "new", "delete_old": "new",
-}  # fmt: skip
+    "body": "old",
+    "manifest": "old",
+    "set_aside": "old",
+    "rename_in": "old",
+    "discard_old": "new",
+    "delete_old": "new",
+}
 
 
 @pytest.mark.parametrize("step", list(EXPECTED_AFTER_KILL))
@@ -287,8 +306,10 @@ def test_a_second_run_into_the_same_out_is_refused_in_one_line(tmp_path, no_stag
     try:
         assert holder.stdout.readline().strip() == "locked"
         line = one_error_line(cli(tmp_path, "verify", "--out", str(out)))
-        assert line == (f"entropy-probe verify: error: another entropy-probe run is writing {out} — "
-                        "wait for it or choose another --out")  # fmt: skip
+        assert line == (
+            f"entropy-probe verify: error: another entropy-probe run is writing {out} — "
+            "wait for it or choose another --out"
+        )
         with pytest.raises(ProbeError, match="another entropy-probe run is writing"):
             write_set(out, "a")
     finally:
@@ -336,8 +357,12 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_output(tmp_path, monkeypa
                 monkeypatch.setattr(os, "rename", rename_fails_for_staging)
     monkeypatch.undo()
     message = str(err.value)
-    named = {"write_json": out / "summary.json", "write_tensors": out / "state.safetensors",
-             "foreign_writer": out / "plot.png", "rename_in": out}[where]  # fmt: skip
+    named = {
+        "write_json": out / "summary.json",
+        "write_tensors": out / "state.safetensors",
+        "foreign_writer": out / "plot.png",
+        "rename_in": out,
+    }[where]
     fix = "free space" if code == errno.ENOSPC else "make it writable"
     assert message == f"cannot write {named}: {os.strerror(code)} — {fix} or choose another --out"
     assert snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["v"]
@@ -363,10 +388,12 @@ def _strict_loads(text: str):
 
 @pytest.mark.parametrize(
     "obj, where",
-    [({"targets": {"sequence": {"se_E": float("nan")}}}, "targets.sequence.se_E"),
-     ({"etas": [{"ratio": 1.0}, {"ratio": float("-inf")}]}, "etas[1].ratio"),
-     ({"a": 1, "b": (0.5, torch.tensor(float("inf")))}, "b[1]")],
-)  # fmt: skip
+    [
+        ({"targets": {"sequence": {"se_E": float("nan")}}}, "targets.sequence.se_E"),
+        ({"etas": [{"ratio": 1.0}, {"ratio": float("-inf")}]}, "etas[1].ratio"),
+        ({"a": 1, "b": (0.5, torch.tensor(float("inf")))}, "b[1]"),
+    ],
+)
 def test_write_json_refuses_non_finite_values_naming_the_key(tmp_path, obj, where):
     with pytest.raises(ProbeError, match="^" + re.escape(f"delta_h1.json: non-finite value at {where} — ")):
         files.write_json(tmp_path / "delta_h1.json", obj)
@@ -406,8 +433,14 @@ def test_outputs_honour_the_umask(tmp_path, umask, dir_mode, file_mode):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", UMASK_RUN, str(out), umask], env=env, check=True, timeout=120)
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
-    assert modes == {".": dir_mode, "sub": dir_mode, "a.json": file_mode, "sub/b.txt": file_mode,
-                     "c.safetensors": file_mode, outputs.MANIFEST: file_mode}  # fmt: skip
+    assert modes == {
+        ".": dir_mode,
+        "sub": dir_mode,
+        "a.json": file_mode,
+        "sub/b.txt": file_mode,
+        "c.safetensors": file_mode,
+        outputs.MANIFEST: file_mode,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- CLI end to end

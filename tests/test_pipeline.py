@@ -7,11 +7,11 @@ import json
 
 import pytest
 import yaml
+from tolerances import assert_close_scaled, dot_scale
 from typer.testing import CliRunner
 
 from entropy_probe.files import read_tensors
 from stages.cli import app
-from tolerances import assert_close_scaled, dot_scale
 
 runner = CliRunner()
 
@@ -47,8 +47,21 @@ def test_whole_pipeline(workdir, qlora):
     result = cli(workdir, "delta-h1", *flag, "-S", f"paths.verify={out['verify']}", "--out", str(out["delta_h1"]))
     assert result.exit_code == 0, result.output
     report = json.loads((out["delta_h1"] / "delta_h1.json").read_text())
-    for key in ("delta_h1", "bars_dot", "learning_rate", "entropy", "se_delta_h1", "se_E", "se_U", "B_E", "B_U",
-                "n_E_tokens", "n_U_tokens", "norm_xbar", "norm_delta_theta"):  # fmt: skip
+    for key in (
+        "delta_h1",
+        "bars_dot",
+        "learning_rate",
+        "entropy",
+        "se_delta_h1",
+        "se_E",
+        "se_U",
+        "B_E",
+        "B_U",
+        "n_E_tokens",
+        "n_U_tokens",
+        "norm_xbar",
+        "norm_delta_theta",
+    ):
         assert key in report, key
     assert "timings" not in report  # later stages depend on this file: a re-run must not change it
     assert report["B_E"] == 24 and report["B_U"] == 4 and report["se_delta_h1"] > 0
@@ -62,8 +75,16 @@ def test_whole_pipeline(workdir, qlora):
     lines = (out["delta_h1"] / "attributions.csv").read_text().splitlines()
     assert lines[0].startswith("batch,index") and len(lines) == 1 + 4 + 24
     if not qlora:  # exact enumeration runs in float64, which the 4-bit base does not support
-        result = cli(workdir, "exact", "-S", f"paths.verify={out['verify']}", "-S", f"paths.delta_h1={out['delta_h1']}",
-                     "--out", str(out["exact"]))  # fmt: skip
+        result = cli(
+            workdir,
+            "exact",
+            "-S",
+            f"paths.verify={out['verify']}",
+            "-S",
+            f"paths.delta_h1={out['delta_h1']}",
+            "--out",
+            str(out["exact"]),
+        )
         assert result.exit_code == 0, result.output
         exact = json.loads((out["exact"] / "exact.json").read_text())
         assert abs(exact["targets"]["seq_mean_token_mean"]["z"]) < 4
@@ -127,8 +148,16 @@ def test_all_equal_rewards_are_refused(workdir, tmp_path):
     write_tensors(tmp_path / "u" / "samples.safetensors", tensors, kind="samples_u", meta=meta)
     shutil.copy(workdir / "sample_u" / "samples.json", tmp_path / "u" / "samples.json")
     assert cli(workdir, "verify", "--out", str(tmp_path / "v")).exit_code == 0
-    result = cli(workdir, "delta-h1", "-S", f"paths.sample_u={tmp_path / 'u'}", "-S", f"paths.verify={tmp_path / 'v'}",
-                 "--out", str(tmp_path / "x"))  # fmt: skip
+    result = cli(
+        workdir,
+        "delta-h1",
+        "-S",
+        f"paths.sample_u={tmp_path / 'u'}",
+        "-S",
+        f"paths.verify={tmp_path / 'v'}",
+        "--out",
+        str(tmp_path / "x"),
+    )
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert result.exit_code == 2 and len(errors) == 1 and "all-equal rewards" in errors[0], result.output
     assert not (tmp_path / "x").exists()

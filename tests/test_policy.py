@@ -26,8 +26,9 @@ def _expected_logp(probs: list[float], keep: set[int], temperature: float = 1.0)
     """Hand formula: q_v ∝ p_v^(1/T), restricted to `keep`, renormalised; log, −inf outside (float64)."""
     tempered = [p ** (1 / temperature) for p in probs]
     total = sum(tempered[v] for v in keep)
-    return torch.tensor([math.log(tempered[v] / total) if v in keep else NEG_INF for v in range(len(probs))],
-                        dtype=torch.float64)  # fmt: skip
+    return torch.tensor(
+        [math.log(tempered[v] / total) if v in keep else NEG_INF for v in range(len(probs))], dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,9 +101,9 @@ def _brute_force_logps(model, rows: list[list[int]], n_prompt: list[int], temper
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_teacher_force_matches_unpadded_forward(temperature, top_p):
     """An exact identity, so in float64: left and right padding change no log-prob and no entropy."""
-    from entropy_probe.perturb import as_float64
-
     from conftest import make_lora_model
+
+    from entropy_probe.perturb import as_float64
 
     lora_model = as_float64(make_lora_model())
     torch.manual_seed(0)
@@ -117,8 +118,9 @@ def test_teacher_force_matches_unpadded_forward(temperature, top_p):
         mask[i, P - len(p) : P + len(r)] = 1
     resp_mask = mask[:, P:].bool()
     stats = teacher_force(lora_model, ids, mask, P, resp_mask, temperature, top_p)
-    lps, hs = _brute_force_logps(lora_model, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts],
-                                 temperature, top_p)  # fmt: skip
+    lps, hs = _brute_force_logps(
+        lora_model, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], temperature, top_p
+    )
     for i, r in enumerate(responses):
         n = len(r)
         finite = torch.isfinite(lps[i])  # a hand-picked token may lie outside the nucleus: −inf in both

@@ -50,7 +50,13 @@ def test_readme_commands_are_parsed():
 
 
 def _copy_tracked_files(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +79,13 @@ def demo_repo(tmp_path_factory):
     params["exact"]["eta_multipliers"] = [0.5, 1.0]
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     reads = repo.parent / f"{repo.name}_params_reads.jsonl"  # outside the repo: no stage owns it
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-           "ENTROPY_PROBE_RECORD_PARAMS": str(reads)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "ENTROPY_PROBE_RECORD_PARAMS": str(reads),
+    }
     _run(repo, env, "dvc repro", timeout=900)
     env.pop("ENTROPY_PROBE_RECORD_PARAMS")
     return repo, env, reads

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from artifact_builders import delta_h1_json, truth_json, verify_json
 from PIL import Image
 
 from entropy_probe import reporting
@@ -18,8 +19,6 @@ from entropy_probe.errors import ProbeError
 from entropy_probe.estimators import TARGETS
 from entropy_probe.params import Params
 from stages import report as report_stage
-
-from artifact_builders import delta_h1_json, truth_json, verify_json
 
 TARGET = "token_mean"
 DASH = "–"
@@ -50,17 +49,43 @@ def exact_json(dh: dict, multipliers: list[float]) -> dict:
     """A complete exact.json (`ExactReport`) whose configured target's exact δH₁ is δH₁ + SE_E / 2 (z = −0.5)."""
     ex = dh["delta_h1"] + 0.5 * dh["se_E"]  # z = −0.5
     d1 = dh["targets"][TARGET]["delta_h1"]
-    grid = [{"multiplier": m, "eta": m * dh["learning_rate"], "delta_h_exact": m * ex + 1e-4 * m * m,
-             "delta_h1_exact_linear": m * ex, "delta_h1_linear": m * d1} for m in multipliers]  # fmt: skip
-    target = {"entropy_exact": dh["entropy"], "entropy_estimate": dh["entropy"], "delta_h1_exact": ex, "delta_h1": d1,
-              "se_E": dh["se_E"], "se_delta_h1": dh["se_delta_h1"], "z": (dh["delta_h1"] - ex) / dh["se_E"],
-              "fd_slope": ex, "rel_err_fd": 1e-9, "eta_grid": grid}  # fmt: skip
-    return ExactReport.model_validate({
-        "configured_target": TARGET, "targets": {t: target for t in TARGETS}, "learning_rate": dh["learning_rate"],
-        "generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3, "eos_id": [14]},
-        "checkpoint_fingerprint": "fp", "dtype": "float64", "fd_step": 1e-3, "n_distinct_prompts": 4, "n_e_rows": 8,
-        "n_sequences": 100, "n_parameters": 640,
-    }).model_dump(mode="json")  # fmt: skip
+    grid = [
+        {
+            "multiplier": m,
+            "eta": m * dh["learning_rate"],
+            "delta_h_exact": m * ex + 1e-4 * m * m,
+            "delta_h1_exact_linear": m * ex,
+            "delta_h1_linear": m * d1,
+        }
+        for m in multipliers
+    ]
+    target = {
+        "entropy_exact": dh["entropy"],
+        "entropy_estimate": dh["entropy"],
+        "delta_h1_exact": ex,
+        "delta_h1": d1,
+        "se_E": dh["se_E"],
+        "se_delta_h1": dh["se_delta_h1"],
+        "z": (dh["delta_h1"] - ex) / dh["se_E"],
+        "fd_slope": ex,
+        "rel_err_fd": 1e-9,
+        "eta_grid": grid,
+    }
+    return ExactReport.model_validate(
+        {
+            "configured_target": TARGET,
+            "targets": {t: target for t in TARGETS},
+            "learning_rate": dh["learning_rate"],
+            "generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3, "eos_id": [14]},
+            "checkpoint_fingerprint": "fp",
+            "dtype": "float64",
+            "fd_step": 1e-3,
+            "n_distinct_prompts": 4,
+            "n_e_rows": 8,
+            "n_sequences": 100,
+            "n_parameters": 640,
+        }
+    ).model_dump(mode="json")
 
 
 def truth_body(dh: dict, fresh: bool) -> dict:
@@ -68,15 +93,27 @@ def truth_body(dh: dict, fresh: bool) -> dict:
     etas = []
     for m in (0.5, 1.0, 2.0):
         snis = {"delta_h": 0.9 * m * d1, "se": 1e-4 * m, "ess": 100.0, "ess_fraction": 0.97 - 0.01 * m}
-        etas.append({
-            "multiplier": m, "eta": m * lr, "delta_h1_pred": m * d1, "snis": snis,
-            "fresh": {"delta_h": 1.1 * m * d1, "se": 2e-4 * m} if fresh else None,
-            "ratio_snis": 0.9, "ratio_fresh": 1.1 if fresh else None,
-        })  # fmt: skip
-    linearity = {"delta_h1": d1, "slope_snis": 0.9 * d1, "curvature_snis": 0.0,
-                 "slope_fresh": 1.1 * d1 if fresh else None, "curvature_fresh": None}  # fmt: skip
-    return truth_json(target=TARGET, learning_rate=lr, delta_h1=d1, se_delta_h1=dh["se_delta_h1"], etas=etas,
-                      linearity=linearity)  # fmt: skip
+        etas.append(
+            {
+                "multiplier": m,
+                "eta": m * lr,
+                "delta_h1_pred": m * d1,
+                "snis": snis,
+                "fresh": {"delta_h": 1.1 * m * d1, "se": 2e-4 * m} if fresh else None,
+                "ratio_snis": 0.9,
+                "ratio_fresh": 1.1 if fresh else None,
+            }
+        )
+    linearity = {
+        "delta_h1": d1,
+        "slope_snis": 0.9 * d1,
+        "curvature_snis": 0.0,
+        "slope_fresh": 1.1 * d1 if fresh else None,
+        "curvature_fresh": None,
+    }
+    return truth_json(
+        target=TARGET, learning_rate=lr, delta_h1=d1, se_delta_h1=dh["se_delta_h1"], etas=etas, linearity=linearity
+    )
 
 
 ATTRIBUTIONS = [  # batch, index, prompt_index, contribution, prompt, responses
@@ -115,9 +152,11 @@ def write_checkpoint(base: Path, i: int, *, reuse=None, exact=None, truth=None, 
 
 def sweep_params(root: Path, names: list[str]) -> Params:
     return Params.model_validate(
-        {"probe": {"root": str(root), "checkpoints": [{"name": n, "path": f"run/{n}"} for n in names]},
-         "truth": {"eta_multipliers": [0.5, 1.0, 3.0]}}
-    )  # fmt: skip
+        {
+            "probe": {"root": str(root), "checkpoints": [{"name": n, "path": f"run/{n}"} for n in names]},
+            "truth": {"eta_multipliers": [0.5, 1.0, 3.0]},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +165,20 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     written = {
         "a": write_checkpoint(root / "a", 0),
-        "b": write_checkpoint(root / "b", 1, reuse={"ess_fraction_E": 0.81, "ess_fraction_U": 0.67, "weighted": True},
-                              exact=[0.25, 1.0, 4.0]),
-        "c": write_checkpoint(root / "c", 2, reuse={"ess_fraction_E": 0.55, "ess_fraction_U": 0.5, "weighted": True},
-                              exact=[1.0, 2.0, 8.0], truth="fresh"),
-    }  # fmt: skip
+        "b": write_checkpoint(
+            root / "b",
+            1,
+            reuse={"ess_fraction_E": 0.81, "ess_fraction_U": 0.67, "weighted": True},
+            exact=[0.25, 1.0, 4.0],
+        ),
+        "c": write_checkpoint(
+            root / "c",
+            2,
+            reuse={"ess_fraction_E": 0.55, "ess_fraction_U": 0.5, "weighted": True},
+            exact=[1.0, 2.0, 8.0],
+            truth="fresh",
+        ),
+    }
     out = root.parent / "report_out"
     params = sweep_params(root, ["a", "b", "c"])
     result = report_stage.run(params, out, dry_run=False)
@@ -253,7 +301,9 @@ def test_plot_csvs(sweep):
     top = read_csv(plots / "top_u.csv")
     expected = sorted((a for a in ATTRIBUTIONS if a[0] == "U" and a[3] < 0), key=lambda a: a[3])
     assert [int(r["rank"]) for r in top] == [1, 2, 3]
-    assert [(float(r["contribution"]), r["prompt"], r["responses"]) for r in top] == [(a[3], a[4], a[5]) for a in expected]
+    assert [(float(r["contribution"]), r["prompt"], r["responses"]) for r in top] == [
+        (a[3], a[4], a[5]) for a in expected
+    ]
 
 
 def test_pngs_are_valid_images(sweep):
@@ -312,11 +362,17 @@ def test_dry_run_lists_inputs_and_writes_nothing(tmp_path, capsys):
 def test_single_run_fallback_uses_paths_and_checkpoint_name(tmp_path):
     write_checkpoint(tmp_path / "single", 0, truth="snis")
     s = tmp_path / "single"
-    params = Params.model_validate({
-        "checkpoint": {"path": "data/demo/run/checkpoint-6"},
-        "paths": {"verify": str(s / "verify"), "delta_h1": str(s / "delta_h1"), "exact": str(s / "exact"),
-                  "truth": str(s / "truth")},
-    })  # fmt: skip
+    params = Params.model_validate(
+        {
+            "checkpoint": {"path": "data/demo/run/checkpoint-6"},
+            "paths": {
+                "verify": str(s / "verify"),
+                "delta_h1": str(s / "delta_h1"),
+                "exact": str(s / "exact"),
+                "truth": str(s / "truth"),
+            },
+        }
+    )
     report_stage.run(params, tmp_path / "out", dry_run=False)
     res = Report.read(tmp_path / "out")
     assert list(res.checkpoints) == ["checkpoint-6"]
@@ -336,7 +392,9 @@ def test_cli_exit_code_2_on_missing_input(tmp_path):
     (tmp_path / "params.yaml").write_text(
         f"probe:\n  root: {tmp_path / 'probe'}\n  checkpoints:\n    - {{name: gone, path: run/gone}}\n"
     )
-    result = CliRunner().invoke(app, ["report", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["report", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "checkpoint 'gone' has no" in result.output
 
@@ -348,11 +406,24 @@ def test_compact_metrics_one_small_file_per_checkpoint(sweep):
     rows = Report.read(sweep["out"]).checkpoints
     for name, row in rows.items():
         raw = json.loads((metrics_dir / f"{name}.json").read_text())
-        assert list(raw) == ["delta_h1", "se_delta_h1", "exact_z", "ess_fraction_E", "ess_fraction_U",
-                             "truth_ratio_snis", "truth_ratio_fresh"]  # fmt: skip
-        assert raw == {"delta_h1": row.delta_h1, "se_delta_h1": row.se_delta_h1, "exact_z": row.exact_z,
-                       "ess_fraction_E": row.ess_fraction_E, "ess_fraction_U": row.ess_fraction_U,
-                       "truth_ratio_snis": row.ratio_snis, "truth_ratio_fresh": row.ratio_fresh}  # fmt: skip
+        assert list(raw) == [
+            "delta_h1",
+            "se_delta_h1",
+            "exact_z",
+            "ess_fraction_E",
+            "ess_fraction_U",
+            "truth_ratio_snis",
+            "truth_ratio_fresh",
+        ]
+        assert raw == {
+            "delta_h1": row.delta_h1,
+            "se_delta_h1": row.se_delta_h1,
+            "exact_z": row.exact_z,
+            "ess_fraction_E": row.ess_fraction_E,
+            "ess_fraction_U": row.ess_fraction_U,
+            "truth_ratio_snis": row.ratio_snis,
+            "truth_ratio_fresh": row.ratio_fresh,
+        }
         assert CheckpointMetrics.read(sweep["out"], name) == CheckpointMetrics.model_validate(raw)
     c = json.loads((metrics_dir / "c.json").read_text())
     assert c["truth_ratio_snis"] == pytest.approx(0.9) and c["truth_ratio_fresh"] == pytest.approx(1.1)

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_lora_model
+from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
 
 from entropy_probe.enumeration import exact_gradients
-from entropy_probe.importance import importance_weights
 from entropy_probe.errors import ProbeError
-from entropy_probe.probe import UpdateSpec, compute_delta_h1, reuse_weights
+from entropy_probe.importance import importance_weights
 from entropy_probe.params import EstimatorParams
-
-from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
-from conftest import make_lora_model
+from entropy_probe.probe import UpdateSpec, compute_delta_h1, reuse_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +30,7 @@ def peaked_model(seed: int, lora_shift: float = 0.0):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)
         gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(lora_shift * torch.randn(p.shape, generator=gen))
     return model
@@ -69,9 +68,15 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
     sampler, probed = peaked_model(0), peaked_model(7, lora_shift=0.008)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
-        probed, ids, [1.0] * len(ids), eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW,
-        temperature=TEMPERATURE, top_p=1.0, max_sequences=100_000,
-    )  # fmt: skip
+        probed,
+        ids,
+        [1.0] * len(ids),
+        eos_id=tok.eos_token_id,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        max_sequences=100_000,
+    )
     layout, state = adam_state(probed)
     zs, fractions = [], []
     for seed in range(3):
@@ -80,9 +85,16 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
         reuse = reuse_weights(probed, E, U, {"E": "A", "U": "A"}, 4096, min_ess_fraction=0.1, force=False)
         fractions.append(reuse.ess["E"] / len(E))
         r = compute_delta_h1(
-            probed, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096,
-            reuse.e_weights, reuse.u_weights,
-        )  # fmt: skip
+            probed,
+            E,
+            U,
+            layout,
+            UpdateSpec("adam_step", state, 1.0, "token-mean", None),
+            EstimatorParams(),
+            4096,
+            reuse.e_weights,
+            reuse.u_weights,
+        )
         for t, res in r["targets"].items():
             zs.append((res["delta_h1"] - directional(grads[t], layout.unflatten(r["delta_theta"]))) / res["se_E"])
     assert 0.2 < min(fractions) and max(fractions) < 0.999  # a real reweighting, not a trivial one
@@ -112,7 +124,13 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tok):
 
 
 def _git_files(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +170,18 @@ def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
     assert reuse["weighted"] and 0 < reuse["ess_fraction_E"] < 1
 
     # the same probe with a stricter ESS threshold is refused: one line, exit 2, nothing written
-    cmd = [str(Path(sys.executable).parent / "entropy-probe"), "delta-h1", "-S", "checkpoint.path=data/demo/run/checkpoint-4",
-           "-S", "paths.verify=data/probe/step4/verify", "-S", "reuse.min_ess_fraction=0.9999", "--out", "strict"]
+    cmd = [
+        str(Path(sys.executable).parent / "entropy-probe"),
+        "delta-h1",
+        "-S",
+        "checkpoint.path=data/demo/run/checkpoint-4",
+        "-S",
+        "paths.verify=data/probe/step4/verify",
+        "-S",
+        "reuse.min_ess_fraction=0.9999",
+        "--out",
+        "strict",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "ESS/N" in out.stderr and "reuse.force" in out.stderr
     assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_lora_model
 
 from entropy_probe import files
 from entropy_probe.artifacts.samples import TOKEN_KEYS, Samples, SamplesMeta, response_mask
@@ -22,15 +23,24 @@ from entropy_probe.generation import (
 from entropy_probe.policy import teacher_force, top_p_keep_mask
 from entropy_probe.tiny import EOS, build_tokenizer
 
-from conftest import make_lora_model
-
 PROMPTS = [f"{a}+{b}=" for a in range(10) for b in range(0, 10, 3)]  # 40 prompts, lengths 4
 PROMPTS = PROMPTS[:30] + [f"1{a}+2{a}=" for a in range(10)]  # plus 10 longer ones → left padding
 MAX_NEW = 12  # random tiny model: P(eos) ≈ 1/16 per step, so about half the rows stop, half are truncated
 
 
-def _generate(model, tokenizer, temperature=1.0, top_p=1.0, prompts=PROMPTS, *, batch_offset=0, max_new_tokens=MAX_NEW,
-              batch_size=16, seed=7, stop=None):  # fmt: skip
+def _generate(
+    model,
+    tokenizer,
+    temperature=1.0,
+    top_p=1.0,
+    prompts=PROMPTS,
+    *,
+    batch_offset=0,
+    max_new_tokens=MAX_NEW,
+    batch_size=16,
+    seed=7,
+    stop=None,
+):
     spec = GenerationSpec(temperature, top_p, max_new_tokens, batch_size, seed, stop)
     return generate_responses(model, tokenizer, prompts, spec, progress=False, batch_offset=batch_offset)
 
@@ -226,8 +236,13 @@ def _meta(kind: str, N: int, G: int, **changes) -> SamplesMeta:
         "checkpoint_path": "ckpt",
         "load": {"dtype": "fp32", "use_qlora": False},
         "tokenizer": {"vocab_size": 16, "vocab_sha256": "0123456789abcdef"},
-        "generation": {"temperature": 1.0, "temperature_source": "test", "top_p": 1.0, "max_new_tokens": MAX_NEW,
-                       "stop": None},  # fmt: skip
+        "generation": {
+            "temperature": 1.0,
+            "temperature_source": "test",
+            "top_p": 1.0,
+            "max_new_tokens": MAX_NEW,
+            "stop": None,
+        },
         "seed": 0,
         "dataset": {"name": "test", "split": "train", "fingerprint": "f", "size": 5},
         "reward_fn": "exact_number" if kind == "samples_u" else None,
@@ -422,9 +437,17 @@ def test_resolve_temperature(setting, recorded, expected):
 
 @pytest.mark.parametrize(
     "setting, recorded, expected",
-    [(False, "group", False), (True, "none", True), ("auto", "group", True), ("auto", True, True),
-     ("auto", "none", False), ("auto", False, False), ("auto", None, True), (True, "batch", True)],
-)  # fmt: skip
+    [
+        (False, "group", False),
+        (True, "none", True),
+        ("auto", "group", True),
+        ("auto", True, True),
+        ("auto", "none", False),
+        ("auto", False, False),
+        ("auto", None, True),
+        (True, "batch", True),
+    ],
+)
 def test_resolve_scale(setting, recorded, expected):
     value, source = resolve_scale(setting, recorded)
     assert value is expected and source

@@ -17,14 +17,14 @@ import copy
 
 import pytest
 import torch
+from test_delta_h1 import sample_batch, trainable
+from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
 
-from entropy_probe.perturb import as_float64
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
+from entropy_probe.perturb import as_float64
 from entropy_probe.policy import policy_logprobs
 from entropy_probe.tangents import RowDirectional, grad_and_tangents
 from entropy_probe.update import group_advantages, pg_coefficients
-from test_delta_h1 import sample_batch, trainable
-from tolerances import FP64_REL, assert_close_scaled, dot_scale, sum_scale
 
 pytestmark = pytest.mark.numerics
 
@@ -47,8 +47,9 @@ def lora_model(lora_bias: bool = False, peaked: bool = True):
 
     torch.manual_seed(0)
     targets = ["q_proj", "v_proj", "down_proj"] if lora_bias else ["q_proj", "v_proj"]
-    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False,
-                        lora_bias=lora_bias)  # fmt: skip
+    config = LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, lora_bias=lora_bias
+    )
     model = get_peft_model(build_model(hidden_size=32, seed=3 if peaked else 5), config).eval()
     if peaked:
         with torch.no_grad():
@@ -140,8 +141,9 @@ def test_xbar_dot_v_equals_the_mean_influence(e_batch):
     features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).double()
     for t in TARGETS:
         for b in BASELINES:
-            coefs = entropy_coefficients(E.tensors["entropies"].double(), E.mask, target=t, baseline=b,
-                                         features=features, folds=4)  # fmt: skip
+            coefs = entropy_coefficients(
+                E.tensors["entropies"].double(), E.mask, target=t, baseline=b, features=features, folds=4
+            )
             direction = random_direction(params, seed=7)
             xbar, dH, dlogp = entropy_pass_float64(m64, E, coefs, direction, 10_000)
             dot = sum(float((x * v).sum()) for x, v in zip(xbar, direction))

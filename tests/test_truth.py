@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_lora_model
+from test_delta_h1 import delta_h1_report
 
 from entropy_probe import ground_truth as truth
 from entropy_probe.artifacts.delta_h1 import Bars
@@ -22,9 +24,6 @@ from entropy_probe.importance import effective_sample_size, paired_difference, r
 from entropy_probe.perturb import as_float64, perturbed
 from entropy_probe.scoring import Batch, SeqStats
 from stages import truth as truth_stage
-
-from conftest import make_lora_model
-from test_delta_h1 import delta_h1_report
 
 T = 1.3  # ≠ 1 so a forgotten temperature shows up
 MAX_NEW = 3
@@ -223,7 +222,7 @@ def test_snis_and_fresh_agree_with_exact(model, tok, delta, exact_curve):
     E = sample_e(model, tok, seed=1)
     r = run_truth(model, tok, E, delta, MULTIPLIERS)
     _assert_agrees_with_exact(r, exact_curve, ("snis", "fresh"))
-    for j, e in enumerate(r["etas"]):  # (a) and (b) agree with each other
+    for e in r["etas"]:  # (a) and (b) agree with each other
         for t in TARGETS:
             a, b = e["snis"][t], e["fresh"][t]
             assert abs(a["delta_h"] - b["delta_h"]) < 4 * math.hypot(a["se"], b["se"])
@@ -233,7 +232,9 @@ def test_snis_reweights_samples_drawn_by_another_policy(model, tok, delta, exact
     """E drawn by another policy (θ at temperature 2.5): the stored behaviour log-probs make SNIS agree
     with exact again, while treating the samples as θ's own (w(θ) ≡ 1) misses H(θ) by many SEs."""
     rows = PROMPTS * 512
-    tensors = generate_responses(model, tok, rows, GenerationSpec(2.5, 1.0, MAX_NEW, batch_size=2048, seed=4), progress=False)
+    tensors = generate_responses(
+        model, tok, rows, GenerationSpec(2.5, 1.0, MAX_NEW, batch_size=2048, seed=4), progress=False
+    )
     tensors["prompt_index"] = torch.arange(len(rows)) % len(PROMPTS)
     E = Batch.from_tensors(tensors, T, 1.0, torch.device("cpu"))  # scored under θ at T, drawn at 2.5
     kw = dict(max_tokens=8192)
@@ -294,8 +295,11 @@ def stage_setup(tmp_path_factory, tok):
     paths = checkpoint.resolve_paths(params.checkpoint)
     model = checkpoint.load_policy_model(params.checkpoint, paths)
     g = torch.Generator().manual_seed(1)
-    delta = {n: 0.05 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
-             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    delta = {
+        n: 0.05 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     report = delta_h1_report(checkpoint.checkpoint_fingerprint(paths))
     bars_for(delta).write(root / "delta_h1")
     report.write(root / "delta_h1")
@@ -318,8 +322,17 @@ def test_truth_stage_end_to_end(stage_setup, capsys):
         write_json(root / "broken" / "truth.json", broken)
         with pytest.raises(ProbeError, match=r"truth.json is not a valid truth.json .* rerun the truth stage"):
             TruthReport.read(root / "broken")
-    for key in ("target", "learning_rate", "delta_h1", "se_delta_h1", "etas", "linearity", "targets",
-                "n_sequences", "restored_exactly"):  # fmt: skip
+    for key in (
+        "target",
+        "learning_rate",
+        "delta_h1",
+        "se_delta_h1",
+        "etas",
+        "linearity",
+        "targets",
+        "n_sequences",
+        "restored_exactly",
+    ):
         assert key in out, key
     assert out["target"] == "token_mean" and out["learning_rate"] == 1e-2 and out["n_sequences"] == 24
     assert out["delta_h1"] == -2e-3 and out["se_delta_h1"] == 1e-3

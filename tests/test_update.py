@@ -18,9 +18,9 @@ from entropy_probe.update import (
     adam_precond_delta,
     adam_step_delta,
     group_advantages,
+    group_terms_from_rows,
     linearise,
     pg_coefficients,
-    group_terms_from_rows,
     resolve_loss_agg_mode,
     sgd_delta,
     update_direction,
@@ -56,7 +56,9 @@ def test_resolve_loss_agg_mode():
     assert resolve_loss_agg_mode("auto", {"loss_type": "bnpo"})[:2] == ("token-mean", None)
     assert resolve_loss_agg_mode("auto", {"loss_type": "grpo"})[:2] == ("seq-mean-token-mean", None)
     assert resolve_loss_agg_mode("auto", {"loss_type": "dr_grpo", "max_completion_length": 7})[:2] == (
-        "seq-mean-token-sum-norm", 7)
+        "seq-mean-token-sum-norm",
+        7,
+    )
     mode, max_len, reason = resolve_loss_agg_mode("auto", {"loss_type": None})
     assert (mode, max_len) == ("token-mean", None) and "unknown" in reason and "token-mean" in reason
     mode, _, reason = resolve_loss_agg_mode("auto", {"loss_type": "made_up"})
@@ -201,7 +203,13 @@ def _trained_module(dtype):
     extra = nn.Parameter(torch.randn(3, dtype=dtype))
     named = {**dict(net.named_parameters()), "extra": extra}
     groups = [
-        {"names": ["0.weight", "2.weight", "extra"], "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8},
+        {
+            "names": ["0.weight", "2.weight", "extra"],
+            "lr": 1e-2,
+            "weight_decay": 0.1,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+        },
         {"names": ["0.bias", "2.bias"], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-6},
     ]
     opt = torch.optim.AdamW(
@@ -235,8 +243,13 @@ def _state(layout, named, groups, opt, dtype=torch.float64):
     st = {n: opt.state.get(p, {}) for n, p in named.items()}
     pick = lambda key: {n: s[key] for n, s in st.items() if key in s}  # noqa: E731
     return AdamState.from_groups(
-        layout, {n: p.detach() for n, p in named.items()}, pick("exp_avg"), pick("exp_avg_sq"),
-        {n: s["step"].item() for n, s in st.items() if "step" in s}, groups, dtype=dtype,
+        layout,
+        {n: p.detach() for n, p in named.items()},
+        pick("exp_avg"),
+        pick("exp_avg_sq"),
+        {n: s["step"].item() for n, s in st.items() if "step" in s},
+        groups,
+        dtype=dtype,
     )
 
 
@@ -252,8 +265,19 @@ def test_adam_step_matches_torch_adamw(dtype, clip):
     state = _state(layout, named, groups, opt)
     assert state.step.min() == 0 and state.step.max() == 3  # `extra` starts from empty state
     ours = update_direction("adam_step", g, state, max_norm)
-    direct = adam_step_delta(g, state.theta, state.exp_avg, state.exp_avg_sq, state.step, state.lr, state.beta1,
-                             state.beta2, state.eps, state.weight_decay, max_norm)
+    direct = adam_step_delta(
+        g,
+        state.theta,
+        state.exp_avg,
+        state.exp_avg_sq,
+        state.step,
+        state.lr,
+        state.beta1,
+        state.beta2,
+        state.eps,
+        state.weight_decay,
+        max_norm,
+    )
     assert torch.equal(ours, direct)
     real = layout.flatten(_real_step(net, extra, named, opt, x, y, max_norm), torch.float64)
     if dtype == torch.float64:
@@ -294,8 +318,9 @@ def test_adam_precond_and_sgd_match_their_formulas_per_parameter():
             v_hat = st["exp_avg_sq"] / (1 - gr["betas"][1] ** st["step"].item())
             expected_pre[name] = gr["lr"] * g_named[name] / (v_hat.sqrt() + gr["eps"])
             expected_sgd[name] = gr["lr"] * g_named[name]
-    torch.testing.assert_close(update_direction("adam_precond", g, state), layout.flatten(expected_pre),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        update_direction("adam_precond", g, state), layout.flatten(expected_pre), rtol=1e-12, atol=0
+    )
     torch.testing.assert_close(update_direction("sgd", g, state), layout.flatten(expected_sgd), rtol=1e-12, atol=0)
     assert torch.equal(sgd_delta(g, 0.5), 0.5 * g)
     with pytest.raises(ProbeError, match="step ≥ 1"):
@@ -309,25 +334,35 @@ def _synthetic_state(p=12, seed=0):
     rnd = lambda: torch.randn(p, generator=gen, dtype=torch.float64)  # noqa: E731
     half = torch.arange(p) < p // 2
     return AdamState(
-        theta=rnd(), exp_avg=0.01 * rnd(), exp_avg_sq=1e-4 * rnd() ** 2 + 1e-6, step=torch.where(half, 5.0, 40.0).double(),
-        lr=torch.where(half, 1e-2, 3e-3).double(), beta1=torch.full((p,), 0.9, dtype=torch.float64),
-        beta2=torch.where(half, 0.999, 0.99).double(), eps=torch.full((p,), 1e-8, dtype=torch.float64),
+        theta=rnd(),
+        exp_avg=0.01 * rnd(),
+        exp_avg_sq=1e-4 * rnd() ** 2 + 1e-6,
+        step=torch.where(half, 5.0, 40.0).double(),
+        lr=torch.where(half, 1e-2, 3e-3).double(),
+        beta1=torch.full((p,), 0.9, dtype=torch.float64),
+        beta2=torch.where(half, 0.999, 0.99).double(),
+        eps=torch.full((p,), 1e-8, dtype=torch.float64),
         weight_decay=torch.where(half, 0.1, 0.0).double(),
     ), rnd
 
 
-@pytest.mark.parametrize("rule,clip", [("adam_step", "active"), ("adam_step", "inactive"), ("adam_precond", None),
-                                       ("sgd", None)])
+@pytest.mark.parametrize(
+    "rule,clip", [("adam_step", "active"), ("adam_step", "inactive"), ("adam_precond", None), ("sgd", None)]
+)
 def test_linearise_matches_finite_differences(rule, clip):
     state, rnd = _synthetic_state()
     g, xbar = 0.02 * rnd(), rnd()
     max_norm = {"active": 0.5 * g.norm().item(), "inactive": 10 * g.norm().item(), None: None}[clip]
     u = linearise(rule, g, xbar, state, max_norm)
     h = 1e-7
-    jac = torch.stack([
-        (update_direction(rule, g + h * e, state, max_norm) - update_direction(rule, g - h * e, state, max_norm)) / (2 * h)
-        for e in torch.eye(len(g), dtype=torch.float64)
-    ], dim=1)  # jac[j, k] = ∂Δθ_j/∂g_k
+    jac = torch.stack(
+        [
+            (update_direction(rule, g + h * e, state, max_norm) - update_direction(rule, g - h * e, state, max_norm))
+            / (2 * h)
+            for e in torch.eye(len(g), dtype=torch.float64)
+        ],
+        dim=1,
+    )  # jac[j, k] = ∂Δθ_j/∂g_k
     torch.testing.assert_close(u, jac.T @ xbar, rtol=1e-6, atol=1e-9)
     if clip == "active":  # clipping couples the coordinates
         off_diag = jac - torch.diag(torch.diag(jac))

@@ -25,10 +25,10 @@ from entropy_probe.artifacts.verify import (  # noqa: E402
     write_verify,
 )
 from entropy_probe.checkpoint import AdapterInfo, CheckpointPaths  # noqa: E402
-from entropy_probe.files import read_tensors  # noqa: E402
-from entropy_probe.outputs import MANIFEST  # noqa: E402
 from entropy_probe.errors import ProbeError  # noqa: E402
+from entropy_probe.files import read_tensors  # noqa: E402
 from entropy_probe.optimizer_state import OptimizerState, ParamGroup  # noqa: E402
+from entropy_probe.outputs import MANIFEST  # noqa: E402
 from entropy_probe.params import validate_params  # noqa: E402
 from entropy_probe.trainer_config import TrainerConfig  # noqa: E402
 from stages import verify  # noqa: E402
@@ -48,7 +48,9 @@ def runs(tmp_path_factory):
     return {
         "ok": write_trainer_checkpoint(root / "ok", base_dir=base),  # 3 of 6 steps
         "ended": write_trainer_checkpoint(root / "ended", base_dir=base, steps=3, total_steps=3),  # next lr 0
-        "no_state": write_trainer_checkpoint(root / "ns", base_dir=base, no_grad_param="layers.1.self_attn.v_proj.lora_A"),
+        "no_state": write_trainer_checkpoint(
+            root / "ns", base_dir=base, no_grad_param="layers.1.self_attn.v_proj.lora_A"
+        ),
         "rank4": write_trainer_checkpoint(root / "r4", base_dir=base, rank=4),
         "paged": write_trainer_checkpoint(root / "pg", base_dir=base, optim="paged_adamw_8bit"),
     }
@@ -68,8 +70,10 @@ def test_verify_writes_state_and_report_that_read_back(runs, tmp_path):
     out = tmp_path / "verify"
     summary = verify.run(make_params(run.dir), out, dry_run=False)
     report, state = read_verify(out)
-    assert summary == (f"verify: {len(state.names)} trainable tensors ({report.n_trainable} values), "
-                       f"lr={report.learning_rate:g} (next {run.lr_next:g}, last {run.lr_last}), step 3 -> {out}")
+    assert summary == (
+        f"verify: {len(state.names)} trainable tensors ({report.n_trainable} values), "
+        f"lr={report.learning_rate:g} (next {run.lr_next:g}, last {run.lr_last}), step 3 -> {out}"
+    )
 
     live_params = dict(run.model.named_parameters())
     trainable = [n for n, p in live_params.items() if p.requires_grad]
@@ -98,11 +102,14 @@ def test_verify_writes_state_and_report_that_read_back(runs, tmp_path):
     assert set(raw["trainer_config"]) >= {"loss_type", "temperature", "max_grad_norm", "num_generations"}
     assert report.trainer_config.loss_type is None  # trust_pickles is off by default
     assert report.use_qlora is False and report.dtype == "fp32"
-    assert sorted(p.name for p in out.iterdir()) == sorted([STATE_FILE, VerifyReport.FILE, CheckpointIdentity.FILE,
-                                                            MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [STATE_FILE, VerifyReport.FILE, CheckpointIdentity.FILE, MANIFEST]
+    )
     identity = json.loads((out / CheckpointIdentity.FILE).read_text())
-    assert identity == {k: raw[k] for k in ("fingerprint", "checkpoint", "base_model", "adapter", "trainer_config",
-                                            "trainer_config_source")}
+    assert identity == {
+        k: raw[k]
+        for k in ("fingerprint", "checkpoint", "base_model", "adapter", "trainer_config", "trainer_config_source")
+    }
     assert CheckpointIdentity.read(out) == report.identity()
 
 
@@ -172,7 +179,10 @@ def _bad_checkpoint(runs, tmp_path, case) -> tuple[dict, str]:
     if case == "no_state":
         return kw, rf"{runs['no_state'].no_grad_name} has no optimizer state"
     if case == "ended":
-        return kw, r"learning rate \(next\) is 0.*last applied lr = 0\.00\d+.*checkpoint\.learning_rate to last or a number"
+        return (
+            kw,
+            r"learning rate \(next\) is 0.*last applied lr = 0\.00\d+.*checkpoint\.learning_rate to last or a number",
+        )
     if case == "paged":
         return kw, rf"8-bit/paged optimizer state .* for {name0}.*not supported.*adamw_torch"
     sd = torch.load(opt, weights_only=True)
@@ -192,8 +202,17 @@ def _bad_checkpoint(runs, tmp_path, case) -> tuple[dict, str]:
     return kw, pattern
 
 
-BAD_CASES = ["missing_optimizer", "truncated_optimizer", "other_rank", "nan", "no_state", "no_step", "paged",
-             "ended", "three_groups"]
+BAD_CASES = [
+    "missing_optimizer",
+    "truncated_optimizer",
+    "other_rank",
+    "nan",
+    "no_state",
+    "no_step",
+    "paged",
+    "ended",
+    "three_groups",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -269,32 +288,69 @@ def handmade(tmp_path) -> tuple[VerifyReport, OptimizerState]:
     gen = torch.Generator().manual_seed(0)
     shapes = {"m.q.lora_A.default.weight": (2, 8), "m.q.lora_B.default.bias": (8,)}
     names = list(shapes)
-    groups = [ParamGroup(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1, names=names[:1]),
-              ParamGroup(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, names=names[1:])]
+    groups = [
+        ParamGroup(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1, names=names[:1]),
+        ParamGroup(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, names=names[1:]),
+    ]
     state = OptimizerState(
         names=names,
-        exp_avg={n: torch.randn(s, generator=gen).to(torch.bfloat16 if i else torch.float32)
-                 for i, (n, s) in enumerate(shapes.items())},
+        exp_avg={
+            n: torch.randn(s, generator=gen).to(torch.bfloat16 if i else torch.float32)
+            for i, (n, s) in enumerate(shapes.items())
+        },
         exp_avg_sq={n: torch.rand(s, generator=gen) for n, s in shapes.items()},
         step={n: 3.0 for n in names},
         groups=groups,
         mapping="Trainer groups (decay, no-decay)",
     )
-    paths = CheckpointPaths(adapter_dir=tmp_path / "ck", optimizer_path=tmp_path / "ck" / "optimizer.pt",
-                            scheduler_path=None, trainer_state_path=None, training_args_path=None,
-                            base_model="org/base", name_map_path=None, trainer_config_path=None)
-    adapter = AdapterInfo(peft_type="LORA", rank=2, alpha=4, targets=["q_proj"], modules_to_save=None,
-                          use_rslora=False, use_dora=False, lora_bias=False, base_model_name_or_path="org/base")
+    paths = CheckpointPaths(
+        adapter_dir=tmp_path / "ck",
+        optimizer_path=tmp_path / "ck" / "optimizer.pt",
+        scheduler_path=None,
+        trainer_state_path=None,
+        training_args_path=None,
+        base_model="org/base",
+        name_map_path=None,
+        trainer_config_path=None,
+    )
+    adapter = AdapterInfo(
+        peft_type="LORA",
+        rank=2,
+        alpha=4,
+        targets=["q_proj"],
+        modules_to_save=None,
+        use_rslora=False,
+        use_dora=False,
+        lora_bias=False,
+        base_model_name_or_path="org/base",
+    )
     report = VerifyReport(
-        fingerprint="0123456789abcdef", checkpoint=paths, base_model="org/base", adapter=adapter, use_qlora=False,
-        dtype="fp32", device_map="cpu",
-        parameters=[Parameter(name=n, shape=list(s), numel=math.prod(s), group=i)
-                    for i, (n, s) in enumerate(shapes.items())],
-        n_trainable=24, n_trainable_tensors=2, optimizer_mapping=state.mapping, param_groups=groups,
-        learning_rate=1e-3, learning_rate_setting="next", learning_rate_next=1e-3, learning_rate_last=1.5e-3,
-        step=3, global_step=3, max_grad_norm=1.0, trainer_config=TrainerConfig(loss_type="grpo", temperature=0.7),
-        trainer_config_source="trainer_config.json", checks=["a check"], warnings=[],
-    )  # fmt: skip
+        fingerprint="0123456789abcdef",
+        checkpoint=paths,
+        base_model="org/base",
+        adapter=adapter,
+        use_qlora=False,
+        dtype="fp32",
+        device_map="cpu",
+        parameters=[
+            Parameter(name=n, shape=list(s), numel=math.prod(s), group=i) for i, (n, s) in enumerate(shapes.items())
+        ],
+        n_trainable=24,
+        n_trainable_tensors=2,
+        optimizer_mapping=state.mapping,
+        param_groups=groups,
+        learning_rate=1e-3,
+        learning_rate_setting="next",
+        learning_rate_next=1e-3,
+        learning_rate_last=1.5e-3,
+        step=3,
+        global_step=3,
+        max_grad_norm=1.0,
+        trainer_config=TrainerConfig(loss_type="grpo", temperature=0.7),
+        trainer_config_source="trainer_config.json",
+        checks=["a check"],
+        warnings=[],
+    )
     return report, state
 
 
@@ -336,33 +392,61 @@ A, B = "m.q.lora_A.default.weight", "m.q.lora_B.default.bias"
 MALFORMED = {
     "no verify.json": (lambda d: (d / "verify.json").unlink(), r"verify output .*verify\.json not found"),
     "not JSON": (lambda d: (d / "verify.json").write_text("{"), r"verify\.json is not valid JSON"),
-    "missing key": (lambda d: _edit_json(d / "verify.json", lambda r: r.pop("param_groups")),
-                    r"not a valid verify\.json of this version \(param_groups: Field required\).*rerun the verify"),
-    "unknown key": (lambda d: _edit_json(d / "verify.json", lambda r: r.update(load_seconds=1.0)),
-                    r"\(load_seconds: Extra inputs"),
-    "nested unknown key": (lambda d: _edit_json(d / "verify.json", lambda r: r["param_groups"][0].update(momentum=0)),
-                           r"\(param_groups\.0\.momentum: Extra inputs"),
-    "wrong type": (lambda d: _edit_json(d / "verify.json", lambda r: r["parameters"][0].update(shape="2x8")),
-                   r"\(parameters\.0\.shape: "),
-    "zero lr": (lambda d: _edit_json(d / "verify.json", lambda r: r.update(learning_rate=0)),
-                r"\(learning_rate: Input should be greater than 0"),
-    "NaN": (lambda d: (d / "verify.json").write_text((d / "verify.json").read_text().replace(
-        '"max_grad_norm": 1.0', '"max_grad_norm": NaN', 1)), r"\(max_grad_norm: Input should be a finite number"),
-    "groups disagree": (lambda d: _edit_json(d / "verify.json", lambda r: r["param_groups"].reverse()),
-                        r"verify\.json: param_groups do not list the parameters in order"),
-    "other checkpoint": (lambda d: _edit_json(d / "verify.json", lambda r: r.update(fingerprint="fedcba9876543210")),
-                         r"does not belong to verify\.json \(checkpoint fedcba9876543210\).*rerun entropy-probe"),
+    "missing key": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r.pop("param_groups")),
+        r"not a valid verify\.json of this version \(param_groups: Field required\).*rerun the verify",
+    ),
+    "unknown key": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r.update(load_seconds=1.0)),
+        r"\(load_seconds: Extra inputs",
+    ),
+    "nested unknown key": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r["param_groups"][0].update(momentum=0)),
+        r"\(param_groups\.0\.momentum: Extra inputs",
+    ),
+    "wrong type": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r["parameters"][0].update(shape="2x8")),
+        r"\(parameters\.0\.shape: ",
+    ),
+    "zero lr": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r.update(learning_rate=0)),
+        r"\(learning_rate: Input should be greater than 0",
+    ),
+    "NaN": (
+        lambda d: (d / "verify.json").write_text(
+            (d / "verify.json").read_text().replace('"max_grad_norm": 1.0', '"max_grad_norm": NaN', 1)
+        ),
+        r"\(max_grad_norm: Input should be a finite number",
+    ),
+    "groups disagree": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r["param_groups"].reverse()),
+        r"verify\.json: param_groups do not list the parameters in order",
+    ),
+    "other checkpoint": (
+        lambda d: _edit_json(d / "verify.json", lambda r: r.update(fingerprint="fedcba9876543210")),
+        r"does not belong to verify\.json \(checkpoint fedcba9876543210\).*rerun entropy-probe",
+    ),
     "no state file": (lambda d: (d / STATE_FILE).unlink(), r"optimizer_state\.safetensors not found"),
-    "truncated state": (lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:100]),
-                        r"not a readable safetensors file"),
-    "foreign kind": (lambda d: _edit_state(d / STATE_FILE, lambda t, m: m.update(kind="bars")),
-                     r"holds 'bars', expected 'optimizer_state'"),
-    "missing tensor": (lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.pop(f"step.{B}")),
-                       rf"lacks tensor step\.{B}.*rerun entropy-probe verify"),
-    "extra tensor": (lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.update({"exp_avg.other": torch.zeros(1)})),
-                     r"holds tensor exp_avg\.other, which verify\.json does not list"),
-    "wrong shape": (lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.update({f"exp_avg.{A}": torch.zeros(8, 2)})),
-                    rf"exp_avg\.{A} has shape \(8, 2\), expected \(2, 8\)"),
+    "truncated state": (
+        lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:100]),
+        r"not a readable safetensors file",
+    ),
+    "foreign kind": (
+        lambda d: _edit_state(d / STATE_FILE, lambda t, m: m.update(kind="bars")),
+        r"holds 'bars', expected 'optimizer_state'",
+    ),
+    "missing tensor": (
+        lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.pop(f"step.{B}")),
+        rf"lacks tensor step\.{B}.*rerun entropy-probe verify",
+    ),
+    "extra tensor": (
+        lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.update({"exp_avg.other": torch.zeros(1)})),
+        r"holds tensor exp_avg\.other, which verify\.json does not list",
+    ),
+    "wrong shape": (
+        lambda d: _edit_state(d / STATE_FILE, lambda t, m: t.update({f"exp_avg.{A}": torch.zeros(8, 2)})),
+        rf"exp_avg\.{A} has shape \(8, 2\), expected \(2, 8\)",
+    ),
 }
 
 

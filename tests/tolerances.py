@@ -64,7 +64,9 @@ def assert_close_scaled(actual, expected, scale: float, rel: float = FP32_REL, w
 
 def assert_vectors_close(actual, expected, rel: float = FP32_REL, what: str = "") -> None:
     """‖actual − expected‖₂ ≤ rel · ‖expected‖₂: a float32 vector compared as a whole (see the module doc)."""
-    assert _f64(actual).shape == _f64(expected).shape, f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert _f64(actual).shape == _f64(expected).shape, (
+        f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    )
     assert_close_scaled(actual, expected, float(_f64(expected).norm()), rel, what)
 
 

@@ -105,7 +105,9 @@ class ToyPolicy:
         (grad,) = torch.autograd.grad(self.exact_entropy(theta, target), theta)
         return grad
 
-    def directional(self, tokens: Tensor, mask: Tensor, v: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def directional(
+        self, tokens: Tensor, mask: Tensor, v: Tensor, theta: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(dH, dlogp) [N, R]: directional derivatives of H_ik and logp_ik along v (forward-mode AD)."""
         theta = (self.theta if theta is None else theta).detach()
         _, (d_ent, d_logp) = torch.func.jvp(lambda th: self.token_stats(th, tokens, mask)[:2], (theta,), (v,))

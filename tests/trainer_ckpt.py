@@ -124,8 +124,13 @@ def write_trainer_checkpoint(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log_history.append(
-            {"epoch": step / total_steps, "grad_norm": grad_norm.item(), "learning_rate": lr_last, "loss": loss.item(),
-             "step": step}
+            {
+                "epoch": step / total_steps,
+                "grad_norm": grad_norm.item(),
+                "learning_rate": lr_last,
+                "loss": loss.item(),
+                "step": step,
+            }
         )
     model.eval()
 

@@ -168,8 +168,10 @@ class Bars:
         if problem is not None:  # the stage built it: a bug, not user input
             raise RuntimeError(f"delta-h1 produced malformed bars: {problem}")
         path = Path(directory) / BARS_FILE
-        tensors = {**{f"xbar.{n}": t for n, t in self.xbar.items()},
-                   **{f"delta_theta.{n}": t.float() for n, t in self.delta_theta.items()}}  # fmt: skip
+        tensors = {
+            **{f"xbar.{n}": t for n, t in self.xbar.items()},
+            **{f"delta_theta.{n}": t.float() for n, t in self.delta_theta.items()},
+        }
         write_tensors(path, tensors, kind=BARS_KIND, meta={"learning_rate": self.learning_rate, "target": self.target})
         return path
 

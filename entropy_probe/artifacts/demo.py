@@ -14,9 +14,19 @@ from ..params import DemoParams
 from .base import JsonArtifact, Record
 
 GRPO_KEYS = (  # the trainer settings the probe mirrors, recorded in demo.json
-    "loss_type", "scale_rewards", "temperature", "top_p", "beta", "max_grad_norm", "num_generations",
-    "max_completion_length", "learning_rate", "lr_scheduler_type", "optim", "weight_decay",
-)  # fmt: skip
+    "loss_type",
+    "scale_rewards",
+    "temperature",
+    "top_p",
+    "beta",
+    "max_grad_norm",
+    "num_generations",
+    "max_completion_length",
+    "learning_rate",
+    "lr_scheduler_type",
+    "optim",
+    "weight_decay",
+)
 
 
 class GrpoSettings(Record):

@@ -78,10 +78,14 @@ class CheckpointMetrics(Record):
     @classmethod
     def of(cls, row: CheckpointRow) -> Self:
         return cls(
-            delta_h1=row.delta_h1, se_delta_h1=row.se_delta_h1, exact_z=row.exact_z,
-            ess_fraction_E=row.ess_fraction_E, ess_fraction_U=row.ess_fraction_U,
-            truth_ratio_snis=row.ratio_snis, truth_ratio_fresh=row.ratio_fresh,
-        )  # fmt: skip
+            delta_h1=row.delta_h1,
+            se_delta_h1=row.se_delta_h1,
+            exact_z=row.exact_z,
+            ess_fraction_E=row.ess_fraction_E,
+            ess_fraction_U=row.ess_fraction_U,
+            truth_ratio_snis=row.ratio_snis,
+            truth_ratio_fresh=row.ratio_fresh,
+        )
 
     @classmethod
     def path(cls, report_dir: str | Path, checkpoint: str) -> Path:

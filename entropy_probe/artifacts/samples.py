@@ -132,7 +132,9 @@ def sample_counts(tensors: Mapping[str, torch.Tensor], G: int) -> dict:
         "G": G,
         "mean_reward": None if rewards is None else float(rewards.mean()),
         # share of groups whose rewards are all equal (zero advantage: no learning signal)
-        "frac_all_equal_groups": None if grouped is None else float((grouped == grouped[:, :1]).all(dim=1).float().mean()),
+        "frac_all_equal_groups": None
+        if grouped is None
+        else float((grouped == grouped[:, :1]).all(dim=1).float().mean()),
         "mean_response_len": float(tensors["response_lens"].float().mean()),
         "frac_truncated": float(tensors["truncated"].float().mean()),
     }
