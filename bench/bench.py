@@ -1,4 +1,4 @@
-"""Benchmark of the probe's cost as ratios to the passes it cannot avoid (issue 6, SPEC §6).
+"""Benchmark of the probe's cost as ratios to the passes it cannot avoid (results: bench/README.md).
 
     python bench/bench.py [--quick] [--out bench/results/bench.json] [--device cuda --dtype bf16 [--qlora]]
 

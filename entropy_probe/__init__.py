@@ -1,17 +1,53 @@
-"""entropy-probe: predict the first-order entropy change of the next RL update.
+"""entropy-probe: predict the first-order entropy change δH₁ = ∇H · Δθ of the next RL update.
 
-One module per concept:
-  params      typed, validated knobs (params.yaml + -S overrides)
-  artifacts   atomic safetensors/JSON writing, schema-checked loading, safe output dirs
-  task        the embedded synthetic arithmetic task, prompt datasets and reward registry
-  demo        builds the embedded demo (tokenizer, tiny Qwen2, warm-up, GRPO run with LoRA)
-  checkpoint  loads base + adapter (LoRA/QLoRA) and maps AdamW state to named parameters
-  verify      the load-and-verify stage
-  policy      the tempered / top-p policy, teacher forcing (log-probs, RB entropies)
-  sampling    sample-e / sample-u stages
-  estimators  Rao-Blackwellised entropy-gradient estimators and baselines (pure tensor math)
-  update      policy-gradient aggregation and update rules (adam_step, adam_precond, sgd)
-  delta_h1    the delta-h1 stage
-  exact       exact enumeration for tiny models
-  cli         the typer app
+The library: one module per concept. The pipeline stages that call it are in `stages/` (one thin module
+per stage); docs/design.md has the data flow, docs/math.md every formula (§n below is its section).
+
+Inputs: knobs, checkpoints, the task
+  params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
+  checkpoint       a LoRA/QLoRA checkpoint's files (Trainer or adapter layout), fingerprint, model + tokenizer
+                   loading (eager attention: the tangents need a double backward)
+  optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only); lr of the next step (§4.4)
+  trainer_config   the trainer's settings (loss_type §4.2, scale_rewards §4.1, max_grad_norm §4.3,
+                   temperature) and its last step and lr, from trainer_config.json / training_args.bin
+  checks           the verify stage's checks of a loaded checkpoint (passed, warnings)
+  task             prompt sets (built-in arithmetic task, local files, hub datasets) and the reward registry
+  tiny             the tiny character tokenizer and tiny Qwen2 of the demo and the tests
+  demo             builds the demo: SFT warm-up, then TRL GRPO with LoRA + AdamW, Trainer-layout checkpoints
+
+The policy and sampling
+  policy           π = top-p(softmax(z/T)) (§2.1), H_k, top1, margin (§2.2), teacher forcing (§2.3)
+  generation       drawing from exactly π with `generate`, recording ℓ_k, H_k, top1, margin per step;
+                   seeds (derive_seed), E/U index plans (§2.3); temperature and advantage scale from the trainer
+  scoring          `Batch`: a sample artifact on the device and the one teacher-forcing loop in token-budget
+                   microbatches; re-scoring λ_i (§5.4) and per-sequence sums ℓ_i, S_i, L_i (§8.1)
+
+The math
+  estimators       RB entropy-gradient coefficients a, c for three targets (§3.1, §3.3–§3.6), baselines
+                   (§3.2), influence values ψ and SE_E (§3.8); pure tensor math
+  update           advantages (§4.1), policy-gradient coefficients (§4.2), clipping (§4.3), adam_step /
+                   adam_precond / sgd (§4.4–§4.5), gradient/momentum split (§4.6), linearisation u (§4.7),
+                   U-group attributions and SE_U (§5.2); pure functions on flat vectors
+  tangents         gradient + per-token directional derivatives by double backward (§6.1); per-row
+                   directional derivatives of Linear/LoRA layers by hooks, `RowDirectional` (§6.2)
+  probe            `compute_delta_h1`: the U and E passes, δH₁, SE_E, SE_U, total SE (§5.1–§5.3),
+                   reuse of samples another checkpoint drew (§5.4), diagnostics (§5.5)
+  importance       importance weights ŵ, w, ESS (§3.7); self-normalised ratio R, its ψ and paired SE (§8.1)
+  enumeration      exact A, D, M and the three targets by enumerating every continuation (§7.1); exact ∇H
+                   and δH₁ (§7.2); FD slope and ΔH(η) (§7.3)
+  perturb          θ + s·Δθ in place with a bit-exact restore and checksum (§7.3, §8); float64 model (§7.2)
+  ground_truth     ΔH(η) by SNIS over E (§8.1) and by fresh samples with common random numbers (§8.2);
+                   prediction, ratios and the quadratic fit (§8.3)
+
+I/O
+  files            atomic writes, strict JSON, schema-checked safetensors (kind, schema_version)
+  outputs          output dirs: manifest, staging + swap, lock, leftovers (docs/design.md, "Output safety")
+  artifacts/       typed contracts, one per artifact file (see `entropy_probe.artifacts`)
+
+Runtime
+  distributed      torchrun process group, rank helpers, collectives (no-ops in one process)
+  errors           `ProbeError(problem, fix)`: the one-line user error
+
+Reporting
+  reporting        the report's row per checkpoint, z, δH₁(η) band and ratio (§9); markdown, plot CSVs, PNGs
 """

@@ -11,6 +11,9 @@ Errors and collectives: every rank must reach the same collectives in the same o
 one rank only (the plan, writing the artifact) goes through `on_rank0`, which broadcasts its result
 *or its exception*, so a failure there is raised on every rank at the same point instead of leaving
 the others blocked in the next collective.
+
+torch is imported inside the functions that use it, not at the top: the CLI imports this module for every
+stage (and for --help), and a single process (WORLD_SIZE unset or 1) never needs torch.distributed.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import logging
 import os
 import pickle
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from .errors import ProbeError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +44,25 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _dist():
+    """torch.distributed (imported on first use; see the module docstring)."""
+    import torch.distributed
+
+    return torch.distributed
+
+
 def is_distributed() -> bool:
     """True inside an initialised process group of more than one process."""
+    dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return _dist().get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    return _dist().get_world_size() if is_distributed() else 1
 
 
 def is_rank0() -> bool:
@@ -65,6 +76,8 @@ def resolve_device_map(device_map: str) -> str:
     cuda:LOCAL_RANK, which transformers picks for "cuda") when CUDA is available, else "cpu".
     """
     if device_map == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device_map
 
@@ -80,7 +93,7 @@ def process_group(device_map: str = "cpu") -> Iterator[None]:
 
     On CUDA the process's device is cuda:LOCAL_RANK. On a normal exit every rank meets at a barrier
     before destroy_process_group (a gloo process that exits with its group alive aborts now and then
-    with "terminate called without an active exception", SPEC §5). On an exception the group is
+    with "terminate called without an active exception"). On an exception the group is
     destroyed without the barrier: a peer may be inside another collective, which a barrier would
     mis-pair with or wait on forever (torchrun stops the other ranks when one fails). Errors that
     every rank raises at the same point (`on_rank0`) have no pending collective, so nothing is lost.
@@ -88,6 +101,9 @@ def process_group(device_map: str = "cpu") -> Iterator[None]:
     if env_world_size() <= 1 or is_distributed():
         yield
         return
+    import torch
+
+    dist = _dist()
     backend = backend_for(device_map)
     device_id = None
     if backend == "nccl":
@@ -120,7 +136,7 @@ def broadcast_object(obj: T) -> T:
     if not is_distributed():
         return obj
     box = [obj if is_rank0() else None]
-    dist.broadcast_object_list(box, src=0)  # pickles travel via the current CUDA device under nccl
+    _dist().broadcast_object_list(box, src=0)  # pickles travel via the current CUDA device under nccl
     return box[0]
 
 
@@ -129,18 +145,24 @@ def gather_objects_to_rank0(obj: Any) -> list[Any] | None:
     if not is_distributed():
         return [obj]
     out = [None] * world_size() if is_rank0() else None
-    dist.gather_object(obj, out, dst=0)
+    _dist().gather_object(obj, out, dst=0)
     return out
 
 
-def all_reduce_sum(tensor: torch.Tensor, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
-    """In place: tensor ← Σ_ranks tensor, summed in `dtype` (float64 by default; None = the tensor's own).
+def all_reduce_sum(tensor: torch.Tensor, dtype: torch.dtype | str | None = "float64") -> torch.Tensor:
+    """In place: tensor ← Σ_ranks tensor, summed in `dtype` (a torch dtype or its name, float64 by default;
+    None = the tensor's own). The default is a name so that defining this function needs no torch.
 
     Partial sums of float32 gradients are added in float64 and rounded once, so N ranks add no more
     rounding than one add. Tensors that are zero outside this rank's rows sum exactly in any dtype.
     """
     if not is_distributed():
         return tensor
+    import torch
+
+    dist = _dist()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     if dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor

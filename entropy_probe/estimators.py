@@ -1,4 +1,4 @@
-"""Rao-Blackwellised entropy-gradient estimators (SPEC §3), as per-token coefficient tensors.
+"""Rao-Blackwellised entropy-gradient estimators (docs/math.md §3), as per-token coefficient tensors.
 
 The E batch gives, per response token k of sequence i, the full-vocabulary entropy H_ik(θ) and the
 sampled token's log-prob logp_ik(θ). Every estimator here is returned as two detached [N, R] tensors

@@ -5,6 +5,8 @@ so a foreign, stale or truncated file is refused with a clear message instead of
 Every JSON artifact is strict JSON (a NaN or Infinity is an error naming the key where it arose).
 Every write goes to a temporary file beside its target and is renamed into place; files honour the umask.
 A disk-full or permission error is one line naming the file (at its final place, see `outputs`).
+torch and safetensors are imported by the tensor functions only: `outputs` (and through it the CLI, before a
+stage starts) uses the JSON half of this module, which must stay cheap to import.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import errno
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import ProbeError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = "1"
 
@@ -108,8 +110,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _is_scalar_tensor(obj) -> bool:
+    """True for a one-element torch tensor (written to JSON as its number).
+
+    Looks torch up in sys.modules instead of importing it: an object can only be a tensor once torch is loaded.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor) and obj.numel() == 1
+
+
 def _json_default(obj):
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+    if _is_scalar_tensor(obj):
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
@@ -131,7 +142,7 @@ def _strict_json(obj, what: str, **kwargs) -> str:
 
 def _first_nonfinite(obj, where: str = "") -> str | None:
     """Key path ('targets.sequence.se_E', 'etas[2].ratio') of the first NaN/±Infinity in `obj`; None if none."""
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+    if _is_scalar_tensor(obj):
         obj = obj.item()
     if isinstance(obj, float):
         return None if math.isfinite(obj) else where
@@ -150,6 +161,8 @@ def _first_nonfinite(obj, where: str = "") -> str | None:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict | None = None) -> None:
     """Save tensors (made contiguous, on CPU) with kind/schema_version (+ strict-JSON meta) in the header."""
+    from safetensors.torch import save
+
     path = Path(path)
     meta_json = _strict_json(meta or {}, f"{path.name} metadata")
     metadata = {"kind": kind, "schema_version": SCHEMA_VERSION, "meta": meta_json}
@@ -175,6 +188,9 @@ def _sorted_header(data: bytes) -> bytes:
 
 def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a tensor artifact written by `write_tensors`, refusing foreign/truncated/stale files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
     path = Path(path)
     hint = "rerun the stage that writes it (dvc repro)"
     if not path.exists():

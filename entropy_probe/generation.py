@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from . import distributed
 from .artifacts.samples import TOKEN_KEYS
 from .errors import ProbeError
 from .policy import distribution_features, entropy_from_logprobs, policy_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -354,3 +359,51 @@ def _place_batch(batch: dict, P: int, R: int, pad: int) -> dict[str, torch.Tenso
     out["response_lens"] = lens
     out["truncated"] = batch["truncated"]
     return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which prompt each row answers (a U group's G rows are contiguous), and the seed of the draw."""
+
+    kind: str
+    rows: torch.Tensor  # [N] prompt indices
+    G: int
+    seed: int
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.rows) // self.G
+
+    @property
+    def replacement(self) -> str:
+        return "with replacement" if self.kind == "samples_e" else "without replacement"
+
+
+def make_plan(params, kind: str, n_dataset: int) -> Plan:
+    batch = params.batch_config
+    if kind == "samples_e":
+        return Plan(kind, plan_e(n_dataset, batch.B_E, params.sampling.seed_e), 1, params.sampling.seed_e)
+    rows = plan_u(n_dataset, batch.B_U, params.sampling.seed_u).repeat_interleave(batch.G)
+    return Plan(kind, rows, batch.G, params.sampling.seed_u)
+
+
+def generate_share(model, tokenizer, prompts: list[str], spec: GenerationSpec, stage: str) -> list[dict]:
+    """This process's contiguous share of the generate batches, each seeded by its global batch index, so the
+    union over processes is exactly what one process would draw."""
+    n_batches = math.ceil(len(prompts) / spec.batch_size)
+    share = distributed.row_slice(n_batches, distributed.rank(), distributed.world_size())
+    lo, hi = share.start * spec.batch_size, min(share.stop * spec.batch_size, len(prompts))
+    if distributed.world_size() > 1:
+        log.info(
+            "%s: rank %d generates batches %d..%d of %d",
+            stage,
+            distributed.rank(),
+            share.start,
+            share.stop - 1,
+            n_batches,
+        )
+    if hi <= lo:
+        return []
+    return generate_batches(
+        model, tokenizer, prompts[lo:hi], spec, progress=distributed.is_rank0(), batch_offset=share.start
+    )

@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 
 from .checkpoint import NAME_MAP, CheckpointPaths, first_line
 from .errors import ProbeError
+from .update import AdamState, FlatLayout
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 EIGHT_BIT_KEYS = ("state1", "state2", "__bnb_optimizer_quant_state__")  # bitsandbytes optimizers
@@ -64,6 +65,14 @@ class OptimizerState:
     def last_step(self) -> int | float:
         """The largest Adam step over the parameters (an int when whole)."""
         return whole(max(self.step.values()))
+
+    def flat(
+        self, layout: FlatLayout, theta: dict[str, torch.Tensor], lr: float | None = None, dtype=torch.float64
+    ) -> AdamState:
+        """This state as the update rules consume it: per-element vectors in `layout` order (with θ for the
+        decoupled weight decay). `lr` replaces every group's lr (None: each group keeps its saved next lr).
+        The one conversion between the stored (named) and the computing (flat) form of the AdamW state."""
+        return AdamState.from_groups(layout, theta, self.exp_avg, self.exp_avg_sq, self.step, self.groups, lr, dtype)
 
 
 def whole(x: float) -> int | float:

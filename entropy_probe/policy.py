@@ -2,7 +2,7 @@
 
 Sampling, teacher forcing, entropies and log-probs all go through `policy_logprobs`, so every stage
 scores exactly the distribution it samples from. The top-p truncation set is computed without
-gradient (treated as a constant), as SPEC §3 prescribes.
+gradient (treated as a constant; docs/math.md §2.1, §10).
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ For per-token outputs y_t(θ) (RB entropies H_t and log-probs log π_t) and coef
     grad      = ∇_θ Σ_t c_t · y_t(θ)              (one reverse pass)
     tangent_t = ∇_θ y_t(θ) · v                     (directional derivative of every token along v)
 
-The tangents use the double-backward trick (SPEC §3): make the coefficients a leaf w that requires
-grad, take grad = J(θ)ᵀ w with create_graph, then ∂(grad · v)/∂w = J(θ) v. Unlike forward-mode
-`torch.func.jvp` this works through eager, SDPA and bitsandbytes 4-bit (QLoRA) models alike.
+The tangents use the double-backward trick (docs/math.md §6.1): make the coefficients a leaf w that
+requires grad, take grad = J(θ)ᵀ w with create_graph, then ∂(grad · v)/∂w = J(θ) v. Unlike forward-mode
+`torch.func.jvp` this works through bitsandbytes 4-bit (QLoRA) layers. Every op on the path needs a
+double backward: SDPA's CPU kernel has none, so models are loaded with eager attention
+(`checkpoint.load_policy_model`, `tiny.build_model`). `RowDirectional` (§6.2) needs no double backward.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The update direction Δθ (SPEC §3): advantages, policy-gradient coefficients, update rules.
+"""The update direction Δθ (docs/math.md §4): advantages, policy-gradient coefficients, update rules.
 
 θ = the trainable parameters, as one flat vector (`FlatLayout`). Training minimises −J, so Δθ
 increases J; g = ∇J. Everything here is a pure function of tensors.

@@ -3,6 +3,8 @@
 Every stage has the same shape:  entropy-probe STAGE [--params FILE] [-S key.path=value ...] [--out DIR] [--dry-run]
 Stage modules expose `run(params, out_dir, dry_run)`; this file parses options, checks the output dir
 before any work (`protected_inputs`, `outputs.claim_output_dir`) and reports errors.
+The library is imported inside the command, not here: `--help` must not pay for pydantic, let alone torch
+(tests/test_startup.py checks which modules it loads).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import typer
 
-from entropy_probe import distributed, outputs
 from entropy_probe.errors import ProbeError
-from entropy_probe.params import Params, load_params, recording_reads
+
+if TYPE_CHECKING:
+    from entropy_probe.params import Params
 
 app = typer.Typer(
     add_completion=False,
@@ -131,6 +134,8 @@ def _params_read_log(stage: str) -> Iterator[None]:
     if not log_file:
         yield
         return
+    from entropy_probe.params import recording_reads
+
     with recording_reads() as reads:
         yield
     with open(log_file, "a") as f:
@@ -147,6 +152,9 @@ def _make_command(stage: str) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="output dir (default from params)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit"),
     ) -> None:
+        from entropy_probe import distributed, outputs
+        from entropy_probe.params import load_params
+
         world = distributed.env_world_size()
         rank = int(os.environ.get("RANK", "0"))
         # under torchrun only rank 0 reports progress; every rank still reports warnings and errors

@@ -22,7 +22,7 @@ from entropy_probe.outputs import staged_output_dir
 from entropy_probe.params import Params
 from entropy_probe.probe import UpdateSpec, compute_delta_h1, reuse_weights
 from entropy_probe.scoring import Batch
-from entropy_probe.update import AdamState, FlatLayout, resolve_loss_agg_mode
+from entropy_probe.update import FlatLayout, resolve_loss_agg_mode
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,9 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
 
     named = dict(model.named_parameters())
     layout = FlatLayout.from_named(named, opt.names)
-    state = AdamState.from_groups(
-        layout,
-        {n: named[n].detach() for n in opt.names},
-        opt.exp_avg,
-        opt.exp_avg_sq,
-        opt.step,
-        opt.groups,
-        # "next" keeps each param group's own lr; "last" or a number applies one lr to every group
-        lr=None if report.learning_rate_setting == "next" else report.learning_rate,
-    )
+    # "next" keeps each param group's own lr; "last" or a number applies one lr to every group
+    lr = None if report.learning_rate_setting == "next" else report.learning_rate
+    state = opt.flat(layout, {n: named[n].detach() for n in opt.names}, lr)
     spec = UpdateSpec(params.update.rule, state, max_grad_norm, mode, max_len)
     result = compute_delta_h1(model, E, U, layout, spec, params.estimator, max_tokens, reuse.e_weights, reuse.u_weights)
     log.info("delta-h1: phase seconds %s", result.pop("timings"))

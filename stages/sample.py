@@ -30,10 +30,10 @@ from entropy_probe.artifacts.samples import (
 from entropy_probe.files import SCHEMA_VERSION
 from entropy_probe.generation import (
     GenerationSpec,
-    generate_batches,
+    Plan,
+    generate_share,
+    make_plan,
     place_batches,
-    plan_e,
-    plan_u,
     resolve_scale,
     resolve_temperature,
     special_ids,
@@ -50,32 +50,6 @@ def run_sample_e(params, out_dir: str | Path, dry_run: bool = False) -> str | No
 def run_sample_u(params, out_dir: str | Path, dry_run: bool = False) -> str | None:
     """The sample-u stage: B_U distinct prompts, G responses each, rewards and group advantages."""
     return _run(params, Path(out_dir), dry_run, "samples_u")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which prompt each row answers (a U group's G rows are contiguous), and the seed of the draw."""
-
-    kind: str
-    rows: torch.Tensor  # [N] prompt indices
-    G: int
-    seed: int
-
-    @property
-    def n_prompts(self) -> int:
-        return len(self.rows) // self.G
-
-    @property
-    def replacement(self) -> str:
-        return "with replacement" if self.kind == "samples_e" else "without replacement"
-
-
-def make_plan(params, kind: str, n_dataset: int) -> Plan:
-    batch = params.batch_config
-    if kind == "samples_e":
-        return Plan(kind, plan_e(n_dataset, batch.B_E, params.sampling.seed_e), 1, params.sampling.seed_e)
-    rows = plan_u(n_dataset, batch.B_U, params.sampling.seed_u).repeat_interleave(batch.G)
-    return Plan(kind, rows, batch.G, params.sampling.seed_u)
 
 
 def sampler_checkpoint(params):
@@ -107,7 +81,7 @@ def _run(params, out_dir: Path, dry_run: bool, kind: str) -> str | None:
     spec = GenerationSpec(source.temperature, gen.top_p, gen.max_new_tokens, gen.gen_batch_size, plan.seed, gen.stop)
     prompts = [prompt_set.prompts[i] for i in plan.rows.tolist()]
     t_gen = time.perf_counter()
-    gathered = distributed.gather_results_to_rank0(lambda: _generate_share(model, tokenizer, prompts, spec, stage))
+    gathered = distributed.gather_results_to_rank0(lambda: generate_share(model, tokenizer, prompts, spec, stage))
     gen_seconds = time.perf_counter() - t_gen
 
     def finish() -> str:  # rank 0: one layout with the global P and R, rewards, metadata, the write
@@ -167,28 +141,6 @@ def _source(params, kind: str, sampler, paths) -> Source:
         scale, s_source = resolve_scale(params.advantage.scale, trainer.get("scale_rewards"))
         log.info("%s: advantage scale=%s from %s, eps=%g", stage, scale, s_source, params.advantage.eps)
     return Source(sampler, fingerprint, temperature, t_source, scale)
-
-
-def _generate_share(model, tokenizer, prompts: list[str], spec: GenerationSpec, stage: str) -> list[dict]:
-    """This process's contiguous share of the generate batches, each seeded by its global batch index, so the
-    union over processes is exactly what one process would draw."""
-    n_batches = math.ceil(len(prompts) / spec.batch_size)
-    share = distributed.row_slice(n_batches, distributed.rank(), distributed.world_size())
-    lo, hi = share.start * spec.batch_size, min(share.stop * spec.batch_size, len(prompts))
-    if distributed.world_size() > 1:
-        log.info(
-            "%s: rank %d generates batches %d..%d of %d",
-            stage,
-            distributed.rank(),
-            share.start,
-            share.stop - 1,
-            n_batches,
-        )
-    if hi <= lo:
-        return []
-    return generate_batches(
-        model, tokenizer, prompts[lo:hi], spec, progress=distributed.is_rank0(), batch_offset=share.start
-    )
 
 
 def _rewards_and_advantages(params, scale: bool, plan: Plan, prompt_set, responses: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """delta-h1 on a real (tiny) transformer: estimates vs exact enumeration, parity, invariance, SEs.
 
 These tests run the product's own code path end to end — generation, teacher forcing, the
-double-backward tangents, the estimator coefficients — and compare with `entropy_probe.exact`, which
+double-backward tangents, the estimator coefficients — and compare with `entropy_probe.enumeration`, which
 differentiates through the enumeration of every continuation.
 """
 

@@ -2,8 +2,10 @@
 
 - `verify.json` (`VerifyReport`): the checkpoint's files and identity, the trainable parameters, the AdamW
   param groups, the chosen learning rate, the trainer's settings, the checks passed and the warnings.
-- `checkpoint.json` (`CheckpointIdentity`): what identifies the checkpoint, no lr choice: the sampling
-  stages depend on this file only, so re-verifying with another learning_rate does not re-sample.
+- `checkpoint.json` (`CheckpointIdentity`): what identifies the checkpoint, without the lr choice, so its
+  hash changes only with the checkpoint. No stage reads it (the sampling stages fingerprint the checkpoint
+  themselves and do not depend on verify); it is a DVC output for anything that wants to depend on the
+  checkpoint's identity alone.
 - `optimizer_state.safetensors` (kind `optimizer_state`, its fingerprint in the header): `exp_avg.<name>`,
   `exp_avg_sq.<name>` (dtype as saved) and `step.<name>` (float64 scalar) per trainable parameter, named as
   the loaded PeftModel names it. Later stages read it through `read_verify`, never optimizer.pt again.
