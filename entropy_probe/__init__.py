@@ -7,7 +7,8 @@ Inputs: knobs, checkpoints, the task
   params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
   checkpoint       a LoRA/QLoRA checkpoint's files (Trainer or adapter layout), fingerprint, model + tokenizer
                    loading (eager attention: the tangents need a double backward)
-  optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only); lr of the next step (§4.4)
+  optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only), its flat form for the
+                   update rules (`OptimizerState.flat`); lr of the next step (§4.4)
   trainer_config   the trainer's settings (loss_type §4.2, scale_rewards §4.1, max_grad_norm §4.3,
                    temperature) and its last step and lr, from trainer_config.json / training_args.bin
   checks           the verify stage's checks of a loaded checkpoint (passed, warnings)

@@ -3,8 +3,8 @@
 Every stage has the same shape:  entropy-probe STAGE [--params FILE] [-S key.path=value ...] [--out DIR] [--dry-run]
 Stage modules expose `run(params, out_dir, dry_run)`; this file parses options, checks the output dir
 before any work (`protected_inputs`, `outputs.claim_output_dir`) and reports errors.
-The library is imported inside the command, not here: `--help` must not pay for pydantic, let alone torch
-(tests/test_startup.py checks which modules it loads).
+The library is imported inside the command, not here: `--help` and `STAGE --help` must not load torch or
+the model libraries (tests/test_startup.py checks which modules they load).
 """
 
 from __future__ import annotations
