@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +41,16 @@ def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32):
 @pytest.fixture()
 def lora_model():
     return make_lora_model()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_repo(dest: Path) -> None:
+    """The repository's files (tracked, and new ones git does not ignore) copied into `dest`."""
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listing, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():  # a tracked file deleted in the working tree is listed but absent
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)

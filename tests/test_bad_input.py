@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from pydantic import BaseModel
+from test_demo import SMALL
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -331,18 +332,7 @@ def test_bad_sidecar_is_refused(trained, tmp_path, content, fragment):
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    small = {
-        "max_operand": 3,
-        "hidden_size": 32,
-        "warmup_steps": 5,
-        "rl_steps": 2,
-        "save_steps": 1,
-        "prompts_per_step": 4,
-        "num_generations": 2,
-        "lora_rank": 2,
-        "rl_lr": 0.01,
-    }
-    demo_stage.run(validate_params({"demo": small}), out, dry_run=False)
+    demo_stage.run(validate_params({"demo": SMALL}), out, dry_run=False)  # test_demo's small demo
     return out
 
 

@@ -10,13 +10,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_repo
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,20 +53,6 @@ def test_readme_commands_are_parsed():
     assert all("\\" not in c for c in commands)
 
 
-def _copy_tracked_files(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)
-
-
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
     """A copy of the repository after `dvc repro` (the demo pipeline, smaller batches), with the params keys
@@ -74,7 +60,7 @@ def demo_repo(tmp_path_factory):
     if not (BIN / "dvc").exists() or not (BIN / "entropy-probe").exists():
         pytest.skip("dvc / entropy-probe console scripts not installed in this environment")
     repo = tmp_path_factory.mktemp("demo_repo")
-    _copy_tracked_files(repo)
+    copy_repo(repo)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     params_path = repo / "params.yaml"
     params = yaml.safe_load(params_path.read_text())

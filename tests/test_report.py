@@ -443,7 +443,7 @@ def test_report_contracts_round_trip_and_refuse_malformed(sweep, tmp_path):
         Report.read(tmp_path)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "b.json").write_text(json.dumps({"delta_h1": "small", "se_delta_h1": 1.0}))
-    with pytest.raises(ProbeError, match=r"b\.json is not a valid metrics file .*delta_h1.*rerun the report stage"):
+    with pytest.raises(ProbeError, match=r"metrics/b\.json is not a valid b\.json .*delta_h1.*rerun the report stage"):
         CheckpointMetrics.read(tmp_path, "b")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_lora_model
+from conftest import copy_repo, make_lora_model
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
 
 from entropy_probe.enumeration import exact_gradients
@@ -123,27 +123,13 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tok):
     assert forced.e_weights.sum().item() == pytest.approx(1.0, rel=1e-12)
 
 
-def _git_files(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)
-
-
 @pytest.mark.slow
 def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
     """dvc in a temp copy of the repo: after a run, adding a probed checkpoint re-runs no sampling stage,
     and a far-away checkpoint is refused for low ESS unless forced."""
     if shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists():
         pytest.skip("dvc not installed")
-    _git_files(tmp_path)
+    copy_repo(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["demo"].update(rl_steps=6, save_steps=2)

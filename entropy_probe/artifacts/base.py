@@ -39,14 +39,28 @@ class JsonArtifact(Record):
     @classmethod
     def read(cls, directory: str | Path) -> Self:
         """Read and validate; a missing or malformed file is a ProbeError naming the stage to re-run."""
-        path = cls.path(directory)
-        raw = read_json(path, f"{cls.STAGE} output")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            raise ProbeError(
-                f"{path} is not a valid {cls.FILE} of this version ({key}: {err['msg']})",
-                f"rerun the {cls.STAGE} stage (dvc repro)",
-            ) from None
+        return read_validated(cls, cls.path(directory), cls.STAGE)
+
+
+def read_validated(model: type[BaseModel], path: Path, stage: str):
+    """`model` validated from the JSON file `path`; a missing or malformed file is one line naming `stage`."""
+    raw = read_json(path, f"{stage} output")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        raise ProbeError(
+            f"{path} is not a valid {path.name} of this version ({key}: {err['msg']})",
+            f"rerun the {stage} stage (dvc repro)",
+        ) from None
+
+
+def every_target(targets: dict) -> dict:
+    """A per-target mapping holds every entropy target, in TARGETS order (the order written to files)."""
+    from ..estimators import TARGETS
+
+    missing = [t for t in TARGETS if t not in targets]
+    if missing:
+        raise ValueError(f"no entry for target '{missing[0]}'")
+    return {t: targets[t] for t in TARGETS}

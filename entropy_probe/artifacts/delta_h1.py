@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_serializer
 from ..errors import ProbeError
 from ..estimators import TARGETS
 from ..files import read_tensors, write_tensors
-from .base import JsonArtifact, Record
+from .base import JsonArtifact, Record, every_target
 
 Target = Literal["sequence", "token_mean", "seq_mean_token_mean"]
 BARS_FILE = "bars.safetensors"
@@ -132,13 +132,7 @@ class DeltaH1Report(JsonArtifact):
     reuse: ReuseRecord
     world_size: int
 
-    @field_validator("targets")
-    @classmethod
-    def _every_target(cls, targets: dict[str, TargetEstimate]) -> dict[str, TargetEstimate]:
-        missing = [t for t in TARGETS if t not in targets]
-        if missing:
-            raise ValueError(f"no entry for target '{missing[0]}'")
-        return {t: targets[t] for t in TARGETS}  # file order = TARGETS order
+    _every_target = field_validator("targets")(every_target)
 
     @property
     def target(self) -> str:

@@ -17,8 +17,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from ..estimators import TARGETS
-from .base import JsonArtifact, Record
+from .base import JsonArtifact, Record, every_target
 
 Target = Literal["sequence", "token_mean", "seq_mean_token_mean"]
 
@@ -73,13 +72,7 @@ class ExactReport(JsonArtifact):
     n_sequences: int
     n_parameters: int
 
-    @field_validator("targets")
-    @classmethod
-    def _every_target(cls, targets: dict[str, ExactTarget]) -> dict[str, ExactTarget]:
-        missing = [t for t in TARGETS if t not in targets]
-        if missing:
-            raise ValueError(f"no entry for target '{missing[0]}'")
-        return {t: targets[t] for t in TARGETS}  # file order = TARGETS order
+    _every_target = field_validator("targets")(every_target)
 
 
 __all__ = ["EtaPoint", "ExactGeneration", "ExactReport", "ExactTarget"]

@@ -11,11 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal, Self
 
-from pydantic import ValidationError
-
-from ..errors import ProbeError
-from ..files import read_json, write_json
-from .base import JsonArtifact, Record
+from ..files import write_json
+from .base import JsonArtifact, Record, read_validated
 
 Target = Literal["sequence", "token_mean", "seq_mean_token_mean"]
 
@@ -99,17 +96,7 @@ class CheckpointMetrics(Record):
     @classmethod
     def read(cls, report_dir: str | Path, checkpoint: str) -> Self:
         """Read and validate; a missing or malformed file is a one-line ProbeError naming the stage to re-run."""
-        path = cls.path(report_dir, checkpoint)
-        raw = read_json(path, "report metrics")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            raise ProbeError(
-                f"{path} is not a valid metrics file of this version ({key}: {err['msg']})",
-                "rerun the report stage (dvc repro)",
-            ) from None
+        return read_validated(cls, cls.path(report_dir, checkpoint), "report")
 
 
 __all__ = ["CheckpointMetrics", "CheckpointRow", "Report"]

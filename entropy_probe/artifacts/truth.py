@@ -20,8 +20,7 @@ from typing import ClassVar
 
 from pydantic import field_validator
 
-from ..estimators import TARGETS
-from .base import JsonArtifact, Record
+from .base import JsonArtifact, Record, every_target
 from .delta_h1 import Target
 
 
@@ -105,13 +104,7 @@ class TruthReport(JsonArtifact):
     generation: TruthGeneration
     fresh_seed: int | None
 
-    @field_validator("targets")
-    @classmethod
-    def _every_target(cls, targets: dict[str, TruthTarget]) -> dict[str, TruthTarget]:
-        missing = [t for t in TARGETS if t not in targets]
-        if missing:
-            raise ValueError(f"no entry for target '{missing[0]}'")
-        return {t: targets[t] for t in TARGETS}  # file order = TARGETS order
+    _every_target = field_validator("targets")(every_target)
 
 
 __all__ = ["EtaPoint", "FreshPoint", "Linearity", "SnisPoint", "TruthGeneration", "TruthReport", "TruthTarget"]
