@@ -27,5 +27,7 @@ demo: venv
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 -q
 
-clean:
-	rm -rf $(VENV) data/demo data/verify data/sample_e data/sample_u data/delta_h1 data/exact .dvc/cache .dvc/tmp
+clean:  # everything the pipeline wrote, except data/README.md and the metrics git keeps
+	rm -rf $(VENV) .dvc/cache .dvc/tmp
+	find data -mindepth 1 -maxdepth 1 ! -name README.md ! -name report -exec rm -rf {} +
+	[ ! -d data/report ] || find data/report -mindepth 1 -maxdepth 1 ! -name metrics -exec rm -rf {} +
