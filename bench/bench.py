@@ -1,6 +1,7 @@
 """Benchmark of the probe's cost as ratios to the passes it cannot avoid (results: bench/README.md).
 
     python bench/bench.py [--quick] [--out bench/results/bench.json] [--device cuda --dtype bf16 [--qlora]]
+    python bench/bench.py --shape qwen2.5-0.5b [--layers N] --out bench/results/bench_cpu_qwen05b.json
 
 A random Qwen2 larger than the demo + LoRA; E and U sampled by the product's `generate_responses`; the
 product's own passes timed on them (one warm-up, then the median of `repeats` interleaved rounds):
@@ -10,11 +11,16 @@ product's own passes timed on them (one warm-up, then the median of `repeats` in
     sample   = t(generate_responses)                                          / t(plain generate)  ≤ 1.05
     memory   = peak(compute_delta_h1) / peak(plain fwd+bwd), above the post-load baseline, each in a
                fresh process (CPU: VmHWM after clear_refs; CUDA: max_memory_allocated)
+    memory_vs_train_step = peak(compute_delta_h1) / peak(train step: fwd+bwd of the PG loss on U alone)
 
 "plain fwd+bwd" is a trainer's step on the same E and U tokens: forward on the same padded input_ids
 (logits for the response columns only), log_softmax(logits / T), gather, masked sum, `.backward()`
 into `.grad`, in the same token-budget microbatches. "E pass without tangents" is `entropy_pass` with
 no direction (X̄ alone, what δH₁ needs without SE_E).
+
+`--shape qwen2.5-0.5b` builds Qwen2.5-0.5B's shapes from a config with random weights (no download) and
+random token ids instead of sampled responses (this keeps a CPU run within minutes; that shape has no
+`sample` ratio); `--layers` keeps fewer decoder layers, same hidden size and vocabulary.
 """
 
 from __future__ import annotations
@@ -66,6 +72,28 @@ FULL = dict(
     repeats=5,
 )
 QUICK = dict(FULL, B_E=16, B_U=4, repeats=2)
+# real model shapes with random weights; "random_tokens": E and U are random ids (all responses full
+# length new_tokens, no eos), not sampled, and their per-token statistics come from one scoring pass
+SHAPES = {
+    "qwen2.5-0.5b": dict(
+        hidden=896,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        intermediate=4864,
+        vocab=151936,
+        tie_word_embeddings=True,
+        lora_rank=16,
+        prompt_len=16,
+        new_tokens=256,
+        B_E=4,
+        B_U=2,
+        G=2,
+        max_tokens=4096,
+        repeats=2,
+        random_tokens=True,
+    ),
+}
 TARGETS = {"delta_h1": 1.2, "se_extra": 0.5, "sample": 1.05}
 
 
@@ -96,7 +124,7 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
     config = Qwen2Config(
         vocab_size=cfg["vocab"],
         hidden_size=cfg["hidden"],
-        intermediate_size=3 * cfg["hidden"],
+        intermediate_size=cfg.get("intermediate", 3 * cfg["hidden"]),
         num_hidden_layers=cfg["layers"],
         num_attention_heads=cfg["heads"],
         num_key_value_heads=cfg["kv_heads"],
@@ -104,7 +132,7 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
         eos_token_id=cfg["vocab"] - 2,
         pad_token_id=cfg["vocab"] - 1,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attn_implementation="eager",
     )
     with torch.random.fork_rng(devices=[]):
@@ -149,6 +177,37 @@ def random_prompts(cfg: dict, n: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     lens = torch.randint(cfg["prompt_len"] // 2, cfg["prompt_len"] + 1, (n,), generator=gen)
     return [" ".join(f"w{int(t)}" for t in torch.randint(0, cfg["vocab"] - 2, (int(k),), generator=gen)) for k in lens]
+
+
+def random_token_tensors(cfg: dict, n_prompts: int, rows_per_prompt: int, seed: int) -> dict:
+    """Sample tensors in the artifact layout from random ids: prompts of prompt_len/2 … prompt_len tokens
+    (left-padded), each repeated rows_per_prompt times, every response new_tokens long (truncated, no eos).
+
+    The per-token statistics are zero here; `score_token_stats` fills them under the model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    P, R, n = cfg["prompt_len"], cfg["new_tokens"], n_prompts * rows_per_prompt
+    lens = torch.randint(P // 2, P + 1, (n_prompts,), generator=gen).repeat_interleave(rows_per_prompt)
+    prompt = torch.randint(0, cfg["vocab"] - 2, (n_prompts, P), generator=gen).repeat_interleave(rows_per_prompt, 0)
+    prompt_mask = (torch.arange(P)[None, :] >= P - lens[:, None]).long()
+    input_ids = torch.cat([torch.where(prompt_mask.bool(), prompt, cfg["vocab"] - 1), torch.zeros(n, R).long()], 1)
+    input_ids[:, P:] = torch.randint(0, cfg["vocab"] - 2, (n, R), generator=gen)
+    stats = {k: torch.zeros(n, R) for k in ("logprobs", "entropies", "top1_prob", "margin")}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.cat([prompt_mask, torch.ones(n, R).long()], 1),
+        **stats,
+        "prompt_lens": lens,
+        "response_lens": torch.full((n,), R),
+        "truncated": torch.ones(n, dtype=torch.bool),
+    }
+
+
+def score_token_stats(model, tensors: dict, cfg: dict, device: str) -> dict:
+    """The tensors with their per-token statistics (ℓ, H, top1, margin) from one scoring pass under `model`."""
+    B = Batch.from_tensors(tensors, cfg["temperature"], cfg["top_p"], device)
+    stats = B.token_stats(model, cfg["max_tokens"])
+    return dict(tensors, **{k: v.float().cpu() for k, v in stats.items()})
 
 
 def sample(model, tok, prompts: list[str], cfg: dict, seed: int) -> dict:
@@ -247,6 +306,13 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
     }
 
 
+def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int) -> dict:
+    """The timed callables plus `train_step`: a trainer's step on U alone (fwd+bwd of the PG loss)."""
+    fns = work(model, E, U, layout, spec, max_tokens)
+    fns["train_step"] = lambda: plain_forward_backward(model, [U], max_tokens)
+    return fns
+
+
 # ----------------------------------------------------------------------------- timing and memory
 
 
@@ -284,7 +350,7 @@ def measure_memory_child(args) -> None:
     layout, spec = adam_spec(model)
     one = Batch(E.input_ids[:1], E.attention_mask[:1], E.mask[:1], E.n_prompt_cols, E.temperature, E.top_p, {})
     plain_forward_backward(model, [one], cfg["max_tokens"])
-    fn = work(model, E, U, layout, spec, cfg["max_tokens"])[args.measure_memory]
+    fn = memory_kinds(model, E, U, layout, spec, cfg["max_tokens"])[args.measure_memory]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -349,17 +415,21 @@ def profile(fn, device: str, path: Path) -> None:
 
 def ratios(t: dict) -> dict:
     plain = t["plain_fwd_bwd"]
-    return {
+    out = {
         "delta_h1": t["delta_h1"] / plain,
         "se_extra": (t["e_pass"] - t["e_pass_gradient_only"] + t["u_row_terms"]) / plain,
         "delta_h1_without_se": (t["u_gradient"] + t["e_pass_gradient_only"]) / plain,
-        "sample": t["generate_responses"] / t["plain_generate"],
     }
+    if "generate_responses" in t:  # not timed for shapes with random tokens
+        out["sample"] = t["generate_responses"] / t["plain_generate"]
+    return out
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller batches, 2 rounds (≲ 1 min on 2 CPU cores)")
+    ap.add_argument("--shape", choices=["default", *SHAPES], default="default", help="model shape and batches")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     ap.add_argument("--out", default=str(ROOT / "bench/results/bench.json"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -382,25 +452,36 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.measure_memory:
         return measure_memory_child(args)
-    cfg = dict(QUICK if args.quick else FULL, temperature=args.temperature, top_p=args.top_p)
+    base_cfg = SHAPES[args.shape] if args.shape != "default" else (QUICK if args.quick else FULL)
+    cfg = dict(base_cfg, temperature=args.temperature, top_p=args.top_p)
     cfg["repeats"] = args.repeats or cfg["repeats"]
+    cfg["layers"] = args.layers or cfg["layers"]
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
-    # sampling: the product's generate_responses vs plain generate, same prompts and settings
-    tok = build_tokenizer(cfg["vocab"])
     model = build_model(cfg, args.device, DTYPES[args.dtype], args.qlora)
-    E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
-    sample_times, sample_outs = time_rounds(
-        {
-            "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
-            "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
-        },
-        cfg["repeats"],
-        args.device,
-    )
-    E_t = sample_outs["generate_responses"]
-    U_t = sample(model, tok, [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])], cfg, 12)
+    if cfg.get("random_tokens"):
+        sample_times, generate_steps = {}, None
+        E_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_E"], 1, seed=1), cfg, args.device)
+        U_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_U"], cfg["G"], seed=2), cfg, args.device)
+    else:  # sampling: the product's generate_responses vs plain generate, same prompts and settings
+        tok = build_tokenizer(cfg["vocab"])
+        E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
+        sample_times, sample_outs = time_rounds(
+            {
+                "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
+                "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
+            },
+            cfg["repeats"],
+            args.device,
+        )
+        E_t = sample_outs["generate_responses"]
+        U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+        U_t = sample(model, tok, U_prompts, cfg, 12)
+        generate_steps = {
+            "generate_responses": E_t["logprobs"].shape[1],
+            "plain_generate": sample_outs["plain_generate"],
+        }
     E, U = to_batches(E_t, U_t, cfg, args.device)
     layout, spec = adam_spec(model)
 
@@ -423,12 +504,13 @@ def main(argv=None) -> dict:
 
     memory = {}
     if not args.no_memory:
-        kinds = ["plain_fwd_bwd", "delta_h1"]
+        kinds = ["plain_fwd_bwd", "train_step", "delta_h1"]
         kinds += ["u_gradient", "e_pass", "e_pass_gradient_only", "u_row_terms"] if args.memory_passes else []
         with tempfile.TemporaryDirectory() as tmp:
             torch.save((E_t, U_t), Path(tmp) / "batches.pt")
             memory = {k: peak_memory(k, cfg, args, str(Path(tmp) / "batches.pt")) for k in kinds}
         median["memory"] = memory["delta_h1"]["peak_bytes"] / max(1, memory["plain_fwd_bwd"]["peak_bytes"])
+        median["memory_vs_train_step"] = memory["delta_h1"]["peak_bytes"] / max(1, memory["train_step"]["peak_bytes"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
@@ -450,14 +532,12 @@ def main(argv=None) -> dict:
             "columns": [E.input_ids.shape[1], U.input_ids.shape[1]],
             "E_response_tokens": int(E.mask.sum()),
             "U_response_tokens": int(U.mask.sum()),
-            "generate_steps": {
-                "generate_responses": E_t["logprobs"].shape[1],
-                "plain_generate": sample_outs["plain_generate"],
-            },
+            "generate_steps": generate_steps,
         },
         "model": {
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": layout.numel,
+            "shape": args.shape,
             "dtype": args.dtype,
             "qlora": args.qlora,
             "attn_implementation": "eager",

@@ -8,7 +8,7 @@ vocabulary; every token in the nucleus spawns a child; a child ending in eos, or
 max_new_tokens, is a complete sequence. Tokens outside the nucleus have π = 0 and are pruned.
 
 With p(y) = Π_k π(y_k|x, y_<k), S(y) = Σ_k H_k(y), L(y) = len(y) (eos included) and prompt weights
-w_x (the E batch's prompt multiset, normalised):
+w_x (the E batch's prompt multiset, normalised; or the whole prompt population, each 1/n):
 
     A = Σ_x w_x Σ_y p(y) S(y),   D = Σ_x w_x Σ_y p(y) L(y),   M = Σ_x w_x Σ_y p(y) S(y)/L(y)
     sequence = A,     token_mean = A / D,     seq_mean_token_mean = M
@@ -232,17 +232,19 @@ def eos_ids(*configs) -> list[int]:
     raise ProbeError("the model config names no eos_token_id", "set eos_token_id in the base model's config")
 
 
-def e_batch_prompts(
-    input_ids: torch.Tensor, prompt_lens: torch.Tensor, n_prompt_cols: int
-) -> tuple[list[list[int]], list[int]]:
-    """Distinct prompts of the E batch (first-seen order) and how often each was drawn.
-
-    Row i's prompt is the last prompt_lens[i] tokens of its first `n_prompt_cols` (left-padded) columns.
-    """
+def row_prompts(input_ids: torch.Tensor, prompt_lens: torch.Tensor, n_prompt_cols: int) -> list[list[int]]:
+    """Each E row's prompt tokens: the last prompt_lens[i] of its first `n_prompt_cols` (left-padded) columns."""
     P = n_prompt_cols
     if (prompt_lens < 1).any() or (prompt_lens > P).any():
         raise ProbeError("E samples have prompt_lens outside [1, P]", "rerun sample-e")
-    counts = Counter(tuple(input_ids[i, P - int(n) : P].tolist()) for i, n in enumerate(prompt_lens))
+    return [input_ids[i, P - int(n) : P].tolist() for i, n in enumerate(prompt_lens)]
+
+
+def e_batch_prompts(
+    input_ids: torch.Tensor, prompt_lens: torch.Tensor, n_prompt_cols: int
+) -> tuple[list[list[int]], list[int]]:
+    """Distinct prompts of the E batch (first-seen order) and how often each was drawn."""
+    counts = Counter(tuple(p) for p in row_prompts(input_ids, prompt_lens, n_prompt_cols))
     return [list(p) for p in counts], list(counts.values())
 
 
@@ -447,6 +449,7 @@ __all__ = [
     "exact_gradients",
     "exact_moments",
     "fd_slopes",
+    "row_prompts",
     "sequences_per_prompt",
     "targets_from_sums",
     "trainable",

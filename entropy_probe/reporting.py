@@ -2,8 +2,11 @@
 
 No new estimates (docs/math.md §9); everything is copied from the stage outputs except:
 
-    z        = (δH₁ − δH₁_exact) / SE_E        read from exact.json: exact enumerates the E prompts with
-                                               Δθ fixed, so only the E batch's sampling error separates them
+    z        = (δH₁ − δH₁_exact) / SE_E        read from exact.json: δH₁_exact over the whole prompt
+                                               population (Δθ fixed), so only the E batch's sampling error —
+                                               which prompts were drawn included — separates them; over the
+                                               drawn E prompts only when the population was too large to
+                                               enumerate (exact_scope says which)
     δH₁(η)   = (η / lr) · δH₁  = m · δH₁       the first-order prediction at η = m · lr, drawn with a
                                                band of ±2 · SE(δH₁) · η/lr
     ratio    = ΔH(lr) / δH₁                    truth over prediction at m = 1 (1 = perfect)
@@ -168,11 +171,14 @@ def checkpoint_probe(
     d1, lr = delta_h1.delta_h1, delta_h1.learning_rate
 
     curve = _Curve()
-    row.update(exact_delta_h1=None, exact_z=None)
+    row.update(exact_delta_h1=None, exact_z=None, exact_scope=None)
     if exact is not None:
         t = exact.targets[target]
         _same(d1, t.delta_h1, "exact.json", name, "δH₁")
-        row.update(exact_delta_h1=t.delta_h1_exact, exact_z=t.z)  # z as exact computed it
+        if t.delta_h1_exact_population is not None:  # the calibrated test (docs/math.md §7.4)
+            row.update(exact_delta_h1=t.delta_h1_exact_population, exact_z=t.z_population, exact_scope="population")
+        else:
+            row.update(exact_delta_h1=t.delta_h1_exact, exact_z=t.z, exact_scope="E prompts")
         for g in t.eta_grid:
             curve.at(g.multiplier).exact = g.delta_h_exact
     row.update(dict.fromkeys(TRUTH_KEYS))
@@ -252,7 +258,7 @@ def table_cells(name: str, r: CheckpointRow) -> list[str]:
         _f(r.delta_h1_naive),
         _f(r.cov_logp_advantage),
         ess,
-        _f(r.exact_delta_h1),
+        _f(r.exact_delta_h1) + ("*" if r.exact_scope == "E prompts" else ""),
         _f(r.exact_z, "+.2f"),
         _pm(r.truth_snis, r.truth_snis_se),
         _pm(r.truth_fresh, r.truth_fresh_se),
@@ -275,7 +281,8 @@ def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
         "",
         "SE: standard error (E and U batches). Parts: gradient + momentum/decay = δH₁. Naive: δH₁ without "
         "Rao-Blackwellisation/baseline. ESS/N: importance-weight effective sample size when the samples were drawn "
-        "by another checkpoint. z = (δH₁ − exact) / SE_E. ΔH(lr): ground truth at η = lr by self-normalised "
+        "by another checkpoint. z = (δH₁ − exact) / SE_E, exact over the whole prompt population (over the drawn E "
+        "prompts only, marked *, when the population is too large to enumerate). ΔH(lr): ground truth at η = lr by self-normalised "
         "importance sampling (SNIS) and by fresh samples; ratio = ΔH(lr) / δH₁ (1 = perfect prediction).",
         "",
         f"## Top entropy-lowering U groups ({last})",

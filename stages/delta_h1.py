@@ -79,8 +79,13 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
         mode,
         why,
     )
-    if dry_run:
-        return None
+    if dry_run:  # the plan: what would be computed, from the artifacts alone (no model is loaded)
+        return (
+            f"delta-h1 plan: E {len(E_s.input_ids)} sequences, U {len(U_s.input_ids)} sequences ({n_groups} "
+            f"groups of {U_s.meta.G}); target {params.estimator.entropy}, baseline {params.estimator.baseline}; "
+            f"update {params.update.rule} ({mode}, clip {max_grad_norm}); checkpoint {params.checkpoint.path}; "
+            f"writes {out_dir}"
+        )
     if trainer.get("beta"):
         log.warning(
             "delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only",

@@ -2,6 +2,8 @@
 
 Reads the E samples (prompts and generation settings), Δθ and δH₁ from delta-h1 and the checkpoint
 fingerprint from verify; enumerates on a float64 copy of the policy; writes exact.json (`ExactReport`).
+Also enumerates H and ∇H · Δθ over the whole prompt population E was drawn from (every dataset record,
+each 1/n), the reference of the calibrated z-score (§7.4), when it fits in exact.max_sequences.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from entropy_probe import task
 from entropy_probe.artifacts.delta_h1 import Bars, DeltaH1Report, TargetEstimate
 from entropy_probe.artifacts.exact import EtaPoint, ExactGeneration, ExactReport, ExactTarget
 from entropy_probe.artifacts.samples import Samples
@@ -25,6 +28,7 @@ from entropy_probe.enumeration import (
     eos_ids,
     exact_gradients,
     fd_slopes,
+    row_prompts,
     sequences_per_prompt,
 )
 from entropy_probe.errors import ProbeError
@@ -49,6 +53,48 @@ def _base_config(params: Params):
     from entropy_probe.checkpoint import resolve_paths
 
     return AutoConfig.from_pretrained(resolve_paths(params.checkpoint).base_model)
+
+
+def _load_tokenizer(params: Params):
+    """The probed checkpoint's tokenizer (delta-h1 refuses samples drawn with any other)."""
+    from entropy_probe.checkpoint import load_tokenizer, resolve_paths
+
+    return load_tokenizer(resolve_paths(params.checkpoint))
+
+
+def _population(params: Params, samples: Samples) -> task.PromptSet:
+    """The dataset the E batch was drawn from (batch_config's), refused unless it is the one E records."""
+    prompt_set = task.load_prompts(params.batch_config)
+    recorded = samples.meta.dataset
+    if recorded.fingerprint != prompt_set.fingerprint or recorded.size != len(prompt_set):
+        raise ProbeError(
+            f"the E samples were drawn from dataset {recorded.fingerprint} ({recorded.size} records), "
+            f"batch_config names {prompt_set.fingerprint} ({len(prompt_set)} records)",
+            "point batch_config at the E samples' dataset, or rerun sample-e",
+        )
+    return prompt_set
+
+
+def _population_token_ids(prompt_set: task.PromptSet, tokenizer, samples: Samples) -> list[list[int]]:
+    """Every dataset prompt as token ids, tokenised as sampling does (the text as given, no special tokens).
+
+    Each E row's prompt tokens must equal those of its record (prompt_index): then the population is
+    exactly the space E's prompts were drawn from, token for token.
+    """
+    ids = [list(x) for x in tokenizer(prompt_set.prompts, add_special_tokens=False)["input_ids"]]
+    rows = row_prompts(samples.input_ids, samples.prompt_lens, samples.n_prompt_cols)
+    for row, (i, tokens) in enumerate(zip(samples.prompt_index.tolist(), rows)):
+        if not 0 <= i < len(ids) or ids[i] != tokens:
+            raise ProbeError(
+                f"E row {row}'s prompt tokens differ from dataset record {i} tokenised now",
+                "rerun sample-e with the current dataset and tokenizer",
+            )
+    return ids
+
+
+def _sequence_bound(n_prompts: int, config, n_eos: int, max_new_tokens: int) -> int:
+    """Upper bound (exact at top_p = 1) on the sequences of n_prompts prompts' enumeration."""
+    return n_prompts * sequences_per_prompt(config.vocab_size, n_eos, max_new_tokens)
 
 
 def _float64_model(model, bars: Bars):
@@ -76,6 +122,11 @@ def _delta_h1_inputs(params: Params) -> tuple[Bars, DeltaH1Report]:
     return bars, report
 
 
+def _z(dh1: float, exact: float | None, se_E: float) -> float | None:
+    """(δH₁ − exact) / SE_E; None without an exact value or with SE_E = 0."""
+    return (dh1 - exact) / se_E if exact is not None and se_E and math.isfinite(se_E) else None
+
+
 def _compared(
     entropy: float,
     exact_dh1: float,
@@ -84,9 +135,12 @@ def _compared(
     estimate: TargetEstimate,
     multipliers: list[float],
     lr: float,
+    population: tuple[float, float] | None,
 ) -> ExactTarget:
-    """One target's exact values next to delta-h1's estimate: z = (δH₁ − exact) / SE_E, FD relative error."""
+    """One target's exact values next to delta-h1's estimate: z against the drawn prompts' exact δH₁ and
+    z_population against the whole population's (`population` = (H, δH₁) there, None when skipped)."""
     dh1, se_E = estimate.delta_h1, estimate.se_E
+    h_pop, dh1_pop = population if population is not None else (None, None)
     grid = [
         EtaPoint(
             multiplier=m,
@@ -104,10 +158,13 @@ def _compared(
         delta_h1=dh1,
         se_E=se_E,
         se_delta_h1=estimate.se_delta_h1,
-        z=(dh1 - exact_dh1) / se_E if se_E and math.isfinite(se_E) else None,
+        z=_z(dh1, exact_dh1, se_E),
         fd_slope=slope,
         rel_err_fd=abs(exact_dh1 - slope) / max(abs(slope), 1e-300),
         eta_grid=grid,
+        entropy_exact_population=h_pop,
+        delta_h1_exact_population=dh1_pop,
+        z_population=_z(dh1, dh1_pop, se_E),
     )
 
 
@@ -122,18 +179,39 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     prompts, mult = e_batch_prompts(samples.input_ids, samples.prompt_lens, samples.n_prompt_cols)
     if dry_run:
         config = _base_config(params)
-        bound = len(prompts) * sequences_per_prompt(config.vocab_size, len(eos_ids(config)), gen.max_new_tokens)
+        n_eos = len(eos_ids(config))
+        bound = _sequence_bound(len(prompts), config, n_eos, gen.max_new_tokens)
+        n_pop = len(_population(params, samples))
+        pop_bound = _sequence_bound(n_pop, config, n_eos, gen.max_new_tokens)
         exactly = "exactly" if gen.top_p >= 1.0 else "at most (top_p < 1 prunes the tree)"
         print(
             f"exact: {len(prompts)} distinct prompts ({sum(mult)} E rows), {exactly} {bound} sequences to "
-            f"enumerate (vocab {config.vocab_size}, max_new_tokens={gen.max_new_tokens}); limit "
+            f"enumerate (vocab {config.vocab_size}, max_new_tokens={gen.max_new_tokens}); the whole population: "
+            f"{n_pop} prompts, {exactly} {pop_bound} sequences"
+            f"{' (over the limit: skipped)' if pop_bound > ep.max_sequences else ''}; limit "
             f"exact.max_sequences={ep.max_sequences}; writes {Path(out_dir) / ExactReport.FILE}"
         )
         return None
     bars, dh1_report = _delta_h1_inputs(params)
+    prompt_set = _population(params, samples)
     lr = dh1_report.learning_rate
     model = _load_model(params)
     eos = eos_ids(getattr(model, "generation_config", None), model.config)
+    pop_bound = _sequence_bound(len(prompt_set), model.config, len(eos), gen.max_new_tokens)
+    population_ids = None
+    if pop_bound > ep.max_sequences:
+        # counted before enumerating: no partial population value, and no E-conditional number in its place
+        log.warning(
+            "exact: the whole population (%d prompts) has up to %d sequences > exact.max_sequences = %d; "
+            "no population δH₁ or z_population (raise exact.max_sequences to get the calibrated z)",
+            len(prompt_set),
+            pop_bound,
+            ep.max_sequences,
+        )
+    else:
+        tokenizer = _load_tokenizer(params)
+        samples.check_fits_model(model, tokenizer)
+        population_ids = _population_token_ids(prompt_set, tokenizer, samples)
     kw = dict(
         eos_id=eos,
         max_new_tokens=gen.max_new_tokens,
@@ -155,6 +233,14 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     values, grads, n_seq = exact_gradients(model, prompts, mult, prompts_per_chunk=ep.prompts_per_chunk, **kw)
     exact_dh1 = {t: directional(grads[t], delta) for t in TARGETS}
     log.info("exact δH₁: %s", {t: f"{v:.4e}" for t, v in exact_dh1.items()})
+    population, n_pop_seq = {t: None for t in TARGETS}, None
+    if population_ids is not None:
+        # uniform weights 1/n: E draws its prompts uniformly with replacement from these
+        pop_values, pop_grads, n_pop_seq = exact_gradients(
+            model, population_ids, None, prompts_per_chunk=ep.prompts_per_chunk, **kw
+        )
+        population = {t: (pop_values[t], directional(pop_grads[t], delta)) for t in TARGETS}
+        log.info("exact δH₁ over the population: %s", {t: f"{v[1]:.4e}" for t, v in population.items()})
     kw_nograd = dict(kw, prompts_per_chunk=ep.prompts_per_chunk)
     with torch.no_grad():
         slopes = fd_slopes(model, delta, prompts, mult, step=ep.fd_eps, **kw_nograd)
@@ -163,7 +249,16 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     result = ExactReport(
         configured_target=params.estimator.entropy,
         targets={
-            t: _compared(values[t], exact_dh1[t], slopes[t], curve[t], dh1_report.targets[t], ep.eta_multipliers, lr)
+            t: _compared(
+                values[t],
+                exact_dh1[t],
+                slopes[t],
+                curve[t],
+                dh1_report.targets[t],
+                ep.eta_multipliers,
+                lr,
+                population[t],
+            )
             for t in TARGETS
         },
         learning_rate=lr,
@@ -177,24 +272,32 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
         n_e_rows=sum(mult),
         n_sequences=n_seq,
         n_parameters=sum(v.numel() for v in delta.values()),
+        n_population_prompts=len(prompt_set),
+        n_population_sequences=n_pop_seq,
     )
     with staged_output_dir(out_dir) as tmp:
         result.write(tmp)
     for t, r in result.targets.items():
-        z = "n/a" if r.z is None else f"{r.z:+.2f}"
         log.info(
-            "%s: H=%.5f  δH₁ exact %.4e  estimate %.4e  z %s  FD rel err %.1e",
+            "%s: H=%.5f  δH₁ exact %.4e (population %s)  estimate %.4e  z_population %s (given E's prompts %s)  "
+            "FD rel err %.1e",
             t,
             r.entropy_exact,
             r.delta_h1_exact,
+            _fmt(r.delta_h1_exact_population, ".4e"),
             r.delta_h1,
-            z,
+            _fmt(r.z_population, "+.2f"),
+            _fmt(r.z, "+.2f"),
             r.rel_err_fd,
         )
     log.info("exact: done in %.1f s", time.perf_counter() - t0)
     main = result.targets[result.configured_target]
-    z = "n/a" if main.z is None else f"{main.z:+.2f}"
     return (
-        f"exact: {main.delta_h1_exact:.4e} exact δH₁ ({result.configured_target}), z {z}, FD rel err "
+        f"exact: {main.delta_h1_exact:.4e} exact δH₁ ({result.configured_target}), z_population "
+        f"{_fmt(main.z_population, '+.2f')} (given E's prompts {_fmt(main.z, '+.2f')}), FD rel err "
         f"{main.rel_err_fd:.1e}, {n_seq} sequences -> {Path(out_dir) / ExactReport.FILE}"
     )
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)

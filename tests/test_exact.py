@@ -1,23 +1,33 @@
 """Exact enumeration: brute-force parity, normalisation, ∇H·Δθ vs finite differences, exact restore,
-the max_sequences refusal, and the `exact` stage end to end on hand-made artifacts."""
+the max_sequences refusal, the calibration of the population z-score, and the `exact` stage end to end on
+hand-made artifacts."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 
 import pytest
 import torch
 from artifact_builders import delta_h1_json, verify_json, write_e_samples
 from conftest import make_lora_model
+from test_delta_h1 import MAX_NEW, TEMPERATURE, adam_state, sample_batch, sample_u
+from test_delta_h1 import PROMPTS as U_PROMPTS
+from tolerances import assert_close_scaled
 
 from entropy_probe import enumeration, perturb
 from entropy_probe.artifacts.delta_h1 import Bars
 from entropy_probe.artifacts.exact import ExactReport
+from entropy_probe.artifacts.samples import Samples, tokenizer_identity
 from entropy_probe.errors import ProbeError
 from entropy_probe.files import write_json
-from entropy_probe.params import Params
+from entropy_probe.params import EstimatorParams, Params
 from entropy_probe.policy import policy_logprobs
+from entropy_probe.probe import UpdateSpec, compute_delta_h1
+from entropy_probe.task import load_prompts
+from entropy_probe.tiny import build_tokenizer
 from stages import exact as exact_stage
 
 # floating-point results of the model's kernels, compared to tight tolerances (see tests/tolerances.py)
@@ -236,6 +246,79 @@ def test_delta_h1_matches_finite_difference_slope(top_p):
         assert abs(curve[t][1] - lin) < 0.05 * abs(lin)
 
 
+# ---------------------------------------------------------------------------------------------- z-scores
+
+# E is drawn from this population. Δθ (from test_delta_h1's U prompts) moves the entropies of these prompts by
+# very different amounts, so which prompts E drew is a large part of SE_E, as on the demo.
+POPULATION = U_PROMPTS + ["7", "77", "777", "7777"]
+
+
+def per_prompt_moments(model, prompt_ids, delta, **kw) -> torch.Tensor:
+    """[n, 3, 2] float64: per prompt, (value, ∇ · Δθ) of A_x = Σ_y p S, D_x = Σ_y p L and M_x = Σ_y p S/L."""
+    params = enumeration.trainable(model)
+    rows = []
+    for _, sums, _ in enumeration.chunk_sums(model, prompt_ids, None, 1, **kw):
+        row = []
+        for k in ("sum_h", "length", "mean_h"):
+            grads = torch.autograd.grad(sums[k], list(params.values()), retain_graph=True)
+            row.append((float(sums[k].detach()), enumeration.directional(dict(zip(params, grads)), delta)))
+        rows.append(row)
+    return len(prompt_ids) * torch.tensor(rows, dtype=torch.float64)  # chunk_sums weighs each prompt 1/n
+
+
+def exact_delta_h1(moments: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Exact δH₁ over the prompt multiset with these counts: w = counts / Σ counts, A = Σ w_x A_x (…),
+    δ(A/D) = (δA·D − A·δD) / D²."""
+    w = counts.double() / counts.sum()
+    (A, dA), (D, dD), (_, dM) = ((w @ moments[:, k, :]).tolist() for k in range(3))
+    return {"sequence": dA, "token_mean": (dA * D - A * dD) / D**2, "seq_mean_token_mean": dM}
+
+
+def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
+    """Over repeated E draws (fixed U, so fixed Δθ), z_population = (δH₁ − exact over the whole population) / SE_E
+    has mean ≈ 0 and SD ≈ 1, while z against the exact value over each draw's own prompt multiset has SD well
+    below 1: SE_E counts the variance of which prompts were drawn, which that comparison holds fixed."""
+    model = make_lora_model(seed=3, rank=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # far from uniform, as test_delta_h1's model
+    layout, state = adam_state(model)
+    spec = UpdateSpec("sgd", state, None, "token-mean", None)
+    U = sample_u(model, tokenizer, n_groups=8, G=4, seed=2)
+    kw = dict(eos_id=tokenizer.eos_token_id, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_p=1.0)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in POPULATION]
+    moments, population = None, None
+    z_pop, z_cond = ({t: [] for t in enumeration.TARGETS} for _ in range(2))
+    for d in range(120):
+        # B_E = 64 prompts uniformly with replacement, as sample-e draws them (generation.plan_e)
+        rows = torch.randint(len(POPULATION), (64,), generator=torch.Generator().manual_seed(5000 + d))
+        E = sample_batch(model, tokenizer, [POPULATION[i] for i in rows.tolist()], seed=6000 + d)
+        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
+        if moments is None:  # Δθ depends on U only: the same for every draw
+            delta = layout.unflatten(result["delta_theta"])
+            moments = per_prompt_moments(model, ids, delta, max_sequences=10**6, **kw)
+            population = exact_delta_h1(moments, torch.ones(len(ids)))
+            # the stage's population value (exact_gradients, uniform weights, other chunks) is this one, up to
+            # float32 rounding of the enumerated sums (scale: the largest per-prompt term)
+            _, grads, _ = enumeration.exact_gradients(model, ids, None, prompts_per_chunk=3, max_sequences=10**6, **kw)
+            scale = float(moments[:, :, 1].abs().max())
+            for t in enumeration.TARGETS:
+                got = enumeration.directional(grads[t], delta)
+                assert_close_scaled(got, population[t], scale, what=f"population δH₁ ({t})")
+        drawn = exact_delta_h1(moments, torch.bincount(rows, minlength=len(ids)))
+        for t in enumeration.TARGETS:
+            r = result["targets"][t]
+            z_pop[t].append((r["delta_h1"] - population[t]) / r["se_E"])
+            z_cond[t].append((r["delta_h1"] - drawn[t]) / r["se_E"])
+    sd = {t: (torch.tensor(z_pop[t]).std().item(), torch.tensor(z_cond[t]).std().item()) for t in z_pop}
+    for t in enumeration.TARGETS:
+        mean = sum(z_pop[t]) / len(z_pop[t])
+        assert 0.6 < sd[t][0] < 1.5 and abs(mean) < 0.5, (t, mean, sd[t])
+        assert sd[t][1] < sd[t][0], (t, sd[t])
+    # measured: SD 1.05 (population) vs 0.71 (given the drawn prompts) for token_mean, 1.04 vs 0.72 for sequence
+    for t in ("sequence", "token_mean"):
+        assert sd[t][1] < 0.8 * sd[t][0], (t, sd[t])
+
+
 def test_perturbed_restores_bit_exactly(lora_model):
     before = {n: p.detach().clone() for n, p in lora_model.named_parameters()}
     delta = {n: torch.randn_like(p) for n, p in enumeration.trainable(lora_model).items()}
@@ -287,6 +370,24 @@ def write_stage_inputs(root, prompts_rows, horizon, delta, lr, estimates, finger
     write_json(root / "verify" / "verify.json", verify_json(2, lr, fingerprint))
 
 
+# arithmetic:1 = "0+0=", "0+1=", "1+0=", "1+1=", as the tiny tokenizer writes them (one token per character)
+ARITHMETIC_1 = [[0, 10, 0, 12], [0, 10, 1, 12], [1, 10, 0, 12], [1, 10, 1, 12]]
+
+
+def drawn_from_arithmetic(root, prompt_index: list[int]) -> None:
+    """Make the E samples in root/sample_e records `prompt_index` of arithmetic:1, drawn with the tiny tokenizer."""
+    prompt_set = load_prompts(Params().batch_config.model_copy(update={"dataset_name": "arithmetic:1"}))
+    samples = Samples.read(root / "sample_e", "samples_e")
+    dataset = {"name": "arithmetic:1", "fingerprint": prompt_set.fingerprint, "size": len(prompt_set)}
+    meta = samples.meta.model_copy(
+        update={
+            "dataset": samples.meta.dataset.model_copy(update=dataset),
+            "tokenizer": samples.meta.tokenizer.model_copy(update=tokenizer_identity(build_tokenizer())),
+        }
+    )
+    dataclasses.replace(samples, prompt_index=torch.tensor(prompt_index), meta=meta).write(root / "sample_e")
+
+
 def stage_params(root) -> Params:
     params = Params()
     params.paths.sample_e, params.paths.delta_h1, params.paths.verify = (
@@ -296,19 +397,22 @@ def stage_params(root) -> Params:
     )
     params.exact.eta_multipliers = [0.5, 1.0]
     params.exact.prompts_per_chunk = 2
+    params.batch_config.dataset_name = "arithmetic:1"
     return params
 
 
 def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
+    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: build_tokenizer())
     reference = perturb.as_float64(make_lora_model(seed=2))
-    rows = [[1, 2], [5, 12, 3], [1, 2], [1, 2]]  # 2 distinct prompts, multiplicities 3 and 1
+    index = [1, 3, 1, 1]  # 2 distinct prompts of the 4, multiplicities 3 and 1
     delta = {n: v.float().double() for n, v in random_direction(reference, seed=5).items()}
     estimates = {
         "token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5},
         "sequence": {"delta_h1": 1e-3, "se_E": 0.0, "entropy": 5.0},
     }
-    write_stage_inputs(tmp_path, rows, 2, delta, 1e-2, estimates)
+    write_stage_inputs(tmp_path, [ARITHMETIC_1[i] for i in index], 2, delta, 1e-2, estimates)
+    drawn_from_arithmetic(tmp_path, index)
     params = stage_params(tmp_path)
 
     # --dry-run counts from the config alone: no model load, no enumeration
@@ -317,7 +421,9 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
         m.setattr(exact_stage, "_load_model", lambda params: pytest.fail("--dry-run loaded the model"))
         assert exact_stage.run(params, tmp_path / "dry", dry_run=True) is None
     assert not (tmp_path / "dry").exists()
-    assert "2 distinct prompts (4 E rows), exactly 482 sequences" in capsys.readouterr().out  # 2 × (1 + 16·15)
+    printed = capsys.readouterr().out
+    assert "2 distinct prompts (4 E rows), exactly 482 sequences" in printed  # 2 × (1 + 16·15)
+    assert "the whole population: 4 prompts, exactly 964 sequences;" in printed
 
     summary = exact_stage.run(params, tmp_path / "exact", dry_run=False)
     out = json.loads((tmp_path / "exact" / "exact.json").read_text())
@@ -326,22 +432,30 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert summary.endswith(str(tmp_path / "exact" / "exact.json"))
     assert f"{out['targets']['token_mean']['delta_h1_exact']:.4e} exact δH₁ (token_mean)" in summary
     assert out["n_distinct_prompts"] == 2 and out["n_e_rows"] == 4 and out["n_sequences"] == 482
+    assert out["n_population_prompts"] == 4 and out["n_population_sequences"] == 964
     kw = dict(eos_id=14, max_new_tokens=2, temperature=0.9, top_p=1.0, max_sequences=10**6)
-    full = enumeration.exact_moments(reference, [[1, 2], [5, 12, 3]], [3, 1], with_grad=True, **kw)
+    full = enumeration.exact_moments(reference, [ARITHMETIC_1[1], ARITHMETIC_1[3]], [3, 1], with_grad=True, **kw)
+    whole = enumeration.exact_moments(reference, ARITHMETIC_1, None, with_grad=True, **kw)  # each prompt 1/4
     params_ref = enumeration.trainable(reference)
     for t in enumeration.TARGETS:
         r = out["targets"][t]
         g = dict(zip(params_ref, torch.autograd.grad(full[t], list(params_ref.values()), retain_graph=True)))
+        g_pop = dict(zip(params_ref, torch.autograd.grad(whole[t], list(params_ref.values()), retain_graph=True)))
         assert r["entropy_exact"] == pytest.approx(full[t].item(), rel=1e-10)
         assert r["delta_h1_exact"] == pytest.approx(enumeration.directional(g, delta), rel=1e-9)
+        assert r["entropy_exact_population"] == pytest.approx(whole[t].item(), rel=1e-10)
+        assert r["delta_h1_exact_population"] == pytest.approx(enumeration.directional(g_pop, delta), rel=1e-9)
+        assert r["delta_h1_exact_population"] != pytest.approx(r["delta_h1_exact"], rel=1e-3)  # another reference
         assert r["rel_err_fd"] < 1e-3
         linear = [e["delta_h1_exact_linear"] for e in r["eta_grid"]]
         assert linear == pytest.approx([0.5 * r["delta_h1_exact"], r["delta_h1_exact"]])
         assert [e["eta"] for e in r["eta_grid"]] == pytest.approx([0.5e-2, 1e-2])
     tm = out["targets"]["token_mean"]
     assert tm["z"] == pytest.approx((0.0 - tm["delta_h1_exact"]) / 1e-3)
+    assert tm["z_population"] == pytest.approx((0.0 - tm["delta_h1_exact_population"]) / 1e-3)
+    assert f"z_population {tm['z_population']:+.2f} (given E's prompts {tm['z']:+.2f})" in summary
     assert tm["se_delta_h1"] == 2e-3 and out["targets"]["sequence"]["se_delta_h1"] is None  # configured target only
-    assert out["targets"]["sequence"]["z"] is None  # SE_E = 0: no z-score
+    assert out["targets"]["sequence"]["z"] is None and out["targets"]["sequence"]["z_population"] is None  # SE_E = 0
     assert [e["delta_h1_linear"] for e in out["targets"]["sequence"]["eta_grid"]] == pytest.approx([5e-4, 1e-3])
 
     # Δθ naming a parameter the model lacks: one-line error, previous output untouched
@@ -350,6 +464,47 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     with pytest.raises(ProbeError, match="'nope'"):
         exact_stage.run(params, tmp_path / "exact", dry_run=False)
     assert json.loads((tmp_path / "exact" / "exact.json").read_text()) == out
+
+
+def test_exact_stage_skips_a_population_over_the_limit(tmp_path, monkeypatch, caplog):
+    """The population (4 × 241 sequences) over exact.max_sequences while E (2 × 241) fits: counted before any
+    enumeration, a warning, null population fields; E's values as usual."""
+    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
+    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: pytest.fail("tokenised a skipped population"))
+    delta = {n: v.float().double() for n, v in random_direction(make_lora_model(seed=2), seed=5).items()}
+    estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5}}
+    write_stage_inputs(tmp_path, [ARITHMETIC_1[i] for i in (1, 3)], 2, delta, 1e-2, estimates)
+    drawn_from_arithmetic(tmp_path, [1, 3])
+    params = stage_params(tmp_path)
+    params.exact.max_sequences = 900
+    with caplog.at_level(logging.WARNING, logger=exact_stage.__name__):
+        summary = exact_stage.run(params, tmp_path / "exact", dry_run=False)
+    assert "up to 964 sequences > exact.max_sequences = 900" in caplog.text
+    assert "z_population n/a" in summary
+    out = ExactReport.read(tmp_path / "exact")
+    assert out.n_population_prompts == 4 and out.n_population_sequences is None and out.n_sequences == 482
+    for r in out.targets.values():
+        assert r.entropy_exact_population is None and r.delta_h1_exact_population is None and r.z_population is None
+    assert out.targets["token_mean"].z is not None
+
+
+def test_exact_stage_refuses_a_population_that_is_not_e_s(tmp_path, monkeypatch):
+    """batch_config naming another dataset than E's, or a record that tokenises to other tokens than its E row:
+    one line, nothing written."""
+    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
+    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: build_tokenizer())
+    delta = {n: v.float().double() for n, v in random_direction(make_lora_model(seed=2), seed=5).items()}
+    write_stage_inputs(tmp_path, [ARITHMETIC_1[1], ARITHMETIC_1[3]], 2, delta, 1e-2, None)
+    drawn_from_arithmetic(tmp_path, [1, 3])
+    params = stage_params(tmp_path)
+    params.batch_config.dataset_name = "arithmetic:2"
+    with pytest.raises(ProbeError, match=r"drawn from dataset \w+ \(4 records\), batch_config names \w+ \(9"):
+        exact_stage.run(params, tmp_path / "exact", dry_run=False)
+    drawn_from_arithmetic(tmp_path, [1, 2])  # row 1 holds "1+1=", record 2 is "1+0="
+    with pytest.raises(ProbeError, match="E row 1's prompt tokens differ from dataset record 2") as err:
+        exact_stage.run(stage_params(tmp_path), tmp_path / "exact", dry_run=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "exact").exists()
 
 
 def test_exact_stage_refuses_mismatched_inputs(tmp_path, monkeypatch):
@@ -398,6 +553,9 @@ def exact_report(**changes) -> dict:
         "fd_slope": -1.9e-3,
         "rel_err_fd": 1e-9,
         "eta_grid": [point],
+        "entropy_exact_population": 2.45,
+        "delta_h1_exact_population": -2.0e-3,
+        "z_population": 0.3,
     }
     body = {
         "configured_target": "token_mean",
@@ -411,6 +569,8 @@ def exact_report(**changes) -> dict:
         "n_e_rows": 4,
         "n_sequences": 482,
         "n_parameters": 640,
+        "n_population_prompts": 4,
+        "n_population_sequences": 964,
     }
     return {**body, **changes}
 

@@ -99,7 +99,9 @@ def test_every_readme_command_works_after_the_demo(demo_repo):
     for command in readme_commands((REPO / "README.md").read_text()):
         if any(command.startswith(prefix) for prefix in NOT_RUN):
             continue
-        _run(repo, env, command, timeout=300)
+        out = _run(repo, env, command, timeout=300)
+        if "--dry-run" in command:  # the plan on stdout, nothing written
+            assert "plan" in out.stdout, out.stdout
         ran.append(command)
     assert any(c.startswith("entropy-probe") for c in ran) and any(c.startswith("dvc") for c in ran)
     for block in readme_python_blocks((REPO / "README.md").read_text()):

@@ -249,7 +249,10 @@ def test_markdown_table_shows_inputs_and_dashes(sweep):
     optional = ("ESS/N (E, U)", "exact δH₁", "z", "ΔH(lr) SNIS ± SE", "ΔH(lr) fresh ± SE", "ΔH/δH₁ (SNIS, fresh)")
     assert [rows["a"][h] for h in optional] == [DASH] * len(optional)
     assert [float(v) for v in rows["b"]["ESS/N (E, U)"].split(",")] == [0.81, 0.67]
-    assert close(float(rows["b"]["exact δH₁"]), sweep["written"]["b"]["exact"]["targets"][TARGET]["delta_h1_exact"])
+    # no population value in this exact.json: exact over the drawn E prompts, marked *
+    assert rows["b"]["exact δH₁"].endswith("*")
+    exact_b = float(rows["b"]["exact δH₁"].rstrip("*"))
+    assert close(exact_b, sweep["written"]["b"]["exact"]["targets"][TARGET]["delta_h1_exact"])
     assert float(rows["b"]["z"]) == -0.5 and rows["b"]["ΔH(lr) SNIS ± SE"] == DASH
     snis, snis_se = parse_pm(rows["c"]["ΔH(lr) SNIS ± SE"])
     d1c = sweep["written"]["c"]["delta_h1"]["delta_h1"]
@@ -476,3 +479,23 @@ def test_cli_prints_the_table_once(sweep, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout == (sweep["out"] / "report.md").read_text()
+
+
+def test_population_exact_value_is_preferred_and_labelled(tmp_path):
+    """With the population value in exact.json the row uses it (the calibrated z); without it, the drawn-E value
+    marked '*' in the table (its z is under-dispersed, docs/math.md §7.4)."""
+    base = tmp_path / "one"
+    written = write_checkpoint(base, 0, exact=[1.0])
+    exact = written["exact"]
+    for t in TARGETS:  # a population value 1 SE_E above δH₁: z_population = −1
+        e = exact["targets"][t]
+        e.update(delta_h1_exact_population=e["delta_h1"] + e["se_E"], z_population=-1.0)
+    (base / "exact" / "exact.json").write_text(json.dumps(exact))
+    from entropy_probe.artifacts.delta_h1 import DeltaH1Report
+    from entropy_probe.artifacts.verify import VerifyReport
+
+    verify, delta_h1 = VerifyReport.read(base / "verify"), DeltaH1Report.read(base / "delta_h1")
+    row = reporting.checkpoint_probe("one", verify, delta_h1, ExactReport.read(base / "exact"), None, [1.0]).row
+    assert row.exact_scope == "population" and row.exact_z == -1.0
+    assert row.exact_delta_h1 == exact["targets"][TARGET]["delta_h1_exact_population"]
+    assert not reporting.table_cells("one", row)[10].endswith("*")

@@ -3,12 +3,19 @@
 Written by the exact stage, read by the report. Keys and nesting are those of the file:
 
     configured_target, learning_rate, checkpoint_fingerprint, dtype, fd_step,
-    n_distinct_prompts, n_e_rows, n_sequences, n_parameters,
+    n_distinct_prompts, n_e_rows, n_sequences, n_parameters, n_population_prompts, n_population_sequences,
     generation {temperature, top_p, max_new_tokens, eos_id},
     targets {sequence, token_mean, seq_mean_token_mean: ExactTarget}
 
-se_delta_h1 is null except for the configured target (delta-h1 gives the total SE for it only); z is null
-when SE_E is 0.
+se_delta_h1 is null except for the configured target (delta-h1 gives the total SE for it only); z and
+z_population are null when SE_E is 0. Two exact references (docs/math.md §7.4):
+
+- `delta_h1_exact`: over the E batch's drawn prompt multiset. SE_E also counts the variance of which prompts
+  were drawn, which this comparison holds fixed, so `z` is under-dispersed (SD < 1): a consistency check only.
+- `delta_h1_exact_population`: over every prompt of the dataset E was drawn from (each 1/n, as E draws
+  uniformly with replacement). `z_population` is the calibrated test, ~N(0, 1) over repeated E draws.
+  The *_population fields and n_population_sequences are null when the population's sequence count would
+  exceed exact.max_sequences (or the file predates them).
 """
 
 from __future__ import annotations
@@ -41,10 +48,13 @@ class ExactTarget(Record):
     delta_h1: float  # delta-h1's estimate
     se_E: float
     se_delta_h1: float | None
-    z: float | None  # (δH₁ − δH₁_exact) / SE_E
+    z: float | None  # (δH₁ − δH₁_exact) / SE_E, given the drawn prompts: under-dispersed, not calibrated
     fd_slope: float
     rel_err_fd: float  # |δH₁_exact − fd_slope| / max(|fd_slope|, 1e-300)
     eta_grid: list[EtaPoint]
+    entropy_exact_population: float | None = None  # H over every prompt of the dataset, each 1/n
+    delta_h1_exact_population: float | None = None  # ∇H · Δθ over every prompt of the dataset, each 1/n
+    z_population: float | None = None  # (δH₁ − δH₁_exact_population) / SE_E: the calibrated test
 
 
 class ExactGeneration(Record):
@@ -71,6 +81,8 @@ class ExactReport(JsonArtifact):
     n_e_rows: int
     n_sequences: int
     n_parameters: int
+    n_population_prompts: int | None = None  # records in the dataset E was drawn from
+    n_population_sequences: int | None = None  # sequences enumerated for the population (null: skipped)
 
     _every_target = field_validator("targets")(every_target)
 

@@ -39,6 +39,9 @@ class CheckpointRow(Record):
     # exact.json
     exact_delta_h1: float | None
     exact_z: float | None  # (δH₁ − δH₁_exact) / SE_E
+    # over which prompts exact_delta_h1 is exact: the whole prompt population (the calibrated z), or only the
+    # drawn E prompts (a consistency check whose z is under-dispersed) when the population was too large
+    exact_scope: Literal["population", "E prompts"] | None = None
     # truth.json, at η = lr (multiplier 1)
     truth_snis: float | None
     truth_snis_se: float | None
