@@ -223,15 +223,6 @@ def sequences_per_prompt(vocab_size: int, n_eos: int, max_new_tokens: int) -> in
     return ended_early + vocab_size * open_prefixes ** (max_new_tokens - 1)
 
 
-def eos_ids(*configs) -> list[int]:
-    """The eos token ids of the first config (generation config, model config, …) that names any."""
-    for config in configs:
-        eos = getattr(config, "eos_token_id", None) if config is not None else None
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    raise ProbeError("the model config names no eos_token_id", "set eos_token_id in the base model's config")
-
-
 def row_prompts(input_ids: torch.Tensor, prompt_lens: torch.Tensor, n_prompt_cols: int) -> list[list[int]]:
     """Each E row's prompt tokens: the last prompt_lens[i] of its first `n_prompt_cols` (left-padded) columns."""
     P = n_prompt_cols
@@ -445,7 +436,6 @@ __all__ = [
     "entropy_at",
     "enumerate_forest",
     "enumerate_tree",
-    "eos_ids",
     "exact_gradients",
     "exact_moments",
     "fd_slopes",

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .errors import ProbeError
+from .importance import standard_error
 
 TARGETS = ("sequence", "token_mean", "seq_mean_token_mean")
 BASELINES = ("none", "mean", "regression")
@@ -105,8 +106,7 @@ class EntropyCoefs:
     def estimate(self, dH: Tensor | None, dlogp: Tensor) -> tuple[float, float]:
         """(X̄·v, SE) from the influence values."""
         psi = self.influence(dH, dlogp)
-        se = psi.std().item() / len(psi) ** 0.5 if len(psi) > 1 else float("nan")
-        return psi.mean().item(), se
+        return psi.mean().item(), standard_error(psi)
 
 
 def _check_inputs(values: Tensor, mask: Tensor, target: str, what: str) -> Tensor:

@@ -25,6 +25,8 @@ REUSE_FIX = "re-sample with this checkpoint, or use generation.top_p = 1"
 def stabilised_weights(log_ratio: Tensor, fix: str = REUSE_FIX) -> Tensor:
     """ŵ_i = exp(λ_i − max λ) in float64 (equal log-ratios give exactly 1); `fix` names the remedy when all are 0."""
     log_ratio = log_ratio.double()
+    if log_ratio.isnan().any() or (log_ratio == float("inf")).any():  # −inf is a weight of 0; NaN/+inf a bug upstream
+        raise ProbeError("an importance log-ratio is NaN or +inf (a scored token outside the policy's support)", fix)
     if not log_ratio.isfinite().any():
         raise ProbeError("every importance weight is 0 (no sampled response is possible under the target policy)", fix)
     return (log_ratio - log_ratio.max()).exp()

@@ -84,23 +84,50 @@ def _swap_in(new: Path, out: Path) -> None:
         _before_step("discard_old")
         os.rename(old, trash)
         _before_step("delete_old")
-        shutil.rmtree(trash)
+        _remove_owned(trash)
+
+
+def _ours(path: Path) -> bool:
+    """A dir this tool made: it holds our manifest (staging dirs get one at creation, and deletion removes it last)."""
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
+
+
+def _remove_owned(path: Path) -> None:
+    """Delete a dir of ours with its manifest last, so a kill midway leaves it still recognisably ours."""
+    for child in path.iterdir():
+        if child.name == MANIFEST:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / MANIFEST).unlink()
+    path.rmdir()
 
 
 def _clean_leftovers(out: Path) -> None:
-    """Undo what a killed run left next to `out` (lock held): see the states in `_swap_in`."""
-    old = _set_aside_path(out)
-    if old.is_dir() and not old.is_symlink():
+    """Undo what a killed run left next to `out` (lock held): see the states in `_swap_in`.
+
+    Only dirs that hold our manifest are touched: a user's dir that happens to carry one of these names stays.
+    """
+    old, trash = _set_aside_path(out), _trash_path(out)
+    if _ours(trash):
+        _remove_owned(trash)
+    if _ours(old):
         if os.path.lexists(out):
-            os.rename(old, _trash_path(out))  # killed after the new set went in: the old one is obsolete
+            os.rename(old, trash)  # killed after the new set went in: the old one is obsolete
+            _remove_owned(trash)
         else:
             os.rename(old, out)  # killed between set_aside and rename_in: the old set is the output
-    trash = _trash_path(out)
-    if trash.is_dir() and not trash.is_symlink():
-        shutil.rmtree(trash)
     for path in out.parent.iterdir():
-        if _is_staging_dir(path, out):
-            shutil.rmtree(path)
+        if _is_staging_dir(path, out) and _ours(path):
+            _remove_owned(path)
+    for path, what in ((old, "a set-aside output"), (trash, "an output being deleted")):
+        if os.path.lexists(path):
+            raise ProbeError(
+                f"{path} (the name entropy-probe uses for {what}) exists but was not written by entropy-probe",
+                "move it away; the stage will not replace its --out while it is there",
+            )
 
 
 def _listing(root: Path) -> tuple[set[str], set[str]]:
@@ -117,18 +144,27 @@ def _listing(root: Path) -> tuple[set[str], set[str]]:
 
 def _write_manifest(new: Path, stage: str | None) -> None:
     files, dirs = _listing(new)
+    files.discard(MANIFEST)  # the staging marker written at creation, replaced here
     write_json(new / MANIFEST, {"stage": stage, "files": sorted(files), "dirs": sorted(dirs)})
 
 
 def _read_manifest(out: Path) -> dict | None:
-    """The manifest in `out` as {"stage", "files", "dirs"}; None when it is missing or not one of ours."""
+    """The manifest in `out` as {"stage", "files", "dirs"}; None when there is none; a bad one is refused."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return None
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-        if isinstance(manifest.get("files"), list) and isinstance(manifest.get("dirs"), list):
-            return manifest
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProbeError(f"{path} is unreadable ({exc})", "remove it, or choose another --out") from None
+    entries = (manifest.get("files"), manifest.get("dirs")) if isinstance(manifest, dict) else (None, None)
+    if not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("stage"), (str, type(None)))
+        and all(isinstance(e, list) and all(isinstance(x, str) for x in e) for e in entries)
+    ):
+        raise ProbeError(f"{path} is not an entropy-probe manifest", "remove it, or choose another --out")
+    return manifest
 
 
 def _check_owned(out: Path, stage: str | None) -> None:
@@ -230,6 +266,8 @@ def check_output_dir(out_dir: str | Path, inputs: dict[str, str | Path]) -> Path
     resolved (relative paths, symlinks) before they are compared; no file is read.
     """
     out = _resolve(out_dir)
+    if _relation(out, Path.cwd()) in ("is", "contains"):  # the swap would delete the working directory
+        raise ProbeError(f"output dir {out} is or contains the working directory", "choose a dir of its own for --out")
     for key, path in inputs.items():
         relation = _relation(out, Path(path).expanduser().resolve())
         if relation is not None:
@@ -275,6 +313,7 @@ def staged_output_dir(out_dir: str | Path, stage: str | None = None) -> Iterator
         with _write_errors(out):
             new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
             os.chmod(new, 0o777 & ~UMASK)
+            write_json(new / MANIFEST, {"stage": stage, "files": [], "dirs": []})  # marks it ours (`_ours`)
         _staging[new] = out
         try:
             try:
@@ -293,4 +332,4 @@ def staged_output_dir(out_dir: str | Path, stage: str | None = None) -> Iterator
         finally:
             del _staging[new]
             if new.exists():
-                shutil.rmtree(new)
+                _remove_owned(new)

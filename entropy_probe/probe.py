@@ -91,8 +91,10 @@ def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, d
     with hooks:
         for rows, stats in U.scored(model, max_tokens, "U tangents", with_grad=True, entropies=False):
             if row_dots:
-                torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
+                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
                 taken = hooks.take()  # None: no hooked layer is on the path to these log-probs
+                if taken is None and any(g is not None for g in grads):  # the hooks missed a path: never report 0
+                    raise RuntimeError("RowDirectional hooks did not fire although the parameters got gradients")
                 rows_out[rows] = 0.0 if taken is None else taken
             else:
                 ones = U.mask[rows].to(coef.dtype)

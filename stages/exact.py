@@ -25,13 +25,13 @@ from entropy_probe.enumeration import (
     delta_h_curve,
     directional,
     e_batch_prompts,
-    eos_ids,
     exact_gradients,
     fd_slopes,
     row_prompts,
     sequences_per_prompt,
 )
 from entropy_probe.errors import ProbeError
+from entropy_probe.generation import special_ids
 from entropy_probe.outputs import staged_output_dir
 from entropy_probe.params import Params
 from entropy_probe.perturb import as_float64
@@ -179,7 +179,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     prompts, mult = e_batch_prompts(samples.input_ids, samples.prompt_lens, samples.n_prompt_cols)
     if dry_run:
         config = _base_config(params)
-        n_eos = len(eos_ids(config))
+        n_eos = 1  # responses end on the tokenizer's eos alone, as sampling stopped them
         bound = _sequence_bound(len(prompts), config, n_eos, gen.max_new_tokens)
         n_pop = len(_population(params, samples))
         pop_bound = _sequence_bound(n_pop, config, n_eos, gen.max_new_tokens)
@@ -196,7 +196,9 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     prompt_set = _population(params, samples)
     lr = dh1_report.learning_rate
     model = _load_model(params)
-    eos = eos_ids(getattr(model, "generation_config", None), model.config)
+    tokenizer = _load_tokenizer(params)
+    samples.check_fits_model(model, tokenizer)
+    eos = [special_ids(tokenizer)[0]]  # the stopping rule E was drawn under (not generation_config's eos list)
     pop_bound = _sequence_bound(len(prompt_set), model.config, len(eos), gen.max_new_tokens)
     population_ids = None
     if pop_bound > ep.max_sequences:
@@ -209,8 +211,6 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
             ep.max_sequences,
         )
     else:
-        tokenizer = _load_tokenizer(params)
-        samples.check_fits_model(model, tokenizer)
         population_ids = _population_token_ids(prompt_set, tokenizer, samples)
     kw = dict(
         eos_id=eos,

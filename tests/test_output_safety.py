@@ -56,8 +56,12 @@ def one_error_line(result) -> str:
 def no_stage_import(monkeypatch):
     """Fail the test if the CLI gets as far as importing a stage module (the refusal must come first)."""
 
-    def refuse(name, *a, **k):
-        raise AssertionError(f"stage module {name} imported before the --out was checked")
+    real_import = importlib.import_module
+
+    def refuse(name, *a, **k):  # libraries' own lazy imports (pydantic's) pass; a stage module does not
+        if name.startswith("stages."):
+            raise AssertionError(f"stage module {name} imported before the --out was checked")
+        return real_import(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", refuse)
 
@@ -281,11 +285,41 @@ def test_a_partly_deleted_old_set_is_never_restored(tmp_path):
 
 def test_leftovers_of_other_names_are_not_touched(tmp_path):
     """Only this output's own staging names are cleaned up: a sibling's or a user's lookalike stays."""
-    for name in (".y.abcd1234.tmp", ".x.backup.tmp", ".x.abcd12345.tmp"):
+    for name in (".y.abcd1234.tmp", ".x.backup.tmp", ".x.abcd12345.tmp", ".x.user0000.tmp"):
         (tmp_path / name).mkdir()
-    (tmp_path / ".x.abcd1234.tmp").mkdir()  # a staging dir of x (a killed run)
+    (tmp_path / ".x.user0000.tmp" / "mine.txt").write_text("a user's dir with a staging-like name")
+    (tmp_path / ".x.abcd1234.tmp").mkdir()  # a staging dir of x (a killed run): it carries our manifest
+    (tmp_path / ".x.abcd1234.tmp" / outputs.MANIFEST).write_text('{"stage": null, "files": [], "dirs": []}')
     write_set(tmp_path / "x", "a")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.abcd12345.tmp", ".x.backup.tmp", ".y.abcd1234.tmp", "x"]
+    kept = [".x.abcd12345.tmp", ".x.backup.tmp", ".x.user0000.tmp", ".y.abcd1234.tmp", "x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_a_users_dir_with_a_set_aside_name_is_kept_and_refused(tmp_path):
+    """A dir named like a set-aside output but without our manifest is the user's: not deleted, not renamed."""
+    write_set(tmp_path / "x", "a")
+    lookalike = tmp_path / ".x.old.tmp"
+    (lookalike / "precious").mkdir(parents=True)
+    with pytest.raises(ProbeError, match=r"\.x\.old\.tmp .*not written by entropy-probe.*move it away"):
+        with outputs.claim_output_dir(tmp_path / "x", "verify"):
+            pass
+    assert (lookalike / "precious").is_dir() and (tmp_path / "x").is_dir()
+
+
+def test_a_corrupt_manifest_is_one_line(tmp_path):
+    out = tmp_path / "x"
+    write_set(out, "a")
+    (out / outputs.MANIFEST).write_text('{"files": [{}], "dirs": []}')
+    with pytest.raises(ProbeError, match="not an entropy-probe manifest"):
+        with outputs.claim_output_dir(out, "verify"):
+            pass
+
+
+def test_the_working_directory_is_refused_as_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        with pytest.raises(ProbeError, match="working directory"):
+            outputs.check_output_dir(out, {})
 
 
 # ---------------------------------------------------------------------------------------------- 4. one run at a time
@@ -416,7 +450,7 @@ def test_finite_json_is_strict_and_round_trips(tmp_path):
 
 UMASK_RUN = """
 import os, sys
-os.umask(int(sys.argv[2], 8))  # before the import: artifacts reads the umask once
+os.umask(int(sys.argv[2], 8))  # before the import: files reads the umask once
 from pathlib import Path
 import torch
 from entropy_probe import files, outputs

@@ -80,7 +80,8 @@ class CheckpointMetrics(Record):
         return cls(
             delta_h1=row.delta_h1,
             se_delta_h1=row.se_delta_h1,
-            exact_z=row.exact_z,
+            # only the calibrated z is a metric: a drawn-E z is under-dispersed (docs/math.md §7.4)
+            exact_z=row.exact_z if row.exact_scope == "population" else None,
             ess_fraction_E=row.ess_fraction_E,
             ess_fraction_U=row.ess_fraction_U,
             truth_ratio_snis=row.ratio_snis,
