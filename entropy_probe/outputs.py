@@ -101,7 +101,7 @@ def _remove_owned(path: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-    (path / MANIFEST).unlink()
+    (path / MANIFEST).unlink(missing_ok=True)  # an old set written before manifests (or emptied by DVC) has none
     path.rmdir()
 
 
