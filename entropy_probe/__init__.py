@@ -6,7 +6,7 @@ per stage); docs/design.md has the data flow, docs/math.md every formula (§n be
 Inputs: knobs, checkpoints, the task
   params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
   checkpoint       a LoRA/QLoRA checkpoint's files (Trainer or adapter layout), fingerprint, model + tokenizer
-                   loading (eager attention: the tangents need a double backward)
+                   loading (eager attention: the all_targets tangents need a double backward)
   optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only), its flat form for the
                    update rules (`OptimizerState.flat`); lr of the next step (§4.4)
   trainer_config   the trainer's settings (loss_type §4.2, scale_rewards §4.1, max_grad_norm §4.3,
@@ -28,11 +28,16 @@ The math
                    (§3.2), influence values ψ and SE_E (§3.8); pure tensor math
   update           advantages (§4.1), policy-gradient coefficients (§4.2), clipping (§4.3), adam_step /
                    adam_precond / sgd (§4.4–§4.5), gradient/momentum split (§4.6), linearisation u (§4.7),
-                   U-group attributions and SE_U (§5.2); pure functions on flat vectors
+                   SE_U: jackknife over U groups through the update rule, or the delta method (§5.2);
+                   pure functions on flat vectors
   tangents         gradient + per-token directional derivatives by double backward (§6.1); per-row
-                   directional derivatives of Linear/LoRA layers by hooks, `RowDirectional` (§6.2)
+                   directional derivatives and per-group gradients of Linear/LoRA layers by hooks,
+                   `RowDirectional`, `GroupGradients` (§6.2)
   probe            `compute_delta_h1`: the U and E passes, δH₁, SE_E, SE_U, total SE (§5.1–§5.3),
                    reuse of samples another checkpoint drew (§5.4), diagnostics (§5.5)
+  second_order     δH₂ = ½ Δθᵀ∇²HΔθ ± SE by a finite difference of the reweighted directional derivative, η* of
+                   the linear regime (§5.6)
+  observed         the step a trainer took: the next checkpoint-N and Δθ_obs = θ(next) − θ(this) (§4.8)
   importance       importance weights ŵ, w, ESS (§3.7); self-normalised ratio R, its ψ and paired SE (§8.1)
   enumeration      exact A, D, M and the three targets by enumerating every continuation (§7.1); exact ∇H
                    and δH₁ (§7.2); FD slope and ΔH(η) (§7.3)
@@ -50,5 +55,9 @@ Runtime
   errors           `ProbeError(problem, fix)`: the one-line user error
 
 Reporting
-  reporting        the report's row per checkpoint, z, δH₁(η) band and ratio (§9); markdown, plot CSVs, PNGs
+  reporting        the report's row per checkpoint, z, δH₁(η) band and ratio (§9); markdown, plot CSVs, PNGs;
+                   the trajectory's table and figures
+  trajectory       the probe scored against a run's own steps: per checkpoint pair ΔH_obs, δH₁/δH₂ along the
+                   real step (exact and sampled), δH₁_pred ± SE, emulation cosines, the trainer's log (§11)
+  calibration      z-scores of prediction vs observation, their summary, explained fractions (§11); pure
 """

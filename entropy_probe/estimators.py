@@ -93,15 +93,25 @@ class EntropyCoefs:
         importance-sampling influence (1 for uniform weights). Σ w κ = 0, so the mean is unchanged.
         """
         w = self.weights.double()
-        s = self.scalars(dH, dlogp)
-        total = (w * s).sum()
-        dev = s - total
+        beta = None
         if self.target == "token_mean":
             beta = (w * (self.len_c.double() * dlogp.double()).sum(-1)).sum()
+        return self.influence_from_rows(w * self.scalars(dH, dlogp), beta)
+
+    def influence_from_rows(self, weighted_scalars: Tensor, beta: Tensor | float | None) -> Tensor:
+        """`influence` from the per-row w_i s_i and (token_mean) β alone — what one ordinary backward with
+        row hooks gives (`probe.entropy_rows`): ψ_i = T + N (w_i s_i − w_i T − w_i κ_i)."""
+        w = self.weights.double()
+        ws = weighted_scalars.double()
+        total = ws.sum()
+        dev = ws - w * total
+        if self.target == "token_mean":
+            if beta is None:
+                raise ValueError("token_mean needs β = Σ_i w_i Σ_j len_c_ij dlogp_ij")
             lengths = self.lengths.double()
-            dev = dev - beta / self.lbar**2 * (self.per_seq.double() - self.hhat * lengths)
-            dev = dev - total * (lengths - self.lbar) / self.lbar
-        return total + len(w) * w * dev
+            kappa = beta / self.lbar**2 * (self.per_seq.double() - self.hhat * lengths)
+            dev = dev - w * (kappa + total * (lengths - self.lbar) / self.lbar)
+        return total + len(w) * dev
 
     def estimate(self, dH: Tensor | None, dlogp: Tensor) -> tuple[float, float]:
         """(X̄·v, SE) from the influence values."""

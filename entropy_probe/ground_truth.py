@@ -94,7 +94,7 @@ class FreshSampling:
 
 def _check_same_prompts(fresh: dict[str, Tensor], E: Batch) -> None:
     """The fresh responses answer the very prompts (as tokens) of the E rows, row by row."""
-    F = Batch.from_tensors(fresh, E.temperature, E.top_p, E.input_ids.device)
+    F = Batch.from_tensors(fresh, E.temperature, E.top_p, E.input_ids.device, E.logits_chunk_mb)
     a, b = F.prompt_tokens(), E.prompt_tokens()
     same_lens = torch.equal(F.tensors["prompt_lens"], E.tensors["prompt_lens"])
     if a.shape != b.shape or not torch.equal(a, b) or not same_lens:
@@ -209,7 +209,8 @@ def compare_with_prediction(result: dict, target: str, lr: float, delta_h1: floa
     """truth.json's `etas`, `linearity` and `targets` (docs/math.md §8.3) from `estimate_truth`'s result.
 
     target, lr, delta_h1: delta-h1's configured target, learning rate and δH₁ (the prediction at η = m·lr is
-    m·δH₁); estimates: delta-h1's {target: {delta_h1, se_E}} (objects with those attributes).
+    m·δH₁); estimates: delta-h1's {target: {delta_h1, se_E}} (objects with those attributes); a target
+    delta-h1 did not estimate (not compute.all_targets) gets null delta_h1 and se_E.
     """
     n, fresh = result["n_sequences"], result["entropy"]["fresh"] is not None
     etas = []
@@ -241,8 +242,8 @@ def compare_with_prediction(result: dict, target: str, lr: float, delta_h1: floa
 
     targets = {
         t: {
-            "delta_h1": estimates[t].delta_h1,
-            "se_E": estimates[t].se_E,
+            "delta_h1": estimates[t].delta_h1 if t in estimates else None,
+            "se_E": estimates[t].se_E if t in estimates else None,
             "entropy_snis": result["entropy"]["snis"][t],
             "entropy_snis_se": _finite(result["entropy_se"]["snis"][t]),
             "entropy_fresh": result["entropy"]["fresh"][t] if fresh else None,

@@ -49,10 +49,10 @@ class DemoParams(Section):
     num_heads: int = Field(4, ge=1)
     warmup_steps: int = Field(85, ge=0)  # stopped early: reward rate at T=1 about 0.45 (seed 0)
     warmup_lr: float = Field(1e-3, gt=0)
-    rl_steps: int = Field(8, ge=1)
+    rl_steps: int = Field(13, ge=1)  # 12 consecutive checkpoint pairs for the trajectory
     rl_lr: float = Field(5e-3, gt=0)
     rl_weight_decay: float = Field(0.01, ge=0)
-    save_steps: int = Field(2, ge=1)
+    save_steps: int = Field(1, ge=1)  # every step: the trajectory scores each step the trainer took
     lora_rank: int = Field(4, ge=1)
     num_generations: int = Field(4, ge=2)
     prompts_per_step: int = Field(8, ge=1)
@@ -132,11 +132,12 @@ class EstimatorParams(Section):
 
 
 class UpdateParams(Section):
-    rule: Literal["adam_step", "adam_precond", "sgd"] = "adam_step"
+    rule: Literal["adam_step", "adam_precond", "sgd", "observed"] = "adam_step"  # observed: θ(next) − θ(this)
     loss_agg_mode: Literal[
         "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "auto"
     max_grad_norm: float | Literal["auto"] | None = "auto"  # auto: the trainer's; null or 0: no clipping
+    next_checkpoint: str | None = None  # rule observed: the checkpoint after checkpoint.path (None: next checkpoint-N)
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -149,6 +150,16 @@ class UpdateParams(Section):
 
 class ComputeParams(Section):
     max_tokens_per_microbatch: int = Field(4096, ge=1)
+    # MiB of float32 [tokens × vocabulary] logits per chunk of teacher forcing's LM head / softmax / entropy:
+    # 256 = 441 tokens at Qwen2.5's vocabulary of 151,936 (a few such blocks are alive at once)
+    logits_chunk_mb: float = Field(256.0, gt=0)
+    # false: the E pass is one ordinary backward for estimator.entropy (hooks, the memory of a training step);
+    # true: per-token tangents by double backward, so delta_h1.json also has the other two targets and the
+    # naive (surprisal) estimate, at about twice the E pass's memory
+    all_targets: bool = False
+    # keep per-prompt-group U gradients (B_U × trainable parameters) when they fit in this many MiB: SE_U by a
+    # jackknife over groups through the real update rule, and no third pass; 0 = never (delta method)
+    u_gradient_cache_mb: float = Field(4096.0, ge=0)
 
 
 class ExactParams(Section):
@@ -208,6 +219,28 @@ class ReuseParams(Section):
     force: bool = False  # compute anyway below the threshold (the ESS is still reported)
 
 
+class SecondOrderParams(Section):
+    """The second-order term δH₂ = ½ Δθᵀ∇²HΔθ from the E samples and the linear-regime step size (docs/math.md §5.6)."""
+
+    enabled: bool = True  # false: skip δH₂ (it costs three more E passes: re-scoring and a backward at θ, θ ± εΔθ)
+    fd_eps: float = Field(0.01, gt=0, le=0.5)  # finite-difference step ε as a multiple of Δθ: D at θ ± εΔθ
+    fraction: float = Field(0.1, gt=0)  # f: s* is where |s² δH₂| = f·|s δH₁|; η* = s*·lr
+    z_resolve: float = Field(2.0, gt=0)  # δH₂ counts as resolved from 0 when |δH₂| > z_resolve · SE
+
+
+class TrajectoryParams(Section):
+    """Scoring the probe against a run's own steps: every consecutive checkpoint pair (k, k+1) of run_dir."""
+
+    run_dir: str = "data/demo/run"  # a Trainer output dir holding checkpoint-N/ saved every step
+    out_dir: str = "data/trajectory"
+    steps: list[int] | None = None  # the k of the pairs to score (None: every consecutive pair)
+    B_E: int = Field(64, ge=2)  # E batch drawn at every θ(k)
+    B_U: int = Field(8, ge=2)  # U prompts per draw (two independent draws per step), G from batch_config
+    trainer_B_U: int = Field(8, ge=1)  # the trainer's prompts per step (its own U draw)
+    seed: int = 4
+    fd_eps: float = Field(0.01, gt=0)  # exact δH₁, δH₂ by central differences at θ(k) ± fd_eps·Δθ_obs
+
+
 class Params(Section):
     paths: PathsParams = PathsParams()
     demo: DemoParams = DemoParams()
@@ -223,6 +256,8 @@ class Params(Section):
     truth: TruthParams = TruthParams()
     probe: ProbeParams = ProbeParams()
     reuse: ReuseParams = ReuseParams()
+    trajectory: TrajectoryParams = TrajectoryParams()
+    second_order: SecondOrderParams = SecondOrderParams()
 
 
 def _key(section: type, name: str) -> str:

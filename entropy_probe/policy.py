@@ -7,9 +7,17 @@ gradient (treated as a constant; docs/math.md §2.1, §10).
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from .params import ComputeParams
+
+log = logging.getLogger(__name__)
+DEFAULT_LOGITS_CHUNK_MB: float = ComputeParams.model_fields["logits_chunk_mb"].default
 
 
 def top_p_keep_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -87,13 +95,22 @@ def teacher_force(
     with_grad: bool = False,
     entropies: bool = True,
     features: bool = True,
+    logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB,
 ) -> TokenStats:
-    """Score the response columns of `input_ids` [N, P+R] under π_θ in one forward pass.
+    """Score the response columns of `input_ids` [N, P+R] under π_θ: one decoder pass, then the LM head on chunks.
 
-    Response token k (column P+k) is scored by the logits at column P+k−1, so the LM head runs on
-    the R columns P−1 … P+R−2 only (`logits_to_keep`), never on the whole [N, P+R, V] block.
-    Position ids = cumsum(attention_mask) − 1, clamped at 0 — the same as `generate` uses for
-    non-padding positions, so teacher forcing reproduces the sampler's distribution.
+    Response token k (column P+k) is scored by the hidden state at column P+k−1, so the LM head runs on
+    the R columns P−1 … P+R−2 only, never on the whole [N, P+R, V] block. Position ids =
+    cumsum(attention_mask) − 1, clamped at 0 — the same as `generate` uses for non-padding positions, so
+    teacher forcing reproduces the sampler's distribution.
+
+    The vocabulary-wide work (LM head, 1/T, top-p, log-softmax, gather, entropy, features) runs on chunks
+    of columns of about `logits_chunk_mb` MiB of float32 logits each ([N, c, V], rows kept apart so per-row
+    hooks on the head see rows). With a graph and more than one chunk, each chunk is activation-checkpointed:
+    only its hidden states are saved and its [N, c, V] tensors are recomputed in the backward, so no
+    full-vocabulary tensor of the whole microbatch stays alive. Trailing columns that are padding in every
+    row are not scored (their entries are 0 anyway). Models whose logits are not exactly
+    head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning.
     `entropies=False` / `features=False` skip those vocabulary-wide reductions (the fields are None):
     the policy-gradient passes need only the log-probs.
     """
@@ -101,8 +118,133 @@ def teacher_force(
     n_resp = response_mask.shape[1]
     if n_prompt_cols < 1 or n_cols != n_prompt_cols + n_resp:
         raise ValueError(f"input_ids has {n_cols} columns, expected P + R = {n_prompt_cols} + {n_resp} with P >= 1")
+    parts = split_lm_head(model)
+    if parts is None:
+        _warn_unchunked(model)
+        return teacher_force_unchunked(
+            model,
+            input_ids,
+            attention_mask,
+            n_prompt_cols,
+            response_mask,
+            temperature,
+            top_p,
+            with_grad,
+            entropies,
+            features,
+        )
+    decoder, head = parts
+    mask = response_mask.bool()
+    targets = input_ids[:, n_prompt_cols:]
+    live = mask.any(0).nonzero()
+    n_live = int(live.max()) + 1 if live.numel() else 1  # at least one column: the outputs keep a graph
+    step = max(1, chunk_tokens(head, logits_chunk_mb) // n_rows)
+    with torch.set_grad_enabled(with_grad):
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=False,
+        ).last_hidden_state[:, n_prompt_cols - 1 : n_prompt_cols - 1 + n_live]
+        score = functools.partial(_score_columns, head, temperature, top_p, entropies, features)
+        checkpointed = torch.is_grad_enabled() and n_live > step
+        chunks = []
+        for start in range(0, n_live, step):
+            cols = slice(start, min(start + step, n_live))
+            args = (hidden[:, cols], targets[:, cols], mask[:, cols])
+            chunks.append(checkpoint(score, *args, use_reentrant=False) if checkpointed else score(*args))
+        token_logp, entropy, top1, margin = (_join(list(field), n_resp) for field in zip(*chunks))
+    return TokenStats(logprobs=token_logp, entropies=entropy, top1_prob=top1, margin=margin, mask=mask)
+
+
+def _score_columns(head, temperature, top_p, entropies, features, hidden, targets, mask):
+    """(ℓ, H, top1, margin) [N, c] of one chunk of columns from its hidden states [N, c, d]; 0 where mask is
+    False (`where`, not a product: a padding token may lie outside the nucleus, and 0·−inf = nan)."""
+    logp = policy_logprobs(head(hidden), temperature, top_p)
+    token_logp = torch.where(mask, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0) if entropies else None
+    top1 = margin = None
+    if features:
+        top1, margin = (torch.where(mask, f, 0.0) for f in distribution_features(logp))
+    return token_logp, entropy, top1, margin
+
+
+def _join(chunks: list, n_resp: int) -> torch.Tensor | None:
+    """The chunks' [N, c] pieces side by side, zero-padded on the right to R columns (None stays None)."""
+    if chunks[0] is None:
+        return None
+    out = torch.cat(chunks, dim=1)
+    pad = n_resp - out.shape[1]
+    return torch.cat([out, out.new_zeros(out.shape[0], pad)], dim=1) if pad else out
+
+
+def chunk_tokens(head: torch.nn.Module, logits_chunk_mb: float) -> int:
+    """Tokens per vocabulary chunk: logits_chunk_mb MiB of [tokens × V] logits in float32 (float64 for a
+    float64 head), at least 1."""
+    if not logits_chunk_mb > 0:
+        raise ValueError(f"logits_chunk_mb must be > 0, got {logits_chunk_mb}")
+    linear = getattr(head, "base_layer", head)
+    n_vocab = getattr(linear, "out_features", None) or linear.weight.shape[0]  # (a 4-bit weight is packed)
+    width = max(4, torch.empty((), dtype=linear.weight.dtype).element_size())
+    return max(1, int(logits_chunk_mb * 2**20 // (n_vocab * width)))
+
+
+# causal LMs of transformers whose forward is exactly `logits = lm_head(model(...).last_hidden_state)`: no
+# soft-capping, logit scale or other op after the head (checked in their modeling code); others score unchunked
+PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral"})
+
+
+def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) with logits = head(decoder(...).last_hidden_state), or None when the model's head
+    may do more than that Linear (or its type is not one of PLAIN_HEAD_MODEL_TYPES).
+
+    A PeftModel is unwrapped with get_base_model(); the LoRA layers sit inside the base model's modules, so
+    calling the decoder and the head (itself possibly a LoRA layer) runs the adapter as the full forward does.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if getattr(config, "final_logit_softcapping", None) is not None:  # defensive: none of those types has one
+        return None
+    head = base.get_output_embeddings()
+    linear = getattr(head, "base_layer", head)  # a LoRA-wrapped head computes base_layer(x) + s·B(A(x))
+    if not isinstance(linear, torch.nn.Linear):
+        return None
+    return base.get_decoder(), head
+
+
+_warned: set[str] = set()
+
+
+def _warn_unchunked(model) -> None:
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    if name not in _warned:
+        _warned.add(name)
+        log.warning(
+            "teacher forcing: %s is not known to compute logits = lm_head(hidden states) alone; scoring it "
+            "unchunked (every [tokens × vocabulary] tensor of a microbatch stays in memory)",
+            name,
+        )
+
+
+def teacher_force_unchunked(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_prompt_cols: int,
+    response_mask: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    with_grad: bool = False,
+    entropies: bool = True,
+    features: bool = True,
+) -> TokenStats:
+    """`teacher_force` through the model's own forward (`logits_to_keep`), the whole [N, R, V] block at once:
+    for models `split_lm_head` does not know, and the reference the chunked path is tested against."""
+    n_prompt, n_cols = n_prompt_cols, input_ids.shape[1]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    keep = torch.arange(n_prompt_cols - 1, n_cols - 1, device=input_ids.device)
+    keep = torch.arange(n_prompt - 1, n_cols - 1, device=input_ids.device)
     with torch.set_grad_enabled(with_grad):
         logits = model(
             input_ids=input_ids,
@@ -111,19 +253,11 @@ def teacher_force(
             logits_to_keep=keep,
             use_cache=False,
         ).logits  # [N, R, V]
-        logp = policy_logprobs(logits, temperature, top_p)
-        del logits
         mask = response_mask.bool()
-        targets = input_ids[:, n_prompt_cols:].unsqueeze(-1)
-        token_logp = logp.gather(-1, targets).squeeze(-1)
-        # where (not multiply): padding tokens may sit outside the nucleus (−inf), and 0·−inf = nan
-        token_logp = torch.where(mask, token_logp, torch.zeros_like(token_logp))
-        zero = torch.zeros_like(token_logp)
-        entropy = torch.where(mask, entropy_from_logprobs(logp), zero) if entropies else None
-    top1 = margin = None
-    if features:
-        top1, margin = (torch.where(mask, f, zero.detach()) for f in distribution_features(logp))
-    return TokenStats(logprobs=token_logp, entropies=entropy, top1_prob=top1, margin=margin, mask=mask)
+        stats = _score_columns(
+            lambda x: x, temperature, top_p, entropies, features, logits, input_ids[:, n_prompt:], mask
+        )
+    return TokenStats(*stats, mask=mask)
 
 
 def token_budget_slices(n_rows: int, row_len: int, max_tokens: int) -> list[slice]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import distributed
 from .artifacts.samples import TOKEN_KEYS, response_mask
 from .errors import ProbeError
-from .policy import TokenStats, teacher_force, token_budget_slices
+from .policy import DEFAULT_LOGITS_CHUNK_MB, TokenStats, teacher_force, token_budget_slices
 
 
 def accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -64,15 +64,24 @@ class Batch:
     # under torchrun: this process's contiguous share of the rows; the passes visit only these rows and
     # all-reduce their sums (`reduce`), so every process ends with the whole batch's results. None = all rows.
     shard: slice | None = None
+    # MiB of float32 logits per chunk of teacher forcing's vocabulary-wide work (compute.logits_chunk_mb)
+    logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB
 
     @classmethod
-    def from_samples(cls, samples, device: torch.device) -> "Batch":
+    def from_samples(cls, samples, device: torch.device, logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB) -> "Batch":
         """A sample artifact (`artifacts.samples.Samples`) on `device`, scored with the π it was drawn from."""
         gen = samples.meta.generation
-        return cls.from_tensors(samples.tensors(), gen.temperature, gen.top_p, device)
+        return cls.from_tensors(samples.tensors(), gen.temperature, gen.top_p, device, logits_chunk_mb)
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], temperature: float, top_p: float, device) -> "Batch":
+    def from_tensors(
+        cls,
+        tensors: dict[str, Tensor],
+        temperature: float,
+        top_p: float,
+        device,
+        logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB,
+    ) -> "Batch":
         """Sample tensors in the artifact layout (e.g. `generation.generate_responses`' output) on `device`."""
         n_resp = tensors["logprobs"].shape[1]
         return cls(
@@ -83,6 +92,7 @@ class Batch:
             temperature=float(temperature),
             top_p=float(top_p),
             tensors={k: v.to(device) for k, v in tensors.items()},
+            logits_chunk_mb=logits_chunk_mb,
         )
 
     def __len__(self) -> int:
@@ -118,6 +128,7 @@ class Batch:
             with_grad=with_grad,
             entropies=entropies,
             features=features,
+            logits_chunk_mb=self.logits_chunk_mb,
         )
 
     def scored(

@@ -47,7 +47,47 @@ def grad_and_tangents(
     return [g.detach() for g in grads], [t.detach() for t in tangents]
 
 
-class RowDirectional:
+class _LinearHooks:
+    """Forward hooks on the Linear modules that own trainable weights/biases; subclasses build `_hook(parts)`.
+
+    `parts` maps "weight"/"bias" to what the subclass attaches to that parameter (a direction, a name).
+    Use as a context manager: the hooks are removed on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str], values: list):
+        modules = dict(model.named_modules())
+        by_module: dict[str, dict] = {}
+        for name, value in zip(names, values):
+            module_name, kind = name.rsplit(".", 1)
+            by_module.setdefault(module_name, {})[kind] = value
+        self.plan = [(modules[m], parts) for m, parts in by_module.items()]
+        self.handles: list = []
+
+    @staticmethod
+    def supports(model: torch.nn.Module, names: list[str]) -> bool:
+        """Whether every name is the weight or bias of an nn.Linear (LoRA A/B are)."""
+        modules = dict(model.named_modules())
+        for name in names:
+            module_name, kind = name.rsplit(".", 1)
+            if kind not in ("weight", "bias") or not isinstance(modules.get(module_name), torch.nn.Linear):
+                return False
+        return True
+
+    def __enter__(self):
+        for module, parts in self.plan:
+            self.handles.append(module.register_forward_hook(self._hook(parts)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, parts: dict):
+        raise NotImplementedError
+
+
+class RowDirectional(_LinearHooks):
     """Per-row directional derivatives ⟨∇_θ Σ_t c_t y_t(row i), v⟩ for all rows from ONE ordinary backward.
 
     Rows of a batch never interact (attention stays within a row), and for a Linear layer y = x Wᵀ + b
@@ -62,44 +102,27 @@ class RowDirectional:
     """
 
     def __init__(self, model: torch.nn.Module, names: list[str], direction: list[torch.Tensor]):
-        self.model, self.acc, self.handles = model, None, []
-        modules = dict(model.named_modules())
-        by_module: dict[str, dict[str, torch.Tensor]] = {}
-        for name, v in zip(names, direction):
-            module_name, kind = name.rsplit(".", 1)
-            by_module.setdefault(module_name, {})[kind] = v
-        self.plan = [(modules[m], parts) for m, parts in by_module.items()]
-
-    @staticmethod
-    def supports(model: torch.nn.Module, names: list[str]) -> bool:
-        modules = dict(model.named_modules())
-        for name in names:
-            module_name, kind = name.rsplit(".", 1)
-            if kind not in ("weight", "bias") or not isinstance(modules.get(module_name), torch.nn.Linear):
-                return False
-        return True
-
-    def __enter__(self) -> "RowDirectional":
-        for module, parts in self.plan:
-            self.handles.append(module.register_forward_hook(self._hook(parts)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        super().__init__(model, names, direction)
+        self.acc: torch.Tensor | None = None
 
     def _hook(self, parts: dict[str, torch.Tensor]):
         def forward_hook(module, inputs, output):
             if not output.requires_grad:
                 return
+            # keep the smaller of x [.., in] and x·Vᵀ [.., out] until the backward reaches this layer:
+            # for LoRA that is r numbers per token for A (x·V_Aᵀ) and for B (its input A·x)
             x = inputs[0].detach()
+            weight = parts.get("weight")
+            x_vt = None
+            if weight is not None and weight.shape[0] <= weight.shape[1]:
+                x_vt, x = x @ weight.to(x.dtype).T, None
 
             def on_grad(delta):
                 acc = _at_least_float32(delta)  # float32 for half-precision models, float64 for float64 ones
                 dots = torch.zeros(delta.shape[0], dtype=acc, device=delta.device)
-                if "weight" in parts:
-                    dots += (delta * (x @ parts["weight"].to(x.dtype).T)).flatten(1).sum(-1, dtype=acc)
+                if weight is not None:
+                    projected = x_vt if x_vt is not None else x @ weight.to(x.dtype).T
+                    dots += (delta * projected).flatten(1).sum(-1, dtype=acc)
                 if "bias" in parts:
                     dots += (delta * parts["bias"].to(delta.dtype)).flatten(1).sum(-1, dtype=acc)
                 self.acc = dots if self.acc is None else self.acc + dots
@@ -112,3 +135,49 @@ class RowDirectional:
         """The per-row sums accumulated since the last take (None if no hooked layer saw a gradient)."""
         out, self.acc = self.acc, None
         return out
+
+
+class GroupGradients(_LinearHooks):
+    """Per-group gradients G_b = Σ_{i ∈ group b} ∇_θ Σ_t c_t y_t(row i) of Linear weights/biases, from the
+    same ordinary backward that gives the batch gradient (docs/math.md §5.2).
+
+    As in `RowDirectional`, row i's gradient of a Linear layer is Σ_{p ∈ row i} δ_p x_pᵀ (bias: Σ_p δ_p), so
+    a forward hook keeps x and a hook on the output's gradient adds each row's outer products into its
+    group's slot (index_add over rows). Memory: n_groups × trainable parameters, in float32 or better.
+    Set `rows_group` (the group id of every row of the current microbatch) before each backward.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str], n_groups: int):
+        super().__init__(model, names, names)
+        self.rows_group: torch.Tensor | None = None
+        params = dict(model.named_parameters())
+        self.sums = {
+            n: torch.zeros((n_groups, *params[n].shape), dtype=_at_least_float32(params[n]), device=params[n].device)
+            for n in names
+        }
+
+    def _hook(self, parts: dict[str, str]):
+        def forward_hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(delta):
+                groups = self.rows_group  # read at backward time: set after the forward, before the backward
+                if "weight" in parts:
+                    target = self.sums[parts["weight"]]
+                    rows = torch.einsum("n...o,n...i->noi", delta.to(target.dtype), x.to(target.dtype))
+                    target.index_add_(0, groups, rows)
+                if "bias" in parts:
+                    target = self.sums[parts["bias"]]
+                    target.index_add_(
+                        0, groups, delta.to(target.dtype).reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
+                    )
+
+            output.register_hook(on_grad)
+
+        return forward_hook
+
+    def flat(self, names: list[str]) -> torch.Tensor:
+        """[n_groups, Σ numel] in the order of `names` (a FlatLayout's)."""
+        return torch.cat([self.sums[n].flatten(1) for n in names], dim=1)

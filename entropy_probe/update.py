@@ -141,6 +141,53 @@ def group_terms_from_rows(
     return attribution, influence
 
 
+def group_denominators(mask: Tensor, group_index: Tensor, mode: str, seq_weights: Tensor | None = None) -> Tensor:
+    """D_b [B], float64: group b's share of the loss aggregation's denominator D = Σ_b D_b (`pg_coefficients`).
+
+    token-mean: D_b = Σ_{i∈b} ω_i L_i (its tokens); the seq-mean modes: D_b = n_b (its sequences; the constant
+    max_len of seq-mean-token-sum-norm cancels in D/(D − D_b)). Groups numbered as in `group_terms_from_rows`.
+    """
+    _, group = torch.unique(group_index, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    if mode == "token-mean":
+        share = mask.to(torch.float64).sum(-1)
+        if seq_weights is not None:
+            share = share * seq_weights.to(torch.float64)
+    else:
+        share = torch.ones(mask.shape[0], dtype=torch.float64, device=mask.device)
+    return torch.zeros(n_groups, dtype=torch.float64, device=mask.device).index_add_(0, group, share)
+
+
+def leave_one_group_out(
+    rule: str,
+    g: Tensor,
+    g_groups: Tensor,
+    denominators: Tensor,
+    xbar: Tensor,
+    state: AdamState,
+    max_grad_norm: float | None,
+) -> Tensor:
+    """[B] X̄·Δθ(g₋b): the δH₁ the update rule (clipping and Adam included) gives without prompt group b.
+
+    g = Σ_b g_b (`g_groups` [B, P], each with the full batch's normalisation 1/D). Advantages are relative to
+    the group, so dropping group b leaves the other groups' terms and changes only the normaliser:
+    g₋b = (g − g_b) · D / (D − D_b), with D_b from `group_denominators`.
+    """
+    total = denominators.sum()
+    values = []
+    for b in range(g_groups.shape[0]):
+        g_minus = (g - g_groups[b].to(g.dtype)) * (total / (total - denominators[b]))
+        values.append((xbar * update_direction(rule, g_minus, state, max_grad_norm)).sum())
+    return torch.stack(values)
+
+
+def jackknife_se(leave_one_out: Tensor) -> float:
+    """SE = √((B−1)/B · Σ_b (v₋b − mean v₋)²), the delete-one jackknife over B independent groups."""
+    n = leave_one_out.numel()
+    v = leave_one_out.double()
+    return float(((n - 1) / n * ((v - v.mean()) ** 2).sum()).sqrt())
+
+
 # --------------------------------------------------------------------------------------------------
 # Flat parameter vectors
 

@@ -70,6 +70,11 @@ STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
         lambda p: p.paths.report,
         "Tables and plots of dH1 +- SE, exact and truth across checkpoints.",
     ),
+    "trajectory": (
+        "stages.trajectory",
+        lambda p: p.trajectory.out_dir,
+        "Score the probe against a run's own steps: observed dH vs predicted dH1 per checkpoint pair.",
+    ),
 }
 # stages that run under `torchrun --nproc_per_node=N` (the others are single-process only)
 DISTRIBUTED_STAGES = ("sample-e", "sample-u", "delta-h1")
@@ -83,6 +88,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "exact": ("verify", "delta_h1", "sample_e"),
     "truth": ("delta_h1", "sample_e"),
     "report": ("verify", "delta_h1", "exact", "truth"),
+    "trajectory": (),
 }
 
 
@@ -104,6 +110,8 @@ def protected_inputs(stage: str, params: Params) -> dict[str, str]:
     }
     local = {"checkpoint.base_model": ck.base_model, "batch_config.dataset_name": params.batch_config.dataset_name}
     paths.update({key: value for key, value in local.items() if value is not None and Path(value).exists()})
+    if stage == "trajectory":  # it reads every checkpoint of the run dir
+        paths["trajectory.run_dir"] = params.trajectory.run_dir
     if stage == "report" and params.probe.checkpoints:
         root = Path(params.probe.root)
         for c in params.probe.checkpoints:

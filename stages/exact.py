@@ -122,9 +122,11 @@ def _delta_h1_inputs(params: Params) -> tuple[Bars, DeltaH1Report]:
     return bars, report
 
 
-def _z(dh1: float, exact: float | None, se_E: float) -> float | None:
-    """(δH₁ − exact) / SE_E; None without an exact value or with SE_E = 0."""
-    return (dh1 - exact) / se_E if exact is not None and se_E and math.isfinite(se_E) else None
+def _z(dh1: float | None, exact: float | None, se_E: float | None) -> float | None:
+    """(δH₁ − exact) / SE_E; None without an estimate, an exact value, or with SE_E = 0."""
+    if dh1 is None or exact is None or not se_E or not math.isfinite(se_E):
+        return None
+    return (dh1 - exact) / se_E
 
 
 def _compared(
@@ -132,14 +134,15 @@ def _compared(
     exact_dh1: float,
     slope: float,
     curve: list[float],
-    estimate: TargetEstimate,
+    estimate: TargetEstimate | None,
     multipliers: list[float],
     lr: float,
     population: tuple[float, float] | None,
 ) -> ExactTarget:
     """One target's exact values next to delta-h1's estimate: z against the drawn prompts' exact δH₁ and
-    z_population against the whole population's (`population` = (H, δH₁) there, None when skipped)."""
-    dh1, se_E = estimate.delta_h1, estimate.se_E
+    z_population against the whole population's (`population` = (H, δH₁) there, None when skipped).
+    `estimate` None: delta-h1 did not estimate this target (exact values only)."""
+    dh1, se_E = (None, None) if estimate is None else (estimate.delta_h1, estimate.se_E)
     h_pop, dh1_pop = population if population is not None else (None, None)
     grid = [
         EtaPoint(
@@ -147,17 +150,17 @@ def _compared(
             eta=m * lr,
             delta_h_exact=curve[j],
             delta_h1_exact_linear=m * exact_dh1,
-            delta_h1_linear=m * dh1,
+            delta_h1_linear=None if dh1 is None else m * dh1,
         )
         for j, m in enumerate(multipliers)
     ]
     return ExactTarget(
         entropy_exact=entropy,
-        entropy_estimate=estimate.entropy,
+        entropy_estimate=None if estimate is None else estimate.entropy,
         delta_h1_exact=exact_dh1,
         delta_h1=dh1,
         se_E=se_E,
-        se_delta_h1=estimate.se_delta_h1,
+        se_delta_h1=None if estimate is None else estimate.se_delta_h1,
         z=_z(dh1, exact_dh1, se_E),
         fd_slope=slope,
         rel_err_fd=abs(exact_dh1 - slope) / max(abs(slope), 1e-300),
@@ -254,7 +257,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
                 exact_dh1[t],
                 slopes[t],
                 curve[t],
-                dh1_report.targets[t],
+                dh1_report.targets.get(t),
                 ep.eta_multipliers,
                 lr,
                 population[t],
@@ -279,13 +282,13 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
         result.write(tmp)
     for t, r in result.targets.items():
         log.info(
-            "%s: H=%.5f  δH₁ exact %.4e (population %s)  estimate %.4e  z_population %s (given E's prompts %s)  "
+            "%s: H=%.5f  δH₁ exact %.4e (population %s)  estimate %s  z_population %s (given E's prompts %s)  "
             "FD rel err %.1e",
             t,
             r.entropy_exact,
             r.delta_h1_exact,
             _fmt(r.delta_h1_exact_population, ".4e"),
-            r.delta_h1,
+            _fmt(r.delta_h1, ".4e"),
             _fmt(r.z_population, "+.2f"),
             _fmt(r.z, "+.2f"),
             r.rel_err_fd,

@@ -114,7 +114,7 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     if gen.top_p < 1:
         log.warning("truth: top_p=%g < 1 — SNIS cannot see responses outside the behaviour policy's nucleus", gen.top_p)
 
-    E = Batch.from_samples(samples, model.get_input_embeddings().weight.device)
+    E = Batch.from_samples(samples, model.get_input_embeddings().weight.device, params.compute.logits_chunk_mb)
     result = estimate_truth(
         model,
         E,

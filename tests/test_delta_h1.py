@@ -24,7 +24,14 @@ from entropy_probe.generation import GenerationSpec, generate_responses
 from entropy_probe.params import EstimatorParams
 from entropy_probe.perturb import as_float64
 from entropy_probe.policy import policy_logprobs
-from entropy_probe.probe import UpdateSpec, compute_delta_h1, entropy_pass, policy_gradient, u_row_terms
+from entropy_probe.probe import (
+    NO_SE_U_FEW_GROUPS,
+    UpdateSpec,
+    compute_delta_h1,
+    entropy_pass,
+    policy_gradient,
+    u_row_terms,
+)
 from entropy_probe.scoring import Batch
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, zero_gradient_part
 
@@ -169,7 +176,9 @@ def test_dropping_the_pathwise_term_is_detected(model, tok, exact):
 
 @pytest.mark.numerics
 def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
-    """The full computation with Δθ = a real next AdamW step: per-target δH₁ vs exact ∇H·Δθ."""
+    """The full computation with Δθ = a real next AdamW step: per-target δH₁ vs exact ∇H·Δθ (all_targets:
+    double-backward tangents), and the default one-backward path (row hooks) gives the same configured
+    target, SE_E and E attributions."""
     values, grads = exact
     layout, state = adam_state(model)
     zs = {t: [] for t in TARGETS}
@@ -177,7 +186,14 @@ def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
         E = sample_batch(model, tok, PROMPTS * 64, seed=200 + seed)
         U = sample_u(model, tok, n_groups=8, G=4, seed=300 + seed)
         spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
-        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
+        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096, all_targets=True)
+        hooked = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
+        assert list(hooked["targets"]) == ["token_mean"] and hooked["delta_h1_naive"] is None
+        scale = dot_scale(result["xbar"], result["delta_theta"])
+        for key in ("delta_h1", "delta_h1_from_tangents"):
+            assert_close_scaled(hooked[key], result[key], scale, what=f"hooked vs double-backward {key}")
+        assert_close_scaled(hooked["se_E"], result["se_E"], result["se_E"], what="hooked vs double-backward SE_E")
+        assert_vectors_close(hooked["e_contributions"], result["e_contributions"], what="E attributions")
         delta = layout.unflatten(result["delta_theta"])
         assert_close_scaled(
             result["delta_h1_from_tangents"],
@@ -256,8 +272,10 @@ def test_delta_h1_is_invariant_to_the_token_budget(model, tok, dtype):
         "delta_h1": dot_scale(first["xbar"], first["delta_theta"]),
         "delta_h1_momentum_part": dot_scale(first["xbar"], delta_zero),
         # standard errors and the entropy are not cancelling sums: their own size is the scale
-        **{key: abs(first[key]) for key in ("se_E", "se_U", "entropy")},
+        **{key: abs(first[key]) for key in ("se_E", "entropy")},
     }
+    # this U batch has a single prompt group with non-zero advantage: SE_U cannot be estimated
+    assert all(r["se_U"] is None and r["se_U_note"] == NO_SE_U_FEW_GROUPS for r in results)
     for r in results[1:]:
         for key, scale in scales.items():
             assert_close_scaled(r[key], first[key], scale, rel=REL[dtype], what=key)
@@ -318,7 +336,8 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
     r = compute_delta_h1(
         model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096
     )
-    assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "se_U", "entropy"))
+    assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "entropy"))
+    assert r["se_U"] is None or math.isfinite(r["se_U"])
     assert torch.isfinite(r["xbar"]).all()
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
@@ -477,12 +496,16 @@ def test_delta_h1_report_round_trip_and_refusals(tmp_path):
     weighted.write(tmp_path)
     assert json.loads((tmp_path / "delta_h1.json").read_text())["reuse"]["ess_E"] == 3.5
     assert DeltaH1Report.read(tmp_path) == weighted
-    targets_missing = {**raw, "targets": {k: v for k, v in raw["targets"].items() if k != "sequence"}}
+    # only the configured target (compute.all_targets false) is a valid file; without it, it is not
+    configured_only = {**raw, "targets": {"token_mean": raw["targets"]["token_mean"]}}
+    (tmp_path / "delta_h1.json").write_text(json.dumps(configured_only))
+    assert list(DeltaH1Report.read(tmp_path).targets) == ["token_mean"]
+    targets_missing = {**raw, "targets": {k: v for k, v in raw["targets"].items() if k != "token_mean"}}
     for broken, key in (
         ({**raw, "learning_rate": 0.0}, "learning_rate"),
-        (targets_missing, "targets"),
+        (targets_missing, ".*configured target 'token_mean'"),
         ({**raw, "extra": 1}, "extra"),
-        ({k: v for k, v in raw.items() if k != "se_U"}, "se_U"),
+        ({k: v for k, v in raw.items() if k != "se_U"}, ".*se_U is null without se_U_note"),
     ):
         (tmp_path / "delta_h1.json").write_text(json.dumps(broken))
         with pytest.raises(ProbeError, match=rf"delta_h1.json of this version \({key}.*rerun the delta-h1 stage"):

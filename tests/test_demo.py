@@ -195,12 +195,12 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "sub").exists()
     printed = capsys.readouterr().out
     assert "n_prompts: 100" in printed
-    for step in (2, 4, 6, 8):
+    for step in range(1, 14):  # a checkpoint every step (the trajectory scores each one)
         assert str(out / "run" / f"checkpoint-{step}") in printed
 
 
 def test_checkpoint_steps_include_the_last():
-    assert demo.checkpoint_steps(Params().demo) == [2, 4, 6, 8]
+    assert demo.checkpoint_steps(Params().demo) == list(range(1, 14))
     assert demo.checkpoint_steps(small_params(rl_steps=5, save_steps=2).demo) == [2, 4, 5]
 
 
@@ -221,3 +221,17 @@ def test_cli_dry_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert str(out / "run" / "checkpoint-4") in result.output and "checkpoint-6" not in result.output
     assert not out.exists()
+
+
+def test_shipped_demo_saves_every_step_and_probes_moving_checkpoints():
+    """params.yaml's demo keeps a checkpoint every step (>= 12 observed steps for the trajectory stage), and every
+    probed checkpoint still has a step to take (a linear schedule's last checkpoint has next lr 0)."""
+    from entropy_probe.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    steps = demo.checkpoint_steps(params.demo)
+    assert steps == list(range(1, params.demo.rl_steps + 1)) and len(steps) - 1 >= 12
+    for c in params.probe.checkpoints:
+        step = int(Path(c.path).name.removeprefix("checkpoint-"))
+        assert step in steps and step < params.demo.rl_steps, c
+    assert params.trajectory.run_dir == f"{params.demo.out_dir}/run"

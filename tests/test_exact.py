@@ -292,7 +292,7 @@ def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
         # B_E = 64 prompts uniformly with replacement, as sample-e draws them (generation.plan_e)
         rows = torch.randint(len(POPULATION), (64,), generator=torch.Generator().manual_seed(5000 + d))
         E = sample_batch(model, tokenizer, [POPULATION[i] for i in rows.tolist()], seed=6000 + d)
-        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
+        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096, all_targets=True)
         if moments is None:  # Δθ depends on U only: the same for every draw
             delta = layout.unflatten(result["delta_theta"])
             moments = per_prompt_moments(model, ids, delta, max_sequences=10**6, **kw)

@@ -6,15 +6,26 @@ Written by delta-h1; exact, truth and report read them. delta_h1.json keys (docs
     delta_h1_gradient_part, delta_h1_momentum_part, delta_h1_gradient_part_linearised,
     delta_h1_naive, se_E_naive, cov_logp_advantage, norm_xbar, norm_delta_theta, norm_g,
     targets {sequence, token_mean, seq_mean_token_mean: {delta_h1, se_E, entropy (+ se_U, se_delta_h1
-             for the configured target)}},
+             for the configured target)}} (all three with compute.all_targets, else the configured one),
     B_E, B_U, G, n_E_tokens, n_U_tokens, estimator {entropy, baseline, ridge, crossfit_folds},
-    update {rule, loss_agg_mode, loss_agg_reason, max_len, max_grad_norm, max_grad_norm_source},
+    update {rule, loss_agg_mode, loss_agg_reason, max_len, max_grad_norm, max_grad_norm_source
+            (rule observed: observed {next_checkpoint, next_checkpoint_fingerprint, step, next_step,
+             norm_delta_theta_obs} instead of the loss and clipping keys)},
     checkpoint_fingerprint, reuse {weighted, sampler_fingerprint {E, U}, ess_fraction_E, ess_fraction_U
-                                   (+ ess_E, ess_U for a re-weighted batch)}, world_size
+                                   (+ ess_E, ess_U for a re-weighted batch)}, world_size,
+    optional: se_U_note, se_U_method, second_order {delta_h2, se_delta_h2, delta_h1, delta_h1_plus_h2, eta_star,
+              step_multiplier_star, fraction, verdict, fd_eps, ess_fraction_plus, ess_fraction_minus}
+
+With update.rule `observed` (Δθ = θ(next checkpoint) − θ(this), docs/math.md §4.8) there is no U batch: the
+U-dependent keys (se_U, the gradient/momentum parts, cov_logp_advantage, norm_g, B_U, G, n_U_tokens,
+ess_fraction_U) are null and se_delta_h1 = se_E. For the other rules se_U may be null too, with se_U_note
+saying why.
 
 bars.safetensors (kind "bars"): `xbar.<name>` = X̄ and `delta_theta.<name>` = Δθ (float32, lr included) per
 trainable parameter; metadata {learning_rate, target}. attributions.csv: one row per U prompt group and
-per E sequence (batch, index, prompt_index, contribution, prompt, responses), most negative first.
+per E sequence (batch, index, prompt_index, contribution, prompt, responses, contribution_loo), most negative
+first; contribution_loo is a U group's leave-one-group-out attribution when delta-h1 computed one (else
+empty); with update.rule observed there are E rows only.
 """
 
 from __future__ import annotations
@@ -27,12 +38,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_serializer
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from ..errors import ProbeError
 from ..estimators import TARGETS
 from ..files import read_tensors, write_tensors
-from .base import JsonArtifact, Record, every_target
+from .base import JsonArtifact, Record
 
 Target = Literal["sequence", "token_mean", "seq_mean_token_mean"]
 BARS_FILE = "bars.safetensors"
@@ -71,13 +82,52 @@ class EstimatorRecord(Record):
     crossfit_folds: int
 
 
-class UpdateRecord(Record):
-    rule: Literal["adam_step", "adam_precond", "sgd"]
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-    loss_agg_reason: str
-    max_len: int | None
-    max_grad_norm: float | None
-    max_grad_norm_source: str
+class ObservedRecord(Record):
+    """The trainer's own step Δθ_obs = θ(next) − θ(this) (update.rule observed, docs/math.md §4.8)."""
+
+    next_checkpoint: str  # the path delta-h1 read θ(next) from
+    next_checkpoint_fingerprint: str
+    step: int | None  # N of checkpoint-N (None: not named so)
+    next_step: int | None  # N of the next checkpoint; next_step − step > 1: several trainer steps
+    norm_delta_theta_obs: float = Field(ge=0)
+
+
+class UpdateRecord(_Sparse):
+    """How Δθ was formed: the emulated rule's loss aggregation and clipping, or the observed step."""
+
+    rule: Literal["adam_step", "adam_precond", "sgd", "observed"]
+    loss_agg_mode: (
+        Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] | None
+    ) = None
+    loss_agg_reason: str | None = None
+    max_len: int | None = None
+    max_grad_norm: float | None = None
+    max_grad_norm_source: str | None = None
+    observed: ObservedRecord | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_the_rule(self) -> "UpdateRecord":
+        if (self.rule == "observed") != (self.observed is not None):
+            raise ValueError("'observed' is present exactly when rule is observed")
+        if self.rule != "observed" and (self.loss_agg_mode is None or self.max_grad_norm_source is None):
+            raise ValueError(f"rule {self.rule} needs loss_agg_mode, loss_agg_reason and max_grad_norm_source")
+        return self
+
+
+class SecondOrderRecord(Record):
+    """δH₂ = ½ Δθᵀ∇²HΔθ ± SE along the same Δθ, and the lr up to which the step is linear (docs/math.md §5.6)."""
+
+    delta_h2: float
+    se_delta_h2: float
+    delta_h1: float
+    delta_h1_plus_h2: float
+    eta_star: float | None
+    step_multiplier_star: float | None
+    fraction: float
+    verdict: Literal["linear", "curved", "unresolved"]
+    fd_eps: float
+    ess_fraction_plus: float
+    ess_fraction_minus: float
 
 
 class ReuseRecord(_Sparse):
@@ -86,15 +136,16 @@ class ReuseRecord(_Sparse):
     weighted: bool
     sampler_fingerprint: dict[Literal["E", "U"], str]
     ess_fraction_E: float
-    ess_fraction_U: float
+    ess_fraction_U: float | None  # None: no U batch (update.rule observed)
     ess_E: float | None = None
     ess_U: float | None = None
 
     @classmethod
     def of(cls, sampler: dict[str, str], sizes: dict[str, int], ess: dict[str, float]) -> "ReuseRecord":
         """From who drew each batch ("E"/"U" -> fingerprint), the batch sizes and the ESS of the re-weighted
-        batches (ESS/N = 1 for a batch the probed checkpoint drew)."""
-        fractions = {f"ess_fraction_{k}": ess[k] / n if k in ess else 1.0 for k, n in sizes.items()}
+        batches (ESS/N = 1 for a batch the probed checkpoint drew; no "U": ess_fraction_U None)."""
+        fractions = {"ess_fraction_U": None}
+        fractions.update({f"ess_fraction_{k}": ess[k] / n if k in ess else 1.0 for k, n in sizes.items()})
         counts = {f"ess_{k}": v for k, v in ess.items()}
         return cls(weighted=bool(ess), sampler_fingerprint=sampler, **fractions, **counts)
 
@@ -110,29 +161,63 @@ class DeltaH1Report(JsonArtifact):
     entropy: float
     se_delta_h1: float
     se_E: float
-    se_U: float
-    delta_h1_gradient_part: float
-    delta_h1_momentum_part: float
-    delta_h1_gradient_part_linearised: float
-    delta_h1_naive: float
-    se_E_naive: float
-    cov_logp_advantage: float
+    # U-dependent keys: None with update.rule observed (no U batch); se_U also when it cannot be estimated
+    se_U: float | None = None
+    se_U_note: str | None = None  # why se_U is None (rule observed, too few groups with a non-zero advantage)
+    se_U_method: Literal["jackknife over U prompt groups", "delta method"] | None = None
+    delta_h1_gradient_part: float | None = None
+    delta_h1_momentum_part: float | None = None
+    delta_h1_gradient_part_linearised: float | None = None
+    delta_h1_naive: float | None = None
+    se_E_naive: float | None = None
+    cov_logp_advantage: float | None = None
     norm_xbar: float
     norm_delta_theta: float
-    norm_g: float
+    norm_g: float | None = None
     targets: dict[Target, TargetEstimate]
     B_E: int
-    B_U: int
-    G: int
+    B_U: int | None = None
+    G: int | None = None
     n_E_tokens: int
-    n_U_tokens: int
+    n_U_tokens: int | None = None
     estimator: EstimatorRecord
     update: UpdateRecord
     checkpoint_fingerprint: str
     reuse: ReuseRecord
     world_size: int
+    second_order: SecondOrderRecord | None = None  # δH₂ along the same Δθ, when delta-h1 computed it
 
-    _every_target = field_validator("targets")(every_target)
+    @field_validator("targets")
+    @classmethod
+    def _targets_in_order(cls, targets: dict) -> dict:
+        """The targets computed (all three with compute.all_targets, else the configured one), in TARGETS order."""
+        return {t: targets[t] for t in TARGETS if t in targets}
+
+    @model_validator(mode="after")
+    def _configured_target_present(self) -> "DeltaH1Report":
+        if self.estimator.entropy not in self.targets:
+            raise ValueError(f"no entry for the configured target '{self.estimator.entropy}'")
+        return self
+
+    @model_validator(mode="after")
+    def _u_keys_follow_the_rule(self) -> "DeltaH1Report":
+        """A U batch entered exactly when the rule is not observed: its keys are all there, or all absent."""
+        u_keys = ("delta_h1_gradient_part", "delta_h1_momentum_part", "cov_logp_advantage", "norm_g", "B_U", "G")
+        u_keys += ("n_U_tokens",)
+        present = [k for k in u_keys if getattr(self, k) is not None]
+        observed = self.update.rule == "observed"
+        if observed and (present or self.se_U is not None or self.reuse.ess_fraction_U is not None):
+            raise ValueError(f"rule observed has no U batch, but {(present or ['se_U'])[0]} is set")
+        if not observed and len(present) != len(u_keys):
+            raise ValueError(f"rule {self.update.rule} needs {sorted(set(u_keys) - set(present))[0]}")
+        if not observed and self.se_U is None and self.se_U_note is None:
+            raise ValueError("se_U is null without se_U_note saying why")
+        return self
+
+    @property
+    def observed(self) -> bool:
+        """Δθ is the trainer's own step to the next checkpoint (no U batch, no SE_U)."""
+        return self.update.rule == "observed"
 
     @property
     def target(self) -> str:
@@ -224,32 +309,44 @@ def _malformed(path: Path, problem: str) -> ProbeError:
     return ProbeError(f"{path} is not a valid bars file of this version ({problem})", RERUN)
 
 
-def attributions_csv(u_attribution: list[float], e_contribution: list[float], U, E, tokenizer) -> str:
+def attributions_csv(
+    u_attribution: list[float] | None,
+    e_contribution: list[float],
+    U,
+    E,
+    tokenizer,
+    u_attribution_loo: list[float] | None = None,
+) -> str:
     """attributions.csv text: every U prompt group and E sequence, U first, most entropy-lowering first.
 
     U, E: the sample artifacts (`artifacts.samples.Samples`); a U row shows its group's responses → rewards.
+    u_attribution None (and U None): no U batch (update.rule observed), E rows only. u_attribution_loo: the
+    groups' leave-one-group-out attributions (same order), written as contribution_loo (else left empty).
     """
     from .samples import decode_responses
 
     def prompt(samples, i: int) -> str:
         return tokenizer.decode(samples.input_ids[i, : samples.n_prompt_cols].tolist(), skip_special_tokens=True)
 
-    responses = {"U": decode_responses(tokenizer, U.tensors()), "E": decode_responses(tokenizer, E.tensors())}
-    rewards = U.rewards.tolist()
-    members_of: dict[int, list[int]] = {}
-    for i, b in enumerate(U.group_index.tolist()):
-        members_of.setdefault(b, []).append(i)
     rows = []
-    for b, contribution in enumerate(u_attribution):
-        members = members_of[b]
-        shown = " | ".join(f"{responses['U'][i]!r}→{rewards[i]:g}" for i in members)
-        rows.append(["U", b, int(U.prompt_index[members[0]]), contribution, prompt(U, members[0]), shown])
+    if u_attribution is not None:
+        responses = decode_responses(tokenizer, U.tensors())
+        rewards = U.rewards.tolist()
+        members_of: dict[int, list[int]] = {}
+        for i, b in enumerate(U.group_index.tolist()):
+            members_of.setdefault(b, []).append(i)
+        loo = [""] * len(u_attribution) if u_attribution_loo is None else u_attribution_loo
+        for b, contribution in enumerate(u_attribution):
+            members = members_of[b]
+            shown = " | ".join(f"{responses[i]!r}→{rewards[i]:g}" for i in members)
+            rows.append(["U", b, int(U.prompt_index[members[0]]), contribution, prompt(U, members[0]), shown, loo[b]])
+    e_responses = decode_responses(tokenizer, E.tensors())
     for i, contribution in enumerate(e_contribution):
-        rows.append(["E", i, int(E.prompt_index[i]), contribution, prompt(E, i), repr(responses["E"][i])])
+        rows.append(["E", i, int(E.prompt_index[i]), contribution, prompt(E, i), repr(e_responses[i]), ""])
     rows.sort(key=lambda r: (r[0] != "U", r[3]))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses"])
+    writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses", "contribution_loo"])
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -260,7 +357,9 @@ __all__ = [
     "Bars",
     "DeltaH1Report",
     "EstimatorRecord",
+    "ObservedRecord",
     "ReuseRecord",
+    "SecondOrderRecord",
     "Target",
     "TargetEstimate",
     "UpdateRecord",

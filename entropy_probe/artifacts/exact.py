@@ -8,7 +8,9 @@ Written by the exact stage, read by the report. Keys and nesting are those of th
     targets {sequence, token_mean, seq_mean_token_mean: ExactTarget}
 
 se_delta_h1 is null except for the configured target (delta-h1 gives the total SE for it only); z and
-z_population are null when SE_E is 0. Two exact references (docs/math.md §7.4):
+z_population are null when SE_E is 0. The estimate fields (entropy_estimate, delta_h1, se_E, z, z_population,
+eta_grid[].delta_h1_linear) are null for a target delta-h1 did not estimate (it estimates estimator.entropy
+only, unless compute.all_targets); the exact values are always there. Two exact references (docs/math.md §7.4):
 
 - `delta_h1_exact`: over the E batch's drawn prompt multiset. SE_E also counts the variance of which prompts
   were drawn, which this comparison holds fixed, so `z` is under-dispersed (SD < 1): a consistency check only.
@@ -36,17 +38,17 @@ class EtaPoint(Record):
     eta: float
     delta_h_exact: float
     delta_h1_exact_linear: float
-    delta_h1_linear: float
+    delta_h1_linear: float | None  # null: delta-h1 did not estimate this target
 
 
 class ExactTarget(Record):
     """One entropy target: exact values, the sampled estimates they are compared with, z and the FD check."""
 
     entropy_exact: float
-    entropy_estimate: float  # delta-h1's plug-in entropy
+    entropy_estimate: float | None  # delta-h1's plug-in entropy (null: target not estimated)
     delta_h1_exact: float
-    delta_h1: float  # delta-h1's estimate
-    se_E: float
+    delta_h1: float | None  # delta-h1's estimate (null: target not estimated)
+    se_E: float | None
     se_delta_h1: float | None
     z: float | None  # (δH₁ − δH₁_exact) / SE_E, given the drawn prompts: under-dispersed, not calibrated
     fd_slope: float

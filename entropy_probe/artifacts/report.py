@@ -27,13 +27,14 @@ class CheckpointRow(Record):
     delta_h1: float
     se_delta_h1: float
     se_E: float
-    se_U: float
+    se_U: float | None  # null: not estimable (fewer than 2 moving U groups) or an observed step (no U)
     entropy: float
     learning_rate: float
-    delta_h1_gradient_part: float
-    delta_h1_momentum_part: float
-    delta_h1_naive: float
-    cov_logp_advantage: float
+    # null for an observed step (no U batch); naive: only with compute.all_targets
+    delta_h1_gradient_part: float | None
+    delta_h1_momentum_part: float | None
+    delta_h1_naive: float | None
+    cov_logp_advantage: float | None
     ess_fraction_E: float | None  # only when the samples were importance-weighted
     ess_fraction_U: float | None
     # exact.json

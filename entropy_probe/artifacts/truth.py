@@ -61,8 +61,8 @@ class Linearity(Record):
 class TruthTarget(Record):
     """One entropy target: delta-h1's estimate, H(θ) and ΔH per η (in the order of `etas`) by both methods."""
 
-    delta_h1: float
-    se_E: float
+    delta_h1: float | None  # null: delta-h1 did not estimate this target (compute.all_targets false)
+    se_E: float | None
     entropy_snis: float
     entropy_snis_se: float | None
     entropy_fresh: float | None

@@ -1,0 +1,211 @@
+"""The step the trainer really took: Δθ_obs = θ(next) − θ(this) from two consecutive checkpoints (docs/math.md §4.8).
+
+A Trainer run that saves `checkpoint-N/` every step holds every step it took. The adapter files of two
+consecutive checkpoints give Δθ_obs (for LoRA the step in A and B, lr, momentum and weight decay
+included), with no U batch and no optimizer emulation; δH₁_obs = X̄ · Δθ_obs is then the first-order
+entropy change along the step actually taken.
+
+- `next_checkpoint`: the `checkpoint-M` after `checkpoint-N` in the same run dir (smallest M > N).
+- `adapter_parameter_names`: adapter-file key → trainable parameter name, as PEFT saves the loaded model.
+- `observed_delta_theta`: the flat float64 Δθ_obs in a `FlatLayout`'s order; refuses two adapters of
+  different layouts (a tensor missing on either side, another shape, another adapter_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, first_line
+from .errors import ProbeError
+from .update import FlatLayout
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+# adapter_config.json entries that decide which tensors the adapter has, their shapes and what they mean
+LAYOUT_KEYS = (
+    "peft_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+)
+SAME_RUN = "set update.next_checkpoint to the checkpoint saved one step after checkpoint.path by the same run"
+
+
+# ----------------------------------------------------------------------------------------------
+# which checkpoint is next
+
+
+def checkpoint_number(path: Path) -> int | None:
+    """N of a directory named `checkpoint-N` (the Trainer's global step), else None."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def next_checkpoint(this: str | Path) -> Path:
+    """The `checkpoint-M` directory beside `this` = `checkpoint-N` with the smallest M > N (numeric order:
+    checkpoint-2 → checkpoint-3 even when checkpoint-10 exists)."""
+    this = Path(this)
+    if not this.is_dir():
+        raise ProbeError(f"checkpoint {this} not found", "set checkpoint.path to a Trainer checkpoint-N/ dir")
+    if checkpoint_number(this) is None:
+        this = this.resolve()  # e.g. "." inside the checkpoint dir
+    n = checkpoint_number(this)
+    if n is None:
+        raise ProbeError(
+            f"{this} is not named checkpoint-N, so the next checkpoint of its run is unknown", f"{SAME_RUN}"
+        )
+    later = sorted(
+        (m, d) for d in this.parent.iterdir() if (m := checkpoint_number(d)) is not None and m > n and d.is_dir()
+    )
+    if not later:
+        raise ProbeError(
+            f"no checkpoint after {this.name} in {this.parent}",
+            "keep the next checkpoint of the run (save every step: save_steps=1), or " + SAME_RUN,
+        )
+    return this.parent / later[0][1].name
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter files
+
+
+def adapter_parameter_names(model) -> dict[str, str]:
+    """{adapter-file key: parameter name} for the loaded `PeftModel`, e.g.
+    `…q_proj.lora_A.weight` → `…q_proj.lora_A.default.weight`.
+
+    The mapping is PEFT's own: `get_peft_model_state_dict` builds the dict `save_pretrained` writes; run on the
+    live parameters (keep_vars) its values are the Parameter objects, matched to their names by identity.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    saved = get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True), save_embedding_layers=False)
+    names = {}
+    for key, tensor in saved.items():
+        if id(tensor) not in name_of:
+            raise ProbeError(
+                f"adapter entry {key} is not a parameter of the loaded model (PEFT transforms it when saving)",
+                "observed steps need an adapter whose saved tensors are its parameters (LoRA)",
+            )
+        names[key] = name_of[id(tensor)]
+    return names
+
+
+def _adapter_layout(adapter_dir: Path) -> dict:
+    """The LAYOUT_KEYS of adapter_config.json (target_modules sorted: PEFT writes a set as a list)."""
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{path} is not readable JSON ({first_line(exc)})", "copy or re-save the checkpoint") from None
+    if not isinstance(config, dict):
+        raise ProbeError(f"{path} is not a JSON object", "copy or re-save the checkpoint")
+    layout = {k: config.get(k) for k in LAYOUT_KEYS}
+    if isinstance(layout["target_modules"], list):
+        layout["target_modules"] = sorted(layout["target_modules"])
+    return layout
+
+
+def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """{key: tensor} of the adapter weights file in `adapter_dir` (safetensors, else PEFT's .bin)."""
+    adapter_dir = Path(adapter_dir)
+    path = next((adapter_dir / w for w in ADAPTER_WEIGHTS if (adapter_dir / w).is_file()), None)
+    if path is None:
+        raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {adapter_dir}", "point at a checkpoint with its adapter saved")
+    fix = "the adapter weights are damaged (an interrupted copy or save?): copy or re-save the checkpoint"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # SafetensorError, truncated zip, foreign pickle: unreadable input either way
+        raise ProbeError(f"adapter weights {path} are unreadable ({first_line(exc)})", fix) from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ProbeError(f"adapter weights {path} are not a dict of tensors", fix)
+    return tensors
+
+
+def _check_same_adapter(this_dir: Path, next_dir: Path) -> None:
+    this, nxt = _adapter_layout(this_dir), _adapter_layout(next_dir)
+    for key in LAYOUT_KEYS:
+        if this[key] != nxt[key]:
+            raise ProbeError(
+                f"the adapters of {this_dir} and {next_dir} differ in {ADAPTER_CONFIG} '{key}' "
+                f"({this[key]!r} vs {nxt[key]!r}), so θ(next) − θ(this) is not a step",
+                SAME_RUN,
+            )
+
+
+def _check_same_keys(this: Mapping, nxt: Mapping, this_dir: Path, next_dir: Path, names: Mapping[str, str]) -> None:
+    """Both files hold the same tensors, and each is a trainable parameter of the model."""
+    for a, b, a_dir, b_dir in ((this, nxt, this_dir, next_dir), (nxt, this, next_dir, this_dir)):
+        missing = sorted(set(a) - set(b))
+        if missing:
+            raise ProbeError(f"adapter tensor {missing[0]} of {a_dir} is missing in {b_dir}", SAME_RUN)
+    foreign = sorted(set(this) - set(names))
+    if foreign:
+        raise ProbeError(
+            f"adapter tensor {foreign[0]} of {this_dir} is no parameter of the loaded model",
+            "set checkpoint.path to a checkpoint of the same run as the adapter loaded",
+        )
+
+
+def observed_delta_theta(
+    this_dir: str | Path, next_dir: str | Path, layout: FlatLayout, names: Mapping[str, str]
+) -> torch.Tensor:
+    """Δθ_obs = θ(next) − θ(this), flat float64 in `layout` order (its names: trainable parameter names).
+
+    this_dir, next_dir: the adapter dirs of two checkpoints (adapter_config.json + weights);
+    names: {adapter-file key: parameter name} (`adapter_parameter_names` of the loaded model).
+    Refuses (one line naming the tensor): another adapter_config.json layout, a tensor missing on either side,
+    a shape differing from the other file or the model, a trainable parameter absent from the files,
+    non-floating or non-finite values.
+    """
+    this_dir, next_dir = Path(this_dir), Path(next_dir)
+    _check_same_adapter(this_dir, next_dir)
+    this, nxt = read_adapter_tensors(this_dir), read_adapter_tensors(next_dir)
+    _check_same_keys(this, nxt, this_dir, next_dir, names)
+    key_of = {name: key for key, name in names.items() if key in this}
+    parts = []
+    for name, shape in zip(layout.names, layout.shapes):
+        key = key_of.get(name)
+        if key is None:
+            raise ProbeError(
+                f"trainable parameter {name} is not in the adapter file of {this_dir}",
+                "observed steps cover only the adapter's saved tensors: train only the adapter",
+            )
+        a, b = this[key], nxt[key]
+        for t, where in ((a, this_dir), (b, next_dir)):
+            if tuple(t.shape) != tuple(shape):
+                raise ProbeError(
+                    f"adapter tensor {key} of {where} has shape {tuple(t.shape)}, the parameter {tuple(shape)}",
+                    SAME_RUN,
+                )
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ProbeError(
+                    f"adapter tensor {key} of {where} is {t.dtype} with non-finite or non-float values",
+                    "observe steps before training diverged (an earlier checkpoint pair)",
+                )
+        parts.append((b.double() - a.double()).reshape(-1))  # exact: a difference of two floats in float64
+    delta = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    log.info("observed step %s → %s: ‖Δθ_obs‖ = %.4g", this_dir, next_dir, float(delta.norm()))
+    return delta
+
+
+__all__ = ["adapter_parameter_names", "checkpoint_number", "next_checkpoint", "observed_delta_theta"]
