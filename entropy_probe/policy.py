@@ -106,8 +106,9 @@ def teacher_force(
 
     The vocabulary-wide work (LM head, 1/T, top-p, log-softmax, gather, entropy, features) runs on chunks
     of columns of about `logits_chunk_mb` MiB of float32 logits each ([N, c, V], rows kept apart so per-row
-    hooks on the head see rows). With a graph and more than one chunk, each chunk is activation-checkpointed:
-    only its hidden states are saved and its [N, c, V] tensors are recomputed in the backward, so no
+    hooks on the head see rows). With a graph, a frozen Linear head takes each position's gradient w.r.t.
+    its hidden state in the forward (`_FrozenHeadScores`); a trainable head has each chunk (when there is
+    more than one) activation-checkpointed, its [N, c, V] tensors recomputed in the backward. Either way no
     full-vocabulary tensor of the whole microbatch stays alive. Trailing columns that are padding in every
     row are not scored (their entries are 0 anyway). Models whose logits are not exactly
     head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning.
@@ -147,7 +148,10 @@ def teacher_force(
             use_cache=False,
         ).last_hidden_state[:, n_prompt_cols - 1 : n_prompt_cols - 1 + n_live]
         score = functools.partial(_score_columns, head, temperature, top_p, entropies, features)
-        checkpointed = torch.is_grad_enabled() and n_live > step
+        if torch.is_grad_enabled() and _frozen_linear(head):
+            # gradients w.r.t. each position's hidden state taken in the forward: nothing to recompute
+            score = functools.partial(_score_columns_frozen_head, head, temperature, top_p, entropies, features)
+        checkpointed = torch.is_grad_enabled() and n_live > step and not _frozen_linear(head)
         chunks = []
         for start in range(0, n_live, step):
             cols = slice(start, min(start + step, n_live))
@@ -166,6 +170,72 @@ def _score_columns(head, temperature, top_p, entropies, features, hidden, target
     top1 = margin = None
     if features:
         top1, margin = (torch.where(mask, f, 0.0) for f in distribution_features(logp))
+    return token_logp, entropy, top1, margin
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    """A plain nn.Linear LM head with no trainable parameter (the usual LoRA setup: adapters in the decoder)."""
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+class _FrozenHeadScores(torch.autograd.Function):
+    """(ℓ, H) [N, c] of one chunk from hidden states h [N, c, d] through a frozen Linear head z = W h + b.
+
+    ℓ_t and H_t depend on position t's own h_t only, so their gradients w.r.t. h_t are d-vectors that the
+    forward computes while the [N, c, V] tensors are at hand (u = z/T, p = π, nucleus held constant):
+
+        ∂ℓ_t/∂h_t = (W_y − Σ_v p_v W_v) / T                (W_y: 0 if the token lies outside the nucleus)
+        ∂H_t/∂h_t = −Σ_v p_v (log p_v + H_t) W_v / T
+
+    The backward is then g_ℓ ∂ℓ/∂h + g_H ∂H/∂h: no [N, c, V] tensor is kept or recomputed (checkpointing a
+    chunk would redo the head's matmul and softmax). It is linear in the incoming gradients, so the
+    double-backward tangents (docs/math.md §6.1) work through it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, temperature, top_p, want_entropy, want_features):
+        z = torch.nn.functional.linear(hidden, weight, bias)
+        logp = policy_logprobs(z, temperature, top_p)
+        del z
+        p = logp.exp()
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        in_nucleus = token_logp.isfinite() & mask
+        token_logp = torch.where(mask, token_logp, 0.0)
+        w_y = torch.where(in_nucleus.unsqueeze(-1), weight[targets], 0.0).to(p.dtype)
+        d_logp = (w_y - (p.to(weight.dtype) @ weight).to(p.dtype)) / temperature
+        outputs = [token_logp]
+        saved = [d_logp * mask.unsqueeze(-1)]
+        if want_entropy:
+            entropy = entropy_from_logprobs(logp)
+            finite_logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
+            weighted = (p * (finite_logp + entropy.unsqueeze(-1))).to(weight.dtype)
+            saved.append(-(weighted @ weight).to(p.dtype) / temperature * mask.unsqueeze(-1))
+            outputs.append(torch.where(mask, entropy, 0.0))
+        if want_features:
+            top1, margin = distribution_features(logp)
+            outputs += [torch.where(mask, top1, 0.0), torch.where(mask, margin, 0.0)]
+            ctx.mark_non_differentiable(*outputs[-2:])
+        ctx.save_for_backward(*saved)
+        ctx.hidden_dtype = hidden.dtype
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, g_logp, *rest):
+        saved = ctx.saved_tensors
+        grad = g_logp.unsqueeze(-1).to(saved[0].dtype) * saved[0]
+        if len(saved) > 1 and rest and rest[0] is not None:
+            grad = grad + rest[0].unsqueeze(-1).to(saved[1].dtype) * saved[1]
+        return grad.to(ctx.hidden_dtype), None, None, None, None, None, None, None, None
+
+
+def _score_columns_frozen_head(head, temperature, top_p, entropies, features, hidden, targets, mask):
+    """`_score_columns` through `_FrozenHeadScores` (same values, gradient w.r.t. the hidden states only)."""
+    out = list(
+        _FrozenHeadScores.apply(hidden, head.weight, head.bias, targets, mask, temperature, top_p, entropies, features)
+    )
+    token_logp = out.pop(0)
+    entropy = out.pop(0) if entropies else None
+    top1, margin = (out[0], out[1]) if features else (None, None)
     return token_logp, entropy, top1, margin
 
 

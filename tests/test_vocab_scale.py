@@ -121,8 +121,16 @@ def assert_stats_close(got, ref, close) -> None:
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["lora-decoder", "lora-decoder+head"])
 @pytest.mark.parametrize("columns", [1, 3])
-def test_chunked_equals_whole_block_float64(lm_head, columns):
-    """Values, gradients and double-backward tangents: chunks of 1 or 3 columns (checkpointed) = the whole block."""
+def test_chunked_equals_whole_block_float64(lm_head, columns, monkeypatch):
+    """Values, gradients and double-backward tangents: chunks of 1 or 3 columns = the whole block. A frozen
+    head takes its per-position gradients in the forward (`_FrozenHeadScores`), a LoRA head is checkpointed."""
+    import entropy_probe.policy as policy
+
+    calls = []
+    forward = policy._FrozenHeadScores.forward
+    monkeypatch.setattr(
+        policy._FrozenHeadScores, "forward", staticmethod(lambda ctx, *a: calls.append(1) or forward(ctx, *a))
+    )
     model = lora_model(lm_head)
     params = trainable(model)
     assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad) == lm_head
@@ -140,6 +148,7 @@ def test_chunked_equals_whole_block_float64(lm_head, columns):
     for x, y in zip(g_got + tan_got, g_ref + tan_ref):
         close(x, y, "gradient / tangent")
     assert all(float(x.abs().sum()) > 0 for x in g_ref)  # every LoRA tensor (the head's too) gets a gradient
+    assert bool(calls) == (not lm_head)  # the path under test is the one taken
 
 
 def test_chunked_equals_whole_block_float32():
