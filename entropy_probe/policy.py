@@ -106,9 +106,9 @@ def teacher_force(
 
     The vocabulary-wide work (LM head, 1/T, top-p, log-softmax, gather, entropy, features) runs on chunks
     of columns of about `logits_chunk_mb` MiB of float32 logits each ([N, c, V], rows kept apart so per-row
-    hooks on the head see rows). With a graph, a frozen Linear head takes each position's gradient w.r.t.
-    its hidden state in the forward (`_FrozenHeadScores`); a trainable head has each chunk (when there is
-    more than one) activation-checkpointed, its [N, c, V] tensors recomputed in the backward. Either way no
+    hooks on the head see rows). With a graph and more than one chunk, a frozen Linear head takes each
+    position's gradient w.r.t. its hidden state in the forward (`_FrozenHeadScores`); a trainable head has
+    each chunk activation-checkpointed, its [N, c, V] tensors recomputed in the backward. Either way no
     full-vocabulary tensor of the whole microbatch stays alive. Trailing columns that are padding in every
     row are not scored (their entries are 0 anyway). Models whose logits are not exactly
     head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning.
@@ -148,10 +148,11 @@ def teacher_force(
             use_cache=False,
         ).last_hidden_state[:, n_prompt_cols - 1 : n_prompt_cols - 1 + n_live]
         score = functools.partial(_score_columns, head, temperature, top_p, entropies, features)
-        if torch.is_grad_enabled() and _frozen_linear(head):
+        several = torch.is_grad_enabled() and n_live > step  # one chunk: plain autograd, nothing to save
+        if several and _frozen_linear(head):
             # gradients w.r.t. each position's hidden state taken in the forward: nothing to recompute
             score = functools.partial(_score_columns_frozen_head, head, temperature, top_p, entropies, features)
-        checkpointed = torch.is_grad_enabled() and n_live > step and not _frozen_linear(head)
+        checkpointed = several and not _frozen_linear(head)
         chunks = []
         for start in range(0, n_live, step):
             cols = slice(start, min(start + step, n_live))
