@@ -11,7 +11,7 @@ product's own passes timed on them (one warm-up, then the median of `repeats` in
                                                                               / t(plain fwd+bwd)   ≤ 0.2
     delta_h1_without_se = [t(policy_gradient) + t(E pass without tangents)]   / t(plain fwd+bwd)   ≤ 1.05
     all_targets_e_pass_extra = [t(entropy_pass, double backward) − t(entropy_rows)] / t(plain)    (opt-in)
-    second_order = t(second_order: δH₂ ± SE, three E passes)                  / t(plain fwd+bwd)   (opt-out)
+    second_order = t(second_order: δH₂ ± SE, two E passes + re-scoring)          / t(plain fwd+bwd)   (opt-out)
     sample   = t(generate_responses)                                          / t(plain generate)  ≤ 1.05
     memory   = peak(compute_delta_h1) / peak(plain fwd+bwd), above the post-load baseline, each in a
                fresh process (CPU: VmHWM after clear_refs; CUDA: max_memory_allocated)

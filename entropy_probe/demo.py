@@ -31,7 +31,7 @@ from .errors import ProbeError
 from .files import write_json, write_text
 from .params import DemoParams
 from .task import exact_number, make_arithmetic_prompts, score_responses
-from .tiny import build_model, build_tokenizer
+from .tiny import build_model, build_tokenizer, one_thread
 from .trainer_config import trainer_config_from_args
 
 log = logging.getLogger(__name__)
@@ -275,22 +275,11 @@ def _quiet_libraries() -> None:
 # ---------------------------------------------------------------- the whole build
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """A 85k-parameter model gains nothing from threads, and loses a lot on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def build_demo(demo: DemoParams, directory: Path, final_dir: Path) -> DemoReport:
     """Warm-up, base, GRPO run and checkpoints into `directory`, named (in adapter configs and in the
     returned report) by `final_dir`, where `directory` will be moved. Deterministic given `demo.seed`."""
     _quiet_libraries()
-    with _one_thread():
+    with one_thread():
         return _build(demo, Path(directory), Path(final_dir))
 
 

@@ -222,7 +222,7 @@ class ReuseParams(Section):
 class SecondOrderParams(Section):
     """The second-order term δH₂ = ½ Δθᵀ∇²HΔθ from the E samples and the linear-regime step size (docs/math.md §5.6)."""
 
-    enabled: bool = True  # false: skip δH₂ (it costs three more E passes: re-scoring and a backward at θ, θ ± εΔθ)
+    enabled: bool = True  # false: skip δH₂ (it costs two more E passes, at θ ± εΔθ, and three re-scorings)
     fd_eps: float = Field(0.01, gt=0, le=0.5)  # finite-difference step ε as a multiple of Δθ: D at θ ± εΔθ
     fraction: float = Field(0.1, gt=0)  # f: s* is where |s² δH₂| = f·|s δH₁|; η* = s*·lr
     z_resolve: float = Field(2.0, gt=0)  # δH₂ counts as resolved from 0 when |δH₂| > z_resolve · SE

@@ -133,9 +133,18 @@ def shift_rounding(params: list[torch.Tensor], shift: dict[str, torch.Tensor], n
 
 
 def shifted_estimates(
-    model, E: Batch, layout: FlatLayout, delta_theta: torch.Tensor, estimator, max_tokens: int, steps, e_weights=None
+    model,
+    E: Batch,
+    layout: FlatLayout,
+    delta_theta: torch.Tensor,
+    estimator,
+    max_tokens: int,
+    steps,
+    e_weights=None,
+    pass_at_zero: bool = True,
 ) -> dict[float, ShiftedEstimate]:
     """D(s) = ∇H(θ + sΔθ)·Δθ for every s in `steps` (0 among them), from the samples drawn at θ.
+    pass_at_zero=False: s = 0 is only re-scored (the weights' reference) and left out of the result.
 
     At each s (the model shifted in place, restored bit-exactly): re-score E without gradient, weights
     w_i(s) ∝ e_w,i · exp(ℓ_i(s) − ℓ_i(0)) (ℓ_i = Σ_k log π(y_ik), teacher-forced at both points, so they
@@ -174,6 +183,8 @@ def shifted_estimates(
             shift_log_ratio = logp - logp_at_theta
             # a row E's weights already exclude keeps weight 0 (its ℓ at θ may be −inf: −inf − −inf is NaN)
             shift_log_ratio = torch.where(base_log_weight.isneginf(), 0.0, shift_log_ratio)
+            if s == 0 and not pass_at_zero:
+                continue
             weights, ess = importance_weights(base_log_weight + shift_log_ratio, "lower second_order.fd_eps")
             coefs = _coefficients(stats, E, estimator, weights)
             if hooks_work:  # one ordinary backward with row hooks (docs/math.md §6.2)
@@ -223,15 +234,17 @@ def second_order(
 
     delta_theta: flat Δθ (float64, layout order). e_weights: self-normalised importance weights of E when
     another checkpoint drew it (None: θ drew it); they multiply the shift weights π_{θ±εΔθ}/π_θ.
-    SE = std(¼ (ψ_i(ε) − ψ_i(−ε)) / ε) / √N. δH₁ = D(0). Cost: three E passes (s = 0, ±ε), each after a
-    no-grad re-scoring. z_resolve: |δH₂| > z_resolve · SE counts as resolved (`linear_regime`).
+    SE = std(¼ (ψ_i(ε) − ψ_i(−ε)) / ε) / √N. δH₁ = ½ (D(ε) + D(−ε)) = D(0) + O(ε²) (the caller usually has
+    D(0) already: no pass at s = 0). Cost: two E passes (s = ±ε) and three no-grad re-scorings (s = 0, ±ε).
+    z_resolve: |δH₂| > z_resolve · SE counts as resolved (`linear_regime`).
     """
     _check_inputs(E, layout, delta_theta, lr, fd_eps, fraction, e_weights)
-    points = shifted_estimates(model, E, layout, delta_theta, estimator, max_tokens, (0.0, fd_eps, -fd_eps), e_weights)
+    steps = (0.0, fd_eps, -fd_eps)
+    points = shifted_estimates(model, E, layout, delta_theta, estimator, max_tokens, steps, e_weights, False)
     plus, minus = points[fd_eps], points[-fd_eps]
     paired = (plus.influence - minus.influence) / (4.0 * fd_eps)
     delta_h2, se = float(paired.mean()), standard_error(paired)
-    delta_h1 = points[0.0].value
+    delta_h1 = 0.5 * (plus.value + minus.value)
     regime = linear_regime(delta_h1, delta_h2, se, lr, fraction, z_resolve)
     for sign, point in (("+", plus), ("−", minus)):
         if point.ess_fraction < MIN_SHIFT_ESS_FRACTION:

@@ -7,6 +7,8 @@ characters) so it round-trips through save_pretrained / AutoTokenizer. Its vocab
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -56,3 +58,15 @@ def build_model(
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     return model.eval()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch intra-op threads = 1 inside the block: a tiny model (the demo's training, the many small float64
+    matmuls of exact enumeration) gains nothing from threads and loses a lot on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

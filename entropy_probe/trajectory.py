@@ -22,7 +22,6 @@ At sizes where the population cannot be enumerated (exact.max_sequences) the sta
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -47,6 +46,7 @@ from .perturb import as_float64
 from .probe import UpdateSpec, compute_delta_h1
 from .scoring import Batch
 from .second_order import second_order
+from .tiny import one_thread
 from .update import FlatLayout, group_advantages, resolve_loss_agg_mode
 
 log = logging.getLogger(__name__)
@@ -430,21 +430,9 @@ def _settings(params: Params, trainer: dict) -> Settings:
     )
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch intra-op threads = n inside the block. The exact enumerations here are many small float64 matmuls
-    (tens of thousands of rows × a tiny model): one thread is as fast on an idle CPU and much faster on a busy one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def score_trajectory(params: Params, pairs: list[StepPair]) -> Trajectory:
     """Load every θ(k) of `pairs` (with its AdamW state and the trainer's settings) and score its step."""
-    with _threads(1):
+    with one_thread():  # many small float64 matmuls: one thread is as fast, and much faster on a busy CPU
         return _score_trajectory(params, pairs)
 
 
