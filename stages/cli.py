@@ -112,6 +112,9 @@ def protected_inputs(stage: str, params: Params) -> dict[str, str]:
     paths.update({key: value for key, value in local.items() if value is not None and Path(value).exists()})
     if stage == "trajectory":  # it reads every checkpoint of the run dir
         paths["trajectory.run_dir"] = params.trajectory.run_dir
+    if stage == "delta-h1" and params.update.rule == "observed":  # it reads the next checkpoint too
+        nxt = params.update.next_checkpoint
+        paths["update.next_checkpoint"] = nxt if nxt is not None else str(Path(ck.path).parent)  # (the run dir)
     if stage == "report" and params.probe.checkpoints:
         root = Path(params.probe.root)
         for c in params.probe.checkpoints:

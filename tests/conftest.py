@@ -23,8 +23,11 @@ def tokenizer():
     return build_tokenizer()
 
 
-def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32):
-    """Tiny Qwen2 + LoRA adapter with non-zero B (so both A and B get gradients), eval mode, fp32."""
+def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32, head_scale: float = 1.0):
+    """Tiny Qwen2 + LoRA adapter with non-zero B (so both A and B get gradients), eval mode, fp32.
+
+    head_scale multiplies the LM head: 40 makes the policy far from uniform (at the uniform maximum ∇H
+    vanishes and ΔH is second order), the model most estimator tests use."""
     from peft import LoraConfig, get_peft_model
 
     from entropy_probe.tiny import build_model
@@ -35,6 +38,9 @@ def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32):
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     model = get_peft_model(base, config)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
     return model.eval()
 
 

@@ -46,9 +46,7 @@ CPU = torch.device("cpu")
 def model():
     """A tiny LoRA model whose policy is far from uniform (at the uniform maximum ∇H_k vanishes)."""
     torch.manual_seed(0)
-    model = make_lora_model(seed=3, rank=2)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40.0)
+    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
     return model
 
 

@@ -278,9 +278,7 @@ def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
     """Over repeated E draws (fixed U, so fixed Δθ), z_population = (δH₁ − exact over the whole population) / SE_E
     has mean ≈ 0 and SD ≈ 1, while z against the exact value over each draw's own prompt multiset has SD well
     below 1: SE_E counts the variance of which prompts were drawn, which that comparison holds fixed."""
-    model = make_lora_model(seed=3, rank=2)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40.0)  # far from uniform, as test_delta_h1's model
+    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
     layout, state = adam_state(model)
     spec = UpdateSpec("sgd", state, None, "token-mean", None)
     U = sample_u(model, tokenizer, n_groups=8, G=4, seed=2)

@@ -312,3 +312,14 @@ def test_observed_stage_refuses_a_missing_next_checkpoint(stage_root, tmp_path):
     assert result.exit_code == 2 and len(errors) == 1, result.output
     assert f"next checkpoint {missing}" in errors[0] and "not found" in errors[0]
     assert not out.exists()
+
+
+def test_observed_stage_refuses_an_out_overlapping_the_next_checkpoint(stage_root, run):
+    """The next checkpoint is an input in observed mode: --out inside the run dir that holds it is refused
+    before any work, and the checkpoint is untouched."""
+    _, three = run
+    _, params = stage_root
+    before = sorted(p.name for p in three.dir.iterdir())
+    result = cli("delta-h1", "--params", str(params), "-S", "update.rule=observed", "--out", str(three.dir / "o"))
+    assert result.exit_code == 2 and "update.next_checkpoint" in result.output, result.output
+    assert sorted(p.name for p in three.dir.iterdir()) == before

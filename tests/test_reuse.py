@@ -26,9 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def peaked_model(seed: int, lora_shift: float = 0.0):
     """The test_delta_h1 model (peaked policy); `lora_shift` moves the adapter to make 'another checkpoint'."""
     torch.manual_seed(0)
-    model = make_lora_model(seed=3, rank=2)
+    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40.0)
         gen = torch.Generator().manual_seed(seed)
         for p in model.parameters():
             if p.requires_grad:

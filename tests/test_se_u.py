@@ -42,9 +42,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     """Peaked enough that ∇H is not tiny, flat enough that most groups have rewards that differ."""
-    model = make_lora_model(seed=5, rank=2)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(6.0)
+    model = make_lora_model(seed=5, rank=2, head_scale=6.0)
     return model
 
 

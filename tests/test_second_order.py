@@ -37,9 +37,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     """test_delta_h1's model: a tiny LoRA Qwen2 far from uniform (float32, as the stages run)."""
-    model = make_lora_model(seed=3, rank=2)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40.0)
+    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
     return model
 
 
