@@ -65,6 +65,8 @@ class TokenStats:
     logprobs: log π(y_k | y_<k) of the token actually in the sequence (behaviour or teacher-forced).
     entropies: H_k = −Σ_v π(v|y_<k) log π(v|y_<k) over the full vocabulary (Rao-Blackwellised).
     top1_prob, margin: max_v π(v|y_<k) and (top-1 − top-2) probability; features, always detached.
+    surrogate: with coefficients (a, c) given, a_k H_k + c_k log π(y_k|y_<k), the one output an E backward
+    needs (its gradient is X_i's share); else None.
     """
 
     logprobs: torch.Tensor
@@ -72,6 +74,7 @@ class TokenStats:
     top1_prob: torch.Tensor | None
     margin: torch.Tensor | None
     mask: torch.Tensor
+    surrogate: torch.Tensor | None = None
 
 
 def distribution_features(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +99,8 @@ def teacher_force(
     entropies: bool = True,
     features: bool = True,
     logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB,
+    coefs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    logprob_grad: bool = True,
 ) -> TokenStats:
     """Score the response columns of `input_ids` [N, P+R] under π_θ: one decoder pass, then the LM head on chunks.
 
@@ -114,26 +119,24 @@ def teacher_force(
     head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning.
     `entropies=False` / `features=False` skip those vocabulary-wide reductions (the fields are None):
     the policy-gradient passes need only the log-probs.
+
+    coefs = (a, c) [N, R] (detached, known before the pass: the E estimator's coefficients) adds the
+    output `surrogate` = a·H + c·ℓ per token. Its backward is the E backward; through a frozen chunked
+    head it costs one [c, V]×[V, d] product per chunk instead of one for H and one for ℓ. The entropies
+    then carry no graph of their own, and the log-probs only with `logprob_grad` (token_mean's β pass).
     """
     n_rows, n_cols = input_ids.shape
     n_resp = response_mask.shape[1]
     if n_prompt_cols < 1 or n_cols != n_prompt_cols + n_resp:
         raise ValueError(f"input_ids has {n_cols} columns, expected P + R = {n_prompt_cols} + {n_resp} with P >= 1")
+    opts = _HeadOptions(temperature, top_p, entropies, features, logprob_grad)
     parts = split_lm_head(model)
     if parts is None:
         _warn_unchunked(model)
         return teacher_force_unchunked(
-            model,
-            input_ids,
-            attention_mask,
-            n_prompt_cols,
-            response_mask,
-            temperature,
-            top_p,
-            with_grad,
-            entropies,
-            features,
-        )
+            model, input_ids, attention_mask, n_prompt_cols, response_mask, temperature, top_p, with_grad,
+            entropies, features, coefs,
+        )  # fmt: skip
     decoder, head = parts
     mask = response_mask.bool()
     targets = input_ids[:, n_prompt_cols:]
@@ -147,31 +150,47 @@ def teacher_force(
             position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
             use_cache=False,
         ).last_hidden_state[:, n_prompt_cols - 1 : n_prompt_cols - 1 + n_live]
-        score = functools.partial(_score_columns, head, temperature, top_p, entropies, features)
+        score = functools.partial(_score_columns, head, opts)
         several = torch.is_grad_enabled() and n_live > step  # one chunk: plain autograd, nothing to save
         if several and _frozen_linear(head):
             # gradients w.r.t. each position's hidden state taken in the forward: nothing to recompute
-            score = functools.partial(_score_columns_frozen_head, head, temperature, top_p, entropies, features)
+            score = functools.partial(_score_columns_frozen_head, head, opts)
         checkpointed = several and not _frozen_linear(head)
         chunks = []
         for start in range(0, n_live, step):
             cols = slice(start, min(start + step, n_live))
             args = (hidden[:, cols], targets[:, cols], mask[:, cols])
+            args += (None, None) if coefs is None else (coefs[0][:, cols], coefs[1][:, cols])
             chunks.append(checkpoint(score, *args, use_reentrant=False) if checkpointed else score(*args))
-        token_logp, entropy, top1, margin = (_join(list(field), n_resp) for field in zip(*chunks))
-    return TokenStats(logprobs=token_logp, entropies=entropy, top1_prob=top1, margin=margin, mask=mask)
+        fields = [_join(list(field), n_resp) for field in zip(*chunks)]
+    return TokenStats(*fields[:4], mask=mask, surrogate=fields[4])
 
 
-def _score_columns(head, temperature, top_p, entropies, features, hidden, targets, mask):
-    """(ℓ, H, top1, margin) [N, c] of one chunk of columns from its hidden states [N, c, d]; 0 where mask is
-    False (`where`, not a product: a padding token may lie outside the nucleus, and 0·−inf = nan)."""
-    logp = policy_logprobs(head(hidden), temperature, top_p)
+@dataclass(frozen=True)
+class _HeadOptions:
+    """How one chunk is scored: the policy's T and top-p, which reductions to form, and (with coefficients)
+    whether ℓ keeps a gradient of its own besides the surrogate's."""
+
+    temperature: float
+    top_p: float
+    entropies: bool
+    features: bool
+    logprob_grad: bool = True
+
+
+def _score_columns(head, opts: _HeadOptions, hidden, targets, mask, coef_a=None, coef_c=None):
+    """(ℓ, H, top1, margin, surrogate) [N, c] of one chunk of columns from its hidden states [N, c, d]; 0 where
+    mask is False (`where`, not a product: a padding token may lie outside the nucleus, and 0·−inf = nan)."""
+    logp = policy_logprobs(head(hidden), opts.temperature, opts.top_p)
     token_logp = torch.where(mask, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)
-    entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0) if entropies else None
+    entropy = None
+    if opts.entropies or coef_a is not None:
+        entropy = torch.where(mask, entropy_from_logprobs(logp), 0.0)
+    surrogate = None if coef_a is None else coef_a * entropy + coef_c * token_logp
     top1 = margin = None
-    if features:
+    if opts.features:
         top1, margin = (torch.where(mask, f, 0.0) for f in distribution_features(logp))
-    return token_logp, entropy, top1, margin
+    return token_logp, entropy if opts.entropies else None, top1, margin, surrogate
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
@@ -180,64 +199,83 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
 
 
 class _FrozenHeadScores(torch.autograd.Function):
-    """(ℓ, H) [N, c] of one chunk from hidden states h [N, c, d] through a frozen Linear head z = W h + b.
+    """(ℓ, H, surrogate) [N, c] of one chunk from hidden states h [N, c, d] through a frozen Linear head z = W h + b.
 
     ℓ_t and H_t depend on position t's own h_t only, so their gradients w.r.t. h_t are d-vectors that the
     forward computes while the [N, c, V] tensors are at hand (u = z/T, p = π, nucleus held constant):
 
         ∂ℓ_t/∂h_t = (W_y − Σ_v p_v W_v) / T                (W_y: 0 if the token lies outside the nucleus)
         ∂H_t/∂h_t = −Σ_v p_v (log p_v + H_t) W_v / T
+        ∂(a H_t + c ℓ_t)/∂h_t = (c W_y − Σ_v p_v (c + a (log p_v + H_t)) W_v) / T     (the surrogate: one product)
 
-    The backward is then g_ℓ ∂ℓ/∂h + g_H ∂H/∂h: no [N, c, V] tensor is kept or recomputed (checkpointing a
-    chunk would redo the head's matmul and softmax). It is linear in the incoming gradients, so the
-    double-backward tangents (docs/math.md §6.1) work through it.
+    The backward is then the incoming gradients times these vectors: no [N, c, V] tensor is kept or
+    recomputed (checkpointing a chunk would redo the head's matmul and softmax). It is linear in the incoming
+    gradients, so the double-backward tangents (docs/math.md §6.1) work through it. Only outputs that need
+    a gradient get a vector (each costs one [c, V]×[V, d] product); the others are non-differentiable.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, temperature, top_p, want_entropy, want_features):
+    def forward(ctx, hidden, weight, bias, targets, mask, coef_a, coef_c, opts: _HeadOptions):
         z = torch.nn.functional.linear(hidden, weight, bias)
-        logp = policy_logprobs(z, temperature, top_p)
+        logp = policy_logprobs(z, opts.temperature, opts.top_p)
         del z
         p = logp.exp()
+        m = mask.unsqueeze(-1)
         token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        in_nucleus = token_logp.isfinite() & mask
+        w_y = torch.where((token_logp.isfinite() & mask).unsqueeze(-1), weight[targets], 0.0).to(p.dtype)
         token_logp = torch.where(mask, token_logp, 0.0)
-        w_y = torch.where(in_nucleus.unsqueeze(-1), weight[targets], 0.0).to(p.dtype)
-        d_logp = (w_y - (p.to(weight.dtype) @ weight).to(p.dtype)) / temperature
-        outputs = [token_logp]
-        saved = [d_logp * mask.unsqueeze(-1)]
-        if want_entropy:
+
+        def through_head(weights_v):  # Σ_v weights_v W_v / T, in the head's dtype for the product
+            return (weights_v.to(weight.dtype) @ weight).to(p.dtype) / opts.temperature
+
+        surrogate = coef_a is not None
+        outputs, vectors, differentiable = [token_logp], [], []
+        if opts.logprob_grad or not surrogate:
+            vectors.append((w_y / opts.temperature - through_head(p)) * m)
+            differentiable.append(0)
+        entropy = None
+        if opts.entropies or surrogate:
             entropy = entropy_from_logprobs(logp)
             finite_logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
-            weighted = (p * (finite_logp + entropy.unsqueeze(-1))).to(weight.dtype)
-            saved.append(-(weighted @ weight).to(p.dtype) / temperature * mask.unsqueeze(-1))
+        if opts.entropies:
             outputs.append(torch.where(mask, entropy, 0.0))
-        if want_features:
+            if not surrogate:
+                vectors.append(-through_head(p * (finite_logp + entropy.unsqueeze(-1))) * m)
+                differentiable.append(len(outputs) - 1)
+        if surrogate:
+            a, c = coef_a.unsqueeze(-1).to(p.dtype), coef_c.unsqueeze(-1).to(p.dtype)
+            outputs.append(torch.where(mask, coef_a * entropy + coef_c * token_logp, 0.0))
+            mixed = p * (c + a * (finite_logp + entropy.unsqueeze(-1)))
+            vectors.append((c * w_y / opts.temperature - through_head(mixed)) * m)
+            differentiable.append(len(outputs) - 1)
+        if opts.features:
             top1, margin = distribution_features(logp)
             outputs += [torch.where(mask, top1, 0.0), torch.where(mask, margin, 0.0)]
-            ctx.mark_non_differentiable(*outputs[-2:])
-        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*(x for i, x in enumerate(outputs) if i not in differentiable))
+        ctx.save_for_backward(*vectors)
+        ctx.differentiable = differentiable
         ctx.hidden_dtype = hidden.dtype
         return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, g_logp, *rest):
-        saved = ctx.saved_tensors
-        grad = g_logp.unsqueeze(-1).to(saved[0].dtype) * saved[0]
-        if len(saved) > 1 and rest and rest[0] is not None:
-            grad = grad + rest[0].unsqueeze(-1).to(saved[1].dtype) * saved[1]
-        return grad.to(ctx.hidden_dtype), None, None, None, None, None, None, None, None
+    def backward(ctx, *grad_outputs):
+        grad = None
+        for index, vector in zip(ctx.differentiable, ctx.saved_tensors):
+            g = grad_outputs[index]
+            if g is not None:
+                term = g.unsqueeze(-1).to(vector.dtype) * vector
+                grad = term if grad is None else grad + term
+        return grad if grad is None else grad.to(ctx.hidden_dtype), *([None] * 7)
 
 
-def _score_columns_frozen_head(head, temperature, top_p, entropies, features, hidden, targets, mask):
+def _score_columns_frozen_head(head, opts: _HeadOptions, hidden, targets, mask, coef_a=None, coef_c=None):
     """`_score_columns` through `_FrozenHeadScores` (same values, gradient w.r.t. the hidden states only)."""
-    out = list(
-        _FrozenHeadScores.apply(hidden, head.weight, head.bias, targets, mask, temperature, top_p, entropies, features)
-    )
+    out = list(_FrozenHeadScores.apply(hidden, head.weight, head.bias, targets, mask, coef_a, coef_c, opts))
     token_logp = out.pop(0)
-    entropy = out.pop(0) if entropies else None
-    top1, margin = (out[0], out[1]) if features else (None, None)
-    return token_logp, entropy, top1, margin
+    entropy = out.pop(0) if opts.entropies else None
+    surrogate = out.pop(0) if coef_a is not None else None
+    top1, margin = (out[0], out[1]) if opts.features else (None, None)
+    return token_logp, entropy, top1, margin, surrogate
 
 
 def _join(chunks: list, n_resp: int) -> torch.Tensor | None:
@@ -310,6 +348,7 @@ def teacher_force_unchunked(
     with_grad: bool = False,
     entropies: bool = True,
     features: bool = True,
+    coefs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenStats:
     """`teacher_force` through the model's own forward (`logits_to_keep`), the whole [N, R, V] block at once:
     for models `split_lm_head` does not know, and the reference the chunked path is tested against."""
@@ -325,10 +364,9 @@ def teacher_force_unchunked(
             use_cache=False,
         ).logits  # [N, R, V]
         mask = response_mask.bool()
-        stats = _score_columns(
-            lambda x: x, temperature, top_p, entropies, features, logits, input_ids[:, n_prompt:], mask
-        )
-    return TokenStats(*stats, mask=mask)
+        opts = _HeadOptions(temperature, top_p, entropies, features)
+        stats = _score_columns(lambda x: x, opts, logits, input_ids[:, n_prompt:], mask, *(coefs or (None, None)))
+    return TokenStats(*stats[:4], mask=mask, surrogate=stats[4])
 
 
 def token_budget_slices(n_rows: int, row_len: int, max_tokens: int) -> list[slice]:

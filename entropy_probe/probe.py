@@ -53,8 +53,9 @@ from .update import (
 log = logging.getLogger(__name__)
 
 
-def _flat(grads: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([x.reshape(-1).to(dtype) for x in grads])
+def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
+    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0."""
+    return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
 
 
 def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Ten
     g = torch.zeros(layout.numel, dtype=dtype, device=coef.device)
     for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
         grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
-        g += _flat(grads, dtype)
+        g += _flat(grads, params, dtype)
     return U.reduce(g)
 
 
@@ -79,7 +80,7 @@ def group_gradients(model, params, names, U: Batch, coef: torch.Tensor, groups: 
         for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
             hooks.rows_group = groups[rows]
             grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
-            g += _flat([torch.zeros_like(p) if x is None else x for x, p in zip(grads, params)], dtype)
+            g += _flat(grads, params, dtype)
     return U.reduce(g), U.reduce(hooks.flat(names))
 
 
@@ -98,21 +99,19 @@ def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction,
     rows_out = torch.zeros(len(E), dtype=dtype, device=a.device)
     beta = torch.zeros((), dtype=dtype, device=a.device)
     hooks = RowDirectional(model, names, direction)
+    beta_pass = len_c is not None
     with hooks:
-        for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
-            grads = torch.autograd.grad(
-                [stats.entropies, stats.logprobs],
-                params,
-                grad_outputs=[a[rows], c[rows]],
-                retain_graph=len_c is not None,
-                allow_unused=True,
-            )
-            xbar += _flat([torch.zeros_like(p) if x is None else x for x, p in zip(grads, params)], dtype)
+        passes = E.scored(
+            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
+        )
+        for rows, stats in passes:
+            grads = torch.autograd.grad(stats.surrogate.sum(), params, retain_graph=beta_pass, allow_unused=True)
+            xbar += _flat(grads, params, dtype)
             rows_out[rows] = _taken(hooks, grads)
-            if len_c is not None:
+            if beta_pass:
                 grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[len_c[rows]], allow_unused=True)
                 beta += _taken(hooks, grads).sum()
-    return E.reduce(xbar), E.reduce(rows_out), (None if len_c is None else E.reduce(beta))
+    return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
 
 
 def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
@@ -130,16 +129,16 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
     w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
     a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
     xbar = torch.zeros(layout.numel, dtype=dtype, device=a.device)
-    dH = dlogp = None
-    if direction is not None:
-        dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
-    for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
-        grads, tangents = grad_and_tangents([stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction)
-        if tangents is not None:
-            dH[rows], dlogp[rows] = tangents
-        xbar += _flat(grads, dtype)
-    if direction is None:
+    if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
+        for _, stats in E.scored(model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c)):
+            xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
         return E.reduce(xbar), None, None
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
+        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
+            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
+        )
+        xbar += _flat(grads, params, dtype)
     return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 

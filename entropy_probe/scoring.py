@@ -115,8 +115,20 @@ class Batch:
         """In place: Σ over the processes that share this batch (identity unless sharded)."""
         return tensor if self.shard is None else distributed.all_reduce_sum(tensor)
 
-    def score(self, model, rows: slice, *, with_grad: bool = True, entropies: bool = True, features: bool = False):
-        """TokenStats of one microbatch of rows (`policy.teacher_force`), with a graph unless with_grad=False."""
+    def score(
+        self,
+        model,
+        rows: slice,
+        *,
+        with_grad: bool = True,
+        entropies: bool = True,
+        features: bool = False,
+        coefs: tuple[Tensor, Tensor] | None = None,
+        logprob_grad: bool = True,
+    ):
+        """TokenStats of one microbatch of rows (`policy.teacher_force`), with a graph unless with_grad=False.
+
+        coefs: per-token (a, c) of these rows for the surrogate a·H + c·ℓ (see `teacher_force`)."""
         return teacher_force(
             model,
             self.input_ids[rows],
@@ -129,14 +141,29 @@ class Batch:
             entropies=entropies,
             features=features,
             logits_chunk_mb=self.logits_chunk_mb,
+            coefs=coefs,
+            logprob_grad=logprob_grad,
         )
 
     def scored(
-        self, model, max_tokens: int, desc: str, *, with_grad: bool, entropies: bool = True, features: bool = False
+        self,
+        model,
+        max_tokens: int,
+        desc: str,
+        *,
+        with_grad: bool,
+        entropies: bool = True,
+        features: bool = False,
+        coefs: tuple[Tensor, Tensor] | None = None,
+        logprob_grad: bool = True,
     ) -> Iterator[tuple[slice, TokenStats]]:
-        """The scoring loop: (rows, TokenStats) for every token-budget microbatch of this process's rows."""
+        """The scoring loop: (rows, TokenStats) for every token-budget microbatch of this process's rows.
+
+        coefs: per-token (a, c) [N, R] of all rows; each microbatch gets its rows' surrogate a·H + c·ℓ."""
         for rows in tqdm(self.slices(max_tokens), desc=desc, leave=False, disable=None):
-            yield rows, self.score(model, rows, with_grad=with_grad, entropies=entropies, features=features)
+            mine = None if coefs is None else (coefs[0][rows], coefs[1][rows])
+            options = dict(entropies=entropies, features=features, coefs=mine, logprob_grad=logprob_grad)
+            yield rows, self.score(model, rows, with_grad=with_grad, **options)
 
     @torch.no_grad()
     def token_stats(self, model, max_tokens: int, desc: str = "re-score") -> dict[str, Tensor]:

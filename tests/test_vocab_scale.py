@@ -26,7 +26,7 @@ from entropy_probe.policy import (
     teacher_force,
     teacher_force_unchunked,
 )
-from entropy_probe.probe import entropy_pass, policy_gradient, u_row_terms
+from entropy_probe.probe import entropy_pass, entropy_rows, policy_gradient, u_row_terms
 from entropy_probe.scoring import Batch
 from entropy_probe.tangents import grad_and_tangents
 from entropy_probe.update import FlatLayout, group_advantages, pg_coefficients
@@ -182,11 +182,20 @@ def _passes(model, chunk_mb: float) -> dict[str, torch.Tensor]:
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     entropies = 0.5 + torch.rand(B.mask.shape, generator=gen, dtype=torch.float64)
     coefs = entropy_coefficients(entropies, B.mask, target="sequence", baseline="none")
+    token_mean = entropy_coefficients(entropies, B.mask, target="token_mean", baseline="mean")
     max_tokens = 2 * (P + R)  # three microbatches of ≤ 2 rows
     g = policy_gradient(model, params, layout, B, coef, max_tokens)
     xbar, dH, dlogp = entropy_pass(model, params, layout, B, coefs, direction, max_tokens)
     rows = u_row_terms(model, params, layout.names, B, coef, direction, max_tokens)
-    return {"g": g, "xbar": xbar, "dH": dH, "dlogp": dlogp, "u_rows": rows}
+    # the surrogate a·H + c·ℓ's backward (one head product per chunk when the head is frozen): X̄ alone, and X̄
+    # with the row hooks and token_mean's β backward through the log-probs
+    xbar_only, _, _ = entropy_pass(model, params, layout, B, coefs, None, max_tokens)
+    xbar_tm, ws_tm, beta_tm = entropy_rows(model, params, layout.names, B, token_mean, direction, max_tokens)
+    _, dH_tm, dlogp_tm = entropy_pass(model, params, layout, B, token_mean, direction, max_tokens)
+    psi_rows, psi_tangents = token_mean.influence_from_rows(ws_tm, beta_tm), token_mean.influence(dH_tm, dlogp_tm)
+    assert_close_scaled(xbar_only, xbar, float(xbar.abs().sum()), FP64_REL, "X̄ from the surrogate")
+    assert_close_scaled(psi_rows, psi_tangents, float(psi_tangents.abs().sum()), FP64_REL, "token_mean ψ")
+    return {"g": g, "xbar": xbar, "dH": dH, "dlogp": dlogp, "u_rows": rows, "xbar_tm": xbar_tm, "psi_tm": psi_rows}
 
 
 def _assert_passes_equal(got: dict, ref: dict) -> None:
@@ -195,11 +204,28 @@ def _assert_passes_equal(got: dict, ref: dict) -> None:
         assert_close_scaled(got[k], ref[k], float(ref[k].abs().sum()), FP64_REL, k)
 
 
-def test_probe_passes_with_chunked_head_equal_one_chunk():
-    """delta-h1's passes — row dots by hooks on a LoRA LM head included — are the same whether the head runs
-    in checkpointed one-column chunks or in one piece."""
-    model = lora_model(lm_head=True)
-    _assert_passes_equal(_passes(model, mb_for_columns(1, torch.float64)), _passes(model, 1e6))
+@pytest.mark.parametrize("lm_head", [False, True], ids=["frozen-head", "lora-head"])
+def test_probe_passes_with_chunked_head_equal_one_chunk(lm_head, monkeypatch):
+    """delta-h1's passes — row dots by hooks (on a LoRA LM head too), the E surrogate's backward with and
+    without token_mean's β pass — are the same whether the head runs in one-column chunks (a frozen head:
+    `_FrozenHeadScores`, one product per output that needs a gradient; a LoRA head: checkpointed) or in one
+    piece, and the surrogate's X̄ and ψ equal those from per-token tangents (`_passes`)."""
+    import entropy_probe.policy as policy
+
+    products = []
+    forward = policy._FrozenHeadScores.forward
+
+    def counted(ctx, *args):
+        out = forward(ctx, *args)
+        products.append(len(ctx.differentiable))
+        return out
+
+    monkeypatch.setattr(policy._FrozenHeadScores, "forward", staticmethod(counted))
+    model = lora_model(lm_head=lm_head)
+    chunked = _passes(model, mb_for_columns(1, torch.float64))
+    _assert_passes_equal(chunked, _passes(model, 1e6))
+    # frozen head: ℓ (U passes), ℓ and H (double backward), the surrogate alone (X̄), surrogate and ℓ (β)
+    assert set(products) == (set() if lm_head else {1, 2})
 
 
 def test_activation_checkpointing_changes_no_gradient():
