@@ -133,10 +133,8 @@ def teacher_force(
     parts = split_lm_head(model)
     if parts is None:
         _warn_unchunked(model)
-        return teacher_force_unchunked(
-            model, input_ids, attention_mask, n_prompt_cols, response_mask, temperature, top_p, with_grad,
-            entropies, features, coefs,
-        )  # fmt: skip
+        args = (model, input_ids, attention_mask, n_prompt_cols, response_mask, temperature, top_p, with_grad)
+        return teacher_force_unchunked(*args, entropies, features, coefs)
     decoder, head = parts
     mask = response_mask.bool()
     targets = input_ids[:, n_prompt_cols:]
@@ -233,24 +231,26 @@ class _FrozenHeadScores(torch.autograd.Function):
         if opts.logprob_grad or not surrogate:
             vectors.append((w_y / opts.temperature - through_head(p)) * m)
             differentiable.append(0)
-        entropy = None
+        features = distribution_features(logp) if opts.features else None
         if opts.entropies or surrogate:
-            entropy = entropy_from_logprobs(logp)
-            finite_logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
+            # each [N, c, V] pass counts at a 152k vocabulary: log π is overwritten in place, 0 outside the
+            # support (π log π = 0 there; 0·−inf would be nan), and the products below are fused where possible
+            logp.masked_fill_(logp == float("-inf"), 0.0)
+            entropy = -(p * logp).sum(-1)
+            h_col = entropy.unsqueeze(-1)
         if opts.entropies:
             outputs.append(torch.where(mask, entropy, 0.0))
             if not surrogate:
-                vectors.append(-through_head(p * (finite_logp + entropy.unsqueeze(-1))) * m)
+                vectors.append(-through_head(torch.add(logp, h_col).mul_(p)) * m)
                 differentiable.append(len(outputs) - 1)
         if surrogate:
             a, c = coef_a.unsqueeze(-1).to(p.dtype), coef_c.unsqueeze(-1).to(p.dtype)
             outputs.append(torch.where(mask, coef_a * entropy + coef_c * token_logp, 0.0))
-            mixed = p * (c + a * (finite_logp + entropy.unsqueeze(-1)))
+            mixed = torch.addcmul(c + a * h_col, a, logp).mul_(p)  # p_v (c + a (log p_v + H))
             vectors.append((c * w_y / opts.temperature - through_head(mixed)) * m)
             differentiable.append(len(outputs) - 1)
-        if opts.features:
-            top1, margin = distribution_features(logp)
-            outputs += [torch.where(mask, top1, 0.0), torch.where(mask, margin, 0.0)]
+        if features is not None:
+            outputs += [torch.where(mask, f, 0.0) for f in features]
         ctx.mark_non_differentiable(*(x for i, x in enumerate(outputs) if i not in differentiable))
         ctx.save_for_backward(*vectors)
         ctx.differentiable = differentiable

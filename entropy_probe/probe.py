@@ -130,7 +130,10 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
     a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
     xbar = torch.zeros(layout.numel, dtype=dtype, device=a.device)
     if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
-        for _, stats in E.scored(model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c)):
+        passes = E.scored(
+            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
+        )
+        for _, stats in passes:
             xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
         return E.reduce(xbar), None, None
     dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)

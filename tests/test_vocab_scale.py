@@ -205,14 +205,22 @@ def _assert_passes_equal(got: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["frozen-head", "lora-head"])
-def test_probe_passes_with_chunked_head_equal_one_chunk(lm_head, monkeypatch):
+def test_probe_passes_with_chunked_head_equal_one_chunk(lm_head):
     """delta-h1's passes — row dots by hooks (on a LoRA LM head too), the E surrogate's backward with and
     without token_mean's β pass — are the same whether the head runs in one-column chunks (a frozen head:
-    `_FrozenHeadScores`, one product per output that needs a gradient; a LoRA head: checkpointed) or in one
-    piece, and the surrogate's X̄ and ψ equal those from per-token tangents (`_passes`)."""
+    `_FrozenHeadScores`; a LoRA head: checkpointed) or in one piece, and the surrogate's X̄ and ψ equal
+    those from per-token tangents (`_passes`)."""
+    model = lora_model(lm_head=lm_head)
+    _assert_passes_equal(_passes(model, mb_for_columns(1, torch.float64)), _passes(model, 1e6))
+
+
+def test_frozen_head_forms_one_product_per_differentiated_output(monkeypatch):
+    """Each vector a frozen chunked head takes in the forward costs a [c, V]×[V, d] product: the U passes and
+    the X̄ pass (the surrogate a·H + c·ℓ) take one, as a training step's backward does; token_mean's β pass
+    (surrogate and ℓ) and the double backward (ℓ and H) take two."""
     import entropy_probe.policy as policy
 
-    products = []
+    products: list[int] = []
     forward = policy._FrozenHeadScores.forward
 
     def counted(ctx, *args):
@@ -221,11 +229,25 @@ def test_probe_passes_with_chunked_head_equal_one_chunk(lm_head, monkeypatch):
         return out
 
     monkeypatch.setattr(policy._FrozenHeadScores, "forward", staticmethod(counted))
-    model = lora_model(lm_head=lm_head)
-    chunked = _passes(model, mb_for_columns(1, torch.float64))
-    _assert_passes_equal(chunked, _passes(model, 1e6))
-    # frozen head: ℓ (U passes), ℓ and H (double backward), the surrogate alone (X̄), surrogate and ℓ (β)
-    assert set(products) == (set() if lm_head else {1, 2})
+    model = lora_model()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    layout, params = FlatLayout.from_named(named), list(named.values())
+    B = Batch.from_tensors(batch_tensors(), 0.7, 0.8, torch.device("cpu"), mb_for_columns(1, torch.float64))
+    coef = pg_coefficients(B.tensors["advantages"].double(), B.mask, "token-mean", None)
+    entropies = 0.5 + torch.rand(B.mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    direction = [torch.ones_like(p) for p in params]
+
+    def per_chunk(run) -> set[int]:
+        products.clear()
+        run()
+        return set(products)
+
+    coefs = {t: entropy_coefficients(entropies, B.mask, target=t, baseline="none") for t in ("sequence", "token_mean")}
+    assert per_chunk(lambda: policy_gradient(model, params, layout, B, coef, 10**6)) == {1}
+    assert per_chunk(lambda: entropy_pass(model, params, layout, B, coefs["sequence"], None, 10**6)) == {1}
+    assert per_chunk(lambda: entropy_rows(model, params, layout.names, B, coefs["sequence"], direction, 10**6)) == {1}
+    assert per_chunk(lambda: entropy_rows(model, params, layout.names, B, coefs["token_mean"], direction, 10**6)) == {2}
+    assert per_chunk(lambda: entropy_pass(model, params, layout, B, coefs["sequence"], direction, 10**6)) == {2}
 
 
 def test_activation_checkpointing_changes_no_gradient():
