@@ -51,6 +51,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from entropy_probe.estimators import TARGETS as ESTIMATOR_TARGETS  # noqa: E402
 from entropy_probe.estimators import entropy_coefficients  # noqa: E402
 from entropy_probe.generation import GenerationSpec, generate_responses, neutral_generation_config  # noqa: E402
 from entropy_probe.params import EstimatorParams, SecondOrderParams  # noqa: E402
@@ -303,11 +304,11 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
-def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int) -> dict:
+def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int, target: str) -> dict:
     """The timed callables, all on the same E and U (the direction is Δθ of the U gradient)."""
     named = dict(model.named_parameters())
     params = [named[n] for n in layout.names]
-    est = EstimatorParams()
+    est = EstimatorParams(entropy=target)
     coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
     groups = torch.unique(U.tensors["group_index"], return_inverse=True)[1]
     g = policy_gradient(model, params, layout, U, coef, max_tokens)
@@ -349,9 +350,9 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
     }
 
 
-def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int) -> dict:
+def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int, target: str) -> dict:
     """The timed callables plus `train_step`: a trainer's step on U alone (fwd+bwd of the PG loss)."""
-    fns = work(model, E, U, layout, spec, max_tokens)
+    fns = work(model, E, U, layout, spec, max_tokens, target)
     fns["train_step"] = lambda: plain_forward_backward(model, [U], max_tokens)
     return fns
 
@@ -393,7 +394,7 @@ def measure_memory_child(args) -> None:
     layout, spec = adam_spec(model)
     one = Batch(E.input_ids[:1], E.attention_mask[:1], E.mask[:1], E.n_prompt_cols, E.temperature, E.top_p, {})
     plain_forward_backward(model, [one], cfg["max_tokens"])
-    fn = memory_kinds(model, E, U, layout, spec, cfg["max_tokens"])[args.measure_memory]
+    fn = memory_kinds(model, E, U, layout, spec, cfg["max_tokens"], cfg["target"])[args.measure_memory]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -483,6 +484,7 @@ def parse_args(argv):
     ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other load)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (median)")
+    ap.add_argument("--target", choices=ESTIMATOR_TARGETS, default=EstimatorParams().entropy, help="estimator.entropy")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -503,7 +505,7 @@ def main(argv=None) -> dict:
     if args.measure_memory:
         return measure_memory_child(args)
     base_cfg = SHAPES[args.shape] if args.shape != "default" else (QUICK if args.quick else FULL)
-    cfg = dict(base_cfg, temperature=args.temperature, top_p=args.top_p)
+    cfg = dict(base_cfg, temperature=args.temperature, top_p=args.top_p, target=args.target)
     cfg["repeats"] = args.repeats or cfg["repeats"]
     cfg["layers"] = args.layers or cfg["layers"]
     torch.set_num_threads(args.threads)
@@ -536,7 +538,8 @@ def main(argv=None) -> dict:
     layout, spec = adam_spec(model)
 
     # delta-h1 and its passes, interleaved on the same E and U
-    fns = {k: fn for k, fn in work(model, E, U, layout, spec, cfg["max_tokens"]).items() if k not in args.skip}
+    fns = work(model, E, U, layout, spec, cfg["max_tokens"], cfg["target"])
+    fns = {k: fn for k, fn in fns.items() if k not in args.skip}
     phase_log, run_delta_h1 = [], fns["delta_h1"]
 
     def delta_h1_logged():  # keeps each call's own per-phase timings
