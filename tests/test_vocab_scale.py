@@ -171,6 +171,26 @@ def test_chunked_equals_whole_block_float32():
         assert_vectors_close(torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_ref]))
 
 
+def test_surrogate_through_a_frozen_head_float32():
+    """The production dtype: the surrogate a·H + c·ℓ of one-column chunks through a frozen head (one product per
+    chunk) has the values and LoRA gradient of Σ a H + c ℓ over the whole block, compared as whole vectors."""
+    model = lora_model(lm_head=False, float64=False)
+    params = trainable(model)
+    t = batch_tensors()
+    mask = torch.arange(R)[None, :] < t["response_lens"][:, None]
+    a, c = coefficients(mask, torch.float32)
+    args = (model, t["input_ids"], t["attention_mask"], P, mask, 1.3, 0.9, True)
+    ref = teacher_force_unchunked(*args)
+    got = teacher_force(*args, logits_chunk_mb=mb_for_columns(1, torch.float32), coefs=(a, c), logprob_grad=False)
+    assert got.entropies is not None and not got.logprobs.requires_grad  # ℓ gets no product of its own
+    finite = torch.isfinite(ref.logprobs)
+    want = torch.where(finite, a * ref.entropies + c * ref.logprobs, 0.0)
+    assert_vectors_close(torch.where(finite, got.surrogate, 0.0).detach(), want.detach(), FP32_REL)
+    g_ref, _ = grad_and_tangents([ref.entropies, ref.logprobs], [a, c], params, None)
+    g_got = torch.autograd.grad(got.surrogate.sum(), params)
+    assert_vectors_close(torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_ref]))
+
+
 def _passes(model, chunk_mb: float) -> dict[str, torch.Tensor]:
     """probe's three passes (U gradient, E pass with tangents, U row dots by hooks) on the test batch."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
