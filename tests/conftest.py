@@ -49,6 +49,13 @@ def lora_model():
     return make_lora_model()
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The estimator tests' model: a tiny LoRA Qwen2 whose policy is far from uniform (at the uniform maximum
+    ∇H vanishes and ΔH is second order), float32 as the stages run. A test module may define its own."""
+    return make_lora_model(seed=3, rank=2, head_scale=40.0)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

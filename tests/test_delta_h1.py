@@ -42,31 +42,16 @@ META = {"generation": {"temperature": TEMPERATURE, "top_p": 1.0}}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def model():
-    """A tiny LoRA model whose policy is far from uniform (at the uniform maximum ∇H_k vanishes)."""
-    torch.manual_seed(0)
-    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
-def sample_batch(model, tok, prompts: list[str], seed: int, top_p: float = 1.0) -> Batch:
+def sample_batch(model, tokenizer, prompts: list[str], seed: int, top_p: float = 1.0) -> Batch:
     spec = GenerationSpec(TEMPERATURE, top_p, MAX_NEW, batch_size=512, seed=seed)
-    tensors = generate_responses(model, tok, prompts, spec, progress=False)
+    tensors = generate_responses(model, tokenizer, prompts, spec, progress=False)
     tensors["prompt_index"] = torch.arange(len(prompts))
     return Batch.from_tensors(tensors, TEMPERATURE, top_p, CPU)
 
 
-def sample_u(model, tok, n_groups: int, G: int, seed: int, top_p: float = 1.0) -> Batch:
+def sample_u(model, tokenizer, n_groups: int, G: int, seed: int, top_p: float = 1.0) -> Batch:
     prompts = [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)]
-    U = sample_batch(model, tok, prompts, seed, top_p)
+    U = sample_batch(model, tokenizer, prompts, seed, top_p)
     # a reward that is a function of the whole response and varies within groups: parity of the token sum
     rewards = ((U.input_ids[:, U.n_prompt_cols :] * U.mask).sum(-1) % 2).float()
     U.tensors["rewards"] = rewards
@@ -93,14 +78,14 @@ def adam_state(model, seed: int = 0, lr: float = 1e-2) -> tuple[FlatLayout, Adam
 
 
 @pytest.fixture(scope="module")
-def exact(model, tok):
+def exact(model, tokenizer):
     """Exact H and ∇H (every target) for the E prompt multiset: each prompt equally often."""
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     values, grads, _ = exact_gradients(
         model,
         ids,
         [1.0] * len(ids),
-        eos_id=tok.eos_token_id,
+        eos_id=tokenizer.eos_token_id,
         max_new_tokens=MAX_NEW,
         temperature=TEMPERATURE,
         top_p=1.0,
@@ -119,7 +104,7 @@ def random_direction(model, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.numerics
-def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tok, exact):
+def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tokenizer, exact):
     """Every target × baseline, projected on random directions: |z| < 4 each and mean z near 0.
 
     On the way, X̄·v = mean ψ in float32 (the float64 identity is in test_tangents): X̄·v is a sum of
@@ -130,7 +115,7 @@ def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tok, exact
     layout = FlatLayout.from_named(trainable(model))
     zs = {(t, b): [] for t in TARGETS for b in BASELINES}
     for seed in range(4):
-        E = sample_batch(model, tok, PROMPTS * 96, seed=100 + seed)
+        E = sample_batch(model, tokenizer, PROMPTS * 96, seed=100 + seed)
         features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1)
         for d in range(2):
             v = random_direction(model, seed=10 * seed + d)
@@ -155,13 +140,13 @@ def test_estimators_agree_with_exact_gradient_on_a_transformer(model, tok, exact
         assert abs(sum(z) / len(z)) < 4 / math.sqrt(len(z)) + 0.5, (key, z)
 
 
-def test_dropping_the_pathwise_term_is_detected(model, tok, exact):
+def test_dropping_the_pathwise_term_is_detected(model, tokenizer, exact):
     """The same z-test catches a biased estimator (no ∇H_k term) at a larger batch."""
     values, grads = exact
     names = list(trainable(model))
     params = [dict(model.named_parameters())[n] for n in names]
     layout = FlatLayout.from_named(trainable(model))
-    E = sample_batch(model, tok, PROMPTS * 512, seed=7)
+    E = sample_batch(model, tokenizer, PROMPTS * 512, seed=7)
     v = {n: g.float() for n, g in grads["sequence"].items()}  # the direction where ∇H is largest
     coefs = entropy_coefficients(E.tensors["entropies"], E.mask, target="sequence", baseline="mean")
     _, dH, dlogp = entropy_pass(model, params, layout, E, coefs, [v[n] for n in names], 10_000)
@@ -173,7 +158,7 @@ def test_dropping_the_pathwise_term_is_detected(model, tok, exact):
 
 
 @pytest.mark.numerics
-def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
+def test_delta_h1_of_an_adam_step_matches_exact(model, tokenizer, exact):
     """The full computation with Δθ = a real next AdamW step: per-target δH₁ vs exact ∇H·Δθ (all_targets:
     double-backward tangents), and the default one-backward path (row hooks) gives the same configured
     target, SE_E and E attributions."""
@@ -181,8 +166,8 @@ def test_delta_h1_of_an_adam_step_matches_exact(model, tok, exact):
     layout, state = adam_state(model)
     zs = {t: [] for t in TARGETS}
     for seed in range(3):
-        E = sample_batch(model, tok, PROMPTS * 64, seed=200 + seed)
-        U = sample_u(model, tok, n_groups=8, G=4, seed=300 + seed)
+        E = sample_batch(model, tokenizer, PROMPTS * 64, seed=200 + seed)
+        U = sample_u(model, tokenizer, n_groups=8, G=4, seed=300 + seed)
         spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
         result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096, all_targets=True)
         hooked = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
@@ -231,9 +216,9 @@ def naive_objective(model, U: Batch, mode: str, max_len: int) -> torch.Tensor:
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
-def test_policy_gradient_equals_autograd_of_naive_loss(model, tok, mode):
+def test_policy_gradient_equals_autograd_of_naive_loss(model, tokenizer, mode):
     """float32, as the stage runs (the float64 identity is in test_tangents); compared as whole vectors."""
-    U = sample_u(model, tok, n_groups=3, G=4, seed=11)
+    U = sample_u(model, tokenizer, n_groups=3, G=4, seed=11)
     named = trainable(model)
     layout = FlatLayout.from_named(named)
     coef = pg_coefficients(U.tensors["advantages"], U.mask, mode, MAX_NEW).float()
@@ -252,13 +237,13 @@ def in_dtype(model, dtype: str):
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_delta_h1_is_invariant_to_the_token_budget(model, tok, dtype):
+def test_delta_h1_is_invariant_to_the_token_budget(model, tokenizer, dtype):
     """One microbatch, a few rows each, one row each: the same results up to summation order. In float32 (as
     the stage runs) to FP32_REL of the magnitude of the summed terms; on a float64 model, whose sums
     compute_delta_h1 keeps in float64, to FP64_REL: an exact identity. Dot products are compared relative to
     the magnitude of their terms, X̄ as a whole vector (an element of X̄ may be a sum that cancels to ~0)."""
-    E = sample_batch(model, tok, PROMPTS * 8, seed=5)
-    U = sample_u(model, tok, n_groups=4, G=4, seed=6)
+    E = sample_batch(model, tokenizer, PROMPTS * 8, seed=5)
+    U = sample_u(model, tokenizer, n_groups=4, G=4, seed=6)
     policy = in_dtype(model, dtype)
     layout, state = adam_state(policy)
     spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
@@ -281,12 +266,12 @@ def test_delta_h1_is_invariant_to_the_token_budget(model, tok, dtype):
 
 
 @pytest.mark.numerics
-def test_sgd_attributions_sum_to_delta_h1(model, tok):
+def test_sgd_attributions_sum_to_delta_h1(model, tokenizer):
     """For a rule linear in g, the U group attributions add up to δH₁ exactly and there is no momentum part.
 
     Both sides are float32 sums with cancellation: compared relative to the magnitude of their terms."""
-    E = sample_batch(model, tok, PROMPTS * 8, seed=8)
-    U = sample_u(model, tok, n_groups=4, G=4, seed=9)
+    E = sample_batch(model, tokenizer, PROMPTS * 8, seed=8)
+    U = sample_u(model, tokenizer, n_groups=4, G=4, seed=9)
     layout, state = adam_state(model)
     r = compute_delta_h1(
         model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096
@@ -303,19 +288,19 @@ def test_sgd_attributions_sum_to_delta_h1(model, tok):
     assert_close_scaled(flipped["delta_h1"], -r["delta_h1"], scale, what="δH₁ with flipped advantages")
 
 
-def test_standard_errors_match_spread_over_repeated_batches(model, tok):
+def test_standard_errors_match_spread_over_repeated_batches(model, tokenizer):
     """SE_E over repeated E batches (U fixed) and SE_U over repeated U batches (E fixed)."""
     layout, state = adam_state(model)
     spec = UpdateSpec("sgd", state, None, "token-mean", None)
     est = EstimatorParams(baseline="mean")
-    E0 = sample_batch(model, tok, PROMPTS * 8, seed=1)
-    U0 = sample_u(model, tok, n_groups=8, G=4, seed=2)
+    E0 = sample_batch(model, tokenizer, PROMPTS * 8, seed=1)
+    U0 = sample_u(model, tokenizer, n_groups=8, G=4, seed=2)
     by_e = [
-        compute_delta_h1(model, sample_batch(model, tok, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
+        compute_delta_h1(model, sample_batch(model, tokenizer, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
         for s in range(40)
     ]
     by_u = [
-        compute_delta_h1(model, E0, sample_u(model, tok, 8, 4, seed=2000 + s), layout, spec, est, 4096)
+        compute_delta_h1(model, E0, sample_u(model, tokenizer, 8, 4, seed=2000 + s), layout, spec, est, 4096)
         for s in range(40)
     ]
     for runs, key in ((by_e, "se_E"), (by_u, "se_U")):
@@ -325,11 +310,11 @@ def test_standard_errors_match_spread_over_repeated_batches(model, tok):
         assert 0.65 < ratio < 1.5, (key, ratio)
 
 
-def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
+def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tokenizer):
     """Tokens outside the nucleus have log π = −inf; nothing may turn that into NaN, and δH₁ stays unbiased."""
     top_p = 0.8
-    E = sample_batch(model, tok, PROMPTS * 64, seed=21, top_p=top_p)
-    U = sample_u(model, tok, n_groups=4, G=4, seed=22, top_p=top_p)
+    E = sample_batch(model, tokenizer, PROMPTS * 64, seed=21, top_p=top_p)
+    U = sample_u(model, tokenizer, n_groups=4, G=4, seed=22, top_p=top_p)
     layout, state = adam_state(model)
     r = compute_delta_h1(
         model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096
@@ -337,12 +322,12 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
     assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "entropy"))
     assert r["se_U"] is None or math.isfinite(r["se_U"])
     assert torch.isfinite(r["xbar"]).all()
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
         model,
         ids,
         [1.0] * len(ids),
-        eos_id=tok.eos_token_id,
+        eos_id=tokenizer.eos_token_id,
         max_new_tokens=MAX_NEW,
         temperature=TEMPERATURE,
         top_p=top_p,
@@ -355,7 +340,7 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tok):
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("lora_bias", [False, True])
-def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias, dtype):
+def test_row_directional_hooks_equal_the_double_backward(tokenizer, lora_bias, dtype):
     """u_row_terms' one-backward row dots (hooks on LoRA Linear weights and biases) = per-token double backward,
     relative to Σ|c·dlogp|: to FP32_REL in float32 as the stage runs, to FP64_REL on a float64 model."""
     from peft import LoraConfig, get_peft_model
@@ -373,7 +358,7 @@ def test_row_directional_hooks_equal_the_double_backward(tok, lora_bias, dtype):
         lora_bias=lora_bias,
     )
     model = get_peft_model(build_model(hidden_size=32, seed=5), config).eval()
-    U = sample_u(model, tok, n_groups=3, G=4, seed=31)
+    U = sample_u(model, tokenizer, n_groups=3, G=4, seed=31)
     model = in_dtype(model, dtype)
     named = trainable(model)
     names, params = list(named), list(named.values())
@@ -401,7 +386,7 @@ def test_row_directional_refuses_what_it_cannot_do():
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_u_row_terms_fallback_path_agrees(tok, monkeypatch, dtype):
+def test_u_row_terms_fallback_path_agrees(tokenizer, monkeypatch, dtype):
     """Without the hooks (unsupported parameter types) the double-backward path gives the same row terms:
     to FP32_REL in float32, to FP64_REL on a float64 model.
 
@@ -409,7 +394,7 @@ def test_u_row_terms_fallback_path_agrees(tok, monkeypatch, dtype):
     from entropy_probe.tangents import RowDirectional
 
     model = make_lora_model(seed=3, rank=2)
-    U = sample_u(model, tok, n_groups=3, G=4, seed=32)
+    U = sample_u(model, tokenizer, n_groups=3, G=4, seed=32)
     model = in_dtype(model, dtype)
     named = trainable(model)
     names, params = list(named), list(named.values())

@@ -97,9 +97,10 @@ print(json.dumps({"peak_kb": peak, "baseline_kb": baseline, "n_microbatches": le
 """
 
 
-def _peak(B_E: int, max_tokens: int) -> dict:
+def _child_peaks(code: str, *args) -> dict:
+    """Run a measuring child (fresh process, freed blocks returned to the OS) and read its JSON line."""
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(B_E), str(max_tokens)],
+        [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -108,6 +109,10 @@ def _peak(B_E: int, max_tokens: int) -> dict:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak(B_E: int, max_tokens: int) -> dict:
+    return _child_peaks(CHILD, B_E, max_tokens)
 
 
 def _clear_refs_works() -> bool:
@@ -236,16 +241,7 @@ def test_peak_memory_at_vocabulary_scale_is_that_of_a_training_step():
     E gradient (X̄ alone, ordinary backward) 48 MB (306 MB whole); E pass with double-backward tangents
     340 MB (537 MB whole).
     """
-    out = subprocess.run(
-        [sys.executable, "-c", VOCAB_CHILD, "8"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    peak = _child_peaks(VOCAB_CHILD, 8)
     step = peak["train_step"]
     assert step > 50_000, peak  # the [tokens × vocabulary] logits of the step are visible (≥ 64 MB of them)
     # teacher forcing's share of the passes is chunked: each costs at most a training step's memory

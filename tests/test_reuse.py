@@ -35,19 +35,12 @@ def peaked_model(seed: int, lora_shift: float = 0.0):
     return model
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
 @pytest.mark.numerics
-def test_same_checkpoint_weights_are_one_and_change_nothing(tok):
+def test_same_checkpoint_weights_are_one_and_change_nothing(tokenizer):
     """Explicit uniform weights reproduce the unweighted computation (the plain path forms no weights)."""
     model = peaked_model(0)
-    E = sample_batch(model, tok, PROMPTS * 8, seed=1)
-    U = sample_u(model, tok, n_groups=4, G=4, seed=2)
+    E = sample_batch(model, tokenizer, PROMPTS * 8, seed=1)
+    U = sample_u(model, tokenizer, n_groups=4, G=4, seed=2)
     layout, state = adam_state(model)
     spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
     plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
@@ -65,15 +58,15 @@ def test_same_checkpoint_weights_are_one_and_change_nothing(tok):
     assert importance_weights(log_ratio)[1] == pytest.approx(len(E), rel=1e-6)
 
 
-def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
+def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tokenizer):
     """Samples from checkpoint A, probed at B: the weighted δH₁ agrees with B's exact ∇H·Δθ (z-test)."""
     sampler, probed = peaked_model(0), peaked_model(7, lora_shift=0.008)
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
         probed,
         ids,
         [1.0] * len(ids),
-        eos_id=tok.eos_token_id,
+        eos_id=tokenizer.eos_token_id,
         max_new_tokens=MAX_NEW,
         temperature=TEMPERATURE,
         top_p=1.0,
@@ -82,8 +75,8 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
     layout, state = adam_state(probed)
     zs, fractions = [], []
     for seed in range(3):
-        E = sample_batch(sampler, tok, PROMPTS * 64, seed=40 + seed)
-        U = sample_u(sampler, tok, n_groups=8, G=4, seed=50 + seed)
+        E = sample_batch(sampler, tokenizer, PROMPTS * 64, seed=40 + seed)
+        U = sample_u(sampler, tokenizer, n_groups=8, G=4, seed=50 + seed)
         reuse = reuse_weights(probed, E, U, {"E": "A", "U": "A"}, 4096, min_ess_fraction=0.1, force=False)
         fractions.append(reuse.ess["E"] / len(E))
         r = compute_delta_h1(
@@ -103,12 +96,12 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tok):
     assert max(abs(z) for z in zs) < 4, zs
 
 
-def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tok):
+def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tokenizer):
     """Only the batches another checkpoint drew are re-scored (their statistics replaced by the probed policy's)
     and weighted: E by w (sum 1), U by N·w (mean 1); an ESS/N below the floor is refused unless forced."""
     sampler, probed = peaked_model(0), peaked_model(7, lora_shift=0.008)
-    E = sample_batch(sampler, tok, PROMPTS * 16, seed=60)
-    U = sample_u(sampler, tok, n_groups=4, G=4, seed=61)
+    E = sample_batch(sampler, tokenizer, PROMPTS * 16, seed=60)
+    U = sample_u(sampler, tokenizer, n_groups=4, G=4, seed=61)
     e_before, u_before = E.tensors["entropies"].clone(), U.tensors["entropies"].clone()
     reuse = reuse_weights(probed, E, U, {"U": "A"}, 4096, min_ess_fraction=0.0, force=False)
     assert reuse.e_weights is None and set(reuse.ess) == {"U"} and torch.equal(E.tensors["entropies"], e_before)
@@ -119,7 +112,7 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tok):
     assert fraction < 0.999
     with pytest.raises(ProbeError, match=r"the E samples \(drawn by checkpoint A\) have ESS/N = .* reuse.force"):
         reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=False)
-    E = sample_batch(sampler, tok, PROMPTS * 16, seed=60)  # re-scoring replaced the behaviour log-probs
+    E = sample_batch(sampler, tokenizer, PROMPTS * 16, seed=60)  # re-scoring replaced the behaviour log-probs
     forced = reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=True)
     assert forced.ess["E"] / len(E) < 0.9999 and forced.u_weights is None
     assert forced.e_weights.sum().item() == pytest.approx(1.0, rel=1e-12)

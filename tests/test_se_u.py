@@ -33,13 +33,6 @@ from entropy_probe.update import (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model():
     """Peaked enough that ∇H is not tiny, flat enough that most groups have rewards that differ."""
     model = make_lora_model(seed=5, rank=2, head_scale=6.0)
@@ -56,10 +49,10 @@ def _groups(U):
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-def test_group_gradients_are_each_groups_own_gradient_and_sum_to_g(model, tok, mode):
+def test_group_gradients_are_each_groups_own_gradient_and_sum_to_g(model, tokenizer, mode):
     """float64: g_b = ∇J restricted to group b's rows (same normaliser), Σ_b g_b = g — exact identities."""
     m64 = as_float64(copy.deepcopy(model))
-    U = sample_u(m64, tok, n_groups=4, G=3, seed=11)
+    U = sample_u(m64, tokenizer, n_groups=4, G=3, seed=11)
     layout, _ = adam_state(m64)
     params = _params(m64, layout)
     coef = pg_coefficients(U.tensors["advantages"].double(), U.mask, mode, 4)
@@ -75,10 +68,10 @@ def test_group_gradients_are_each_groups_own_gradient_and_sum_to_g(model, tok, m
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-def test_leave_one_group_out_equals_the_batch_without_that_group(model, tok, mode):
+def test_leave_one_group_out_equals_the_batch_without_that_group(model, tokenizer, mode):
     """X̄·Δθ(g₋b) from the cache = the same update computed from a U batch that never had group b."""
     m64 = as_float64(copy.deepcopy(model))
-    U = sample_u(m64, tok, n_groups=4, G=3, seed=12)
+    U = sample_u(m64, tokenizer, n_groups=4, G=3, seed=12)
     layout, state = adam_state(m64)
     params = _params(m64, layout)
     groups = _groups(U)
@@ -108,7 +101,7 @@ def test_jackknife_se_formula():
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.02], ids=["no-clipping", "clipping-active"])
-def test_se_u_matches_the_spread_over_u_draws(model, tok, max_grad_norm):
+def test_se_u_matches_the_spread_over_u_draws(model, tokenizer, max_grad_norm):
     """E fixed, 60 U draws through the real adam_step rule: mean SE_U² ≈ Var(δH₁) over the draws.
 
     Compares variances (the unbiased quantity). With clipping active every draw is clipped (checked), the
@@ -118,12 +111,14 @@ def test_se_u_matches_the_spread_over_u_draws(model, tok, max_grad_norm):
     layout, state = adam_state(model, lr=2e-2)
     params = _params(model, layout)
     spec = UpdateSpec("adam_step", state, max_grad_norm, "token-mean", None)
-    E = sample_batch(model, tok, PROMPTS * 16, seed=1)
-    first = compute_delta_h1(model, E, sample_u(model, tok, 8, 4, seed=5000), layout, spec, EstimatorParams(), 4096)
+    E = sample_batch(model, tokenizer, PROMPTS * 16, seed=1)
+    first = compute_delta_h1(
+        model, E, sample_u(model, tokenizer, 8, 4, seed=5000), layout, spec, EstimatorParams(), 4096
+    )
     xbar = first["xbar"].double()
     values, variances, clipped = [], [], 0
     for s in range(60):
-        U = sample_u(model, tok, 8, 4, seed=5001 + s)
+        U = sample_u(model, tokenizer, 8, 4, seed=5001 + s)
         coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean")
         g, g_groups = group_gradients(model, params, layout.names, U, coef, _groups(U), 4096)
         g = g.double()
@@ -139,12 +134,12 @@ def test_se_u_matches_the_spread_over_u_draws(model, tok, max_grad_norm):
     assert 0.5 < ratio < 2.0, ratio
 
 
-def test_se_u_is_none_with_one_moving_group(model, tok):
+def test_se_u_is_none_with_one_moving_group(model, tokenizer):
     """One prompt group with non-zero advantage: SE_U is not estimable — None with the reason, never ~0."""
     layout, state = adam_state(model)
     spec = UpdateSpec("adam_step", state, 0.02, "token-mean", None)
-    E = sample_batch(model, tok, PROMPTS * 4, seed=1)
-    U = sample_u(model, tok, 4, 4, seed=7)
+    E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
+    U = sample_u(model, tokenizer, 4, 4, seed=7)
     adv = U.tensors["advantages"].view(4, 4)
     adv[1:] = 0.0  # only group 0 moves g
     adv[0] = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -157,12 +152,12 @@ def test_se_u_is_none_with_one_moving_group(model, tok):
     assert without["se_U_method"] == "delta method" and without["se_U"] is None
 
 
-def test_cache_and_delta_method_agree_on_the_linearised_attributions(model, tok):
+def test_cache_and_delta_method_agree_on_the_linearised_attributions(model, tokenizer):
     """u·g_b from the cached group gradients = the third pass's row hooks (both Σ_b = u·g)."""
     layout, state = adam_state(model)
     spec = UpdateSpec("adam_step", state, None, "token-mean", None)
-    E = sample_batch(model, tok, PROMPTS * 4, seed=1)
-    U = sample_u(model, tok, 8, 4, seed=8)
+    E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
+    U = sample_u(model, tokenizer, 8, 4, seed=8)
     cached = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
     passes = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096, u_cache_mb=0)
     scale = dot_scale(passes["xbar"], passes["delta_theta"])  # δH₁ may cancel: compare on its terms' scale
@@ -175,15 +170,15 @@ def test_cache_and_delta_method_agree_on_the_linearised_attributions(model, tok)
     assert cached["u_attribution_loo"].shape == cached["u_attribution"].shape
 
 
-def test_activation_checkpointing_changes_nothing(model, tok):
+def test_activation_checkpointing_changes_nothing(model, tokenizer):
     """With checkpoint.use_checkpointing the layers are recomputed in each backward (the LoRA layers' forward
     hooks fire again): the row hooks must neither miss nor double-count, so every result is unchanged."""
     from entropy_probe.checkpoint import _enable_checkpointing
 
     layout, state = adam_state(model)
     spec = UpdateSpec("adam_step", state, None, "token-mean", None)
-    E = sample_batch(model, tok, PROMPTS * 4, seed=1)
-    U = sample_u(model, tok, 8, 4, seed=3)
+    E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
+    U = sample_u(model, tokenizer, 8, 4, seed=3)
     plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
     recomputing = copy.deepcopy(model)
     _enable_checkpointing(recomputing)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_lora_model
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, sample_batch, trainable
 from tolerances import FP64_REL
 
@@ -28,20 +27,6 @@ RMS_STEP = 5e-4  # RMS of Δθ per parameter: δH₂ ≈ 0.4 δH₁ here, "secon
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    """test_delta_h1's model: a tiny LoRA Qwen2 far from uniform (float32, as the stages run)."""
-    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
-    return model
-
-
-@pytest.fixture(scope="module")
 def model64(model):
     return as_float64(copy.deepcopy(model))
 
@@ -52,9 +37,9 @@ def layout(model):
 
 
 @pytest.fixture(scope="module")
-def exact_kw(tok):
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    kw = dict(eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_p=1.0)
+def exact_kw(tokenizer):
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    kw = dict(eos_id=tokenizer.eos_token_id, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_p=1.0)
     return dict(prompts=ids, multiplicities=[1.0] * len(ids), max_sequences=10**6, **kw)
 
 
@@ -94,11 +79,11 @@ def run(model, E, layout, delta_theta, target, baseline="mean", **kw):
 
 
 @pytest.mark.numerics
-def test_delta_h2_matches_exact_second_difference(model, tok, layout, step, exact):
+def test_delta_h2_matches_exact_second_difference(model, tokenizer, layout, step, exact):
     """Every target on one E batch (fixed seed): |z| < 3 against the exact δH₂, which is far from 0 relative to
     the SE; E and θ are left exactly as they were. Measured: z = 0.02 (token_mean), 0.50 (sequence),
     −0.01 (seq_mean_token_mean); δH₂/SE of the exact value ≈ 10."""
-    E = sample_batch(model, tok, PROMPTS * 128, seed=100)
+    E = sample_batch(model, tokenizer, PROMPTS * 128, seed=100)
     before = {k: v.clone() for k, v in E.tensors.items()}
     checksum = param_checksum(dict(model.named_parameters()))
     for target in enumeration.TARGETS:
@@ -117,7 +102,7 @@ def test_delta_h2_matches_exact_second_difference(model, tok, layout, step, exac
 
 
 @pytest.mark.numerics
-def test_se_is_calibrated_over_e_draws_and_pairing_cancels_the_noise(model, tok, layout, step, exact):
+def test_se_is_calibrated_over_e_draws_and_pairing_cancels_the_noise(model, tokenizer, layout, step, exact):
     """Over 16 E draws (B_E = 256 prompts drawn uniformly with replacement, as sample-e draws them) z = (δH₂ −
     exact over the prompt population) / SE has mean ≈ 0 and SD ≈ 1 (token_mean; measured over 100 draws: mean
     0.10, SD 0.98; sequence 0.16, 1.02). With the prompt multiset held fixed instead, the SD is 0.65: the SE counts
@@ -126,7 +111,7 @@ def test_se_is_calibrated_over_e_draws_and_pairing_cancels_the_noise(model, tok,
     zs = []
     for draw in range(16):
         rows = torch.randint(len(PROMPTS), (256,), generator=torch.Generator().manual_seed(5000 + draw))
-        E = sample_batch(model, tok, [PROMPTS[i] for i in rows.tolist()], seed=1000 + draw)
+        E = sample_batch(model, tokenizer, [PROMPTS[i] for i in rows.tolist()], seed=1000 + draw)
         r = run(model, E, layout, step, "token_mean")
         zs.append((r.delta_h2 - exact["token_mean"][1]) / r.se_delta_h2)
     z = torch.tensor(zs)
@@ -140,10 +125,10 @@ def test_se_is_calibrated_over_e_draws_and_pairing_cancels_the_noise(model, tok,
 
 
 @pytest.mark.numerics
-def test_quadratic_form_is_even_and_delta_h1_odd(model64, tok, layout, step):
+def test_quadratic_form_is_even_and_delta_h1_odd(model64, tokenizer, layout, step):
     """Δθ → −Δθ swaps the points θ ± εΔθ and negates the direction: δH₂ and its SE are unchanged, δH₁ flips.
     An exact identity, on the float64 model (tolerance relative to the per-sequence terms, SE·√N)."""
-    E = sample_batch(model64, tok, PROMPTS * 16, seed=7)
+    E = sample_batch(model64, tokenizer, PROMPTS * 16, seed=7)
     for target in ("token_mean", "sequence"):
         pos, neg = run(model64, E, layout, step, target), run(model64, E, layout, -step, target)
         scale = pos.se_delta_h2 * math.sqrt(len(E)) + abs(pos.delta_h2)
@@ -154,10 +139,10 @@ def test_quadratic_form_is_even_and_delta_h1_odd(model64, tok, layout, step):
 
 
 @pytest.mark.numerics
-def test_e_weights_multiply_the_shift_weights(model64, tok, layout, step):
+def test_e_weights_multiply_the_shift_weights(model64, tokenizer, layout, step):
     """Importance weights of reused samples enter every point: weight 0 on half the rows gives exactly the δH₁ and
     δH₂ of the other half alone (sequence target, no baseline: each row's coefficients are its own), float64."""
-    E = sample_batch(model64, tok, PROMPTS * 16, seed=8)
+    E = sample_batch(model64, tokenizer, PROMPTS * 16, seed=8)
     keep = torch.arange(len(E)) % 2 == 0
     half = Batch.from_tensors({k: v[keep] for k, v in E.tensors.items()}, E.temperature, E.top_p, "cpu")
     e_weights = keep.double() / keep.sum()
@@ -174,7 +159,7 @@ def test_e_weights_multiply_the_shift_weights(model64, tok, layout, step):
 
 
 @pytest.mark.numerics
-def test_samples_drawn_by_another_checkpoint(model, tok, layout, step, exact):
+def test_samples_drawn_by_another_checkpoint(model, tokenizer, layout, step, exact):
     """E drawn by a nearby checkpoint θ_b and weighted by π_θ/π_θb (as delta-h1 reuses samples): δH₂ at θ still
     agrees with the exact value (|z| < 3, fixed seed; measured z = −0.19 for token_mean, 0.05 for sequence)."""
     other = copy.deepcopy(model)
@@ -182,7 +167,7 @@ def test_samples_drawn_by_another_checkpoint(model, tok, layout, step, exact):
     with torch.no_grad():
         for p in trainable(other).values():
             p.add_(0.006 * torch.randn(p.shape, generator=gen))  # ESS/N = 0.82
-    E = sample_batch(other, tok, PROMPTS * 128, seed=12)
+    E = sample_batch(other, tokenizer, PROMPTS * 128, seed=12)
     log_ratio = (E.token_stats(model, 4096)["logprobs"].double() - E.tensors["logprobs"].double()).sum(-1)
     e_weights, ess = importance_weights(log_ratio)
     assert 0.5 < ess / len(E) < 0.9  # really another policy, still usable
@@ -193,8 +178,8 @@ def test_samples_drawn_by_another_checkpoint(model, tok, layout, step, exact):
         assert r.ess_fraction_plus == pytest.approx(ess / len(E), rel=0.01)  # the shift barely moves the weights
 
 
-def test_bad_inputs_are_refused_in_one_line(model, tok, layout, step):
-    E = sample_batch(model, tok, PROMPTS, seed=9)
+def test_bad_inputs_are_refused_in_one_line(model, tokenizer, layout, step):
+    E = sample_batch(model, tokenizer, PROMPTS, seed=9)
     cases = [
         (dict(delta_theta=step[:-1]), "finite vector of"),
         (dict(delta_theta=step * float("nan")), "finite vector of"),
@@ -211,7 +196,7 @@ def test_bad_inputs_are_refused_in_one_line(model, tok, layout, step):
             run(model, E, layout, delta_theta, "token_mean", **kw)
         assert "\n" not in str(err.value)
     with pytest.raises(ProbeError, match="at least 2 E sequences"):
-        run(model, sample_batch(model, tok, PROMPTS[:1], seed=9), layout, step, "token_mean")
+        run(model, sample_batch(model, tokenizer, PROMPTS[:1], seed=9), layout, step, "token_mean")
 
 
 @pytest.mark.parametrize(

@@ -31,13 +31,6 @@ pytestmark = pytest.mark.numerics
 PROMPTS = ["1+2=", "12+34=", "7+8=", "100+1="]  # two lengths: the batches have left padding
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
 def lora_model(lora_bias: bool = False, peaked: bool = True):
     """Tiny Qwen2 + LoRA, optionally with LoRA biases; `peaked`: test_delta_h1's policy far from uniform
     (where ∇H_k does not vanish), else one that often ends early (responses of several lengths)."""
@@ -57,9 +50,9 @@ def lora_model(lora_bias: bool = False, peaked: bool = True):
     return model
 
 
-def sample_u(model, tok, n_groups: int, G: int, seed: int):
+def sample_u(model, tokenizer, n_groups: int, G: int, seed: int):
     """A U batch of groups of G responses, rewarded by the parity of their token sum (varies within groups)."""
-    U = sample_batch(model, tok, [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)], seed)
+    U = sample_batch(model, tokenizer, [PROMPTS[b % len(PROMPTS)] for b in range(n_groups) for _ in range(G)], seed)
     rewards = ((U.input_ids[:, U.n_prompt_cols :] * U.mask).sum(-1) % 2).double()
     U.tensors["advantages"] = group_advantages(rewards.view(n_groups, G), True, 1e-4).view(-1)
     return U
@@ -84,9 +77,9 @@ def naive_row_directional(model, U, coef, params, direction) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("lora_bias", [False, True])
-def test_row_hooks_equal_double_backward_equal_naive_loss(tok, lora_bias):
+def test_row_hooks_equal_double_backward_equal_naive_loss(tokenizer, lora_bias):
     model = lora_model(lora_bias, peaked=False)
-    U = sample_u(model, tok, n_groups=4, G=4, seed=31)  # left-padded prompts, right-padded responses
+    U = sample_u(model, tokenizer, n_groups=4, G=4, seed=31)  # left-padded prompts, right-padded responses
     m64 = as_float64(copy.deepcopy(model))
     named = trainable(m64)
     names, params = list(named), list(named.values())
@@ -128,9 +121,9 @@ def entropy_pass_float64(model, E, coefs, direction, max_tokens: int):
 
 
 @pytest.fixture(scope="module")
-def e_batch(tok):
+def e_batch(tokenizer):
     model = lora_model()
-    E = sample_batch(model, tok, PROMPTS * 8, seed=5)
+    E = sample_batch(model, tokenizer, PROMPTS * 8, seed=5)
     return as_float64(copy.deepcopy(model)), E
 
 

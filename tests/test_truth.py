@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_lora_model
 from test_delta_h1 import delta_h1_report
 
 from entropy_probe import ground_truth as truth
@@ -33,20 +32,6 @@ MULTIPLIERS = [0.5, 1.0, 2.0]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from entropy_probe.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A tiny LoRA model whose policy is far from uniform (at the uniform maximum ΔH is second order)."""
-    model = make_lora_model(seed=3, rank=2, head_scale=40.0)
-    return model
-
-
-@pytest.fixture(scope="module")
 def delta(model):
     """A known small update: Gaussian, scaled to 10% of each adapter tensor's mean magnitude."""
     g = torch.Generator().manual_seed(0)
@@ -58,11 +43,11 @@ def delta(model):
 
 
 @pytest.fixture(scope="module")
-def exact_curve(model, tok, delta):
+def exact_curve(model, tokenizer, delta):
     """Exact ΔH(m) per target (and H(θ) under "base") for the E prompt multiset, by enumeration on a float64 copy."""
     m64 = as_float64(copy.deepcopy(model))
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    kw = dict(eos_id=tok.eos_token_id, max_new_tokens=MAX_NEW, temperature=T, top_p=1.0, max_sequences=10**6)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    kw = dict(eos_id=tokenizer.eos_token_id, max_new_tokens=MAX_NEW, temperature=T, top_p=1.0, max_sequences=10**6)
     d64 = {n: v.double() for n, v in delta.items()}
     with torch.no_grad():
         base = entropy_at(m64, d64, 0.0, ids, [1] * 4, **kw)
@@ -70,15 +55,15 @@ def exact_curve(model, tok, delta):
     return {**curve, "base": base}
 
 
-def sample_e(model, tok, seed: int, rows=ROWS) -> Batch:
+def sample_e(model, tokenizer, seed: int, rows=ROWS) -> Batch:
     spec = GenerationSpec(T, 1.0, MAX_NEW, batch_size=512, seed=seed)
-    tensors = generate_responses(model, tok, rows, spec, progress=False)
+    tensors = generate_responses(model, tokenizer, rows, spec, progress=False)
     tensors["prompt_index"] = torch.arange(len(rows)) % len(PROMPTS)
     return Batch.from_tensors(tensors, T, 1.0, torch.device("cpu"))
 
 
-def run_truth(model, tok, E, delta, multipliers, behaviour_is_model=True, fresh_seed=3, max_tokens=4096):
-    fresh = truth.FreshSampling(tok, ROWS[: len(E)], GenerationSpec(T, 1.0, MAX_NEW, 512, fresh_seed))
+def run_truth(model, tokenizer, E, delta, multipliers, behaviour_is_model=True, fresh_seed=3, max_tokens=4096):
+    fresh = truth.FreshSampling(tokenizer, ROWS[: len(E)], GenerationSpec(T, 1.0, MAX_NEW, 512, fresh_seed))
     return truth.estimate_truth(
         model, E, delta, multipliers, max_tokens=max_tokens, behaviour_is_model=behaviour_is_model, fresh=fresh
     )
@@ -152,11 +137,11 @@ def test_quadratic_fit():
 
 
 @pytest.mark.numerics
-def test_zero_step_is_exact_and_parameters_are_restored(model, tok, delta):
+def test_zero_step_is_exact_and_parameters_are_restored(model, tokenizer, delta):
     """m = 0: ΔH = 0 exactly with SE 0 (SNIS and fresh) and ESS = N; every parameter bit-identical after."""
-    E = sample_e(model, tok, seed=1, rows=ROWS[:64])
+    E = sample_e(model, tokenizer, seed=1, rows=ROWS[:64])
     before = snapshot(model)
-    r = run_truth(model, tok, E, delta, [0.0, 1.0], max_tokens=100)  # several microbatches
+    r = run_truth(model, tokenizer, E, delta, [0.0, 1.0], max_tokens=100)  # several microbatches
     assert_bit_identical(model, before)
     assert r["restored_exactly"] is True and r["checksum"] == truth.model_checksum(model, list(delta))
     assert r["n_sequences"] == 64 and r["ess_theta"] == 64.0
@@ -170,8 +155,8 @@ def test_zero_step_is_exact_and_parameters_are_restored(model, tok, delta):
     assert one["ess"] < 64.0
 
 
-def test_parameters_are_restored_when_a_pass_fails(model, tok, delta, monkeypatch):
-    E = sample_e(model, tok, seed=2, rows=ROWS[:16])
+def test_parameters_are_restored_when_a_pass_fails(model, tokenizer, delta, monkeypatch):
+    E = sample_e(model, tokenizer, seed=2, rows=ROWS[:16])
     before = snapshot(model)
     calls = []
     real = Batch.sequence_sums
@@ -189,13 +174,13 @@ def test_parameters_are_restored_when_a_pass_fails(model, tok, delta, monkeypatc
     assert_bit_identical(model, before)
 
 
-def test_fresh_samples_must_answer_the_e_prompts(model, tok, delta):
+def test_fresh_samples_must_answer_the_e_prompts(model, tokenizer, delta):
     """Fresh samples of other prompts than the E rows' (or another temperature) are refused before any estimate."""
-    E = sample_e(model, tok, seed=2, rows=ROWS[:8])
-    other = truth.FreshSampling(tok, ROWS[1:9], GenerationSpec(T, 1.0, MAX_NEW, 512, 3))
+    E = sample_e(model, tokenizer, seed=2, rows=ROWS[:8])
+    other = truth.FreshSampling(tokenizer, ROWS[1:9], GenerationSpec(T, 1.0, MAX_NEW, 512, 3))
     with pytest.raises(ProbeError, match="prompts re-tokenised for fresh samples differ"):
         truth.estimate_truth(model, E, delta, [1.0], max_tokens=4096, behaviour_is_model=True, fresh=other)
-    hotter = truth.FreshSampling(tok, ROWS[:8], GenerationSpec(2 * T, 1.0, MAX_NEW, 512, 3))
+    hotter = truth.FreshSampling(tokenizer, ROWS[:8], GenerationSpec(2 * T, 1.0, MAX_NEW, 512, 3))
     with pytest.raises(ValueError, match="temperature and top_p"):
         truth.estimate_truth(model, E, delta, [1.0], max_tokens=4096, behaviour_is_model=True, fresh=hotter)
 
@@ -215,10 +200,10 @@ def _assert_agrees_with_exact(r: dict, curve: dict, kinds: tuple[str, ...]) -> N
         assert abs(curve["token_mean"][1]) > 8 * one[kind]["token_mean"]["se"]
 
 
-def test_snis_and_fresh_agree_with_exact(model, tok, delta, exact_curve):
+def test_snis_and_fresh_agree_with_exact(model, tokenizer, delta, exact_curve):
     """θ drew E: SNIS (a) and fresh samples with CRN (b) vs exact ΔH(η), z-tests for every target and η."""
-    E = sample_e(model, tok, seed=1)
-    r = run_truth(model, tok, E, delta, MULTIPLIERS)
+    E = sample_e(model, tokenizer, seed=1)
+    r = run_truth(model, tokenizer, E, delta, MULTIPLIERS)
     _assert_agrees_with_exact(r, exact_curve, ("snis", "fresh"))
     for e in r["etas"]:  # (a) and (b) agree with each other
         for t in TARGETS:
@@ -226,12 +211,12 @@ def test_snis_and_fresh_agree_with_exact(model, tok, delta, exact_curve):
             assert abs(a["delta_h"] - b["delta_h"]) < 4 * math.hypot(a["se"], b["se"])
 
 
-def test_snis_reweights_samples_drawn_by_another_policy(model, tok, delta, exact_curve):
+def test_snis_reweights_samples_drawn_by_another_policy(model, tokenizer, delta, exact_curve):
     """E drawn by another policy (θ at temperature 2.5): the stored behaviour log-probs make SNIS agree
     with exact again, while treating the samples as θ's own (w(θ) ≡ 1) misses H(θ) by many SEs."""
     rows = PROMPTS * 512
     tensors = generate_responses(
-        model, tok, rows, GenerationSpec(2.5, 1.0, MAX_NEW, batch_size=2048, seed=4), progress=False
+        model, tokenizer, rows, GenerationSpec(2.5, 1.0, MAX_NEW, batch_size=2048, seed=4), progress=False
     )
     tensors["prompt_index"] = torch.arange(len(rows)) % len(PROMPTS)
     E = Batch.from_tensors(tensors, T, 1.0, torch.device("cpu"))  # scored under θ at T, drawn at 2.5
@@ -246,9 +231,9 @@ def test_snis_reweights_samples_drawn_by_another_policy(model, tok, delta, exact
         assert abs(wrong["entropy"]["snis"][t] - exact_curve["base"][t]) > 5 * wrong["entropy_se"]["snis"][t], t
 
 
-def test_common_random_numbers_couple_the_fresh_samples(model, tok, delta):
+def test_common_random_numbers_couple_the_fresh_samples(model, tokenizer, delta):
     """Same seed under θ and θ + ½Δθ: most responses coincide and the paired SE beats the unpaired one."""
-    fresh = truth.FreshSampling(tok, ROWS, GenerationSpec(T, 1.0, MAX_NEW, 512, seed=9))
+    fresh = truth.FreshSampling(tokenizer, ROWS, GenerationSpec(T, 1.0, MAX_NEW, 512, seed=9))
     a = fresh.draw(model)
     with perturbed(model, delta, 0.5):
         b = fresh.draw(model)
@@ -270,7 +255,7 @@ def bars_for(delta: dict[str, torch.Tensor]) -> Bars:
 
 
 @pytest.fixture(scope="module")
-def stage_setup(tmp_path_factory, tok):
+def stage_setup(tmp_path_factory, tokenizer):
     """A Trainer-layout checkpoint, E samples drawn by it (the sample-e stage), and hand-made delta-h1 outputs."""
     from trainer_ckpt import write_trainer_checkpoint
 
