@@ -51,21 +51,17 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from entropy_probe.delta_h1 import compute_delta_h1  # noqa: E402
 from entropy_probe.estimators import TARGETS as ESTIMATOR_TARGETS  # noqa: E402
 from entropy_probe.estimators import entropy_coefficients  # noqa: E402
 from entropy_probe.generation import GenerationSpec, generate_responses, neutral_generation_config  # noqa: E402
 from entropy_probe.params import EstimatorParams, SecondOrderParams  # noqa: E402
-from entropy_probe.probe import (  # noqa: E402
-    UpdateSpec,
-    compute_delta_h1,
-    entropy_pass,
-    entropy_rows,
-    group_gradients,
-    policy_gradient,
-)
+from entropy_probe.passes import entropy_pass, entropy_rows, group_gradients, policy_gradient  # noqa: E402
 from entropy_probe.scoring import Batch  # noqa: E402
 from entropy_probe.second_order import second_order  # noqa: E402
+from entropy_probe.specs import ComputeBudget  # noqa: E402
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
+from entropy_probe.update_rule import UpdateRule  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOS, PAD = "<eos>", "<pad>"
@@ -254,7 +250,7 @@ def to_batches(E_t: dict, U_t: dict, cfg: dict, device: str) -> tuple[Batch, Bat
     return Batch.from_tensors(E_t, T, top_p, device), Batch.from_tensors(U_t, T, top_p, device)
 
 
-def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateSpec]:
+def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateRule]:
     """A synthetic AdamW state after 10 steps (momentum and second moment of plausible size)."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     layout = FlatLayout.from_named(named)
@@ -264,7 +260,7 @@ def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateSpec]:
     groups = [{"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
     theta = {n: p.detach().float() for n, p in named.items()}
     state = AdamState.from_groups(layout, theta, m, v, {n: 10.0 for n in named}, groups)
-    return layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+    return layout, UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
 
 
 # ----------------------------------------------------------------------------- the work that is timed
@@ -304,7 +300,7 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
-def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int, target: str) -> dict:
+def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_tokens: int, target: str) -> dict:
     """The timed callables, all on the same E and U (the direction is Δθ of the U gradient)."""
     named = dict(model.named_parameters())
     params = [named[n] for n in layout.names]
@@ -336,7 +332,7 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
 
     return {
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
-        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, max_tokens),
+        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, ComputeBudget(max_tokens)),
         "u_gradient": lambda: policy_gradient(model, params, layout, U, coef, max_tokens),
         # the same backward keeping per-group gradients (the jackknife's input)
         "u_group_gradients": lambda: group_gradients(model, params, layout.names, U, coef, groups, max_tokens),
@@ -350,7 +346,7 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_to
     }
 
 
-def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateSpec, max_tokens: int, target: str) -> dict:
+def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_tokens: int, target: str) -> dict:
     """The timed callables plus `train_step`: a trainer's step on U alone (fwd+bwd of the PG loss)."""
     fns = work(model, E, U, layout, spec, max_tokens, target)
     fns["train_step"] = lambda: plain_forward_backward(model, [U], max_tokens)
@@ -544,7 +540,7 @@ def main(argv=None) -> dict:
 
     def delta_h1_logged():  # keeps each call's own per-phase timings
         result = run_delta_h1()
-        phase_log.append(result["timings"])
+        phase_log.append(result.timings)
         return result
 
     fns["delta_h1"] = delta_h1_logged

@@ -1,7 +1,20 @@
 """entropy-probe: predict the first-order entropy change δH₁ = ∇H · Δθ of the next RL update.
 
+    from entropy_probe import Probe, load_params
+    probe = Probe.from_checkpoint("data/demo/run/checkpoint-6", params=load_params("params.yaml"))
+    result = probe.delta_h1(probe.sample_e(), probe.sample_u())      # δH₁ ± SE, δH₂, attributions
+
 The library: one module per concept. The pipeline stages that call it are in `stages/` (one thin module
 per stage); docs/design.md has the data flow, docs/math.md every formula (§n below is its section).
+
+The in-memory API
+  probe            `Probe`: one loaded checkpoint (from files, verify's artifacts, or live objects) and every
+                   computation on it — sample E/U, δH₁ (`DeltaH1Result`), the observed step, δH₂, exact, truth
+  sources          checkpoint sources: one layout → policy, named AdamW state, trainer settings, fingerprint
+                   (`peft_adapter`: PEFT adapter + the Trainer's optimizer.pt)
+  update_rule      `UpdateRule`: the next update resolved once (rule, AdamW state with the chosen lr, loss
+                   aggregation, clipping, or an observed step) and `resolve_update_rule`
+  specs            knobs that travel together: `ComputeBudget`, `SecondOrderSpec`, `EnumerationSpec`
 
 Inputs: knobs, checkpoints, the task
   params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
@@ -20,6 +33,7 @@ The policy and sampling
   policy           π = top-p(softmax(z/T)) (§2.1), H_k, top1, margin (§2.2), teacher forcing (§2.3)
   generation       drawing from exactly π with `generate`, recording ℓ_k, H_k, top1, margin per step;
                    seeds (derive_seed), E/U index plans (§2.3); temperature and advantage scale from the trainer
+  sampling         the E and U `Samples` artifacts: batches laid out, rewards, advantages, metadata
   scoring          `Batch`: a sample artifact on the device and the one teacher-forcing loop in token-budget
                    microbatches; re-scoring λ_i (§5.4) and per-sequence sums ℓ_i, S_i, L_i (§8.1)
 
@@ -33,17 +47,22 @@ The math
   tangents         gradient + per-token directional derivatives by double backward (§6.1); per-row
                    directional derivatives and per-group gradients of Linear/LoRA layers by hooks,
                    `RowDirectional`, `GroupGradients` (§6.2)
-  probe            `compute_delta_h1`: the U and E passes, δH₁, SE_E, SE_U, total SE (§5.1–§5.3),
-                   reuse of samples another checkpoint drew (§5.4), diagnostics (§5.5)
+  passes           the U and E passes over the data (policy gradient, group gradients, X̄ with row hooks,
+                   tangents, U row terms) and Cui et al.'s covariance diagnostic (§5.5)
+  delta_h1         `compute_delta_h1`: the passes in order → δH₁, SE_E, SE_U, total SE, attributions (§5.1–§5.3),
+                   as a typed `DeltaH1Estimate`
   second_order     δH₂ = ½ Δθᵀ∇²HΔθ ± SE by a finite difference of the reweighted directional derivative, η* of
                    the linear regime (§5.6)
   observed         the step a trainer took: the next checkpoint-N and Δθ_obs = θ(next) − θ(this) (§4.8)
-  importance       importance weights ŵ, w, ESS (§3.7); self-normalised ratio R, its ψ and paired SE (§8.1)
+  importance       importance weights ŵ, w, ESS (§3.7); self-normalised ratio R, its ψ and paired SE (§8.1);
+                   `reuse_weights` for samples another checkpoint drew (§5.4)
   enumeration      exact A, D, M and the three targets by enumerating every continuation (§7.1); exact ∇H
                    and δH₁ (§7.2); FD slope and ΔH(η) (§7.3)
+  exact            the exact stage's report: exact values over E's prompts and the prompt population beside
+                   delta-h1's estimate (§7.4); the population shared with the trajectory
   perturb          θ + s·Δθ in place with a bit-exact restore and checksum (§7.3, §8); float64 model (§7.2)
   ground_truth     ΔH(η) by SNIS over E (§8.1) and by fresh samples with common random numbers (§8.2);
-                   prediction, ratios and the quadratic fit (§8.3)
+                   prediction, ratios and the quadratic fit (§8.3); the truth stage's report
 
 I/O
   files            atomic writes, strict JSON, schema-checked safetensors (kind, schema_version)
@@ -61,3 +80,17 @@ Reporting
                    real step (exact and sampled), δH₁_pred ± SE, emulation cosines, the trainer's log (§11)
   calibration      z-scores of prediction vs observation, their summary, explained fractions (§11); pure
 """
+
+_LAZY = {"Probe": "probe", "DeltaH1Result": "probe", "Params": "params", "load_params": "params"}
+
+
+def __getattr__(name: str):
+    """`from entropy_probe import Probe` without importing torch for `entropy_probe.errors` (the CLI's --help)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'entropy_probe' has no attribute '{name}'")
+
+
+__all__ = ["DeltaH1Result", "Params", "Probe", "load_params"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,10 @@ def _base_model_dir(paths: CheckpointPaths) -> Path | None:
 
 
 def checkpoint_fingerprint(paths: CheckpointPaths) -> str:
-    """Short sha256 over adapter files + optimizer.pt + the base's config.json and the names/sizes of
-    its weight files (multi-GB weights are identified by name and size, not hashed)."""
+    """Short sha256 over adapter files + optimizer.pt + every other file verify reads (the trainer's settings
+    trainer_config.json / training_args.bin, trainer_state.json, scheduler.pt, the optimizer name map) +
+    the base's config.json and the names/sizes of its weight files (multi-GB weights are identified by name
+    and size, not hashed)."""
     digest = hashlib.sha256()
 
     def add_file(p: Path) -> None:
@@ -257,6 +260,18 @@ def checkpoint_fingerprint(paths: CheckpointPaths) -> str:
         if (paths.adapter_dir / name).is_file():
             add_file(paths.adapter_dir / name)
     add_file(paths.optimizer_path)
+    # the trainer's settings decide the emulated update (loss_type, max_grad_norm, temperature, ...): a swapped
+    # training_args.bin is another checkpoint as far as verify's output is concerned
+    trainer_files = (
+        paths.trainer_config_path,
+        paths.training_args_path,
+        paths.trainer_state_path,
+        paths.scheduler_path,
+        paths.name_map_path,
+    )
+    for p in trainer_files:
+        if p is not None:
+            add_file(p)
     base_dir = _base_model_dir(paths)
     if base_dir is None:
         digest.update(f"hub:{paths.base_model}".encode())
@@ -339,6 +354,15 @@ def load_policy_model(ckpt: CheckpointParams, paths: CheckpointPaths):
         )
     try:
         base = AutoModelForCausalLM.from_pretrained(paths.base_model, **kwargs)
+    except pickle.UnpicklingError as exc:  # transformers reads a .bin with torch.load(weights_only=True)
+        found = re.search(r"GLOBAL (\S+)", str(exc))  # torch names the global it refused, e.g. posix.system
+        what = f"it refers to {found.group(1)}" if found else "it holds more than tensors"
+        raise ProbeError(
+            f"the base model's weights in '{paths.base_model}' are a pickle that torch refuses to load with "
+            f"weights_only ({what})",
+            "convert them to safetensors (load and save_pretrained them where you trust the file), "
+            "or set checkpoint.base_model to a base saved as safetensors",
+        ) from None
     except OSError as exc:
         where = "directory" if paths.base_is_local else "hub id (offline, or not in the local Hugging Face cache)"
         raise ProbeError(

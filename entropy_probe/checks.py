@@ -11,6 +11,7 @@ import torch
 
 from .errors import ProbeError
 from .optimizer_state import OptimizerState, whole
+from .trainer_config import TrainerSettings
 
 
 def scheduler_last_lrs(path: Path | None) -> list[float] | None:
@@ -40,7 +41,7 @@ def _check_model(model: torch.nn.Module, state: OptimizerState, use_checkpointin
     return [f"only adapter parameters are trainable ({len(state.names)} tensors)", "eval mode: dropout off"]
 
 
-def _check_steps(state: OptimizerState, trainer: dict) -> tuple[list[str], list[str]]:
+def _check_steps(state: OptimizerState, trainer: TrainerSettings) -> tuple[list[str], list[str]]:
     """Adam's step is one number and equals trainer_state's global_step; the last logged lr is the last step's."""
     checks, warnings = [], []
     steps = sorted(set(state.step.values()))
@@ -48,14 +49,14 @@ def _check_steps(state: OptimizerState, trainer: dict) -> tuple[list[str], list[
         checks.append(f"Adam step {whole(steps[0])} for every parameter")
     else:
         warnings.append(f"Adam steps differ across parameters ({whole(steps[0])}..{whole(steps[-1])})")
-    gs = trainer.get("global_step")
+    gs = trainer.global_step
     if gs is not None:
         if int(gs) == int(steps[-1]):
             checks.append(f"Adam step matches trainer_state global_step {gs}")
         else:
             warnings.append(f"Adam step {whole(steps[-1])} != trainer_state global_step {gs} (skipped steps?)")
-    last_step = trainer.get("learning_rate_last_step")
-    if trainer.get("learning_rate_last") is not None and gs is not None and last_step != gs:
+    last_step = trainer.learning_rate_last_step
+    if trainer.learning_rate_last is not None and gs is not None and last_step != gs:
         warnings.append(f"last logged learning_rate is from step {last_step}, not the last step {gs}")
     return checks, warnings
 
@@ -80,11 +81,11 @@ def _check_lrs(state: OptimizerState, scheduler_lrs: list[float] | None) -> tupl
 def run_checks(
     model: torch.nn.Module,
     state: OptimizerState,
-    trainer: dict,
+    trainer: TrainerSettings,
     scheduler_lrs: list[float] | None,
     use_checkpointing: bool,
 ) -> tuple[list[str], list[str]]:
-    """(passed, warnings) for verify.json; `trainer` is `read_trainer_config`'s dict. Hard failures raise."""
+    """(passed, warnings) for verify.json; `trainer`: the trainer's settings. Hard failures raise."""
     checks = _check_model(model, state, use_checkpointing)
     sizes = [len(g["names"]) for g in state.groups]
     checks.append(f"optimizer state mapped by {state.mapping}: group sizes {sizes}")

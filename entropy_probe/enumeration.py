@@ -113,7 +113,8 @@ def _too_many(count: int, limit: int, depth: int, max_new_tokens: int) -> ProbeE
     return ProbeError(
         f"exact enumeration needs at least {count} sequences by depth {depth} of {max_new_tokens}, "
         f"more than exact.max_sequences = {limit}",
-        "raise exact.max_sequences, or lower generation.max_new_tokens (or generation.top_p / fewer prompts)",
+        "raise exact.max_sequences, or enumerate shorter responses: the E samples' max_new_tokens (set "
+        "generation.max_new_tokens and rerun sample-e; exact reads it from the samples) or fewer prompts",
     )
 
 

@@ -100,7 +100,7 @@ class EntropyCoefs:
 
     def influence_from_rows(self, weighted_scalars: Tensor, beta: Tensor | float | None) -> Tensor:
         """`influence` from the per-row w_i s_i and (token_mean) β alone — what one ordinary backward with
-        row hooks gives (`probe.entropy_rows`): ψ_i = T + N (w_i s_i − w_i T − w_i κ_i)."""
+        row hooks gives (`passes.entropy_rows`): ψ_i = T + N (w_i s_i − w_i T − w_i κ_i)."""
         w = self.weights.double()
         ws = weighted_scalars.double()
         total = ws.sum()

@@ -41,6 +41,9 @@ UMASK = _read_umask()  # mkstemp/mkdtemp create 0600/0700; we chmod to what open
 _WRITE_FIXES = {
     errno.ENOSPC: "free space",
     errno.EDQUOT: "free space (disk quota exceeded)",
+    # the file size limit (ulimit -f): CPython ignores SIGXFSZ, so the write fails with EFBIG instead
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+    errno.ENAMETOOLONG: "use a shorter path",
     errno.EROFS: "make it writable",
     errno.EACCES: "make it writable",
     errno.EPERM: "make it writable",

@@ -273,7 +273,117 @@ def _log_eta(entry: dict, n: int) -> None:
     log.info("truth η = %g·lr: SNIS %s (ESS %.1f/%d)%s", entry["multiplier"], estimates("snis"), entry["ess"], n, fresh)
 
 
+# ----------------------------------------------------------------------------------------------
+# the truth stage's report
+
+
+def fresh_sampling(samples, prompt_set, tokenizer, batch_size: int, seed: int) -> FreshSampling:
+    """(b)'s draw: the E rows' prompts from the dataset they were drawn from, E's π settings, the given seed."""
+    recorded = samples.meta.dataset.fingerprint
+    if recorded != prompt_set.fingerprint:
+        raise ProbeError(
+            f"the E samples were drawn from dataset {recorded}, batch_config names {prompt_set.fingerprint}",
+            "point batch_config at the E samples' dataset, or set truth.fresh_samples=false",
+        )
+    index = samples.prompt_index
+    if bool(((index < 0) | (index >= len(prompt_set))).any()):
+        raise ProbeError("E prompt_index lies outside the dataset", "rerun sample-e")
+    gen = samples.meta.generation
+    spec = GenerationSpec(gen.temperature, gen.top_p, gen.max_new_tokens, batch_size, seed, gen.stop)
+    return FreshSampling(tokenizer, [prompt_set.prompts[i] for i in index.tolist()], spec)
+
+
+def check_multipliers(values: Sequence[float]) -> list[float]:
+    """truth.eta_multipliers as floats, refused when empty or not finite."""
+    ms = [float(m) for m in values]
+    if not ms or not all(math.isfinite(m) for m in ms):
+        raise ProbeError(
+            f"truth.eta_multipliers = {list(values)} is empty or not finite", "give finite numbers, e.g. [0.5, 1, 2]"
+        )
+    return ms
+
+
+def truth_report(model, E: Batch, samples, report, bars, fingerprint: str, fresh, multipliers, max_tokens, min_ess):
+    """truth.json for delta-h1's `report` and `bars` (Δθ) on the E `samples` (on the device as `E`), the
+    probed policy `model` (fingerprint `fingerprint`): SNIS, and fresh samples when `fresh` is given."""
+    from .artifacts.truth import TruthReport
+
+    bars.check_fits(model)
+    sampler = samples.meta.checkpoint_fingerprint
+    same = sampler == fingerprint
+    gen, target, lr = samples.meta.generation, report.target, report.learning_rate
+    log.info(
+        "truth: %d E sequences drawn by %s (%s), target %s, lr %.4g, T=%g, top_p=%g; m in %s; fresh samples %s",
+        len(E),
+        sampler,
+        "this checkpoint" if same else f"not this one, {fingerprint}",
+        target,
+        lr,
+        gen.temperature,
+        gen.top_p,
+        multipliers,
+        "on" if fresh else "off",
+    )
+    if gen.top_p < 1:
+        log.warning("truth: top_p=%g < 1 — SNIS cannot see responses outside the behaviour policy's nucleus", gen.top_p)
+    result = estimate_truth(
+        model, E, bars.delta_theta, multipliers, max_tokens=max_tokens, behaviour_is_model=same, fresh=fresh
+    )
+    _warn(result, same, min_ess)
+    return TruthReport(
+        target=target,
+        learning_rate=lr,
+        delta_h1=report.delta_h1,
+        se_delta_h1=report.se_delta_h1,
+        **compare_with_prediction(result, target, lr, report.delta_h1, report.targets),
+        n_sequences=result["n_sequences"],
+        restored_exactly=result["restored_exactly"],
+        checkpoint_fingerprint=fingerprint,
+        sampler_fingerprint=sampler,
+        same_checkpoint=same,
+        ess_theta=result["ess_theta"],
+        max_abs_logp_diff=result["max_abs_logp_diff"],
+        param_checksum=result["checksum"],
+        generation={
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "max_new_tokens": gen.max_new_tokens,
+            "stop": gen.stop,
+        },
+        fresh_seed=fresh.spec.seed if fresh else None,
+    )
+
+
+def _warn(result: dict, same: bool, floor: float) -> None:
+    """Diagnostics that make a result less trustworthy: log-prob mismatch, low ESS."""
+    n = result["n_sequences"]
+    if same and result["max_abs_logp_diff"] > 1e-2:
+        log.warning(
+            "truth: the E log-probs differ from teacher forcing by up to %.2g although this checkpoint drew them",
+            result["max_abs_logp_diff"],
+        )
+    if result["ess_theta"] < floor * n:
+        log.warning(
+            "truth: ESS of the E samples at θ is %.1f of %d (< reuse.min_ess_fraction = %g): SNIS is unreliable",
+            result["ess_theta"],
+            n,
+            floor,
+        )
+    for e in result["etas"]:
+        if e["ess"] < floor * n:
+            log.warning(
+                "truth: at η = %g·lr the SNIS ESS is %.1f of %d (< reuse.min_ess_fraction = %g): trust (b) there",
+                e["multiplier"],
+                e["ess"],
+                n,
+                floor,
+            )
+
+
 __all__ = [
+    "check_multipliers",
+    "fresh_sampling",
+    "truth_report",
     "FreshSampling",
     "compare_with_prediction",
     "TRUTH_FIX",

@@ -13,11 +13,19 @@ estimates on the same sequences differ with SE = std(ψ_new − ψ_old)/√N.
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .errors import ProbeError
+
+if TYPE_CHECKING:
+    from .scoring import Batch
+
+log = logging.getLogger(__name__)
 
 REUSE_FIX = "re-sample with this checkpoint, or use generation.top_p = 1"
 
@@ -60,3 +68,39 @@ def standard_error(influence: Tensor) -> float:
 def paired_difference(new: tuple[float, Tensor], old: tuple[float, Tensor]) -> dict[str, float]:
     """R_new − R_old on the same sequences: {"delta_h": R_new − R_old, "se": std(ψ_new − ψ_old)/√N}."""
     return {"delta_h": new[0] - old[0], "se": standard_error(new[1] - old[1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# reuse of samples drawn by another checkpoint (docs/math.md §5.4)
+
+
+@dataclass
+class Reuse:
+    """The importance weights of cached samples (None = this checkpoint drew them) and what to report."""
+
+    e_weights: Tensor | None  # self-normalised (sum 1), for the E estimator
+    u_weights: Tensor | None  # normalised to mean 1, for the U coefficients
+    ess: dict[str, float] = field(default_factory=dict)  # "E"/"U" -> ESS of the re-weighted batches only
+
+
+def reuse_weights(
+    model, batches: dict[str, Batch], foreign: dict[str, str], max_tokens: int, min_ess_fraction: float, force: bool
+) -> Reuse:
+    """Re-score the batches named in `foreign` ("E"/"U" -> the checkpoint that drew them) under `model` and
+    weight them by π_probed(y)/π_behaviour(y); below min_ess_fraction refuse unless `force`."""
+    weights: dict[str, Tensor | None] = {"E": None, "U": None}
+    ess = {}
+    for name, batch in batches.items():
+        if name not in foreign:
+            continue
+        w, ess[name] = importance_weights(batch.rescore(model, max_tokens))
+        fraction = ess[name] / len(batch)
+        log.info("%s samples drawn by checkpoint %s; importance-weighted, ESS/N = %.3f", name, foreign[name], fraction)
+        if fraction < min_ess_fraction and not force:
+            raise ProbeError(
+                f"the {name} samples (drawn by checkpoint {foreign[name]}) have ESS/N = {fraction:.3f} under this "
+                f"checkpoint, below reuse.min_ess_fraction = {min_ess_fraction}",
+                "re-sample with this checkpoint (sampling.checkpoint), or set reuse.force: true to compute anyway",
+            )
+        weights[name] = w if name == "E" else w * len(batch)
+    return Reuse(weights["E"], weights["U"], ess)

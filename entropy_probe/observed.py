@@ -6,6 +6,8 @@ included), with no U batch and no optimizer emulation; δH₁_obs = X̄ · Δθ_
 entropy change along the step actually taken.
 
 - `next_checkpoint`: the `checkpoint-M` after `checkpoint-N` in the same run dir (smallest M > N).
+- `check_next_checkpoint`: refuses a "next" checkpoint that is not a later save of the same run (a step
+  backwards, another base or adapter config, an Adam state that does not continue this one, another log).
 - `adapter_parameter_names`: adapter-file key → trainable parameter name, as PEFT saves the loaded model.
 - `observed_delta_theta`: the flat float64 Δθ_obs in a `FlatLayout`'s order; refuses two adapters of
   different layouts (a tensor missing on either side, another shape, another adapter_config.json).
@@ -21,8 +23,9 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, first_line
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointPaths, first_line
 from .errors import ProbeError
+from .trainer_config import read_trainer_state
 from .update import FlatLayout
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,138 @@ def next_checkpoint(this: str | Path) -> Path:
             "keep the next checkpoint of the run (save every step: save_steps=1), or " + SAME_RUN,
         )
     return this.parent / later[0][1].name
+
+
+# ----------------------------------------------------------------------------------------------
+# is it the same run, one save later
+
+
+def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
+    """Refuse `nxt` unless it is a later checkpoint of the run that saved `this` (ProbeError, one line).
+
+    Checked, cheapest first: the same base model and adapter_config.json layout (rank, alpha, target modules,
+    ...); a later step (checkpoint-N names and trainer_state.json's global_step, where known); the same logged
+    history up to this step (trainer_state.json's log_history: a run with another seed logs other losses); an
+    Adam state that continues this one (`_check_adam_continues`: it needs no trainer_state.json). A gap of
+    more than one trainer step is a warning: Δθ_obs is then the sum of the steps.
+    """
+    if _base_identity(this) != _base_identity(nxt):
+        raise ProbeError(
+            f"the next checkpoint {nxt.adapter_dir} is on base model {nxt.base_model}, checkpoint.path on "
+            f"{this.base_model}, so θ(next) − θ(this) is not a step",
+            SAME_RUN,
+        )
+    _check_same_adapter(this.adapter_dir, nxt.adapter_dir)
+    state, next_state = read_trainer_state(this.trainer_state_path), read_trainer_state(nxt.trainer_state_path)
+    gaps = [
+        _step_gap(_checkpoint_step(this), _checkpoint_step(nxt), "its checkpoint-N name", this, nxt),
+        _step_gap(state["global_step"], next_state["global_step"], "trainer_state.json's global_step", this, nxt),
+    ]
+    _check_same_history(this, nxt, state["global_step"])
+    _check_adam_continues(this.optimizer_path, nxt.optimizer_path)
+    gap = next((g for g in gaps if g is not None), None)
+    if gap is not None and gap > 1:
+        log.warning(
+            "%s is %d trainer steps after %s: Δθ_obs is their sum, not one step", nxt.adapter_dir, gap, this.adapter_dir
+        )
+
+
+def _base_identity(paths: CheckpointPaths) -> str:
+    """The base model as one string: its resolved directory, or the hub id."""
+    return str(Path(paths.base_model).resolve()) if paths.base_is_local else paths.base_model
+
+
+def _checkpoint_step(paths: CheckpointPaths) -> int | None:
+    """N of the `checkpoint-N` dir holding the adapter (itself or its parent), else None."""
+    for d in (paths.adapter_dir, paths.adapter_dir.parent, paths.optimizer_path.parent):
+        n = checkpoint_number(d.resolve())
+        if n is not None:
+            return n
+    return None
+
+
+def _step_gap(step: int | None, next_step: int | None, how: str, this: CheckpointPaths, nxt: CheckpointPaths):
+    """next_step − step (None when either is unknown), refused unless > 0."""
+    if step is None or next_step is None:
+        return None
+    if next_step <= step:
+        raise ProbeError(
+            f"the next checkpoint {nxt.adapter_dir} is at step {next_step} and checkpoint.path {this.adapter_dir} "
+            f"at step {step} (by {how}): the next checkpoint must be a later one",
+            SAME_RUN,
+        )
+    return next_step - step
+
+
+def _adam_moments(path: Path) -> tuple[dict, float]:
+    """({param id: (step, exp_avg_sq or None)}, the smallest β₂ of its groups) of an optimizer.pt, memory-mapped
+    (the moments are not copied)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, foreign pickle: unreadable either way (verify says more)
+        raise ProbeError(
+            f"optimizer state {path} is unreadable ({first_line(exc)})", "re-save the checkpoint"
+        ) from None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not isinstance(saved.get("param_groups"), list):
+        raise ProbeError(f"{path} is not a torch optimizer state_dict", "point at the optimizer.pt the Trainer saved")
+    moments = {}
+    for pid, st in state.items():
+        if isinstance(st, dict) and "step" in st:
+            v = st.get("exp_avg_sq")
+            moments[pid] = (float(st["step"]), v if isinstance(v, torch.Tensor) else None)
+    betas = [float(g["betas"][1]) for g in saved["param_groups"] if isinstance(g, dict) and "betas" in g]
+    return moments, min(betas, default=0.0)  # the smallest β₂: the weakest bound in `_check_adam_continues`
+
+
+def _check_adam_continues(this_path: Path, next_path: Path) -> None:
+    """The next optimizer.pt is this one k ≥ 1 Adam steps later.
+
+    The step count must advance. And Adam's second moment can only decay by β₂ per step,
+    v ← β₂·v + (1 − β₂)·g², so v_next ≥ β₂^k · v_this element by element (up to the rounding of k products):
+    an Adam state of another run (another seed, the same layout) falls below that bound somewhere.
+    """
+    (this, beta2), (nxt, _) = _adam_moments(this_path), _adam_moments(next_path)
+    last, next_last = max((s for s, _ in this.values()), default=None), max((s for s, _ in nxt.values()), default=None)
+    if last is not None and next_last is not None and next_last <= last:
+        raise ProbeError(
+            f"the optimizer state of the next checkpoint ({next_path}) is at Adam step {next_last:g}, "
+            f"checkpoint.path's at {last:g}: it does not advance",
+            SAME_RUN,
+        )
+    for pid, (step, v) in this.items():
+        next_step, next_v = nxt.get(pid, (None, None))
+        if v is None or next_v is None or next_v.shape != v.shape or next_step is None:
+            continue  # another layout is refused elsewhere (adapter config, shapes)
+        k = next_step - step
+        rounding = 4 * max(k, 1) * torch.finfo(v.dtype).eps
+        floor = v.double() * beta2 ** max(k, 0) * (1 - rounding)
+        if k < 0 or bool((next_v.double() < floor).any()):
+            raise ProbeError(
+                f"the Adam state of the next checkpoint ({next_path}) does not continue checkpoint.path's "
+                f"(parameter {pid}: {'its step count falls' if k < 0 else 'exp_avg_sq fell below β₂^k × its value'})"
+                ", so it is not a later save of the same run",
+                SAME_RUN,
+            )
+
+
+def _check_same_history(this: CheckpointPaths, nxt: CheckpointPaths, step: int | None) -> None:
+    """The next checkpoint's trainer_state.json logged the same history up to this checkpoint's step."""
+    if this.trainer_state_path is None or nxt.trainer_state_path is None or step is None:
+        return
+    history, next_history = (_log_history(p, step) for p in (this.trainer_state_path, nxt.trainer_state_path))
+    if history != next_history:
+        raise ProbeError(
+            f"the trainer_state.json log of the next checkpoint {nxt.adapter_dir} differs from checkpoint.path's up "
+            f"to step {step}, so it is another run",
+            SAME_RUN,
+        )
+
+
+def _log_history(path: Path, step: int) -> list:
+    """log_history entries up to `step` (read_trainer_state has already checked the file is a JSON object)."""
+    history = json.loads(path.read_text()).get("log_history", [])
+    return [e for e in history if isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] <= step]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,4 +343,10 @@ def observed_delta_theta(
     return delta
 
 
-__all__ = ["adapter_parameter_names", "checkpoint_number", "next_checkpoint", "observed_delta_theta"]
+__all__ = [
+    "adapter_parameter_names",
+    "check_next_checkpoint",
+    "checkpoint_number",
+    "next_checkpoint",
+    "observed_delta_theta",
+]

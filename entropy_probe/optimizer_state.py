@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 
 from .checkpoint import NAME_MAP, CheckpointPaths, first_line
 from .errors import ProbeError
+from .params import MAX_LEARNING_RATE
 from .update import AdamState, FlatLayout
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
@@ -187,6 +188,8 @@ def _group_hyper(g: dict, gi: int) -> dict:
             f"optimizer.pt param group {gi} is Adam with L2 weight decay (not decoupled AdamW)",
             "probe a checkpoint trained with AdamW",
         )
+    # with checkpoint.learning_rate 'next' each group steps with its own stored lr: it must be one
+    _check_stored_learning_rate(float(g["lr"]), f"the next-step lr stored in optimizer.pt param group {gi}")
     return {
         "lr": float(g["lr"]),
         "betas": [float(b) for b in g["betas"]],
@@ -340,16 +343,31 @@ def learning_rate_next(state: OptimizerState) -> tuple[float, bool]:
     return lrs[0], len(set(lrs)) == 1
 
 
+def _check_stored_learning_rate(lr: float, source: str) -> None:
+    """A learning rate read from the checkpoint is finite and in [0, MAX_LEARNING_RATE] (0: end of a schedule)."""
+    if not (math.isfinite(lr) and 0 <= lr <= MAX_LEARNING_RATE):
+        raise ProbeError(
+            f"{source} is {lr:g}, which is no fine-tuning learning rate (expected 0 to {MAX_LEARNING_RATE:g}; "
+            "AdamW moves each parameter by about lr per step)",
+            "check the trainer's learning rate (RL fine-tuning uses far less than 1) and that the checkpoint is intact",
+        )
+
+
 def choose_learning_rate(
     setting: str | float, lr_next: float, lr_last: float | None, groups_agree: bool = True
 ) -> float:
-    """checkpoint.learning_rate: 'next' (optimizer's), 'last' (trainer_state's last logged) or a number > 0."""
+    """checkpoint.learning_rate: 'next' (optimizer's), 'last' (trainer_state's last logged) or a number > 0.
+
+    A stored lr ('next': every group's was checked when optimizer.pt was read; 'last') must be a learning rate:
+    finite and at most MAX_LEARNING_RATE.
+    """
     if setting != "next" and not groups_agree:
         raise ProbeError(
             "the optimizer's param groups have different learning rates, so one checkpoint.learning_rate is ambiguous",
             "set checkpoint.learning_rate: next (each group keeps its own lr)",
         )
     if setting == "next":
+        _check_stored_learning_rate(lr_next, "the next-step lr stored in optimizer.pt")
         lr = lr_next
     elif setting == "last":
         if lr_last is None:
@@ -357,6 +375,7 @@ def choose_learning_rate(
                 "checkpoint.learning_rate is 'last' but no trainer_state.json with a logged learning_rate was found",
                 "set checkpoint.learning_rate to next or a number",
             )
+        _check_stored_learning_rate(lr_last, "the last learning rate logged in trainer_state.json")
         lr = lr_last
     else:
         lr = float(setting)

@@ -3,17 +3,20 @@
 `load_params(path, overrides)` reads params.yaml, applies `-S key.path=value` overrides (values parsed
 as YAML, like `dvc exp run -S`), and validates. An unknown or ill-typed key is a ProbeError naming it.
 Every float, wherever it sits (a plain field, a union member, a list item), must be finite: NaN and ±inf
-are refused once, for all sections, by `allow_inf_nan=False` on the base Section.
+are refused once, for all sections, by `allow_inf_nan=False` on the base Section. Types are strict: a YAML
+`true` is not the integer 1, `2.0` is not an int, a quoted "0.5" is not a number (a float key takes an int).
+YAML is read with YAML 1.2's floats, as DVC reads params.yaml: `1e-5` is a number, not the string "1e-5".
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ProbeError
 
@@ -22,9 +25,37 @@ from .errors import ProbeError
 _reads: set[str] | None = None
 
 
+# the largest learning rate accepted (checkpoint.learning_rate, and the lr stored in a checkpoint): AdamW moves
+# each parameter by about lr per step, so above 1 a step is no fine-tuning step (RL fine-tuning uses 1e-7..1e-3)
+MAX_LEARNING_RATE = 1.0
+
+
+def _finite_difference_step(low: str, high: str, section: str):
+    """A finite-difference step h (a multiple of Δθ) refused outside [low, high], the range where the central
+    difference is valid (docs/math.md §5.6, §7.3, §11: round-off grows as h falls, truncation as h grows)."""
+
+    def check(value: float) -> float:
+        if not float(low) <= value <= float(high):
+            raise ValueError(
+                f"must be in [{low}, {high}], where the central difference is valid (docs/math.md {section})"
+            )
+        return value
+
+    return Annotated[float, AfterValidator(check)]
+
+
+# exact.fd_eps: float64 slope, round-off ~ε_mach·H/h, truncation ~h²·f‴/6
+ExactStep = _finite_difference_step("1e-6", "0.1", "§7.3")
+# second_order.fd_eps: δH₂ from float32 passes at θ ± εΔθ, rounding of the shift ~1/ε, bias ~ε²
+SecondOrderStep = _finite_difference_step("1e-4", "0.1", "§5.6")
+# trajectory.fd_eps: float64 δH₁ and δH₂, δH₂'s round-off ~ε_mach·H/h²
+TrajectoryStep = _finite_difference_step("1e-4", "0.1", "§11")
+
+
 class Section(BaseModel):
-    # allow_inf_nan=False: YAML's .nan/.inf (or "nan") in any float field is a validation error
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # allow_inf_nan=False: YAML's .nan/.inf (or "nan") in any float field is a validation error;
+    # strict: no coercion of a YAML value (true -> 1, 2.0 -> 2, "0.5" -> 0.5); a float field still takes an int
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
     def __getattribute__(self, name: str):
         value = super().__getattribute__(name)
@@ -74,8 +105,11 @@ class CheckpointParams(Section):
     @field_validator("learning_rate")
     @classmethod
     def _positive_learning_rate(cls, v):
-        if not isinstance(v, str) and not v > 0:
-            raise ValueError("must be 'next', 'last' or a number > 0")
+        if not isinstance(v, str) and not 0 < v <= MAX_LEARNING_RATE:
+            raise ValueError(
+                f"must be 'next', 'last' or a number in (0, {MAX_LEARNING_RATE:g}] "
+                "(a larger step size is not an RL fine-tuning learning rate)"
+            )
         return v
 
 
@@ -165,7 +199,7 @@ class ComputeParams(Section):
 class ExactParams(Section):
     max_sequences: int = Field(500_000, ge=1)  # refuse beyond this many continuations (demo: ~90 prompts × 3616)
     eta_multipliers: list[float] = [0.25, 0.5, 1.0, 2.0, 4.0]
-    fd_eps: float = Field(1e-3, gt=0)  # relative step for the finite-difference slope
+    fd_eps: ExactStep = 1e-3  # h of the slope (H(θ + hΔθ) − H(θ − hΔθ)) / 2h
     prompts_per_chunk: int = Field(16, ge=1)  # prompts enumerated together (bounds the autograd graph)
 
 
@@ -223,7 +257,7 @@ class SecondOrderParams(Section):
     """The second-order term δH₂ = ½ Δθᵀ∇²HΔθ from the E samples and the linear-regime step size (docs/math.md §5.6)."""
 
     enabled: bool = True  # false: skip δH₂ (it costs two more E passes, at θ ± εΔθ, and three re-scorings)
-    fd_eps: float = Field(0.01, gt=0, le=0.5)  # finite-difference step ε as a multiple of Δθ: D at θ ± εΔθ
+    fd_eps: SecondOrderStep = 0.01  # finite-difference step ε as a multiple of Δθ: D at θ ± εΔθ
     fraction: float = Field(0.1, gt=0)  # f: s* is where |s² δH₂| = f·|s δH₁|; η* = s*·lr
     z_resolve: float = Field(2.0, gt=0)  # δH₂ counts as resolved from 0 when |δH₂| > z_resolve · SE
 
@@ -238,7 +272,7 @@ class TrajectoryParams(Section):
     B_U: int = Field(8, ge=2)  # U prompts per draw (two independent draws per step), G from batch_config
     trainer_B_U: int = Field(8, ge=1)  # the trainer's prompts per step (its own U draw)
     seed: int = 4
-    fd_eps: float = Field(0.01, gt=0)  # exact δH₁, δH₂ by central differences at θ(k) ± fd_eps·Δθ_obs
+    fd_eps: TrajectoryStep = 0.01  # exact δH₁, δH₂ by central differences at θ(k) ± fd_eps·Δθ_obs
 
 
 class Params(Section):
@@ -292,13 +326,29 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-5` (no dot) as a string,
+    which a strict float key would then refuse; DVC (ruamel, YAML 1.2) reads it as the number it looks like."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only, no Python objects
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=value' -> ('a.b', yaml-parsed value)."""
     if "=" not in text:
         raise ProbeError(f"bad override '{text}'", "use -S key.path=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), _yaml_load(raw)
     except yaml.YAMLError:
         return key.strip(), raw
 
@@ -310,7 +360,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         if not path.exists():
             raise ProbeError(f"params file {path} not found", "pass --params FILE or run from the repo root")
         try:
-            tree = yaml.safe_load(path.read_text())
+            tree = _yaml_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ProbeError(f"params file {path} is not valid YAML ({exc.__class__.__name__})") from exc
         tree = {} if tree is None else tree
@@ -339,6 +389,19 @@ def _key_path(loc: tuple) -> str:
     return ".".join(keys)
 
 
+def _message(err: dict) -> str:
+    """pydantic's message, with why a value that looks right is refused (strict types)."""
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err["input"]
+    if isinstance(value, bool) and err["type"] in ("int_type", "float_type"):
+        return f"{msg} (true/false is a boolean, not a number)"
+    if isinstance(value, float) and err["type"] == "int_type":
+        return f"{msg} (write it without a decimal point)"
+    if isinstance(value, str) and err["type"] in ("int_type", "float_type", "bool_type"):
+        return f"{msg} (a quoted value is text: write it without quotes)"
+    return msg
+
+
 def validate_params(tree: dict) -> Params:
     try:
         return Params.model_validate(tree)
@@ -349,7 +412,7 @@ def validate_params(tree: dict) -> Params:
         if err["type"] == "extra_forbidden":
             raise ProbeError(f"unknown params key '{key}'", "check the spelling against params.yaml") from None
         # a union field fails once per member ("should be 'auto'", "should be a finite number"): say them all
-        msgs = list(dict.fromkeys(e["msg"] for e in errors if _key_path(e["loc"]) == key))
+        msgs = list(dict.fromkeys(_message(e) for e in errors if _key_path(e["loc"]) == key))
         value = repr(err["input"])
         value = value if len(value) <= 60 else value[:57] + "..."
         raise ProbeError(

@@ -1,455 +1,450 @@
-"""δH₁ = X̄ · Δθ from an E and a U batch, with standard errors and attributions (docs/math.md §4–§6).
+"""`Probe`: one loaded checkpoint and everything the probe computes on it, in memory.
 
-Passes over the data (each in token-budget microbatches, `scoring.Batch.scored`):
-  1. U, one ordinary backward: g = ∇J = ∇ Σ c_ij logp_ij (policy gradient, §4.2) and, with `GroupGradients`
-     hooks, the per-prompt-group gradients g_b (Σ_b g_b = g) when B × trainable parameters fit
-     `u_cache_mb` and every trainable parameter is a Linear weight/bias (LoRA).
-  2.              Δθ = update(g)                                   (adam_step | adam_precond | sgd, §4.4–4.5)
-     or Δθ given (an observed step θ(next) − θ(this); then there is no U batch).
-  3. E, one ordinary backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) for estimator.entropy and, with
-     `RowDirectional` hooks, every row's w_i X_i·Δθ (§6.2) — SE_E and the E attributions; for token_mean a
-     second backward through the same graph gives β = ∇E[L]·Δθ for the delta method (§5.1).
-     `all_targets`: instead per-token tangents dH_ik, dlogp_ik by double backward (§6.1), which give all
-     three targets and the naive estimate, at about twice the memory.
-  4. SE_U and the U attributions (§5.2): with the group gradients, a jackknife over prompt groups through
-     the real update rule (clipping and Adam included) and leave-one-group-out attributions — no further
-     pass; without them, the delta method from one more U backward with `RowDirectional` hooks along
-     u = (∂Δθ/∂g)ᵀ X̄. With fewer than two groups of non-zero advantage SE_U cannot be estimated (None).
-No per-sample parameter-sized gradient is ever formed. Sums are kept in the trainable parameters' dtype
-promoted to at least float32 (float32 for float32/half models, float64 for a float64 model).
+    from entropy_probe import Probe
+    probe = Probe.from_checkpoint("data/demo/run/checkpoint-6")
+    E, U = probe.sample_e(256), probe.sample_u(8)
+    result = probe.delta_h1(E, U)                 # δH₁ ± SE, δH₂, attributions (typed: `DeltaH1Result`)
+    result.save("out/delta_h1")                   # the delta-h1 stage's artifacts, byte for byte
 
-Samples drawn by another checkpoint are re-scored and importance-weighted (`reuse_weights`, §5.4).
-Under torchrun every process runs each pass over its share of the rows (`Batch.shard`) and all-reduces
-the sums, so every process ends with the one-process results (up to summation order).
+The stages are thin callers of this class, so a notebook, the trainer callback and `dvc repro` compute
+the same numbers the same way. Knobs come from a `Params` (params.yaml's defaults unless given); the
+checkpoint's own settings (trainer, AdamW state, lr) are resolved once, here.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import dataclasses
 import logging
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .errors import ProbeError
-from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
-from .importance import importance_weights, standard_error
-from .scoring import Batch, accumulation_dtype
-from .tangents import GroupGradients, RowDirectional, grad_and_tangents
-from .update import (
-    AdamState,
-    FlatLayout,
-    group_denominators,
-    group_terms_from_rows,
-    jackknife_se,
-    leave_one_group_out,
-    linearise,
-    pg_coefficients,
-    update_direction,
-    zero_gradient_part,
+from . import distributed, task
+from .artifacts.delta_h1 import (
+    ATTRIBUTIONS_FILE,
+    Bars,
+    DeltaH1Report,
+    ObservedRecord,
+    ReuseRecord,
+    SecondOrderRecord,
+    attributions_csv,
 )
+from .artifacts.exact import ExactReport
+from .artifacts.samples import Samples
+from .artifacts.truth import TruthReport
+from .delta_h1 import DeltaH1Estimate, compute_delta_h1
+from .errors import ProbeError
+from .files import write_text
+from .generation import make_plan
+from .importance import Reuse, reuse_weights
+from .optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
+from .outputs import staged_output_dir
+from .params import Params
+from .sampling import SamplerInfo, draw, sampler_info
+from .scoring import Batch
+from .second_order import second_order
+from .specs import ComputeBudget, SecondOrderSpec
+from .trainer_config import TrainerSettings
+from .update import FlatLayout
+from .update_rule import ObservedStep, UpdateRule, flat_state, resolve_update_rule
 
 log = logging.getLogger(__name__)
 
-
-def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
-    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0."""
-    return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
-
-
-def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """g = ∇_θ Σ_ij coef_ij logp_ij over U, as a flat vector in the accumulation dtype."""
-    dtype = accumulation_dtype(params[0])
-    g = torch.zeros(layout.numel, dtype=dtype, device=coef.device)
-    for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
-        grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
-        g += _flat(grads, params, dtype)
-    return U.reduce(g)
-
-
-def group_gradients(model, params, names, U: Batch, coef: torch.Tensor, groups: torch.Tensor, max_tokens: int):
-    """(g flat, g_b [B, P]) from one ordinary backward per microbatch with `GroupGradients` hooks.
-
-    `groups` [N]: every U row's group number 0..B−1. Σ_b g_b = g up to summation order.
-    """
-    dtype = accumulation_dtype(params[0])
-    g = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=coef.device)
-    hooks = GroupGradients(model, names, int(groups.max()) + 1)
-    with hooks:
-        for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
-            hooks.rows_group = groups[rows]
-            grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
-            g += _flat(grads, params, dtype)
-    return U.reduce(g), U.reduce(hooks.flat(names))
-
-
-def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
-    """(X̄ flat, w_i X_i·v per row [N], β or None) for one target from ordinary backwards with row hooks.
-
-    X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik); the hooks give each row's share of X̄·v. token_mean's
-    delta method also needs β = Σ_i w_i Σ_j len_c_ij dlogp_ij = v·∇ Σ w len_c logp: a second backward
-    through the same graph (`retain_graph`), hooks only.
-    """
-    dtype = accumulation_dtype(params[0])
-    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
-    a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
-    len_c = None if coefs.len_c is None else (coefs.len_c * w).to(dtype)
-    xbar = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=a.device)
-    rows_out = torch.zeros(len(E), dtype=dtype, device=a.device)
-    beta = torch.zeros((), dtype=dtype, device=a.device)
-    hooks = RowDirectional(model, names, direction)
-    beta_pass = len_c is not None
-    with hooks:
-        passes = E.scored(
-            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
-        )
-        for rows, stats in passes:
-            grads = torch.autograd.grad(stats.surrogate.sum(), params, retain_graph=beta_pass, allow_unused=True)
-            xbar += _flat(grads, params, dtype)
-            rows_out[rows] = _taken(hooks, grads)
-            if beta_pass:
-                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[len_c[rows]], allow_unused=True)
-                beta += _taken(hooks, grads).sum()
-    return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
-
-
-def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
-    """The hooks' per-row sums of the last backward; 0 only when no parameter got a gradient either."""
-    taken = hooks.take()  # None: no hooked layer is on the path to these outputs
-    if taken is None and any(g is not None for g in grads):  # the hooks missed a path: never report 0
-        raise RuntimeError("RowDirectional hooks did not fire although the parameters got gradients")
-    return 0.0 if taken is None else taken
-
-
-def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
-    """(X̄ flat, dH [N,R], dlogp [N,R]) with X̄ = ∇ Σ_i w_i Σ_k (a H + c logp), tangents along direction
-    (direction None: X̄ alone, tangents None)."""
-    dtype = accumulation_dtype(params[0])
-    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
-    a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
-    xbar = torch.zeros(layout.numel, dtype=dtype, device=a.device)
-    if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
-        passes = E.scored(
-            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
-        )
-        for _, stats in passes:
-            xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
-        return E.reduce(xbar), None, None
-    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
-    for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
-        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
-            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
-        )
-        xbar += _flat(grads, params, dtype)
-    return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
-
-
-def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, direction, max_tokens: int):
-    """row_i = Σ_j coef_ij ∇logp_ij · direction for every U row, [N] — all the U attributions need.
-
-    One ordinary backward per microbatch with `RowDirectional` hooks when every trainable parameter is a
-    Linear weight/bias (LoRA); otherwise per-token tangents by double backward, summed with coef.
-    """
-    rows_out = torch.zeros(len(U), dtype=accumulation_dtype(params[0]), device=coef.device)
-    row_dots = RowDirectional.supports(model, names)
-    hooks = RowDirectional(model, names, direction) if row_dots else contextlib.nullcontext()
-    with hooks:
-        for rows, stats in U.scored(model, max_tokens, "U tangents", with_grad=True, entropies=False):
-            if row_dots:
-                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
-                rows_out[rows] = _taken(hooks, grads)
-            else:
-                ones = U.mask[rows].to(coef.dtype)
-                _, (dlogp,) = grad_and_tangents([stats.logprobs], [ones], params, direction)
-                rows_out[rows] = (coef[rows] * dlogp).sum(-1)
-    return U.reduce(rows_out)
-
-
-def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:
-    """Cui et al. (2025) diagnostic: Cov(log π(y_t), A_t) over the U batch's response tokens (§5.5)."""
-    logp = logprobs[mask].double()
-    adv = advantages.unsqueeze(1).expand_as(mask)[mask].double()
-    return ((logp - logp.mean()) * (adv - adv.mean())).mean().item()
-
-
-# ---------------------------------------------------------------------------------------------
-# reuse of samples drawn by another checkpoint
+IN_MEMORY = "in-memory"  # the fingerprint of a probe built from live objects (no checkpoint files)
 
 
 @dataclass
-class Reuse:
-    """The importance weights of cached samples (None = this checkpoint drew them) and what to report."""
+class DeltaH1Result:
+    """One δH₁ computation: delta_h1.json (`report`), X̄ and Δθ per parameter (`bars`), attributions.csv
+    (`attributions`) and the estimate's tensors (`estimate`: flat X̄, Δθ, per-row contributions)."""
 
-    e_weights: torch.Tensor | None  # self-normalised (sum 1), for the E estimator
-    u_weights: torch.Tensor | None  # normalised to mean 1, for the U coefficients
-    ess: dict[str, float]  # "E"/"U" -> ESS of the re-weighted batches only
+    report: DeltaH1Report
+    bars: Bars
+    attributions: str
+    estimate: DeltaH1Estimate | None  # None for a result read from files
 
+    @property
+    def delta_h1(self) -> float:
+        return self.report.delta_h1
 
-def reuse_weights(
-    model, E: Batch, U: Batch, foreign: dict[str, str | None], max_tokens: int, min_ess_fraction: float, force: bool
-) -> Reuse:
-    """Re-score the batches named in `foreign` ("E"/"U" -> the checkpoint that drew them) under `model` and
-    weight them by π_probed(y)/π_behaviour(y) (docs/math.md §5.4); below min_ess_fraction refuse unless force."""
-    weights: dict[str, torch.Tensor | None] = {"E": None, "U": None}
-    ess = {}
-    for name, batch in (("E", E), ("U", U)):
-        if name not in foreign:
-            continue
-        w, ess[name] = importance_weights(batch.rescore(model, max_tokens))
-        fraction = ess[name] / len(batch)
-        log.info(
-            "delta-h1: %s samples drawn by checkpoint %s; importance-weighted, ESS/N = %.3f",
-            name,
-            foreign[name],
-            fraction,
+    @property
+    def se(self) -> float:
+        """The total SE √(SE_E² + SE_U²) (SE_E alone when SE_U is not estimable or the step is given)."""
+        return self.report.se_delta_h1
+
+    @property
+    def second_order(self) -> SecondOrderRecord | None:
+        return self.report.second_order
+
+    @classmethod
+    def read(cls, directory: str | Path) -> DeltaH1Result:
+        """A result the delta-h1 stage (or `save`) wrote: report, bars and attributions (no estimate tensors)."""
+        directory = Path(directory)
+        attributions = directory / ATTRIBUTIONS_FILE
+        text = attributions.read_text() if attributions.is_file() else ""
+        return cls(DeltaH1Report.read(directory), Bars.read(directory), text, None)
+
+    def save(self, directory: str | Path) -> None:
+        """Write delta_h1.json, bars.safetensors and attributions.csv into `directory`, all or nothing."""
+        with staged_output_dir(directory) as tmp:
+            self.bars.write(tmp)
+            self.report.write(tmp)
+            write_text(tmp / ATTRIBUTIONS_FILE, self.attributions)
+
+    def __repr__(self) -> str:
+        r = self.report
+        return (
+            f"DeltaH1Result(delta_h1={r.delta_h1:.4g}, se={r.se_delta_h1:.2g}, target={r.target}, rule={r.update.rule})"
         )
-        if fraction < min_ess_fraction and not force:
+
+
+class Probe:
+    """A policy with its AdamW state and trainer settings: samples E and U, computes δH₁ ± SE (and δH₂),
+    the observed step, exact values and ground truth.
+
+    `Probe(model, tokenizer, optimizer, trainer, params)` wraps objects already in memory (a notebook, a live
+    trainer): `optimizer` is an `OptimizerState` (named AdamW state), `trainer` the trainer's settings
+    (`TrainerSettings`; default: unknown). `Probe.from_checkpoint(path)` reads a checkpoint as verify does.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        optimizer: OptimizerState | None,
+        trainer: TrainerSettings | None = None,
+        params: Params | None = None,
+        *,
+        fingerprint: str = IN_MEMORY,
+        paths=None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.optimizer = optimizer  # None: a policy only (exact, truth), no update to emulate
+        self.trainer = trainer or TrainerSettings()
+        self.params = params if params is not None else Params()
+        self.fingerprint = fingerprint
+        self.paths = paths  # the checkpoint's files (None: in memory)
+        self.layout = self.learning_rate = None
+        if optimizer is not None:
+            self.layout = FlatLayout.from_named(dict(model.named_parameters()), optimizer.names)
+            lr_next, agree = learning_rate_next(optimizer)
+            lr_last = self.trainer.learning_rate_last
+            self.learning_rate = choose_learning_rate(self.params.checkpoint.learning_rate, lr_next, lr_last, agree)
+        self._prompt_set = None
+
+    # ---------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, base_model: str | None = None, params: Params | None = None) -> Probe:
+        """Load a checkpoint (base + adapter, AdamW state, trainer settings) as the verify stage does, with its
+        checks; `params` (default: all defaults) gives every other knob, `path`/`base_model` override its
+        checkpoint section."""
+        from .checks import run_checks, scheduler_last_lrs
+        from .sources import load_checkpoint
+
+        params = (params or Params()).model_copy(deep=True)
+        params.checkpoint.path = str(path)
+        if base_model is not None:
+            params.checkpoint.base_model = base_model
+        ck = load_checkpoint(params.checkpoint)
+        scheduler = scheduler_last_lrs(ck.paths.scheduler_path)
+        _, warnings = run_checks(ck.model, ck.optimizer, ck.trainer, scheduler, params.checkpoint.use_checkpointing)
+        for w in warnings:
+            log.warning("checkpoint %s: %s", path, w)
+        return cls(ck.model, ck.tokenizer, ck.optimizer, ck.trainer, params, fingerprint=ck.fingerprint, paths=ck.paths)
+
+    @classmethod
+    def policy(cls, params: Params) -> Probe:
+        """The policy of params `checkpoint` without its AdamW state (for exact values and ground truth)."""
+        from .sources import load_checkpoint
+
+        ck = load_checkpoint(params.checkpoint, with_optimizer=False)
+        return cls(ck.model, ck.tokenizer, None, ck.trainer, params, fingerprint=ck.fingerprint, paths=ck.paths)
+
+    @classmethod
+    def from_verify(cls, params: Params, verify_dir: str | Path | None = None) -> Probe:
+        """The checkpoint verify described (its AdamW state and settings from verify's artifacts, never
+        optimizer.pt again), refused unless `checkpoint.path` still is that checkpoint."""
+        from .artifacts.verify import read_verify
+        from .sources import source_for
+
+        report, optimizer = read_verify(verify_dir if verify_dir is not None else params.paths.verify)
+        source = source_for(params.checkpoint)
+        paths = source.resolve(params.checkpoint)
+        if source.fingerprint(paths) != report.fingerprint:
             raise ProbeError(
-                f"the {name} samples (drawn by checkpoint {foreign[name]}) have ESS/N = {fraction:.3f} under this "
-                f"checkpoint, below reuse.min_ess_fraction = {min_ess_fraction}",
-                "re-sample with this checkpoint (sampling.checkpoint), or set reuse.force: true to compute anyway",
+                f"checkpoint.path {params.checkpoint.path} is not the checkpoint verify described ({report.fingerprint})",
+                "rerun the verify stage for this checkpoint (dvc repro)",
             )
-        weights[name] = w if name == "E" else w * len(batch)
-    return Reuse(weights["E"], weights["U"], ess)
-
-
-# ---------------------------------------------------------------------------------------------
-# the whole computation, on in-memory batches
-
-
-@dataclass
-class UpdateSpec:
-    rule: str
-    state: AdamState
-    max_grad_norm: float | None
-    loss_agg_mode: str
-    max_len: int | None
-
-
-NO_SE_U_FEW_GROUPS = "fewer than 2 prompt groups with non-zero advantage: SE_U cannot be estimated"
-
-
-def _nonzero_advantage_groups(U: Batch) -> int:
-    """How many prompt groups have an advantage ≠ 0 (the only groups that move g)."""
-    moving = U.tensors["advantages"].abs() > 0
-    groups = U.tensors["group_index"][moving]
-    return int(torch.unique(groups).numel())
-
-
-def cache_fits(n_groups: int, numel: int, dtype: torch.dtype, budget_mb: float) -> bool:
-    """Whether the per-group U gradients (n_groups × numel in `dtype`) fit the budget in MiB."""
-    return n_groups * numel * torch.empty((), dtype=dtype).element_size() <= budget_mb * 2**20
-
-
-def compute_delta_h1(
-    model,
-    E: Batch,
-    U: Batch | None,
-    layout: FlatLayout,
-    spec: UpdateSpec | None,
-    estimator,
-    max_tokens: int,
-    e_weights: torch.Tensor | None = None,
-    u_weights: torch.Tensor | None = None,
-    *,
-    all_targets: bool = False,
-    u_cache_mb: float = 4096.0,
-    delta_theta: torch.Tensor | None = None,
-) -> dict:
-    """Every number of delta_h1.json plus the flat X̄ and Δθ (keys `xbar`, `delta_theta`) and attributions.
-
-    e_weights: self-normalised importance weights of the E sequences (sum 1; None = uniform);
-    u_weights: those of the U sequences scaled to mean 1 (None = all 1). Both are None when the probed
-    checkpoint drew the samples, which makes this the plain, unweighted computation.
-    all_targets: per-token tangents for all three targets and the naive estimate (double backward);
-    otherwise estimator.entropy only, from ordinary backwards. u_cache_mb: budget for the per-group U
-    gradients (jackknife SE_U); 0 or over budget: the delta method. delta_theta: a given step (flat float64,
-    layout order; e.g. an observed one) — then U and spec are None and every U-dependent entry is None.
-    `timings` (seconds per phase) are for the log only.
-    """
-    params = dict(model.named_parameters())
-    params = [params[n] for n in layout.names]
-    dtype = accumulation_dtype(params[0])
-    if e_weights is not None:
-        e_weights = e_weights.to(dtype)
-    if u_weights is not None:
-        u_weights = u_weights.to(dtype)
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        timings[name] = round(time.perf_counter() - start, 4)
-        return out
-
-    def as_direction(flat: torch.Tensor) -> list[torch.Tensor]:
-        return [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
-
-    hooks_work = RowDirectional.supports(model, layout.names)
-    observed = delta_theta is not None
-    g = g_groups = None
-    if observed:
-        if U is not None or spec is not None:
-            raise ValueError("a given delta_theta replaces the U batch and the update rule: pass U=None, spec=None")
-        delta_theta = delta_theta.to(torch.float64)
-    else:
-        advantages = U.tensors["advantages"].to(dtype)
-        pg_coef = pg_coefficients(advantages, U.mask, spec.loss_agg_mode, spec.max_len, u_weights).to(dtype)
-        _, groups = torch.unique(U.tensors["group_index"], return_inverse=True)
-        n_groups = int(groups.max()) + 1
-        use_cache = hooks_work and cache_fits(n_groups, layout.numel, dtype, u_cache_mb)
-        if not use_cache:
-            why = (
-                "not every trainable parameter is a Linear weight/bias"
-                if not hooks_work
-                else (
-                    f"{n_groups} groups × {layout.numel} parameters exceed compute.u_gradient_cache_mb = {u_cache_mb:g}"
-                )
-            )
-            log.info("delta-h1: no per-group U gradients (%s): SE_U by the delta method, one more U pass", why)
-        if use_cache:
-            g, g_groups = timed(
-                "u_gradient", group_gradients, model, params, layout.names, U, pg_coef, groups, max_tokens
-            )
-        else:
-            g = timed("u_gradient", policy_gradient, model, params, layout, U, pg_coef, max_tokens)
-        start = time.perf_counter()
-        delta_theta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm)
-        delta_zero = zero_gradient_part(spec.rule, spec.state, spec.max_grad_norm)
-        timings["update"] = round(time.perf_counter() - start, 4)
-    direction = as_direction(delta_theta)
-
-    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], dim=-1).to(dtype)
-
-    def coefficients(target: str) -> EntropyCoefs:
-        return entropy_coefficients(
-            E.tensors["entropies"].to(dtype),
-            E.mask,
-            target=target,
-            baseline=estimator.baseline,
-            features=features,
-            ridge=estimator.ridge,
-            folds=estimator.crossfit_folds,
-            weights=e_weights,
+        params = params.model_copy(deep=True)
+        params.checkpoint.learning_rate = report.learning_rate_setting
+        trainer = TrainerSettings(
+            report.trainer_config, report.trainer_config_source, report.global_step, report.learning_rate_last
+        )
+        model = source.load_model(params.checkpoint, paths)
+        return cls(
+            model, source.load_tokenizer(paths), optimizer, trainer, params, fingerprint=report.fingerprint, paths=paths
         )
 
-    per_target = {}
-    naive_est = naive_se = None
-    if all_targets or not hooks_work:
-        coefs = {t: coefficients(t) for t in TARGETS}
-        main = coefs[estimator.entropy]
-        xbar, dH, dlogp = timed("e_gradient", entropy_pass, model, params, layout, E, main, direction, max_tokens)
-        for t, cf in coefs.items():
-            est, se = cf.estimate(dH, dlogp)
-            per_target[t] = {"delta_h1": est, "se_E": se, "entropy": cf.entropy}
-        naive = naive_coefficients(E.tensors["logprobs"].to(dtype), E.mask, target=estimator.entropy, weights=e_weights)
-        naive_est, naive_se = naive.estimate(None, dlogp)
-        psi = main.influence(dH, dlogp)
-    else:
-        main = coefficients(estimator.entropy)
-        xbar, ws, beta = timed("e_gradient", entropy_rows, model, params, layout.names, E, main, direction, max_tokens)
-        psi = main.influence_from_rows(ws, beta)
-        per_target[estimator.entropy] = {
-            "delta_h1": psi.mean().item(),
-            "se_E": standard_error(psi),
-            "entropy": main.entropy,
+    # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def prompt_set(self) -> task.PromptSet:
+        """The prompts of params `batch_config` (loaded once)."""
+        if self._prompt_set is None:
+            self._prompt_set = task.load_prompts(self.params.batch_config)
+        return self._prompt_set
+
+    @property
+    def load(self) -> dict:
+        """How the policy was loaded (samples drawn under another load are another policy's)."""
+        return {"dtype": self.params.checkpoint.dtype, "use_qlora": self.params.checkpoint.use_qlora}
+
+    @property
+    def budget(self) -> ComputeBudget:
+        return ComputeBudget.of(self.params.compute)
+
+    # ---------------------------------------------------------------------------------- sampling
+
+    def sampler_info(self, kind: str) -> SamplerInfo:
+        """This policy as the sampler of `kind` (samples_e | samples_u), as the samples record it."""
+        path = IN_MEMORY if self.paths is None else self.params.checkpoint.path
+        return sampler_info(self.params, self.trainer, self.fingerprint, kind, path)
+
+    def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
+        params = self.params.model_copy(deep=True)
+        if n is not None:
+            setattr(params.batch_config, "B_E" if kind == "samples_e" else "B_U", n)
+        if seed is not None:
+            setattr(params.sampling, "seed_e" if kind == "samples_e" else "seed_u", seed)
+        plan = distributed.on_rank0(lambda: make_plan(params, kind, len(self.prompt_set)))
+        return draw(params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
+
+    def sample_e(self, n: int | None = None, seed: int | None = None) -> Samples:
+        """The E batch: n prompts (default batch_config.B_E) drawn with replacement, one response each."""
+        return self._sample("samples_e", n, seed)
+
+    def sample_u(self, n: int | None = None, seed: int | None = None) -> Samples:
+        """The U batch: n distinct prompts (default batch_config.B_U), G responses each, rewards, advantages."""
+        return self._sample("samples_u", n, seed)
+
+    # ---------------------------------------------------------------------------------- the update
+
+    def update_rule(self, rule: str | None = None) -> UpdateRule:
+        """The next update under params `update` (or `rule` instead of update.rule), with this checkpoint's
+        AdamW state, lr choice (checkpoint.learning_rate) and trainer settings."""
+        update = self.params.update if rule is None else self.params.update.model_copy(update={"rule": rule})
+        if update.rule == "observed":
+            return self.observed_step(update.next_checkpoint)
+        return resolve_update_rule(update, self.trainer.config.model_dump(), self._flat_state())
+
+    def _flat_state(self):
+        if self.optimizer is None:
+            raise ProbeError("this Probe has no AdamW state, so it has no update", "build it with from_checkpoint")
+        # "next" keeps each param group's own lr; "last" or a number applies one lr to every group
+        lr = None if self.params.checkpoint.learning_rate == "next" else self.learning_rate
+        return flat_state(self.optimizer, self.model, self.layout, lr)
+
+    def observed_step(self, next_checkpoint: str | Path | None = None) -> UpdateRule:
+        """The step the trainer took next: Δθ_obs = θ(next) − θ(this), `next_checkpoint` or the run's next
+        checkpoint-N (docs/math.md §4.8)."""
+        if self.paths is None:
+            raise ProbeError("an observed step needs the checkpoint's files", "build the Probe with from_checkpoint")
+        step = _observed_step(self.params.checkpoint, self.paths, next_checkpoint, self.layout, self.model)
+        return UpdateRule("observed", self._flat_state(), observed=step)
+
+    # ---------------------------------------------------------------------------------- δH₁ and δH₂
+
+    def batch(self, samples: Samples) -> Batch:
+        """A sample artifact on this policy's device (checked against its tokenizer and vocabulary); under
+        torchrun this process's contiguous share of the rows."""
+        samples.check_fits_model(self.model, self.tokenizer)
+        batch = Batch.from_samples(samples, self.device, self.params.compute.logits_chunk_mb)
+        world = distributed.world_size()
+        if world > 1:
+            batch.shard = distributed.row_slice(len(batch), distributed.rank(), world)
+        return batch
+
+    def reuse(self, batches: dict[str, Batch], samples: dict[str, Samples]) -> Reuse:
+        """Importance weights for the batches another policy drew: another checkpoint, or the same files
+        loaded another way (4-bit, another dtype); none when this policy drew them all."""
+        foreign = {
+            name: s.meta.checkpoint_fingerprint
+            for name, s in samples.items()
+            if s.meta.checkpoint_fingerprint != self.fingerprint or s.meta.load.model_dump() != self.load
         }
-    se_e = per_target[estimator.entropy]["se_E"]
-    delta_h1 = float((xbar.double() * delta_theta).sum())
+        if not foreign:
+            return Reuse(None, None)
+        r, max_tokens = self.params.reuse, self.params.compute.max_tokens_per_microbatch
+        return reuse_weights(self.model, batches, foreign, max_tokens, r.min_ess_fraction, r.force)
 
-    u_results = {
-        "se_U": None,
-        "se_U_method": None,
-        "se_U_note": "the step is given (observed): no U batch" if observed else None,
-        "delta_h1_gradient_part": None,
-        "delta_h1_momentum_part": None,
-        "delta_h1_gradient_part_linearised": None,
-        "cov_logp_advantage": None,
-        "norm_g": None,
-        "u_attribution": None,
-        "u_attribution_loo": None,
-    }
-    if not observed:
-        u_results.update(
-            _u_uncertainty(
-                model,
-                params,
-                layout,
-                U,
-                spec,
-                pg_coef,
-                g,
-                g_groups,
-                xbar,
-                delta_h1,
-                u_weights,
-                as_direction,
-                max_tokens,
-                timings,
-            )
+    def delta_h1(
+        self, E: Samples, U: Samples | None = None, update: UpdateRule | None = None, *, with_second_order=None
+    ) -> DeltaH1Result:
+        """δH₁ = X̄·Δθ ± SE for `update` (default: params `update`), X̄ from E, Δθ from U (none for an
+        observed step), with δH₂ and η* unless with_second_order is False (default: second_order.enabled)."""
+        update = update if update is not None else self.update_rule()
+        if update.emulated and U is None:
+            raise ProbeError(f"update rule {update.rule} needs a U batch", "pass U = probe.sample_u()")
+        if update.emulated:
+            require_policy_gradient(U)
+        samples = {"E": E} if not update.emulated else {"E": E, "U": U}
+        batches = {k: self.batch(s) for k, s in samples.items()}
+        reuse = self.reuse(batches, samples)
+        estimate = compute_delta_h1(
+            self.model, batches["E"], batches.get("U"), self.layout, update, self.params.estimator, self.budget, reuse
         )
-        momentum_part = float((xbar.double() * delta_zero).sum())
-        u_results.update(
-            delta_h1_gradient_part=delta_h1 - momentum_part,
-            delta_h1_momentum_part=momentum_part,
-            cov_logp_advantage=token_advantage_covariance(U.tensors["logprobs"], advantages, U.mask),
-            norm_g=float(g.double().norm()),
+        log.info("delta-h1: phase seconds %s", estimate.timings)
+        enabled = self.params.second_order.enabled if with_second_order is None else with_second_order
+        second = None
+        if enabled:
+            second = self.second_order(batches["E"], estimate.delta_theta, update.learning_rate, reuse.e_weights)
+        return self._result(samples, batches, update, reuse, estimate, second)
+
+    def second_order(self, E: Batch, delta_theta: torch.Tensor, lr: float, e_weights=None) -> SecondOrderRecord:
+        """δH₂ ± SE along `delta_theta` (flat float64, lr included) and the linear regime's η* (docs/math.md §5.6)."""
+        spec = SecondOrderSpec.of(self.params.second_order)
+        result = second_order(
+            self.model,
+            E,
+            self.layout,
+            delta_theta,
+            self.params.estimator,
+            self.budget.max_tokens,
+            lr=lr,
+            fd_eps=spec.fd_eps,
+            fraction=spec.fraction,
+            e_weights=e_weights,
+            z_resolve=spec.z_resolve,
         )
-    se_u = u_results["se_U"]
-    se_total = se_e if se_u is None else (se_e**2 + se_u**2) ** 0.5
-    per_target[estimator.entropy].update(se_U=se_u, se_delta_h1=se_total)
-    lr_mean = float(spec.state.lr.mean()) if spec is not None else None
-    return {
-        "delta_h1": delta_h1,
-        "delta_h1_from_tangents": per_target[estimator.entropy]["delta_h1"],
-        "bars_dot": None if lr_mean is None else delta_h1 / lr_mean,
-        "learning_rate": lr_mean,
-        "entropy": main.entropy,
-        "se_delta_h1": se_total,
-        "se_E": se_e,
-        "delta_h1_naive": naive_est,
-        "se_E_naive": naive_se,
-        "norm_xbar": float(xbar.double().norm()),
-        "norm_delta_theta": float(delta_theta.norm()),
-        "targets": per_target,
-        "timings": timings,
-        "xbar": xbar,
-        "delta_theta": delta_theta,
-        "e_contributions": psi / len(E),
-        **u_results,
-    }
+        return SecondOrderRecord(**dataclasses.asdict(result))
+
+    def _result(self, samples, batches, update: UpdateRule, reuse, estimate: DeltaH1Estimate, second) -> DeltaH1Result:
+        E, U = batches["E"], batches.get("U")
+        U_s = samples.get("U")
+        report = DeltaH1Report(
+            **estimate.report_fields(),
+            B_E=len(E),
+            B_U=None if U is None else int(U_s.group_index.max()) + 1,
+            G=None if U is None else U_s.meta.G,
+            n_E_tokens=int(E.mask.sum()),
+            n_U_tokens=None if U is None else int(U.mask.sum()),
+            estimator=self.params.estimator.model_dump(),
+            update=update.record(),
+            checkpoint_fingerprint=self.fingerprint,
+            reuse=ReuseRecord.of(
+                {k: s.meta.checkpoint_fingerprint for k, s in samples.items()},
+                {k: len(s.input_ids) for k, s in samples.items()},
+                reuse.ess,
+            ),
+            world_size=distributed.world_size(),
+            second_order=second,
+        )
+        unflat = self.layout.unflatten
+        bars = Bars(
+            unflat(estimate.xbar),
+            {n: t.float() for n, t in unflat(estimate.delta_theta).items()},
+            report.learning_rate,
+            self.params.estimator.entropy,
+        )
+        u_att, u_loo = estimate.u_attribution, estimate.u_attribution_loo
+        csv = attributions_csv(
+            None if u_att is None else u_att.tolist(),
+            estimate.e_contributions.tolist(),
+            U_s,
+            samples["E"],
+            self.tokenizer,
+            None if u_loo is None else u_loo.tolist(),
+        )
+        return DeltaH1Result(report, bars, csv, estimate)
+
+    # ---------------------------------------------------------------------------------- checks
+
+    def exact(self, E: Samples, result: DeltaH1Result) -> ExactReport:
+        """Exact H, ∇H·Δθ, the FD slope and ΔH(η) by enumeration over E's prompts and the whole prompt
+        population, beside `result`'s estimate (tiny models only: exact.max_sequences). Runs on a float64
+        copy of the policy."""
+        from .exact import exact_report
+
+        result.report.check_checkpoint(
+            self.fingerprint, "the probed checkpoint is", "compute δH₁ with this probe (or rerun delta-h1)"
+        )
+        model64 = copy.deepcopy(self.model)
+        return exact_report(model64, self.tokenizer, E, self.prompt_set, result.bars, result.report, self.params.exact)
+
+    def truth(self, E: Samples, result: DeltaH1Result) -> TruthReport:
+        """Ground-truth ΔH(η) for η on truth.eta_multipliers × lr: θ' = θ + (η/lr)·Δθ applied in place and
+        restored bit-exactly; by SNIS over E and, with truth.fresh_samples, fresh samples (docs/math.md §8)."""
+        from .ground_truth import check_multipliers, fresh_sampling, truth_report
+
+        result.report.check_checkpoint(
+            self.fingerprint,
+            f"checkpoint.path {self.params.checkpoint.path} is",
+            "rerun delta-h1 for this checkpoint (dvc repro), or point paths.delta_h1 at its output",
+        )
+        tp = self.params.truth
+        multipliers = check_multipliers(tp.eta_multipliers)
+        fresh = None
+        if tp.fresh_samples:
+            fresh = fresh_sampling(E, self.prompt_set, self.tokenizer, self.params.generation.gen_batch_size, tp.seed)
+        batch = Batch.from_samples(E, self.device, self.params.compute.logits_chunk_mb)
+        return truth_report(
+            self.model,
+            batch,
+            E,
+            result.report,
+            result.bars,
+            self.fingerprint,
+            fresh,
+            multipliers,
+            self.params.compute.max_tokens_per_microbatch,
+            self.params.reuse.min_ess_fraction,
+        )
 
 
-def _u_uncertainty(
-    model, params, layout, U, spec, pg_coef, g, g_groups, xbar, delta_h1, u_weights, as_direction, max_tokens, timings
-) -> dict:
-    """SE_U, its method and the U attributions (linearised, and leave-one-group-out with the group gradients)."""
-    start = time.perf_counter()
-    u = linearise(spec.rule, g.double(), xbar.double(), spec.state, spec.max_grad_norm)
-    timings["linearise"] = round(time.perf_counter() - start, 4)
-    out: dict = {}
-    if g_groups is not None:
-        # u·g_b: the groups' linearised contributions (Σ_b = u·g), from the cache instead of a third pass
-        attribution = g_groups.double() @ u
-        start = time.perf_counter()
-        denominators = group_denominators(U.mask, U.tensors["group_index"], spec.loss_agg_mode, u_weights)
-        loo = leave_one_group_out(
-            spec.rule, g.double(), g_groups, denominators, xbar.double(), spec.state, spec.max_grad_norm
+def require_policy_gradient(U: Samples) -> None:
+    """Refuse a U batch whose every group has all-equal rewards: no policy gradient, nothing to emulate."""
+    if not bool(U.advantages.any()):
+        raise ProbeError(
+            "every U group has all-equal rewards (all advantages are 0), so the update has no policy gradient",
+            "sample more or harder U prompts (batch_config.B_U, batch_config.G), or check the reward function",
         )
-        timings["jackknife"] = round(time.perf_counter() - start, 4)
-        out.update(
-            se_U=jackknife_se(loo), se_U_method="jackknife over U prompt groups", u_attribution_loo=delta_h1 - loo
+
+
+def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model) -> ObservedStep:
+    """Δθ_obs = θ(next) − θ(this) from the adapter files, with its record; `next_checkpoint` None: the run's
+    next checkpoint-N. Refuses the checkpoint itself and a next checkpoint that is not this run's next step."""
+    from .checkpoint import checkpoint_fingerprint, resolve_paths
+    from .observed import adapter_parameter_names, check_next_checkpoint, checkpoint_number, observed_delta_theta
+    from .observed import next_checkpoint as next_in_run
+
+    next_dir = Path(next_checkpoint) if next_checkpoint is not None else next_in_run(Path(checkpoint.path))
+    try:
+        nxt = resolve_paths(checkpoint.model_copy(update={"path": str(next_dir), "optimizer_path": None}))
+    except ProbeError as exc:
+        raise ProbeError(f"next checkpoint {next_dir} (update.next_checkpoint): {exc}") from None
+    if nxt.adapter_dir.resolve() == paths.adapter_dir.resolve():
+        raise ProbeError(
+            f"update.next_checkpoint {nxt.adapter_dir} is checkpoint.path itself", "name the checkpoint after it"
         )
-    else:
-        start = time.perf_counter()
-        row_terms = u_row_terms(model, params, layout.names, U, pg_coef, as_direction(u), max_tokens)
-        timings["u_tangents"] = round(time.perf_counter() - start, 4)
-        attribution, influence = group_terms_from_rows(
-            row_terms, U.mask, U.tensors["group_index"], spec.loss_agg_mode, u_weights
-        )
-        out.update(se_U=standard_error(influence), se_U_method="delta method")
-    out.update(u_attribution=attribution, delta_h1_gradient_part_linearised=float(attribution.sum()))
-    if _nonzero_advantage_groups(U) < 2:
-        out.update(se_U=None, se_U_note=NO_SE_U_FEW_GROUPS)
-    return out
+    check_next_checkpoint(paths, nxt)  # a later checkpoint of the same run (a gap of several steps: a warning)
+    delta = observed_delta_theta(paths.adapter_dir, nxt.adapter_dir, layout, adapter_parameter_names(model))
+    step, next_step = checkpoint_number(paths.adapter_dir), checkpoint_number(nxt.adapter_dir)
+    record = ObservedRecord(
+        next_checkpoint=str(nxt.adapter_dir),
+        next_checkpoint_fingerprint=checkpoint_fingerprint(nxt),
+        step=step,
+        next_step=next_step,
+        norm_delta_theta_obs=float(delta.norm()),
+    )
+    return ObservedStep(delta, record)
+
+
+__all__ = ["DeltaH1Result", "IN_MEMORY", "Probe", "require_policy_gradient"]

@@ -206,12 +206,12 @@ def top_u_groups(groups: list[UGroup], k: int = TOP_K) -> list[UGroup]:
 # table
 
 
-def _f(x, spec: str = ".3g") -> str:
+def fmt(x, spec: str = ".3g") -> str:
     return DASH if x is None else format(x, spec)
 
 
-def _pm(x, se, spec: str = ".3g") -> str:
-    return DASH if x is None else f"{x:{spec}} ± {_f(se, spec)}"
+def fmt_pm(x, se, spec: str = ".3g") -> str:
+    return DASH if x is None else f"{x:{spec}} ± {fmt(se, spec)}"
 
 
 def _text(s: str, limit: int = 80) -> str:
@@ -241,27 +241,27 @@ HEADER = (
 
 def table_cells(name: str, r: CheckpointRow) -> list[str]:
     """One markdown table row; "–" where a number is not available."""
-    ess = DASH if r.ess_fraction_E is None else f"{_f(r.ess_fraction_E, '.2f')}, {_f(r.ess_fraction_U, '.2f')}"
+    ess = DASH if r.ess_fraction_E is None else f"{fmt(r.ess_fraction_E, '.2f')}, {fmt(r.ess_fraction_U, '.2f')}"
     ratio = (
         DASH
         if r.ratio_snis is None and r.ratio_fresh is None
-        else (f"{_f(r.ratio_snis, '.2f')}, {_f(r.ratio_fresh, '.2f')}")
+        else (f"{fmt(r.ratio_snis, '.2f')}, {fmt(r.ratio_fresh, '.2f')}")
     )
     return [
         name,
-        _f(r.step, "d") if isinstance(r.step, int) else _f(r.step),
-        _f(r.learning_rate),
-        _f(r.entropy, ".4g"),
-        _pm(r.delta_h1, r.se_delta_h1),
-        _f(r.delta_h1_gradient_part),
-        _f(r.delta_h1_momentum_part),
-        _f(r.delta_h1_naive),
-        _f(r.cov_logp_advantage),
+        fmt(r.step, "d") if isinstance(r.step, int) else fmt(r.step),
+        fmt(r.learning_rate),
+        fmt(r.entropy, ".4g"),
+        fmt_pm(r.delta_h1, r.se_delta_h1),
+        fmt(r.delta_h1_gradient_part),
+        fmt(r.delta_h1_momentum_part),
+        fmt(r.delta_h1_naive),
+        fmt(r.cov_logp_advantage),
         ess,
-        _f(r.exact_delta_h1) + ("*" if r.exact_scope == "E prompts" else ""),
-        _f(r.exact_z, "+.2f"),
-        _pm(r.truth_snis, r.truth_snis_se),
-        _pm(r.truth_fresh, r.truth_fresh_se),
+        fmt(r.exact_delta_h1) + ("*" if r.exact_scope == "E prompts" else ""),
+        fmt(r.exact_z, "+.2f"),
+        fmt_pm(r.truth_snis, r.truth_snis_se),
+        fmt_pm(r.truth_fresh, r.truth_fresh_se),
         ratio,
     ]
 
@@ -299,7 +299,7 @@ def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
 # plot data (DVC) and PNGs
 
 
-def _csv(header: list[str], rows: list[list]) -> str:
+def csv_text(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -323,16 +323,16 @@ def plot_tables(probes: list[Probe], top: list[UGroup]) -> dict[str, str]:
     ]
     eta = [[p.name, *(getattr(c, k) for k in CURVE_COLUMNS)] for p in probes for c in p.curve]
     return {
-        "delta_h1.csv": _csv(["checkpoint", "step", "delta_h1", "se", "lo", "hi", "exact"], dh1),
-        "delta_h_eta.csv": _csv(["checkpoint", *CURVE_COLUMNS], eta),
-        "top_u.csv": _csv(
+        "delta_h1.csv": csv_text(["checkpoint", "step", "delta_h1", "se", "lo", "hi", "exact"], dh1),
+        "delta_h_eta.csv": csv_text(["checkpoint", *CURVE_COLUMNS], eta),
+        "top_u.csv": csv_text(
             ["rank", "contribution", "prompt", "responses"],
             [[i, g.contribution, g.prompt, g.responses] for i, g in enumerate(top, start=1)],
         ),
     }
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -342,13 +342,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     fig.savefig(path, format="png", metadata={"Software": None})  # no version stamp: same inputs, same bytes
 
 
 def plot_delta_h1(probes: list[Probe], unit: str, path: Path) -> None:
     """δH₁ per checkpoint with ±2·SE error bars; exact δH₁ as markers where it was computed."""
-    fig = _figure(max(5.0, 1.4 * len(probes) + 2.5), 4.2)
+    fig = figure(max(5.0, 1.4 * len(probes) + 2.5), 4.2)
     ax = fig.add_subplot()
     x = list(range(len(probes)))
     y = [p.row.delta_h1 for p in probes]
@@ -373,7 +373,7 @@ def plot_delta_h1(probes: list[Probe], unit: str, path: Path) -> None:
     ax.set_title(r"Predicted entropy change $\delta H_1$ of the next update")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_delta_h_eta(probes: list[Probe], unit: str, path: Path) -> None:
@@ -381,7 +381,7 @@ def plot_delta_h_eta(probes: list[Probe], unit: str, path: Path) -> None:
     n = len(probes)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig = _figure(4.6 * ncols, 3.8 * nrows)
+    fig = figure(4.6 * ncols, 3.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, p in zip(axes, probes):
         c, r = p.curve, p.row
@@ -432,12 +432,12 @@ def plot_delta_h_eta(probes: list[Probe], unit: str, path: Path) -> None:
     for ax in axes[n:]:
         ax.set_axis_off()
     fig.suptitle(r"Entropy change after $\theta + (\eta/\mathrm{lr})\,\Delta\theta$; dashed: $\eta$ = lr")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_top_u(top: list[UGroup], name: str, unit: str, path: Path) -> None:
     """Horizontal bars: the most entropy-lowering U groups (most negative at the top), labelled by prompt."""
-    fig = _figure(8.0, 1.6 + 0.42 * max(len(top), 1))
+    fig = figure(8.0, 1.6 + 0.42 * max(len(top), 1))
     ax = fig.add_subplot()
     if top:
         labels = [f"{_text(g.prompt, 24)}  {_text(g.responses, 44)}" for g in top]
@@ -452,195 +452,7 @@ def plot_top_u(top: list[UGroup], name: str, unit: str, path: Path) -> None:
         ax.set_yticks([])
     ax.set_xlabel(rf"contribution to $\delta H_1$ ({unit})")
     ax.set_title(f"Most entropy-lowering U groups — {name}\n(prompt, responses → reward)", fontsize="medium")
-    _save(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# the trajectory stage: the probe scored against the trainer's own steps
-
-
-TRAJECTORY_HEADER = (
-    "step",
-    "lr",
-    "H exact",
-    "H trainer log",
-    "ΔH_obs",
-    "δH₁_pred ± SE",
-    "z",
-    "δH₁_obs exact",
-    "δH₁_obs ± SE",
-    "δH₂_obs exact",
-    "δH₂_obs ± SE",
-    "‖Δθ_emul‖/‖Δθ_obs‖",
-    "cos(emul, obs)",
-    "cos(emul, emul)",
-)
-
-
-def trajectory_cells(s) -> list[str]:
-    """One row of the trajectory table (a `TrajectoryStep`)."""
-    return [
-        f"{s.step}→{s.next_step}",
-        _f(s.learning_rate),
-        _f(s.entropy, ".4f"),
-        _f(s.trainer_entropy, ".4f"),
-        _f(s.delta_h_obs),
-        _pm(s.delta_h1_pred, s.se_pred),
-        _f(s.z, "+.2f"),
-        _f(s.delta_h1_obs_exact),
-        _pm(s.delta_h1_obs, s.se_delta_h1_obs),
-        _f(s.delta_h2_obs_exact),
-        _pm(s.delta_h2_obs, s.se_delta_h2_obs),
-        _f(s.norm_ratio, ".2f"),
-        _f(s.cos_emul_obs, ".2f"),
-        _f(s.cos_emul_emul, ".2f"),
-    ]
-
-
-def trajectory_markdown(traj) -> str:
-    """The trajectory summary (a `Trajectory`): calibration numbers, then the per-step table and a legend."""
-    c = traj.calibration
-    lines = [
-        "# Scored against the trainer's own steps",
-        "",
-        f"Run `{traj.run_dir}`, entropy target `{traj.target}` ({UNITS[traj.target]}); {len(traj.steps)} observed "
-        f"steps; ΔH_obs exact by enumeration over {traj.n_population_prompts} prompts.",
-        "",
-        "| calibration | value |",
-        "|---|---:|",
-        f"| z = (ΔH_obs − δH₁_pred)/SE: mean | {_f(c.z_mean, '+.2f')} |",
-        f"| z: SD (1 if calibrated) | {_f(c.z_sd, '.2f')} |",
-        rf"| share of \|z\| ≤ 2 (0.95 if calibrated) | {_f(c.z_share_within_2, '.2f')} |",
-        f"| correlation of δH₁_pred with ΔH_obs | {_f(c.corr_pred_obs, '.2f')} |",
-        f"| ΔH_obs explained by δH₁_obs (first order) | {_f(c.explained_first_order, '.3f')} |",
-        f"| ΔH_obs explained by δH₁_obs + δH₂_obs | {_f(c.explained_second_order, '.3f')} |",
-        f"| sampled δH₁_obs vs exact: z mean, SD | {_f(c.z_delta_h1_obs_mean, '+.2f')}, "
-        f"{_f(c.z_delta_h1_obs_sd, '.2f')} |",
-        f"| sampled δH₂_obs vs exact: z mean, SD | {_f(c.z_delta_h2_obs_mean, '+.2f')}, "
-        f"{_f(c.z_delta_h2_obs_sd, '.2f')} |",
-        "",
-        "| " + " | ".join(TRAJECTORY_HEADER) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(TRAJECTORY_HEADER) - 1)) + "|",
-        *("| " + " | ".join(trajectory_cells(s)) + " |" for s in traj.steps),
-        "",
-        "ΔH_obs = H(θ(k+1)) − H(θ(k)) exact. δH₁_pred: the probe's prediction from its own U draw (adam_step), "
-        f"SE = √(SE_E² + SE_U² (1 + B_U/B_U_trainer)) with B_U = {traj.B_U}, B_U_trainer = {traj.trainer_B_U} (the "
-        "trainer's step is one more U draw). δH₁_obs, δH₂_obs: first and second order along the step actually taken "
-        "(exact, and sampled from E at θ(k)). H trainer log: the trainer's own batch mean for its batch drawn at θ(k), "
-        "not the truth. cos(emul, emul): two independent U draws, the yardstick for cos(emul, obs).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def trajectory_tables(traj) -> dict[str, str]:
-    """CSV text of plots/steps.csv (per step; lo/hi = δH₁_pred ∓ 2 SE) and plots/cumulative.csv."""
-    steps = traj.steps
-    rows = []
-    for s in steps:
-        se = s.se_pred
-        lo, hi = (None, None) if se is None else (s.delta_h1_pred - 2 * se, s.delta_h1_pred + 2 * se)
-        rows.append(
-            [
-                s.step,
-                s.delta_h_obs,
-                s.delta_h1_pred,
-                lo,
-                hi,
-                s.delta_h1_obs_exact,
-                s.delta_h1_obs_exact + s.delta_h2_obs_exact,
-                s.z,
-            ]
-        )
-    cum, obs, pred, first = [], 0.0, 0.0, 0.0
-    for s in steps:
-        obs, pred, first = obs + s.delta_h_obs, pred + s.delta_h1_pred, first + s.delta_h1_obs_exact
-        cum.append([s.next_step, s.entropy_next, steps[0].entropy + pred, steps[0].entropy + first, obs, pred])
-    return {
-        "steps.csv": _csv(
-            ["step", "delta_h_obs", "delta_h1_pred", "lo", "hi", "delta_h1_obs", "delta_h1_plus_h2_obs", "z"], rows
-        ),
-        "cumulative.csv": _csv(
-            ["step", "entropy_obs", "entropy_pred", "entropy_first_order", "cum_delta_h_obs", "cum_delta_h1_pred"], cum
-        ),
-    }
-
-
-def plot_trajectory_steps(traj, path: Path) -> None:
-    """Per step: ΔH_obs against δH₁_pred ± 2 SE, with the exact first- and second-order terms along the real step."""
-    unit = UNITS[traj.target]
-    fig = _figure(max(6.0, 0.45 * len(traj.steps) + 3.0), 4.2)
-    ax = fig.add_subplot()
-    x = [s.step for s in traj.steps]
-    ax.errorbar(
-        [k - 0.12 for k in x],
-        [s.delta_h1_pred for s in traj.steps],
-        yerr=[2 * (s.se_pred or 0.0) for s in traj.steps],
-        fmt="o",
-        color="C0",
-        capsize=4,
-        label=r"$\delta H_1$ predicted (own U draw) $\pm$ 2 SE",
-    )
-    ax.plot(
-        x,
-        [s.delta_h_obs for s in traj.steps],
-        "x",
-        color="C3",
-        markersize=9,
-        markeredgewidth=2,
-        label=r"$\Delta H_{obs}$ (exact)",
-        zorder=5,
-    )
-    ax.plot(
-        [k + 0.12 for k in x],
-        [s.delta_h1_obs_exact for s in traj.steps],
-        "s",
-        color="C2",
-        markersize=4,
-        label=r"$\delta H_1$ along the real step (exact)",
-    )
-    ax.plot(
-        [k + 0.12 for k in x],
-        [s.delta_h1_obs_exact + s.delta_h2_obs_exact for s in traj.steps],
-        "^",
-        color="C1",
-        markersize=4,
-        label=r"$\delta H_1 + \delta H_2$ along the real step (exact)",
-    )
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_xticks(x, [f"{s.step}→{s.next_step}" for s in traj.steps], fontsize="small")
-    ax.set_xlabel("trainer step")
-    ax.set_ylabel(f"entropy change ({unit})")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.set_title("Each trainer step: predicted vs observed entropy change", fontsize="medium")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
-
-
-def plot_trajectory_cumulative(traj, path: Path) -> None:
-    """Exact H(θ(k)) along the run, against H(θ(first)) plus the cumulative predictions."""
-    unit = UNITS[traj.target]
-    steps = traj.steps
-    fig = _figure(6.0, 4.2)
-    ax = fig.add_subplot()
-    x = [steps[0].step] + [s.next_step for s in steps]
-    h0 = steps[0].entropy
-    pred, first = [h0], [h0]
-    for s in steps:
-        pred.append(pred[-1] + s.delta_h1_pred)
-        first.append(first[-1] + s.delta_h1_obs_exact)
-    ax.plot(x, [h0] + [s.entropy_next for s in steps], "o-", color="C3", label="H exact (observed)")
-    ax.plot(x, pred, "o--", color="C0", label=r"H(first) + $\Sigma\,\delta H_1$ predicted")
-    ax.plot(x, first, "s:", color="C2", markersize=4, label=r"H(first) + $\Sigma\,\delta H_1$ along the real steps")
-    logged = [(s.step, s.trainer_entropy) for s in steps if s.trainer_entropy is not None]
-    if logged:
-        ax.plot(*zip(*logged), "d", color="0.5", markersize=5, label="trainer log (its batch mean)")
-    ax.set_xlabel("checkpoint (trainer step)")
-    ax.set_ylabel(f"H ({unit})")
-    ax.set_title("Cumulative entropy: observed vs predicted")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 __all__ = [
@@ -649,17 +461,17 @@ __all__ = [
     "Probe",
     "UGroup",
     "UNITS",
+    "csv_text",
+    "figure",
+    "fmt",
+    "fmt_pm",
+    "save_png",
     "checkpoint_probe",
     "markdown",
     "plot_delta_h1",
     "plot_delta_h_eta",
     "plot_tables",
     "plot_top_u",
-    "plot_trajectory_cumulative",
-    "plot_trajectory_steps",
     "table_cells",
-    "trajectory_cells",
-    "trajectory_markdown",
-    "trajectory_tables",
     "top_u_groups",
 ]

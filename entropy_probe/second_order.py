@@ -27,8 +27,8 @@ import torch
 from .errors import ProbeError
 from .estimators import EntropyCoefs, entropy_coefficients
 from .importance import importance_weights, standard_error
+from .passes import entropy_pass, entropy_rows
 from .perturb import perturbed
-from .probe import entropy_pass, entropy_rows
 from .scoring import Batch, accumulation_dtype
 from .tangents import RowDirectional
 from .update import FlatLayout

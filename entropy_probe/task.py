@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import re
@@ -205,25 +206,52 @@ def get_reward_fn(name: str) -> RewardFn:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ProbeError(f"'{attr}' in module '{module_name}' is not a function", "check batch_config.reward_fn")
+    _check_reward_signature(fn, name)
     return fn
 
 
-def score_responses(fn: RewardFn, responses: list[str], answers: list[str | None]) -> list[float]:
-    """[fn(response_i, answer_i)] as floats; a non-numeric or non-finite reward is an error naming the response."""
+def _check_reward_signature(fn: Callable, name: str) -> None:
+    """Refuse a callable that cannot be a reward(response, answer): a built-in (os.system, eval: C functions
+    that would run or fail on model output) or one whose signature does not take two positional arguments."""
+    fix = "batch_config.reward_fn must name a Python function reward(response: str, answer: str | None) -> float"
+    if inspect.isbuiltin(fn):
+        raise ProbeError(f"reward function '{name}' is a built-in, not a reward(response, answer)", fix)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some C callables): the call will tell
+        return
+    try:
+        signature.bind("response", "answer")
+    except TypeError as exc:
+        raise ProbeError(
+            f"reward function '{name}{signature}' cannot be called as fn(response, answer) ({exc})", fix
+        ) from None
+
+
+def score_responses(
+    fn: RewardFn, responses: list[str], answers: list[str | None], prompts: list[str] | None = None
+) -> list[float]:
+    """[fn(response_i, answer_i)] as floats; a reward function that raises, or returns a non-numeric or
+    non-finite reward, is an error naming the function, the response and (when given) its prompt."""
     if len(responses) != len(answers):
         raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
+    name = getattr(fn, "__name__", repr(fn))
     rewards = []
     for i, (response, answer) in enumerate(zip(responses, answers)):
-        raw = fn(response, answer)
+        where = f"response {i} ({response!r})" + (f" to prompt {prompts[i]!r}" if prompts is not None else "")
+        try:
+            raw = fn(response, answer)
+        except Exception as exc:  # the user's code: one line naming where, not a traceback through ours
+            error = ": ".join(filter(None, (type(exc).__name__, _first_line(exc))))
+            raise ProbeError(
+                f"reward function '{name}' raised {error} for {where}",
+                "fix the reward function (it is called as fn(response, answer) with answer a str or None)",
+            ) from None
         try:
             value = float(raw)
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
-            name = getattr(fn, "__name__", repr(fn))
-            raise ProbeError(
-                f"reward function '{name}' returned {raw!r} for response {i} ({response!r})",
-                "make it return a finite float",
-            )
+            raise ProbeError(f"reward function '{name}' returned {raw!r} for {where}", "make it return a finite float")
         rewards.append(value)
     return rewards

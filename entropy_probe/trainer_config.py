@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,25 @@ def read_trainer_config(paths: CheckpointPaths, trust_pickles: bool) -> dict:
         source = TRAINING_ARGS
     cfg["trainer_config_source"] = source
     return cfg
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The trainer's settings as the probe uses them (typed view of `read_trainer_config`'s result)."""
+
+    config: TrainerConfig = field(default_factory=TrainerConfig)
+    source: str | None = None  # the file the settings came from (None: unknown)
+    global_step: int | None = None
+    learning_rate_last: float | None = None  # trainer_state's last logged lr: the last applied step's
+    learning_rate_last_step: int | None = None  # the step it was logged at
+
+    @classmethod
+    def of(cls, raw: dict) -> TrainerSettings:
+        """From `read_trainer_config`'s dict."""
+        return cls(
+            TrainerConfig(**{k: raw[k] for k in TRAINER_CONFIG_KEYS}),
+            raw.get("trainer_config_source"),
+            raw.get("global_step"),
+            raw.get("learning_rate_last"),
+            raw.get("learning_rate_last_step"),
+        )

@@ -127,30 +127,50 @@ def protected_inputs(stage: str, params: Params) -> dict[str, str]:
 def _quiet_libraries() -> None:
     """Keep the console to what the user needs: no library chatter, no progress bars in logs.
 
-    bitsandbytes logs a warning about an optional CPU kernel package on import (even without QLoRA); peft
-    calls a property transformers deprecated (a FutureWarning the user cannot act on). Progress bars are
-    drawn only on a terminal: our tqdm loops use disable=None, and the hub/transformers bars read this variable.
+    bitsandbytes logs a warning about an optional CPU kernel package on import (even without QLoRA), and on
+    an AVX512-BF16 CPU fetches that kernel through `kernels`, whose hub module warns "Skipping publisher trust
+    check for 'kernels-community/quantization-bitsandbytes'" when the hub is offline; peft calls a property
+    transformers deprecated (a FutureWarning the user cannot act on). Progress bars are drawn only on a
+    terminal: our tqdm loops use disable=None, and the hub/transformers bars read this variable.
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @contextlib.contextmanager
-def _params_read_log(stage: str) -> Iterator[None]:
-    """With ENTROPY_PROBE_RECORD_PARAMS=FILE, append {stage, reads: the params keys the stage read} to FILE
-    (one JSON line per run): the pipeline test checks them against the stage's params in dvc.yaml."""
+def _params_reads(stage: str, overrides: list[str], warn: bool, read_before: set[str]) -> Iterator[None]:
+    """Record the params keys the stage reads in the block, and after it ran:
+    - with ENTROPY_PROBE_RECORD_PARAMS=FILE, append {stage, reads} to FILE (one JSON line per run): the
+      pipeline test checks them against the stage's params in dvc.yaml;
+    - when `warn`, say on stderr which `-S` overrides the stage never read (nor the CLI for it: `read_before`,
+      the default --out's key): a setting that has no effect on this stage must not pass without a word (the
+      user may believe it changed the result)."""
     log_file = os.environ.get("ENTROPY_PROBE_RECORD_PARAMS")
-    if not log_file:
+    if not log_file and not (warn and overrides):
         yield
         return
     from entropy_probe.params import recording_reads
 
     with recording_reads() as reads:
         yield
-    with open(log_file, "a") as f:
-        f.write(json.dumps({"stage": stage, "reads": sorted(reads)}) + "\n")
+    if log_file:
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"stage": stage, "reads": sorted(reads)}) + "\n")
+    if warn:
+        for text in unread_overrides(overrides, reads | read_before):
+            typer.echo(f"entropy-probe {stage}: warning: -S {text} was not read by this stage (no effect)", err=True)
+
+
+def unread_overrides(overrides: list[str], reads: set[str]) -> list[str]:
+    """The overrides whose key is no read key, nor a section holding one, nor inside one (probe.checkpoints.x)."""
+
+    def read(key: str) -> bool:
+        return any(r == key or r.startswith(key + ".") or key.startswith(r + ".") for r in reads)
+
+    return [text for text in overrides if not read(text.split("=", 1)[0].strip())]
 
 
 def _make_command(stage: str) -> None:
@@ -164,7 +184,7 @@ def _make_command(stage: str) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit"),
     ) -> None:
         from entropy_probe import distributed, outputs
-        from entropy_probe.params import load_params
+        from entropy_probe.params import load_params, recording_reads
 
         world = distributed.env_world_size()
         rank = int(os.environ.get("RANK", "0"))
@@ -181,14 +201,17 @@ def _make_command(stage: str) -> None:
             params = load_params(params_file, overrides or [])
             if world > 1:  # one whole model per process: "auto" would spread each over all GPUs
                 params.checkpoint.device_map = distributed.resolve_device_map(params.checkpoint.device_map)
-            out_dir = out if out is not None else Path(default_out(params))
+            with recording_reads() as out_key:  # the stage writes where this key says: it counts as read
+                out_dir = out if out is not None else Path(default_out(params))
             # before any work (and before the stage's imports): refuse an --out the stage may not replace;
             # only rank 0 writes, so only it takes the lock (the others just check)
             claim = outputs.claim_output_dir(out_dir, stage, protected_inputs(stage, params), dry_run or rank != 0)
             with claim:
                 module = importlib.import_module(module_name)
                 runner = getattr(module, "run_" + stage.replace("-", "_"), None) or module.run
-                with distributed.process_group(params.checkpoint.device_map), _params_read_log(stage):
+                # a dry run reads only what its plan needs; other ranks stay quiet (rank 0 warns)
+                reads = _params_reads(stage, overrides or [], not dry_run and rank == 0, out_key)
+                with distributed.process_group(params.checkpoint.device_map), reads:
                     summary = runner(params, out_dir, dry_run)
             if isinstance(summary, str) and rank == 0:  # the result line: stdout (progress and diagnostics: stderr)
                 typer.echo(summary)

@@ -36,9 +36,7 @@ def run(params: Params, out_dir: str | Path | None = None, dry_run: bool = False
     out_dir = Path(out_dir if out_dir is not None else params.demo.out_dir)
     check_sizes(params.demo)
     if dry_run:
-        for key, value in plan(params, out_dir).items():
-            print(f"{key}: {value}")
-        return None
+        return "demo plan:\n" + "\n".join(f"  {key}: {value}" for key, value in plan(params, out_dir).items())
     with staged_output_dir(out_dir) as tmp:
         report = build_demo(params.demo, tmp, out_dir)
         report.write(tmp)

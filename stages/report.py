@@ -125,12 +125,11 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     """
     inputs = checkpoint_inputs(params)
     if dry_run:
-        print(f"report: would read {len(inputs)} checkpoint(s) and write {out_dir}/")
+        lines = [f"report plan: read {len(inputs)} checkpoint(s) and write {out_dir}/"]
         for inp in inputs:
             for kind, path in inp.files(last=inp is inputs[-1]):
-                state = "" if path.exists() else "  (missing)"
-                print(f"  {inp.name}: {path} [{kind}]{state}")
-        return None
+                lines.append(f"  {inp.name}: {path} [{kind}]{'' if path.exists() else '  (missing)'}")
+        return "\n".join(lines)
 
     probes = [load_probe(inp, params.truth.eta_multipliers) for inp in inputs]
     targets = sorted({p.row.target for p in probes})

@@ -19,13 +19,13 @@ from entropy_probe import files
 from entropy_probe.artifacts.trajectory import TrajectoryMetrics
 from entropy_probe.outputs import staged_output_dir
 from entropy_probe.params import Params
-from entropy_probe.reporting import (
+from entropy_probe.trajectory import score_trajectory, step_pairs
+from entropy_probe.trajectory_report import (
     plot_trajectory_cumulative,
     plot_trajectory_steps,
     trajectory_markdown,
     trajectory_tables,
 )
-from entropy_probe.trajectory import score_trajectory, step_pairs
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,17 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     tp = params.trajectory
     pairs = step_pairs(tp.run_dir, tp.steps)
     if dry_run:
-        print(
+        return (
             f"trajectory plan: {len(pairs)} observed steps of {tp.run_dir} "
             f"({', '.join(f'{p.step}→{p.step + 1}' for p in pairs)}); per step exact H by enumeration, an E batch "
             f"of {tp.B_E} and two U draws of {tp.B_U} prompts × {params.batch_config.G} at θ(k); writes {out_dir}"
         )
-        return None
     start = time.perf_counter()
     traj = score_trajectory(params, pairs)
     text = trajectory_markdown(traj)
     with staged_output_dir(out_dir) as tmp:
         traj.write(tmp)
-        TrajectoryMetrics(**traj.calibration.model_dump()).write(tmp)
+        TrajectoryMetrics.of(traj.calibration).write(tmp)
         for name, body in trajectory_tables(traj).items():
             files.write_text(Path(tmp) / "plots" / name, body)
         plot_trajectory_steps(traj, Path(tmp) / "steps.png")

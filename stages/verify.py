@@ -12,17 +12,10 @@ from pathlib import Path
 
 from entropy_probe import outputs
 from entropy_probe.artifacts.verify import STATE_FILE, Parameter, VerifyReport, write_verify
-from entropy_probe.checkpoint import (
-    CheckpointPaths,
-    adapter_info,
-    checkpoint_fingerprint,
-    load_policy_model,
-    resolve_paths,
-)
+from entropy_probe.checkpoint import CheckpointPaths, adapter_info, resolve_paths
 from entropy_probe.checks import run_checks, scheduler_last_lrs
-from entropy_probe.optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next, load_optimizer_state
+from entropy_probe.optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
 from entropy_probe.params import Params
-from entropy_probe.trainer_config import TRAINER_CONFIG_KEYS, TrainerConfig, read_trainer_config
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +38,34 @@ def _plan(params: Params, paths: CheckpointPaths, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _report(
-    params: Params, paths: CheckpointPaths, model, state: OptimizerState, trainer: dict, lr: float, checks, warnings
-) -> VerifyReport:
-    ck = params.checkpoint
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+def _report(params: Params, ck, state: OptimizerState, lr: float, checks, warnings) -> VerifyReport:
+    paths, trainer = ck.paths, ck.trainer
+    shapes = {n: p.shape for n, p in ck.model.named_parameters()}
     parameters = [
         Parameter(name=n, shape=list(shapes[n]), numel=shapes[n].numel(), group=state.group_of[n]) for n in state.names
     ]
     return VerifyReport(
-        fingerprint=checkpoint_fingerprint(paths),
+        fingerprint=ck.fingerprint,
         checkpoint=paths,
         base_model=paths.base_model,
         adapter=adapter_info(paths),
-        use_qlora=ck.use_qlora,
-        dtype=ck.dtype,
-        device_map=ck.device_map,
+        use_qlora=params.checkpoint.use_qlora,
+        dtype=params.checkpoint.dtype,
+        device_map=params.checkpoint.device_map,
         parameters=parameters,
         n_trainable=sum(p.numel for p in parameters),
         n_trainable_tensors=len(parameters),
         optimizer_mapping=state.mapping,
         param_groups=state.groups,
         learning_rate=lr,
-        learning_rate_setting=ck.learning_rate,
+        learning_rate_setting=params.checkpoint.learning_rate,
         learning_rate_next=learning_rate_next(state)[0],
-        learning_rate_last=trainer["learning_rate_last"],
+        learning_rate_last=trainer.learning_rate_last,
         step=state.last_step,
-        global_step=trainer["global_step"],
-        max_grad_norm=trainer["max_grad_norm"],
-        trainer_config=TrainerConfig(**{k: trainer[k] for k in TRAINER_CONFIG_KEYS}),
-        trainer_config_source=trainer["trainer_config_source"],
+        global_step=trainer.global_step,
+        max_grad_norm=trainer.config.max_grad_norm,
+        trainer_config=trainer.config,
+        trainer_config_source=trainer.source,
         checks=checks,
         warnings=warnings,
     )  # no timings: later stages depend on this file, and a re-run must not change it
@@ -82,26 +73,24 @@ def _report(
 
 def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     """Verify `checkpoint.*` and write the verify artifacts into `out_dir`; returns the one-line summary."""
-    ck = params.checkpoint
     out_dir = Path(out_dir)
-    paths = resolve_paths(ck)
     if dry_run:
-        print(_plan(params, paths, out_dir))
-        return None
-    import peft  # noqa: F401,E401  (import time is not load time)
+        return _plan(params, resolve_paths(params.checkpoint), out_dir)
+    from entropy_probe.sources import load_checkpoint
 
     start = time.perf_counter()
-    model = load_policy_model(ck, paths)
-    state = load_optimizer_state(model, paths)
+    ck = load_checkpoint(params.checkpoint)
+    state = ck.optimizer
     log.info("verify: loaded base + adapter + optimizer state in %.1fs", time.perf_counter() - start)
-    trainer = read_trainer_config(paths, ck.trust_pickles)
     lr_next, groups_agree = learning_rate_next(state)
-    lr = choose_learning_rate(ck.learning_rate, lr_next, trainer["learning_rate_last"], groups_agree)
-    checks, warnings = run_checks(model, state, trainer, scheduler_last_lrs(paths.scheduler_path), ck.use_checkpointing)
+    lr_last = ck.trainer.learning_rate_last
+    lr = choose_learning_rate(params.checkpoint.learning_rate, lr_next, lr_last, groups_agree)
+    scheduler = scheduler_last_lrs(ck.paths.scheduler_path)
+    checks, warnings = run_checks(ck.model, state, ck.trainer, scheduler, params.checkpoint.use_checkpointing)
     for w in warnings:
         log.warning("verify: %s", w)
 
-    report = _report(params, paths, model, state, trainer, lr, checks, warnings)
+    report = _report(params, ck, state, lr, checks, warnings)
     with outputs.staged_output_dir(out_dir) as tmp:
         write_verify(tmp, report, state)
     return (

@@ -214,13 +214,13 @@ def _forge_samples(root: Path, dest: Path, edit) -> None:
 @pytest.fixture()
 def no_expensive_pass(monkeypatch):
     """delta-h1 must refuse before re-scoring or any gradient pass."""
-    from stages import delta_h1
+    from entropy_probe import probe
 
     def reached(*args, **kwargs):
         raise AssertionError("the expensive pass was reached")
 
-    monkeypatch.setattr(delta_h1, "reuse_weights", reached)
-    monkeypatch.setattr(delta_h1, "compute_delta_h1", reached)
+    monkeypatch.setattr(probe, "reuse_weights", reached)
+    monkeypatch.setattr(probe, "compute_delta_h1", reached)
 
 
 def test_token_id_beyond_the_vocabulary(probed, tmp_path, no_expensive_pass, tokenizer):

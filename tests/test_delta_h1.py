@@ -17,23 +17,19 @@ from conftest import make_lora_model
 from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_close, dot_scale, sum_scale
 
 from entropy_probe.artifacts.delta_h1 import Bars, DeltaH1Report
+from entropy_probe.delta_h1 import NO_SE_U_FEW_GROUPS, compute_delta_h1
 from entropy_probe.enumeration import exact_gradients
 from entropy_probe.errors import ProbeError
 from entropy_probe.estimators import BASELINES, TARGETS, entropy_coefficients
 from entropy_probe.generation import GenerationSpec, generate_responses
 from entropy_probe.params import EstimatorParams
+from entropy_probe.passes import entropy_pass, policy_gradient, u_row_terms
 from entropy_probe.perturb import as_float64
 from entropy_probe.policy import policy_logprobs
-from entropy_probe.probe import (
-    NO_SE_U_FEW_GROUPS,
-    UpdateSpec,
-    compute_delta_h1,
-    entropy_pass,
-    policy_gradient,
-    u_row_terms,
-)
 from entropy_probe.scoring import Batch
+from entropy_probe.specs import ComputeBudget
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, zero_gradient_part
+from entropy_probe.update_rule import UpdateRule
 
 MAX_NEW = 3
 TEMPERATURE = 1.3  # ≠ 1 so a forgotten temperature anywhere shows up
@@ -168,26 +164,30 @@ def test_delta_h1_of_an_adam_step_matches_exact(model, tokenizer, exact):
     for seed in range(3):
         E = sample_batch(model, tokenizer, PROMPTS * 64, seed=200 + seed)
         U = sample_u(model, tokenizer, n_groups=8, G=4, seed=300 + seed)
-        spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
-        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096, all_targets=True)
-        hooked = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096)
-        assert list(hooked["targets"]) == ["token_mean"] and hooked["delta_h1_naive"] is None
-        scale = dot_scale(result["xbar"], result["delta_theta"])
+        spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
+        result = compute_delta_h1(
+            model, E, U, layout, spec, EstimatorParams(baseline="mean"), ComputeBudget(4096, all_targets=True)
+        )
+        hooked = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), ComputeBudget(4096))
+        assert list(hooked.targets) == ["token_mean"] and hooked.delta_h1_naive is None
+        scale = dot_scale(result.xbar, result.delta_theta)
         for key in ("delta_h1", "delta_h1_from_tangents"):
-            assert_close_scaled(hooked[key], result[key], scale, what=f"hooked vs double-backward {key}")
-        assert_close_scaled(hooked["se_E"], result["se_E"], result["se_E"], what="hooked vs double-backward SE_E")
-        assert_vectors_close(hooked["e_contributions"], result["e_contributions"], what="E attributions")
-        delta = layout.unflatten(result["delta_theta"])
+            assert_close_scaled(
+                getattr(hooked, key), getattr(result, key), scale, what=f"hooked vs double-backward {key}"
+            )
+        assert_close_scaled(hooked.se_E, result.se_E, result.se_E, what="hooked vs double-backward SE_E")
+        assert_vectors_close(hooked.e_contributions, result.e_contributions, what="E attributions")
+        delta = layout.unflatten(result.delta_theta)
         assert_close_scaled(
-            result["delta_h1_from_tangents"],
-            result["delta_h1"],
-            dot_scale(result["xbar"], result["delta_theta"]),
+            result.delta_h1_from_tangents,
+            result.delta_h1,
+            dot_scale(result.xbar, result.delta_theta),
             what="tangents vs X̄·Δθ",
         )
         for t in TARGETS:
-            r = result["targets"][t]
-            zs[t].append((r["delta_h1"] - directional(grads[t], delta)) / r["se_E"])
-        assert result["entropy"] == pytest.approx(values["token_mean"], rel=0.05)
+            r = result.targets[t]
+            zs[t].append((r.delta_h1 - directional(grads[t], delta)) / r.se_E)
+        assert result.entropy == pytest.approx(values["token_mean"], rel=0.05)
     for t, z in zs.items():
         assert max(abs(x) for x in z) < 4, (t, z)
 
@@ -246,23 +246,26 @@ def test_delta_h1_is_invariant_to_the_token_budget(model, tokenizer, dtype):
     U = sample_u(model, tokenizer, n_groups=4, G=4, seed=6)
     policy = in_dtype(model, dtype)
     layout, state = adam_state(policy)
-    spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
-    results = [compute_delta_h1(policy, E, U, layout, spec, EstimatorParams(), budget) for budget in (10_000, 30, 7)]
+    spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
+    results = [
+        compute_delta_h1(policy, E, U, layout, spec, EstimatorParams(), ComputeBudget(budget))
+        for budget in (10_000, 30, 7)
+    ]
     first = results[0]
-    assert first["xbar"].dtype == getattr(torch, dtype) and first["u_attribution"].dtype == torch.float64
+    assert first.xbar.dtype == getattr(torch, dtype) and first.u_attribution.dtype == torch.float64
     delta_zero = zero_gradient_part("adam_step", state, 1.0)
     scales = {
-        "delta_h1": dot_scale(first["xbar"], first["delta_theta"]),
-        "delta_h1_momentum_part": dot_scale(first["xbar"], delta_zero),
+        "delta_h1": dot_scale(first.xbar, first.delta_theta),
+        "delta_h1_momentum_part": dot_scale(first.xbar, delta_zero),
         # standard errors and the entropy are not cancelling sums: their own size is the scale
-        **{key: abs(first[key]) for key in ("se_E", "entropy")},
+        **{key: abs(getattr(first, key)) for key in ("se_E", "entropy")},
     }
     # this U batch has a single prompt group with non-zero advantage: SE_U cannot be estimated
-    assert all(r["se_U"] is None and r["se_U_note"] == NO_SE_U_FEW_GROUPS for r in results)
+    assert all(r.se_U is None and r.se_U_note == NO_SE_U_FEW_GROUPS for r in results)
     for r in results[1:]:
         for key, scale in scales.items():
-            assert_close_scaled(r[key], first[key], scale, rel=REL[dtype], what=key)
-        assert_vectors_close(r["xbar"], first["xbar"], rel=REL[dtype], what="X̄")
+            assert_close_scaled(getattr(r, key), getattr(first, key), scale, rel=REL[dtype], what=key)
+        assert_vectors_close(r.xbar, first.xbar, rel=REL[dtype], what="X̄")
 
 
 @pytest.mark.numerics
@@ -274,38 +277,48 @@ def test_sgd_attributions_sum_to_delta_h1(model, tokenizer):
     U = sample_u(model, tokenizer, n_groups=4, G=4, seed=9)
     layout, state = adam_state(model)
     r = compute_delta_h1(
-        model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096
+        model, E, U, layout, UpdateRule("sgd", state, "token-mean"), EstimatorParams(), ComputeBudget(4096)
     )
-    assert r["delta_h1_momentum_part"] == 0
-    scale = dot_scale(r["xbar"], r["delta_theta"]) + sum_scale(r["u_attribution"])
-    assert_close_scaled(float(r["u_attribution"].sum()), r["delta_h1"], scale, what="Σ attributions vs δH₁")
+    assert r.delta_h1_momentum_part == 0
+    scale = dot_scale(r.xbar, r.delta_theta) + sum_scale(r.u_attribution)
+    assert_close_scaled(float(r.u_attribution.sum()), r.delta_h1, scale, what="Σ attributions vs δH₁")
     # δH₁ changes sign with the advantages: the direction of the update matters, not only its size
     U.tensors["advantages"] = -U.tensors["advantages"]
     flipped = compute_delta_h1(
-        model, E, U, layout, UpdateSpec("sgd", state, None, "token-mean", None), EstimatorParams(), 4096
+        model, E, U, layout, UpdateRule("sgd", state, "token-mean"), EstimatorParams(), ComputeBudget(4096)
     )
-    assert abs(r["delta_h1"]) > 1e-3 * scale  # far from 0 on the scale of the check: the sign is meaningful
-    assert_close_scaled(flipped["delta_h1"], -r["delta_h1"], scale, what="δH₁ with flipped advantages")
+    assert abs(r.delta_h1) > 1e-3 * scale  # far from 0 on the scale of the check: the sign is meaningful
+    assert_close_scaled(flipped.delta_h1, -r.delta_h1, scale, what="δH₁ with flipped advantages")
 
 
 def test_standard_errors_match_spread_over_repeated_batches(model, tokenizer):
     """SE_E over repeated E batches (U fixed) and SE_U over repeated U batches (E fixed)."""
     layout, state = adam_state(model)
-    spec = UpdateSpec("sgd", state, None, "token-mean", None)
+    spec = UpdateRule("sgd", state, "token-mean")
     est = EstimatorParams(baseline="mean")
     E0 = sample_batch(model, tokenizer, PROMPTS * 8, seed=1)
     U0 = sample_u(model, tokenizer, n_groups=8, G=4, seed=2)
     by_e = [
-        compute_delta_h1(model, sample_batch(model, tokenizer, PROMPTS * 8, seed=1000 + s), U0, layout, spec, est, 4096)
+        compute_delta_h1(
+            model,
+            sample_batch(model, tokenizer, PROMPTS * 8, seed=1000 + s),
+            U0,
+            layout,
+            spec,
+            est,
+            ComputeBudget(4096),
+        )
         for s in range(40)
     ]
     by_u = [
-        compute_delta_h1(model, E0, sample_u(model, tokenizer, 8, 4, seed=2000 + s), layout, spec, est, 4096)
+        compute_delta_h1(
+            model, E0, sample_u(model, tokenizer, 8, 4, seed=2000 + s), layout, spec, est, ComputeBudget(4096)
+        )
         for s in range(40)
     ]
     for runs, key in ((by_e, "se_E"), (by_u, "se_U")):
-        values = torch.tensor([r["delta_h1"] for r in runs], dtype=torch.float64)
-        mean_se = sum(r[key] for r in runs) / len(runs)
+        values = torch.tensor([r.delta_h1 for r in runs], dtype=torch.float64)
+        mean_se = sum(getattr(r, key) for r in runs) / len(runs)
         ratio = mean_se / values.std().item()
         assert 0.65 < ratio < 1.5, (key, ratio)
 
@@ -317,11 +330,17 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tokenizer
     U = sample_u(model, tokenizer, n_groups=4, G=4, seed=22, top_p=top_p)
     layout, state = adam_state(model)
     r = compute_delta_h1(
-        model, E, U, layout, UpdateSpec("adam_step", state, 1.0, "token-mean", None), EstimatorParams(), 4096
+        model,
+        E,
+        U,
+        layout,
+        UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0),
+        EstimatorParams(),
+        ComputeBudget(4096),
     )
-    assert all(math.isfinite(r[k]) for k in ("delta_h1", "se_E", "entropy"))
-    assert r["se_U"] is None or math.isfinite(r["se_U"])
-    assert torch.isfinite(r["xbar"]).all()
+    assert all(math.isfinite(getattr(r, k)) for k in ("delta_h1", "se_E", "entropy"))
+    assert r.se_U is None or math.isfinite(r.se_U)
+    assert torch.isfinite(r.xbar).all()
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     _, grads, _ = exact_gradients(
         model,
@@ -333,8 +352,8 @@ def test_top_p_below_one_gives_finite_results_and_matches_exact(model, tokenizer
         top_p=top_p,
         max_sequences=100_000,
     )
-    exact_value = directional(grads["token_mean"], layout.unflatten(r["delta_theta"]))
-    assert abs(r["delta_h1"] - exact_value) / r["se_E"] < 4
+    exact_value = directional(grads["token_mean"], layout.unflatten(r.delta_theta))
+    assert abs(r.delta_h1 - exact_value) / r.se_E < 4
 
 
 @pytest.mark.numerics

@@ -189,11 +189,11 @@ def test_sft_labels_cover_answer_and_eos_only(tokenizer):
         assert tokenizer.decode(batch["input_ids"][i, :n]) == r["prompt"] + r["answer"] + tokenizer.eos_token
 
 
-def test_dry_run_writes_nothing(tmp_path, capsys):
+def test_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "sub" / "demo"
-    demo_stage.run(Params(), out, dry_run=True)
+    printed = demo_stage.run(Params(), out, dry_run=True)
     assert not (tmp_path / "sub").exists()
-    printed = capsys.readouterr().out
+    assert printed.startswith("demo plan:")
     assert "n_prompts: 100" in printed
     for step in range(1, 14):  # a checkpoint every step (the trajectory scores each one)
         assert str(out / "run" / f"checkpoint-{step}") in printed

@@ -21,13 +21,16 @@ from entropy_probe import enumeration, perturb
 from entropy_probe.artifacts.delta_h1 import Bars
 from entropy_probe.artifacts.exact import ExactReport
 from entropy_probe.artifacts.samples import Samples, tokenizer_identity
+from entropy_probe.delta_h1 import compute_delta_h1
 from entropy_probe.errors import ProbeError
 from entropy_probe.files import write_json
 from entropy_probe.params import EstimatorParams, Params
 from entropy_probe.policy import policy_logprobs
-from entropy_probe.probe import UpdateSpec, compute_delta_h1
+from entropy_probe.probe import Probe
+from entropy_probe.specs import ComputeBudget
 from entropy_probe.task import load_prompts
 from entropy_probe.tiny import build_tokenizer
+from entropy_probe.update_rule import UpdateRule
 from stages import exact as exact_stage
 
 # floating-point results of the model's kernels, compared to tight tolerances (see tests/tolerances.py)
@@ -280,7 +283,7 @@ def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
     below 1: SE_E counts the variance of which prompts were drawn, which that comparison holds fixed."""
     model = make_lora_model(seed=3, rank=2, head_scale=40.0)
     layout, state = adam_state(model)
-    spec = UpdateSpec("sgd", state, None, "token-mean", None)
+    spec = UpdateRule("sgd", state, "token-mean")
     U = sample_u(model, tokenizer, n_groups=8, G=4, seed=2)
     kw = dict(eos_id=tokenizer.eos_token_id, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_p=1.0)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in POPULATION]
@@ -290,9 +293,11 @@ def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
         # B_E = 64 prompts uniformly with replacement, as sample-e draws them (generation.plan_e)
         rows = torch.randint(len(POPULATION), (64,), generator=torch.Generator().manual_seed(5000 + d))
         E = sample_batch(model, tokenizer, [POPULATION[i] for i in rows.tolist()], seed=6000 + d)
-        result = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(baseline="mean"), 4096, all_targets=True)
+        result = compute_delta_h1(
+            model, E, U, layout, spec, EstimatorParams(baseline="mean"), ComputeBudget(4096, all_targets=True)
+        )
         if moments is None:  # Δθ depends on U only: the same for every draw
-            delta = layout.unflatten(result["delta_theta"])
+            delta = layout.unflatten(result.delta_theta)
             moments = per_prompt_moments(model, ids, delta, max_sequences=10**6, **kw)
             population = exact_delta_h1(moments, torch.ones(len(ids)))
             # the stage's population value (exact_gradients, uniform weights, other chunks) is this one, up to
@@ -304,9 +309,9 @@ def test_population_z_is_calibrated_and_the_conditional_z_is_not(tokenizer):
                 assert_close_scaled(got, population[t], scale, what=f"population δH₁ ({t})")
         drawn = exact_delta_h1(moments, torch.bincount(rows, minlength=len(ids)))
         for t in enumeration.TARGETS:
-            r = result["targets"][t]
-            z_pop[t].append((r["delta_h1"] - population[t]) / r["se_E"])
-            z_cond[t].append((r["delta_h1"] - drawn[t]) / r["se_E"])
+            r = result.targets[t]
+            z_pop[t].append((r.delta_h1 - population[t]) / r.se_E)
+            z_cond[t].append((r.delta_h1 - drawn[t]) / r.se_E)
     sd = {t: (torch.tensor(z_pop[t]).std().item(), torch.tensor(z_cond[t]).std().item()) for t in z_pop}
     for t in enumeration.TARGETS:
         mean = sum(z_pop[t]) / len(z_pop[t])
@@ -399,9 +404,34 @@ def stage_params(root) -> Params:
     return params
 
 
+def use_policy(monkeypatch, fingerprint: str = "abc123") -> None:
+    """The stage's policy: the tiny model in memory, as the checkpoint `fingerprint` (delta-h1's by default)."""
+
+    def policy(cls, params):
+        return cls(make_lora_model(seed=2), build_tokenizer(), None, params=params, fingerprint=fingerprint)
+
+    monkeypatch.setattr(Probe, "policy", classmethod(policy))
+
+
+def test_exact_refuses_a_checkpoint_delta_h1_did_not_probe(tmp_path, monkeypatch):
+    """checkpoint.path names another checkpoint than the one delta-h1 (and verify) described: exact refuses in
+    one line before enumerating, instead of writing the other checkpoint's values under delta-h1's label."""
+    use_policy(monkeypatch, fingerprint="another")
+    delta = {n: v.float().double() for n, v in random_direction(make_lora_model(seed=2), seed=5).items()}
+    write_stage_inputs(
+        tmp_path, [ARITHMETIC_1[1]], 2, delta, 1e-2, {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5}}
+    )
+    drawn_from_arithmetic(tmp_path, [1])
+    with pytest.raises(
+        ProbeError, match="delta_h1.json is for checkpoint abc123, but the probed checkpoint is another"
+    ) as err:
+        exact_stage.run(stage_params(tmp_path), tmp_path / "exact", dry_run=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "exact").exists()
+
+
 def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
-    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: build_tokenizer())
+    use_policy(monkeypatch)
     reference = perturb.as_float64(make_lora_model(seed=2))
     index = [1, 3, 1, 1]  # 2 distinct prompts of the 4, multiplicities 3 and 1
     delta = {n: v.float().double() for n, v in random_direction(reference, seed=5).items()}
@@ -416,10 +446,9 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
     # --dry-run counts from the config alone: no model load, no enumeration
     monkeypatch.setattr(exact_stage, "_base_config", lambda params: reference.config)
     with monkeypatch.context() as m:
-        m.setattr(exact_stage, "_load_model", lambda params: pytest.fail("--dry-run loaded the model"))
-        assert exact_stage.run(params, tmp_path / "dry", dry_run=True) is None
+        m.setattr(Probe, "policy", classmethod(lambda cls, params: pytest.fail("--dry-run loaded the model")))
+        printed = exact_stage.run(params, tmp_path / "dry", dry_run=True)
     assert not (tmp_path / "dry").exists()
-    printed = capsys.readouterr().out
     assert "2 distinct prompts (4 E rows), exactly 482 sequences" in printed  # 2 × (1 + 16·15)
     assert "the whole population: 4 prompts, exactly 964 sequences;" in printed
 
@@ -467,8 +496,7 @@ def test_exact_stage_end_to_end(tmp_path, monkeypatch, capsys):
 def test_exact_stage_skips_a_population_over_the_limit(tmp_path, monkeypatch, caplog):
     """The population (4 × 241 sequences) over exact.max_sequences while E (2 × 241) fits: counted before any
     enumeration, a warning, null population fields; E's values as usual."""
-    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
-    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: build_tokenizer())
+    use_policy(monkeypatch)
     delta = {n: v.float().double() for n, v in random_direction(make_lora_model(seed=2), seed=5).items()}
     estimates = {"token_mean": {"delta_h1": 0.0, "se_E": 1e-3, "entropy": 2.5}}
     write_stage_inputs(tmp_path, [ARITHMETIC_1[i] for i in (1, 3)], 2, delta, 1e-2, estimates)
@@ -489,8 +517,7 @@ def test_exact_stage_skips_a_population_over_the_limit(tmp_path, monkeypatch, ca
 def test_exact_stage_refuses_a_population_that_is_not_e_s(tmp_path, monkeypatch):
     """batch_config naming another dataset than E's, or a record that tokenises to other tokens than its E row:
     one line, nothing written."""
-    monkeypatch.setattr(exact_stage, "_load_model", lambda params: make_lora_model(seed=2))
-    monkeypatch.setattr(exact_stage, "_load_tokenizer", lambda params: build_tokenizer())
+    use_policy(monkeypatch)
     delta = {n: v.float().double() for n, v in random_direction(make_lora_model(seed=2), seed=5).items()}
     write_stage_inputs(tmp_path, [ARITHMETIC_1[1], ARITHMETIC_1[3]], 2, delta, 1e-2, None)
     drawn_from_arithmetic(tmp_path, [1, 3])
@@ -508,7 +535,7 @@ def test_exact_stage_refuses_a_population_that_is_not_e_s(tmp_path, monkeypatch)
 def test_exact_stage_refuses_mismatched_inputs(tmp_path, monkeypatch):
     """delta-h1 and verify of different checkpoints, or stop strings the enumeration cannot model: one line,
     before any model is loaded."""
-    monkeypatch.setattr(exact_stage, "_load_model", lambda params: pytest.fail("loaded the model"))
+    monkeypatch.setattr(Probe, "policy", classmethod(lambda cls, params: pytest.fail("loaded the model")))
     delta = {"w": torch.zeros(2, dtype=torch.float64)}
     write_stage_inputs(tmp_path, [[1, 2]], 2, delta, 1e-2, None, fingerprint="other")
     with pytest.raises(ProbeError, match=r"delta_h1\.json is for checkpoint abc123, but .*verify describes other"):

@@ -28,7 +28,9 @@ import ctypes, gc, json, sys
 import torch
 torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model
-from entropy_probe.probe import UpdateSpec, compute_delta_h1
+from entropy_probe.delta_h1 import compute_delta_h1
+from entropy_probe.specs import ComputeBudget
+from entropy_probe.update_rule import UpdateRule
 from entropy_probe.scoring import Batch
 from entropy_probe.params import EstimatorParams
 from entropy_probe.policy import teacher_force
@@ -75,12 +77,11 @@ m = {n: 1e-3 * torch.randn(p.shape) for n, p in named.items()}
 v = {n: 1e-5 * torch.rand(p.shape) for n, p in named.items()}
 groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
 state = AdamState.from_groups(layout, {n: p.detach() for n, p in named.items()}, m, v, {n: 3.0 for n in named}, groups)
-spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
+spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
 est = EstimatorParams(baseline="regression")  # the baseline with the most per-row work
 
 # warm-up on a few rows (thread pools, kernel caches), then the baseline
-compute_delta_h1(model, Batch.from_tensors(artifact(4, 3), 1.0, 1.0, cpu), Batch.from_tensors(u_artifact(1, 4), 1.0, 1.0, cpu),
-                 layout, spec, est, max_tokens)
+compute_delta_h1(model, Batch.from_tensors(artifact(4, 3), 1.0, 1.0, cpu), Batch.from_tensors(u_artifact(1, 4), 1.0, 1.0, cpu), layout, spec, est, ComputeBudget(max_tokens))
 
 def status_kb(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
@@ -90,10 +91,10 @@ ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 baseline = status_kb("VmRSS")
-result = compute_delta_h1(model, E, U, layout, spec, est, max_tokens)
+result = compute_delta_h1(model, E, U, layout, spec, est, ComputeBudget(max_tokens))
 peak = status_kb("VmHWM") - baseline
 print(json.dumps({"peak_kb": peak, "baseline_kb": baseline, "n_microbatches": len(E.slices(max_tokens)),
-                  "delta_h1": result["delta_h1"]}))
+                  "delta_h1": result.delta_h1}))
 """
 
 
@@ -149,7 +150,7 @@ import torch
 torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model
 from entropy_probe.estimators import entropy_coefficients
-from entropy_probe.probe import entropy_pass, policy_gradient
+from entropy_probe.passes import entropy_pass, policy_gradient
 from entropy_probe.scoring import Batch
 from entropy_probe.tiny import build_model
 from entropy_probe.update import FlatLayout, group_advantages, pg_coefficients

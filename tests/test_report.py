@@ -349,12 +349,12 @@ def test_stale_exact_or_truth_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dry_run_lists_inputs_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_lists_inputs_and_writes_nothing(tmp_path):
     root = tmp_path / "probe"
     write_checkpoint(root / "a", 0, exact=[1.0])
     out = tmp_path / "out"
-    assert report_stage.run(sweep_params(root, ["a", "b"]), out, dry_run=True) is None
-    printed = capsys.readouterr().out
+    printed = report_stage.run(sweep_params(root, ["a", "b"]), out, dry_run=True) + "\n"
+    assert printed.startswith("report plan:")
     assert str(root / "a" / "delta_h1" / "delta_h1.json") in printed
     assert f"{root / 'b' / 'delta_h1' / 'delta_h1.json'} [required]  (missing)" in printed
     assert f"{root / 'a' / 'exact' / 'exact.json'} [optional]\n" in printed

@@ -14,11 +14,13 @@ import yaml
 from conftest import copy_repo, make_lora_model
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
 
+from entropy_probe.delta_h1 import compute_delta_h1
 from entropy_probe.enumeration import exact_gradients
 from entropy_probe.errors import ProbeError
-from entropy_probe.importance import importance_weights
+from entropy_probe.importance import Reuse, importance_weights, reuse_weights
 from entropy_probe.params import EstimatorParams
-from entropy_probe.probe import UpdateSpec, compute_delta_h1, reuse_weights
+from entropy_probe.specs import ComputeBudget
+from entropy_probe.update_rule import UpdateRule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,16 +44,23 @@ def test_same_checkpoint_weights_are_one_and_change_nothing(tokenizer):
     E = sample_batch(model, tokenizer, PROMPTS * 8, seed=1)
     U = sample_u(model, tokenizer, n_groups=4, G=4, seed=2)
     layout, state = adam_state(model)
-    spec = UpdateSpec("adam_step", state, 1.0, "token-mean", None)
-    plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
+    spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
+    plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
     ones = compute_delta_h1(
-        model, E, U, layout, spec, EstimatorParams(), 4096, torch.full((len(E),), 1 / len(E)), torch.ones(len(U))
+        model,
+        E,
+        U,
+        layout,
+        spec,
+        EstimatorParams(),
+        ComputeBudget(4096),
+        Reuse(torch.full((len(E),), 1 / len(E)), torch.ones(len(U))),
     )
     for key in ("delta_h1", "se_E", "se_U", "entropy"):
-        if plain[key] is None:  # SE_U when fewer than 2 groups have non-zero advantage
-            assert ones[key] is None, key
+        if getattr(plain, key) is None:  # SE_U when fewer than 2 groups have non-zero advantage
+            assert getattr(ones, key) is None, key
             continue
-        assert ones[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-15), key
+        assert getattr(ones, key) == pytest.approx(getattr(plain, key), rel=1e-9, abs=1e-15), key
     # and re-scoring under the sampler itself gives log-ratios ~0, i.e. ESS = N
     log_ratio = E.rescore(model, 4096)
     assert log_ratio.abs().max() < 1e-4
@@ -77,21 +86,20 @@ def test_reweighted_delta_h1_matches_exact_at_the_probed_checkpoint(tokenizer):
     for seed in range(3):
         E = sample_batch(sampler, tokenizer, PROMPTS * 64, seed=40 + seed)
         U = sample_u(sampler, tokenizer, n_groups=8, G=4, seed=50 + seed)
-        reuse = reuse_weights(probed, E, U, {"E": "A", "U": "A"}, 4096, min_ess_fraction=0.1, force=False)
+        reuse = reuse_weights(probed, {"E": E, "U": U}, {"E": "A", "U": "A"}, 4096, min_ess_fraction=0.1, force=False)
         fractions.append(reuse.ess["E"] / len(E))
         r = compute_delta_h1(
             probed,
             E,
             U,
             layout,
-            UpdateSpec("adam_step", state, 1.0, "token-mean", None),
+            UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0),
             EstimatorParams(),
-            4096,
-            reuse.e_weights,
-            reuse.u_weights,
+            ComputeBudget(4096),
+            reuse,
         )
-        for t, res in r["targets"].items():
-            zs.append((res["delta_h1"] - directional(grads[t], layout.unflatten(r["delta_theta"]))) / res["se_E"])
+        for t, res in r.targets.items():
+            zs.append((res.delta_h1 - directional(grads[t], layout.unflatten(r.delta_theta))) / res.se_E)
     assert 0.2 < min(fractions) and max(fractions) < 0.999  # a real reweighting, not a trivial one
     assert max(abs(z) for z in zs) < 4, zs
 
@@ -103,7 +111,7 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tokeni
     E = sample_batch(sampler, tokenizer, PROMPTS * 16, seed=60)
     U = sample_u(sampler, tokenizer, n_groups=4, G=4, seed=61)
     e_before, u_before = E.tensors["entropies"].clone(), U.tensors["entropies"].clone()
-    reuse = reuse_weights(probed, E, U, {"U": "A"}, 4096, min_ess_fraction=0.0, force=False)
+    reuse = reuse_weights(probed, {"E": E, "U": U}, {"U": "A"}, 4096, min_ess_fraction=0.0, force=False)
     assert reuse.e_weights is None and set(reuse.ess) == {"U"} and torch.equal(E.tensors["entropies"], e_before)
     assert not torch.equal(U.tensors["entropies"], u_before)  # re-scored under the probed checkpoint
     assert reuse.u_weights.sum().item() == pytest.approx(len(U), rel=1e-12)
@@ -111,9 +119,9 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tokeni
     fraction = reuse.ess["U"] / len(U)
     assert fraction < 0.999
     with pytest.raises(ProbeError, match=r"the E samples \(drawn by checkpoint A\) have ESS/N = .* reuse.force"):
-        reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=False)
+        reuse_weights(probed, {"E": E, "U": U}, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=False)
     E = sample_batch(sampler, tokenizer, PROMPTS * 16, seed=60)  # re-scoring replaced the behaviour log-probs
-    forced = reuse_weights(probed, E, U, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=True)
+    forced = reuse_weights(probed, {"E": E, "U": U}, {"E": "A"}, 4096, min_ess_fraction=0.9999, force=True)
     assert forced.ess["E"] / len(E) < 0.9999 and forced.u_weights is None
     assert forced.e_weights.sum().item() == pytest.approx(1.0, rel=1e-12)
 

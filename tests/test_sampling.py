@@ -535,13 +535,11 @@ def test_sample_u_stage(stage_setup):
     assert summary.startswith("sample-u: 3 prompts without replacement (3 distinct), G=4, 12 sequences; mean reward ")
 
 
-def test_dry_run_writes_nothing(stage_setup, capsys):
+def test_dry_run_writes_nothing(stage_setup):
     from stages.sample import run_sample_e, run_sample_u
 
     root, params, _ = stage_setup
-    assert run_sample_e(params, root / "dry_e", True) is None
-    assert run_sample_u(params, root / "dry_u", True) is None
-    printed = capsys.readouterr().out
+    printed = run_sample_e(params, root / "dry_e", True) + "\n" + run_sample_u(params, root / "dry_u", True)
     assert "7 prompts with replacement" in printed and "7 sequences" in printed and "2 generate batches" in printed
     assert "3 prompts without replacement" in printed and "12 sequences" in printed and "3 generate batches" in printed
     assert not (root / "dry_e").exists() and not (root / "dry_u").exists()

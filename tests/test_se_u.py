@@ -13,15 +13,11 @@ from conftest import make_lora_model
 from test_delta_h1 import PROMPTS, adam_state, sample_batch, sample_u
 from tolerances import FP64_REL, assert_close_scaled, assert_vectors_close, dot_scale
 
+from entropy_probe.delta_h1 import NO_SE_U_FEW_GROUPS, compute_delta_h1
 from entropy_probe.params import EstimatorParams
+from entropy_probe.passes import group_gradients, policy_gradient
 from entropy_probe.perturb import as_float64
-from entropy_probe.probe import (
-    NO_SE_U_FEW_GROUPS,
-    UpdateSpec,
-    compute_delta_h1,
-    group_gradients,
-    policy_gradient,
-)
+from entropy_probe.specs import ComputeBudget
 from entropy_probe.update import (
     LOSS_AGG_MODES,
     group_denominators,
@@ -30,6 +26,7 @@ from entropy_probe.update import (
     pg_coefficients,
     update_direction,
 )
+from entropy_probe.update_rule import UpdateRule
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +107,12 @@ def test_se_u_matches_the_spread_over_u_draws(model, tokenizer, max_grad_norm):
     """
     layout, state = adam_state(model, lr=2e-2)
     params = _params(model, layout)
-    spec = UpdateSpec("adam_step", state, max_grad_norm, "token-mean", None)
+    spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=max_grad_norm)
     E = sample_batch(model, tokenizer, PROMPTS * 16, seed=1)
     first = compute_delta_h1(
-        model, E, sample_u(model, tokenizer, 8, 4, seed=5000), layout, spec, EstimatorParams(), 4096
+        model, E, sample_u(model, tokenizer, 8, 4, seed=5000), layout, spec, EstimatorParams(), ComputeBudget(4096)
     )
-    xbar = first["xbar"].double()
+    xbar = first.xbar.double()
     values, variances, clipped = [], [], 0
     for s in range(60):
         U = sample_u(model, tokenizer, 8, 4, seed=5001 + s)
@@ -137,37 +134,37 @@ def test_se_u_matches_the_spread_over_u_draws(model, tokenizer, max_grad_norm):
 def test_se_u_is_none_with_one_moving_group(model, tokenizer):
     """One prompt group with non-zero advantage: SE_U is not estimable — None with the reason, never ~0."""
     layout, state = adam_state(model)
-    spec = UpdateSpec("adam_step", state, 0.02, "token-mean", None)
+    spec = UpdateRule("adam_step", state, "token-mean", max_grad_norm=0.02)
     E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
     U = sample_u(model, tokenizer, 4, 4, seed=7)
     adv = U.tensors["advantages"].view(4, 4)
     adv[1:] = 0.0  # only group 0 moves g
     adv[0] = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    r = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
-    assert r["se_U"] is None and r["se_U_note"] == NO_SE_U_FEW_GROUPS
-    assert r["se_delta_h1"] == r["se_E"]
-    with_cache = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
-    assert with_cache["se_U_method"] == "jackknife over U prompt groups"
-    without = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096, u_cache_mb=0)
-    assert without["se_U_method"] == "delta method" and without["se_U"] is None
+    r = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
+    assert r.se_U is None and r.se_U_note == NO_SE_U_FEW_GROUPS
+    assert r.se_delta_h1 == r.se_E
+    with_cache = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
+    assert with_cache.se_U_method == "jackknife over U prompt groups"
+    without = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096, u_cache_mb=0))
+    assert without.se_U_method == "delta method" and without.se_U is None
 
 
 def test_cache_and_delta_method_agree_on_the_linearised_attributions(model, tokenizer):
     """u·g_b from the cached group gradients = the third pass's row hooks (both Σ_b = u·g)."""
     layout, state = adam_state(model)
-    spec = UpdateSpec("adam_step", state, None, "token-mean", None)
+    spec = UpdateRule("adam_step", state, "token-mean")
     E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
     U = sample_u(model, tokenizer, 8, 4, seed=8)
-    cached = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
-    passes = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096, u_cache_mb=0)
-    scale = dot_scale(passes["xbar"], passes["delta_theta"])  # δH₁ may cancel: compare on its terms' scale
-    assert_close_scaled(cached["delta_h1"], passes["delta_h1"], scale, what="δH₁ with and without the cache")
-    scale = float(passes["u_attribution"].abs().sum())
-    assert_vectors_close(cached["u_attribution"], passes["u_attribution"], rel=1e-5, what="u·g_b")
+    cached = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
+    passes = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096, u_cache_mb=0))
+    scale = dot_scale(passes.xbar, passes.delta_theta)  # δH₁ may cancel: compare on its terms' scale
+    assert_close_scaled(cached.delta_h1, passes.delta_h1, scale, what="δH₁ with and without the cache")
+    scale = float(passes.u_attribution.abs().sum())
+    assert_vectors_close(cached.u_attribution, passes.u_attribution, rel=1e-5, what="u·g_b")
     assert scale > 0
     # leave-one-group-out attributions: δH₁ − δH₁ without the group; a group with zero advantage still
     # changes the token-mean normaliser, so no entry is exactly 0 unless nothing moves
-    assert cached["u_attribution_loo"].shape == cached["u_attribution"].shape
+    assert cached.u_attribution_loo.shape == cached.u_attribution.shape
 
 
 def test_activation_checkpointing_changes_nothing(model, tokenizer):
@@ -176,22 +173,22 @@ def test_activation_checkpointing_changes_nothing(model, tokenizer):
     from entropy_probe.checkpoint import _enable_checkpointing
 
     layout, state = adam_state(model)
-    spec = UpdateSpec("adam_step", state, None, "token-mean", None)
+    spec = UpdateRule("adam_step", state, "token-mean")
     E = sample_batch(model, tokenizer, PROMPTS * 4, seed=1)
     U = sample_u(model, tokenizer, 8, 4, seed=3)
-    plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), 4096)
+    plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
     recomputing = copy.deepcopy(model)
     _enable_checkpointing(recomputing)
     calls = []
     name = next(n for n, _ in recomputing.named_modules() if n.endswith("q_proj.lora_A.default"))
     handle = dict(recomputing.named_modules())[name].register_forward_hook(lambda *_: calls.append(1))
-    checkpointed = compute_delta_h1(recomputing, E, U, layout, spec, EstimatorParams(), 4096)
+    checkpointed = compute_delta_h1(recomputing, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
     handle.remove()
     assert len(calls) > 2  # two forwards (U, E) plus the recomputations: checkpointing is really on
-    scale = dot_scale(plain["xbar"], plain["delta_theta"])  # δH₁ may cancel: compared on its terms' scale
+    scale = dot_scale(plain.xbar, plain.delta_theta)  # δH₁ may cancel: compared on its terms' scale
     for key in ("delta_h1", "delta_h1_from_tangents"):
-        assert_close_scaled(checkpointed[key], plain[key], scale, what=key)
+        assert_close_scaled(getattr(checkpointed, key), getattr(plain, key), scale, what=key)
     for key in ("se_E", "se_U"):  # standard errors do not cancel: their own size is the scale
-        assert_close_scaled(checkpointed[key], plain[key], abs(plain[key]), what=key)
-    assert_vectors_close(checkpointed["u_attribution_loo"], plain["u_attribution_loo"], rel=1e-5, what="LOO")
-    assert_vectors_close(checkpointed["e_contributions"], plain["e_contributions"], rel=1e-5, what="E rows")
+        assert_close_scaled(getattr(checkpointed, key), getattr(plain, key), abs(getattr(plain, key)), what=key)
+    assert_vectors_close(checkpointed.u_attribution_loo, plain.u_attribution_loo, rel=1e-5, what="LOO")
+    assert_vectors_close(checkpointed.e_contributions, plain.e_contributions, rel=1e-5, what="E rows")

@@ -18,6 +18,7 @@ from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_c
 from entropy_probe.checkpoint import _enable_checkpointing
 from entropy_probe.estimators import entropy_coefficients
 from entropy_probe.params import ComputeParams
+from entropy_probe.passes import entropy_pass, entropy_rows, policy_gradient, u_row_terms
 from entropy_probe.perturb import as_float64
 from entropy_probe.policy import (
     DEFAULT_LOGITS_CHUNK_MB,
@@ -26,7 +27,6 @@ from entropy_probe.policy import (
     teacher_force,
     teacher_force_unchunked,
 )
-from entropy_probe.probe import entropy_pass, entropy_rows, policy_gradient, u_row_terms
 from entropy_probe.scoring import Batch
 from entropy_probe.tangents import grad_and_tangents
 from entropy_probe.update import FlatLayout, group_advantages, pg_coefficients

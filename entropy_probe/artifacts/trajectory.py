@@ -59,7 +59,7 @@ class TrajectoryStep(Record):
 
 
 class CalibrationMetrics(Record):
-    """metrics.json: the calibration summary (`entropy_probe.calibration.Calibration`), what DVC tracks."""
+    """The calibration summary (`entropy_probe.calibration.Calibration`); `TrajectoryMetrics` is its head."""
 
     n_steps: int
     z_mean: float | None
@@ -74,9 +74,24 @@ class CalibrationMetrics(Record):
     z_delta_h2_obs_sd: float | None
 
 
-class TrajectoryMetrics(CalibrationMetrics, JsonArtifact):
+class TrajectoryMetrics(JsonArtifact):
+    """metrics.json: the forecast's calibration over the run, compact enough for one `dvc metrics show` line
+    (the along-step z summaries are in trajectory.json's `calibration`)."""
+
     FILE: ClassVar[str] = "metrics.json"
     STAGE: ClassVar[str] = "trajectory"
+
+    n_steps: int
+    z_mean: float | None
+    z_sd: float | None
+    z_share_within_2: float | None
+    corr_pred_obs: float | None
+    explained_first_order: float | None
+    explained_second_order: float | None
+
+    @classmethod
+    def of(cls, calibration: CalibrationMetrics) -> "TrajectoryMetrics":
+        return cls(**calibration.model_dump(include=set(cls.model_fields)))
 
 
 class Trajectory(JsonArtifact):

@@ -1,0 +1,351 @@
+"""δH₁ = X̄ · Δθ from an E and a U batch, with standard errors and attributions (docs/math.md §4–§6).
+
+`compute_delta_h1` runs the passes of `passes` in order:
+  1. U (emulated rules only): g = ∇J, and the per-group gradients when they fit the budget;
+  2. Δθ = rule(g), or the given (observed) step;
+  3. E: X̄ and every row's share of X̄·Δθ (SE_E, the E attributions);
+  4. SE_U and the U attributions: a jackknife over the cached group gradients, or the delta method.
+It returns a `DeltaH1Estimate`: typed numbers (the fields of delta_h1.json) and the tensors behind them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .artifacts.delta_h1 import TargetEstimate
+from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
+from .importance import Reuse, standard_error
+from .passes import (
+    entropy_pass,
+    entropy_rows,
+    group_gradients,
+    policy_gradient,
+    token_advantage_covariance,
+    u_row_terms,
+)
+from .scoring import Batch, accumulation_dtype
+from .specs import ComputeBudget
+from .tangents import RowDirectional
+from .update import FlatLayout, group_denominators, group_terms_from_rows, jackknife_se, pg_coefficients
+from .update_rule import UpdateRule
+
+log = logging.getLogger(__name__)
+
+NO_SE_U_FEW_GROUPS = "fewer than 2 prompt groups with non-zero advantage: SE_U cannot be estimated"
+NO_U_OBSERVED = "the step is given (observed): no U batch"
+
+
+class Clock(dict):
+    """Seconds per phase (for the log): `clock("phase", fn, *args)` calls fn and adds its wall time."""
+
+    def __call__(self, phase: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - start, 4)
+
+
+@dataclass
+class UGradient:
+    """The U pass: loss coefficients c_ij, g = ∇J (flat) and, when cached, the per-group gradients [B, P]."""
+
+    coef: Tensor
+    g: Tensor
+    g_groups: Tensor | None
+
+
+@dataclass
+class EGradient:
+    """The E pass: X̄ (flat), the configured target's influence values ψ [N], every target's estimate."""
+
+    xbar: Tensor
+    psi: Tensor
+    entropy: float
+    targets: dict[str, TargetEstimate]
+    naive: tuple[float, float] | None = None  # (δH₁, SE_E) of the surprisal estimator (all_targets only)
+
+
+@dataclass
+class UUncertainty:
+    """SE_U, how it was estimated (or why not), and the U groups' attributions."""
+
+    se_U: float | None = None
+    se_U_method: str | None = None
+    se_U_note: str | None = None
+    attribution: Tensor | None = None  # [B] u·g_b: linearised contributions (Σ = the linearised gradient part)
+    attribution_loo: Tensor | None = None  # [B] δH₁ − X̄·Δθ(g₋b), with the cached group gradients
+
+
+@dataclass
+class DeltaH1Estimate:
+    """Every number of delta_h1.json's estimate (U-dependent ones None for an observed step), and the tensors."""
+
+    delta_h1: float
+    delta_h1_from_tangents: float
+    learning_rate: float
+    bars_dot: float
+    entropy: float
+    se_delta_h1: float
+    se_E: float
+    se_U: float | None
+    se_U_method: str | None
+    se_U_note: str | None
+    delta_h1_gradient_part: float | None
+    delta_h1_momentum_part: float | None
+    delta_h1_gradient_part_linearised: float | None
+    delta_h1_naive: float | None
+    se_E_naive: float | None
+    cov_logp_advantage: float | None
+    norm_xbar: float
+    norm_delta_theta: float
+    norm_g: float | None
+    targets: dict[str, TargetEstimate]
+    # tensors (not in delta_h1.json): flat X̄ and Δθ in layout order, attributions
+    xbar: Tensor = field(repr=False)
+    delta_theta: Tensor = field(repr=False)
+    e_contributions: Tensor = field(repr=False)  # [N_E] ψ_i / N: each E sequence's share of δH₁
+    u_attribution: Tensor | None = field(default=None, repr=False)
+    u_attribution_loo: Tensor | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+
+    REPORT_FIELDS = (
+        "delta_h1",
+        "delta_h1_from_tangents",
+        "learning_rate",
+        "bars_dot",
+        "entropy",
+        "se_delta_h1",
+        "se_E",
+        "se_U",
+        "se_U_method",
+        "se_U_note",
+        "delta_h1_gradient_part",
+        "delta_h1_momentum_part",
+        "delta_h1_gradient_part_linearised",
+        "delta_h1_naive",
+        "se_E_naive",
+        "cov_logp_advantage",
+        "norm_xbar",
+        "norm_delta_theta",
+        "norm_g",
+        "targets",
+    )
+
+    def report_fields(self) -> dict:
+        """The fields DeltaH1Report takes from the estimate."""
+        return {k: getattr(self, k) for k in self.REPORT_FIELDS}
+
+
+def _parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in layout.names]
+
+
+def _direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
+    """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents)."""
+    dtype = accumulation_dtype(params[0])
+    return [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
+
+
+def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: ComputeBudget, clock) -> UGradient:
+    """Pass 1: g = ∇J with the trainer's loss aggregation, with per-group gradients when they fit the budget
+    and every trainable parameter is a Linear weight/bias (else SE_U by the delta method, one more U pass)."""
+    params = _parameters(model, layout)
+    dtype = accumulation_dtype(params[0])
+    advantages = U.tensors["advantages"].to(dtype)
+    coef = pg_coefficients(advantages, U.mask, update.loss_agg_mode, update.max_len, u_weights).to(dtype)
+    _, groups = torch.unique(U.tensors["group_index"], return_inverse=True)
+    n_groups = int(groups.max()) + 1
+    hooks_work = RowDirectional.supports(model, layout.names)
+    cache_bytes = n_groups * layout.numel * torch.empty((), dtype=dtype).element_size()
+    if hooks_work and cache_bytes <= budget.u_cache_mb * 2**20:
+        g, g_groups = clock(
+            "u_gradient", group_gradients, model, params, layout.names, U, coef, groups, budget.max_tokens
+        )
+        return UGradient(coef, g, g_groups)
+    why = (
+        "not every trainable parameter is a Linear weight/bias"
+        if not hooks_work
+        else f"{n_groups} groups × {layout.numel} parameters exceed compute.u_gradient_cache_mb = {budget.u_cache_mb:g}"
+    )
+    log.info("delta-h1: no per-group U gradients (%s): SE_U by the delta method, one more U pass", why)
+    g = clock("u_gradient", policy_gradient, model, params, layout, U, coef, budget.max_tokens)
+    return UGradient(coef, g, None)
+
+
+def e_gradient(model, layout, E: Batch, estimator, e_weights, delta_theta, budget: ComputeBudget, clock) -> EGradient:
+    """Pass 3: X̄ for estimator.entropy and each row's share of X̄·Δθ, from ordinary backwards with row hooks;
+    with compute.all_targets (or parameters the hooks cannot see) per-token tangents by double backward,
+    which give all three targets and the naive estimate."""
+    params = _parameters(model, layout)
+    dtype = accumulation_dtype(params[0])
+    direction = _direction(delta_theta, layout, params)
+    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], dim=-1).to(dtype)
+
+    def coefficients(target: str) -> EntropyCoefs:
+        return entropy_coefficients(
+            E.tensors["entropies"].to(dtype),
+            E.mask,
+            target=target,
+            baseline=estimator.baseline,
+            features=features,
+            ridge=estimator.ridge,
+            folds=estimator.crossfit_folds,
+            weights=e_weights,
+        )
+
+    max_tokens = budget.max_tokens
+    if budget.all_targets or not RowDirectional.supports(model, layout.names):
+        coefs = {t: coefficients(t) for t in TARGETS}
+        main = coefs[estimator.entropy]
+        xbar, dH, dlogp = clock("e_gradient", entropy_pass, model, params, layout, E, main, direction, max_tokens)
+        targets = {}
+        for t, cf in coefs.items():
+            est, se = cf.estimate(dH, dlogp)
+            targets[t] = TargetEstimate(delta_h1=est, se_E=se, entropy=cf.entropy)
+        naive = naive_coefficients(E.tensors["logprobs"].to(dtype), E.mask, target=estimator.entropy, weights=e_weights)
+        return EGradient(xbar, main.influence(dH, dlogp), main.entropy, targets, naive.estimate(None, dlogp))
+    main = coefficients(estimator.entropy)
+    xbar, ws, beta = clock("e_gradient", entropy_rows, model, params, layout.names, E, main, direction, max_tokens)
+    psi = main.influence_from_rows(ws, beta)
+    target = TargetEstimate(delta_h1=psi.mean().item(), se_E=standard_error(psi), entropy=main.entropy)
+    return EGradient(xbar, psi, main.entropy, {estimator.entropy: target})
+
+
+def _nonzero_advantage_groups(U: Batch) -> int:
+    """How many prompt groups have an advantage ≠ 0 (the only groups that move g)."""
+    moving = U.tensors["advantages"].abs() > 0
+    return int(torch.unique(U.tensors["group_index"][moving]).numel())
+
+
+def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xbar, delta_h1, u_weights, budget, clock):
+    """Pass 4: SE_U and the U attributions (§5.2): with the group gradients a jackknife over prompt groups
+    through the real update rule and leave-one-group-out attributions (no further pass); without them the
+    delta method from one more U backward with row hooks along u = (∂Δθ/∂g)ᵀ X̄."""
+    u = clock("linearise", update.linearised, ug.g, xbar)
+    out = UUncertainty()
+    if ug.g_groups is not None:
+        out.attribution = ug.g_groups.double() @ u  # u·g_b: Σ_b = u·g, from the cache instead of a third pass
+        denominators = group_denominators(U.mask, U.tensors["group_index"], update.loss_agg_mode, u_weights)
+        loo = clock("jackknife", update.leave_one_group_out, ug.g, ug.g_groups, denominators, xbar)
+        out.se_U, out.se_U_method, out.attribution_loo = (
+            jackknife_se(loo),
+            "jackknife over U prompt groups",
+            delta_h1 - loo,
+        )
+    else:
+        params = _parameters(model, layout)
+        direction = _direction(u, layout, params)
+        rows = clock("u_tangents", u_row_terms, model, params, layout.names, U, ug.coef, direction, budget.max_tokens)
+        groups = U.tensors["group_index"]
+        out.attribution, influence = group_terms_from_rows(rows, U.mask, groups, update.loss_agg_mode, u_weights)
+        out.se_U, out.se_U_method = standard_error(influence), "delta method"
+    if _nonzero_advantage_groups(U) < 2:
+        out.se_U, out.se_U_note = None, NO_SE_U_FEW_GROUPS
+    return out
+
+
+def compute_delta_h1(
+    model,
+    E: Batch,
+    U: Batch | None,
+    layout: FlatLayout,
+    update: UpdateRule,
+    estimator,
+    budget: ComputeBudget = ComputeBudget(),
+    reuse: Reuse | None = None,
+) -> DeltaH1Estimate:
+    """δH₁ = X̄·Δθ ± SE for `update` (an emulated rule on U, or an observed step with U None).
+
+    `reuse`: importance weights of samples another checkpoint drew (None: this checkpoint drew them, which
+    makes this the plain unweighted computation). Sums are kept in the parameters' dtype promoted to ≥ float32;
+    δH₁ is accumulated in float64.
+    """
+    if update.emulated == (U is None):
+        raise ValueError("an emulated update rule needs a U batch; an observed step takes none")
+    dtype = accumulation_dtype(_parameters(model, layout)[0])
+    e_w = None if reuse is None or reuse.e_weights is None else reuse.e_weights.to(dtype)
+    u_w = None if reuse is None or reuse.u_weights is None else reuse.u_weights.to(dtype)
+    clock = Clock()
+    ug = None
+    if update.emulated:
+        ug = u_gradient(model, layout, U, update, u_w, budget, clock)
+        delta_theta = clock("update", update.delta_theta, ug.g)
+    else:
+        delta_theta = update.observed.delta_theta.to(torch.float64)
+    eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
+    delta_h1 = float((eg.xbar.double() * delta_theta).sum())
+    unc = UUncertainty(se_U_note=NO_U_OBSERVED)
+    parts: dict[str, float | None] = {}
+    if ug is not None:
+        unc = u_uncertainty(model, layout, U, update, ug, eg.xbar, delta_h1, u_w, budget, clock)
+        momentum = float((eg.xbar.double() * update.momentum_part()).sum())
+        parts = dict(
+            delta_h1_gradient_part=delta_h1 - momentum,
+            delta_h1_momentum_part=momentum,
+            delta_h1_gradient_part_linearised=float(unc.attribution.sum()),
+            cov_logp_advantage=token_advantage_covariance(
+                U.tensors["logprobs"], U.tensors["advantages"].to(dtype), U.mask
+            ),
+            norm_g=float(ug.g.double().norm()),
+        )
+    return _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
+
+
+def _estimate(
+    eg: EGradient, unc: UUncertainty, delta_h1, delta_theta, lr, n_e, parts, target, clock
+) -> DeltaH1Estimate:
+    main = eg.targets[target]
+    se_total = main.se_E if unc.se_U is None else (main.se_E**2 + unc.se_U**2) ** 0.5
+    eg.targets[target] = main.model_copy(update=dict(se_U=unc.se_U, se_delta_h1=se_total))
+    empty = dict.fromkeys(
+        (
+            "delta_h1_gradient_part",
+            "delta_h1_momentum_part",
+            "delta_h1_gradient_part_linearised",
+            "cov_logp_advantage",
+            "norm_g",
+        )
+    )
+    naive_est, naive_se = eg.naive if eg.naive is not None else (None, None)
+    return DeltaH1Estimate(
+        delta_h1=delta_h1,
+        delta_h1_from_tangents=main.delta_h1,
+        learning_rate=lr,
+        bars_dot=delta_h1 / lr,
+        entropy=eg.entropy,
+        se_delta_h1=se_total,
+        se_E=main.se_E,
+        se_U=unc.se_U,
+        se_U_method=unc.se_U_method,
+        se_U_note=unc.se_U_note,
+        delta_h1_naive=naive_est,
+        se_E_naive=naive_se,
+        norm_xbar=float(eg.xbar.double().norm()),
+        norm_delta_theta=float(delta_theta.norm()),
+        targets=eg.targets,
+        xbar=eg.xbar,
+        delta_theta=delta_theta,
+        e_contributions=eg.psi / n_e,
+        u_attribution=unc.attribution,
+        u_attribution_loo=unc.attribution_loo,
+        timings=dict(clock),
+        **{**empty, **parts},
+    )
+
+
+__all__ = [
+    "Clock",
+    "DeltaH1Estimate",
+    "NO_SE_U_FEW_GROUPS",
+    "compute_delta_h1",
+    "e_gradient",
+    "u_gradient",
+    "u_uncertainty",
+]

@@ -1,0 +1,154 @@
+"""The passes over E and U that δH₁ is made of (docs/math.md §4–§6); `delta_h1.compute_delta_h1` runs them.
+
+Passes over the data (each in token-budget microbatches, `scoring.Batch.scored`):
+  1. U, one ordinary backward: g = ∇J = ∇ Σ c_ij logp_ij (policy gradient, §4.2) and, with `GroupGradients`
+     hooks, the per-prompt-group gradients g_b (Σ_b g_b = g) when B × trainable parameters fit
+     `u_cache_mb` and every trainable parameter is a Linear weight/bias (LoRA).
+  2.              Δθ = update(g)                                   (adam_step | adam_precond | sgd, §4.4–4.5)
+     or Δθ given (an observed step θ(next) − θ(this); then there is no U batch).
+  3. E, one ordinary backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) for estimator.entropy and, with
+     `RowDirectional` hooks, every row's w_i X_i·Δθ (§6.2) — SE_E and the E attributions; for token_mean a
+     second backward through the same graph gives β = ∇E[L]·Δθ for the delta method (§5.1).
+     `all_targets`: instead per-token tangents dH_ik, dlogp_ik by double backward (§6.1), which give all
+     three targets and the naive estimate, at about twice the memory.
+  4. SE_U and the U attributions (§5.2): with the group gradients, a jackknife over prompt groups through
+     the real update rule (clipping and Adam included) and leave-one-group-out attributions — no further
+     pass; without them, the delta method from one more U backward with `RowDirectional` hooks along
+     u = (∂Δθ/∂g)ᵀ X̄. With fewer than two groups of non-zero advantage SE_U cannot be estimated (None).
+No per-sample parameter-sized gradient is ever formed. Sums are kept in the trainable parameters' dtype
+promoted to at least float32 (float32 for float32/half models, float64 for a float64 model).
+
+Under torchrun every process runs each pass over its share of the rows (`Batch.shard`) and all-reduces
+the sums, so every process ends with the one-process results (up to summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .estimators import EntropyCoefs
+from .scoring import Batch, accumulation_dtype
+from .tangents import GroupGradients, RowDirectional, grad_and_tangents
+from .update import FlatLayout
+
+
+def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
+    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0."""
+    return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
+
+
+def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """g = ∇_θ Σ_ij coef_ij logp_ij over U, as a flat vector in the accumulation dtype."""
+    dtype = accumulation_dtype(params[0])
+    g = torch.zeros(layout.numel, dtype=dtype, device=coef.device)
+    for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
+        grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
+        g += _flat(grads, params, dtype)
+    return U.reduce(g)
+
+
+def group_gradients(model, params, names, U: Batch, coef: torch.Tensor, groups: torch.Tensor, max_tokens: int):
+    """(g flat, g_b [B, P]) from one ordinary backward per microbatch with `GroupGradients` hooks.
+
+    `groups` [N]: every U row's group number 0..B−1. Σ_b g_b = g up to summation order.
+    """
+    dtype = accumulation_dtype(params[0])
+    g = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=coef.device)
+    hooks = GroupGradients(model, names, int(groups.max()) + 1)
+    with hooks:
+        for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
+            hooks.rows_group = groups[rows]
+            grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
+            g += _flat(grads, params, dtype)
+    return U.reduce(g), U.reduce(hooks.flat(names))
+
+
+def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
+    """(X̄ flat, w_i X_i·v per row [N], β or None) for one target from ordinary backwards with row hooks.
+
+    X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik); the hooks give each row's share of X̄·v. token_mean's
+    delta method also needs β = Σ_i w_i Σ_j len_c_ij dlogp_ij = v·∇ Σ w len_c logp: a second backward
+    through the same graph (`retain_graph`), hooks only.
+    """
+    dtype = accumulation_dtype(params[0])
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
+    len_c = None if coefs.len_c is None else (coefs.len_c * w).to(dtype)
+    xbar = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=a.device)
+    rows_out = torch.zeros(len(E), dtype=dtype, device=a.device)
+    beta = torch.zeros((), dtype=dtype, device=a.device)
+    hooks = RowDirectional(model, names, direction)
+    beta_pass = len_c is not None
+    with hooks:
+        passes = E.scored(
+            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
+        )
+        for rows, stats in passes:
+            grads = torch.autograd.grad(stats.surrogate.sum(), params, retain_graph=beta_pass, allow_unused=True)
+            xbar += _flat(grads, params, dtype)
+            rows_out[rows] = _taken(hooks, grads)
+            if beta_pass:
+                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[len_c[rows]], allow_unused=True)
+                beta += _taken(hooks, grads).sum()
+    return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
+
+
+def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
+    """The hooks' per-row sums of the last backward; 0 only when no parameter got a gradient either."""
+    taken = hooks.take()  # None: no hooked layer is on the path to these outputs
+    if taken is None and any(g is not None for g in grads):  # the hooks missed a path: never report 0
+        raise RuntimeError("RowDirectional hooks did not fire although the parameters got gradients")
+    return 0.0 if taken is None else taken
+
+
+def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
+    """(X̄ flat, dH [N,R], dlogp [N,R]) with X̄ = ∇ Σ_i w_i Σ_k (a H + c logp), tangents along direction
+    (direction None: X̄ alone, tangents None)."""
+    dtype = accumulation_dtype(params[0])
+    w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
+    a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
+    xbar = torch.zeros(layout.numel, dtype=dtype, device=a.device)
+    if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
+        passes = E.scored(
+            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
+        )
+        for _, stats in passes:
+            xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
+        return E.reduce(xbar), None, None
+    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+    for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
+        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
+            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
+        )
+        xbar += _flat(grads, params, dtype)
+    return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
+
+
+def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, direction, max_tokens: int):
+    """row_i = Σ_j coef_ij ∇logp_ij · direction for every U row, [N] — all the U attributions need.
+
+    One ordinary backward per microbatch with `RowDirectional` hooks when every trainable parameter is a
+    Linear weight/bias (LoRA); otherwise per-token tangents by double backward, summed with coef.
+    """
+    rows_out = torch.zeros(len(U), dtype=accumulation_dtype(params[0]), device=coef.device)
+    row_dots = RowDirectional.supports(model, names)
+    hooks = RowDirectional(model, names, direction) if row_dots else contextlib.nullcontext()
+    with hooks:
+        for rows, stats in U.scored(model, max_tokens, "U tangents", with_grad=True, entropies=False):
+            if row_dots:
+                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
+                rows_out[rows] = _taken(hooks, grads)
+            else:
+                ones = U.mask[rows].to(coef.dtype)
+                _, (dlogp,) = grad_and_tangents([stats.logprobs], [ones], params, direction)
+                rows_out[rows] = (coef[rows] * dlogp).sum(-1)
+    return U.reduce(rows_out)
+
+
+def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:
+    """Cui et al. (2025) diagnostic: Cov(log π(y_t), A_t) over the U batch's response tokens (§5.5)."""
+    logp = logprobs[mask].double()
+    adv = advantages.unsqueeze(1).expand_as(mask)[mask].double()
+    return ((logp - logp.mean()) * (adv - adv.mean())).mean().item()

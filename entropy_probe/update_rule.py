@@ -1,0 +1,163 @@
+"""The next update, resolved once: which rule turns U's gradient into Δθ, with what state and settings.
+
+`UpdateRule` holds everything that decides Δθ (docs/math.md §4): the rule (adam_step | adam_precond | sgd,
+or `observed`: the step the trainer took, given), the AdamW state as flat per-element vectors (lr included),
+the loss aggregation and gradient clipping. `resolve_update_rule` is the one place that turns params and
+the trainer's settings into it — the delta-h1 stage, the trajectory, `Probe` and the tests all call it, so
+the lr choice, max_grad_norm and loss aggregation cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .artifacts.delta_h1 import ObservedRecord, UpdateRecord
+from .errors import ProbeError
+from .update import (
+    AdamState,
+    leave_one_group_out,
+    linearise,
+    resolve_loss_agg_mode,
+    update_direction,
+    zero_gradient_part,
+)
+
+log = logging.getLogger(__name__)
+
+HF_DEFAULT_MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments.max_grad_norm
+EMULATED_RULES = ("adam_step", "adam_precond", "sgd")
+
+
+@dataclass(frozen=True)
+class ObservedStep:
+    """Δθ_obs = θ(next) − θ(this): a step the trainer took (flat float64, layout order), and where from."""
+
+    delta_theta: Tensor
+    record: ObservedRecord
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """How Δθ is formed. Emulated rules: Δθ = rule(g) with `state` (θ, moments, per-element lr), clipping
+    at `max_grad_norm` and g = ∇J under `loss_agg_mode`. Observed: Δθ is `observed.delta_theta`."""
+
+    rule: str  # adam_step | adam_precond | sgd | observed
+    state: AdamState
+    loss_agg_mode: str | None = None
+    loss_agg_reason: str | None = None
+    max_len: int | None = None  # seq-mean-token-sum-norm's constant length (the trainer's max_completion_length)
+    max_grad_norm: float | None = None
+    max_grad_norm_source: str | None = None
+    observed: ObservedStep | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rule == "observed") != (self.observed is not None):
+            raise ValueError("an observed step comes with rule 'observed', and only with it")
+        if self.rule not in (*EMULATED_RULES, "observed"):
+            raise ProbeError(f"unknown update rule '{self.rule}'", f"use one of {', '.join(EMULATED_RULES)}, observed")
+
+    @property
+    def emulated(self) -> bool:
+        """Whether Δθ comes from U's gradient (False: the step is given)."""
+        return self.observed is None
+
+    @property
+    def learning_rate(self) -> float:
+        """The mean over parameters of the lr in Δθ (for an observed step: the lr the trainer's optimizer held)."""
+        return float(self.state.lr.mean())
+
+    def delta_theta(self, g: Tensor) -> Tensor:
+        """Δθ(g) for the emulated rules (float64)."""
+        return update_direction(self.rule, g.double(), self.state, self.max_grad_norm)
+
+    def momentum_part(self) -> Tensor:
+        """Δθ(g = 0): the U-independent part (momentum and weight decay) of adam_step, 0 for the others."""
+        return zero_gradient_part(self.rule, self.state, self.max_grad_norm)
+
+    def linearised(self, g: Tensor, xbar: Tensor) -> Tensor:
+        """u = (∂Δθ/∂g)ᵀ X̄ at g: X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg."""
+        return linearise(self.rule, g.double(), xbar.double(), self.state, self.max_grad_norm)
+
+    def leave_one_group_out(self, g: Tensor, g_groups: Tensor, denominators: Tensor, xbar: Tensor) -> Tensor:
+        """[B] X̄·Δθ(g₋b) through this rule (clipping and Adam included)."""
+        return leave_one_group_out(
+            self.rule, g.double(), g_groups, denominators, xbar.double(), self.state, self.max_grad_norm
+        )
+
+    def record(self) -> UpdateRecord:
+        """delta_h1.json's `update` entry."""
+        if self.observed is not None:
+            return UpdateRecord(rule="observed", observed=self.observed.record)
+        return UpdateRecord(
+            rule=self.rule,
+            loss_agg_mode=self.loss_agg_mode,
+            loss_agg_reason=self.loss_agg_reason,
+            max_len=self.max_len,
+            max_grad_norm=self.max_grad_norm,
+            max_grad_norm_source=self.max_grad_norm_source,
+        )
+
+    def describe(self) -> str:
+        """One phrase for plans and logs."""
+        if self.observed is not None:
+            return f"observed step to {self.observed.record.next_checkpoint}"
+        return f"{self.rule} ({self.loss_agg_mode}, clip {self.max_grad_norm}, lr {self.learning_rate:.3g})"
+
+
+def max_grad_norm_of(setting: float | str | None, trainer_max_grad_norm: float | None) -> tuple[float | None, str]:
+    """(max_grad_norm, where it came from): `auto` takes the trainer's, else the HF Trainer default."""
+    if setting != "auto":
+        return setting, "update.max_grad_norm"
+    if trainer_max_grad_norm is not None:
+        return trainer_max_grad_norm, "the trainer's max_grad_norm"
+    return HF_DEFAULT_MAX_GRAD_NORM, (
+        f"default {HF_DEFAULT_MAX_GRAD_NORM} (the trainer's is not recorded: set update.max_grad_norm, write "
+        "trainer_config.json beside the checkpoint, or set checkpoint.trust_pickles for a checkpoint you trust)"
+    )
+
+
+def resolve_update_rule(update, trainer_config: dict, state: AdamState, observed: ObservedStep | None = None):
+    """The `UpdateRule` of params `update` (UpdateParams) for a checkpoint whose trainer settings are
+    `trainer_config` (TrainerConfig fields; None = unknown) and whose AdamW state is `state` (lr chosen).
+
+    rule observed needs `observed` (the step); the emulated rules take loss aggregation and clipping from
+    params, `auto` from the trainer's settings.
+    """
+    if update.rule == "observed":
+        if observed is None:
+            raise ValueError("update.rule observed needs the observed step (Probe.observed_step)")
+        return UpdateRule("observed", state, observed=observed)
+    mode, max_len, why = resolve_loss_agg_mode(update.loss_agg_mode, trainer_config)
+    max_grad_norm, clip_source = max_grad_norm_of(update.max_grad_norm, trainer_config.get("max_grad_norm"))
+    log.info(
+        "update: %s, loss aggregation %s (%s), clipping at %s from %s",
+        update.rule,
+        mode,
+        why,
+        max_grad_norm,
+        clip_source,
+    )
+    return UpdateRule(update.rule, state, mode, why, max_len, max_grad_norm, clip_source)
+
+
+def flat_state(optimizer, model, layout, lr: float | None) -> AdamState:
+    """The AdamW state of `optimizer` (OptimizerState) for `layout`, θ from `model`; lr None keeps each
+    group's stored next lr, a number replaces them all (checkpoint.learning_rate last | number)."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        return optimizer.flat(layout, {n: named[n].detach() for n in optimizer.names}, lr)
+
+
+__all__ = [
+    "EMULATED_RULES",
+    "HF_DEFAULT_MAX_GRAD_NORM",
+    "ObservedStep",
+    "UpdateRule",
+    "flat_state",
+    "max_grad_norm_of",
+    "resolve_update_rule",
+]
