@@ -59,7 +59,7 @@ from entropy_probe.params import EstimatorParams, SecondOrderParams  # noqa: E40
 from entropy_probe.passes import entropy_pass, entropy_rows, group_gradients, policy_gradient  # noqa: E402
 from entropy_probe.scoring import Batch  # noqa: E402
 from entropy_probe.second_order import second_order  # noqa: E402
-from entropy_probe.specs import ComputeBudget  # noqa: E402
+from entropy_probe.specs import ComputeBudget, SecondOrderSpec  # noqa: E402
 from entropy_probe.update import AdamState, FlatLayout, group_advantages, pg_coefficients, update_direction  # noqa: E402
 from entropy_probe.update_rule import UpdateRule  # noqa: E402
 
@@ -323,11 +323,9 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_to
             layout,
             delta,
             est,
-            max_tokens,
+            SecondOrderSpec.of(second),
             lr=float(spec.state.lr.mean()),
-            fd_eps=second.fd_eps,
-            fraction=second.fraction,
-            z_resolve=second.z_resolve,
+            max_tokens=max_tokens,
         )
 
     return {
@@ -548,7 +546,7 @@ def main(argv=None) -> dict:
     phases = {k: statistics.median(p[k] for p in phase_log[1:]) for k in phase_log[0]}  # [0]: the warm-up
     times = {**pass_times, **sample_times}
     median = ratios({k: statistics.median(v) for k, v in times.items()})
-    xbar = outs["delta_h1"]["xbar"].double()
+    xbar = outs["delta_h1"].xbar.double()
     check = float((xbar - outs["e_rows"][0].double()).abs().max() / xbar.abs().max())
 
     memory = {}

@@ -191,6 +191,12 @@ def enumerate_forest(
             break
         if past is not None:
             past.reorder_cache(parent[live])  # cache row i = prefix i (index_select: keeps the graph)
+    return _assembled(done, R, len(prompts), forward_tokens, device)
+
+
+def _assembled(done: list[tuple], R: int, n_prompts: int, forward_tokens: int, device) -> Enumeration:
+    """The completed sequences of every depth (owner, tokens, log-probs, entropies, ended on eos) as one
+    `Enumeration`, right-padded to R columns."""
 
     def pad(x: torch.Tensor, value) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, R - x.shape[1]), value=value)
@@ -203,7 +209,7 @@ def enumerate_forest(
         truncated=~torch.cat([d[4] for d in done]),
         token_logprobs=torch.cat([pad(d[2], 0.0) for d in done]),
         entropies=torch.cat([pad(d[3], 0.0) for d in done]),
-        n_prompts=len(prompts),
+        n_prompts=n_prompts,
         forward_tokens=forward_tokens,
     )
 

@@ -160,33 +160,19 @@ def estimate_truth(
         with perturbed(model, delta_theta, float(m)):
             new, _ = tf_pass(f"truth {m:g}·lr")
             fresh_new = fresh_pass() if fresh else None
-        logw = new.logprob - behaviour
-        snis_new = target_estimates(logw, new)
-        entry = {
-            "multiplier": float(m),
-            "ess": effective_sample_size(logw, TRUTH_FIX),
-            "snis": {t: paired_difference(snis_new[t], snis0[t]) for t in TARGETS},
-            "fresh": None,
-        }
-        if fresh:
-            est = target_estimates(torch.zeros(len(fresh_new.length), dtype=torch.float64), fresh_new)
-            entry["fresh"] = {t: paired_difference(est[t], fresh0[t]) for t in TARGETS}
-        etas.append(entry)
-        _log_eta(entry, len(E))
+        etas.append(_eta_entry(float(m), new.logprob - behaviour, new, snis0, fresh_new, fresh0))
+        _log_eta(etas[-1], len(E))
 
     after = model_checksum(model, names)
     if after != checksum:  # perturbed() restores by copy_ and checks too; this guards the whole run
         raise RuntimeError("truth: the parameters were not restored exactly")
     log.info("truth: phase seconds %s", {k: round(v, 4) for k, v in timings.items()})
+    values = {"snis": snis0, "fresh": fresh0}
     return {
         "n_sequences": len(E),
-        "entropy": {
-            "snis": {t: v for t, (v, _) in snis0.items()},
-            "fresh": None if fresh0 is None else {t: v for t, (v, _) in fresh0.items()},
-        },
+        "entropy": {k: None if v is None else {t: h for t, (h, _) in v.items()} for k, v in values.items()},
         "entropy_se": {
-            "snis": {t: standard_error(psi) for t, (_, psi) in snis0.items()},
-            "fresh": None if fresh0 is None else {t: standard_error(psi) for t, (_, psi) in fresh0.items()},
+            k: None if v is None else {t: standard_error(psi) for t, (_, psi) in v.items()} for k, v in values.items()
         },
         "ess_theta": effective_sample_size(logw0, TRUTH_FIX),
         "max_abs_logp_diff": max_diff,
@@ -194,6 +180,22 @@ def estimate_truth(
         "checksum": checksum,
         "restored_exactly": after == checksum,
     }
+
+
+def _eta_entry(m: float, logw: Tensor, new: SeqStats, snis0: dict, fresh_new: SeqStats | None, fresh0) -> dict:
+    """ΔH at one multiplier: SNIS (weights exp(logw) of E under θ') and, with fresh samples, their estimate,
+    each paired with its value at θ."""
+    snis_new = target_estimates(logw, new)
+    entry = {
+        "multiplier": m,
+        "ess": effective_sample_size(logw, TRUTH_FIX),
+        "snis": {t: paired_difference(snis_new[t], snis0[t]) for t in TARGETS},
+        "fresh": None,
+    }
+    if fresh_new is not None:
+        est = target_estimates(torch.zeros(len(fresh_new.length), dtype=torch.float64), fresh_new)
+        entry["fresh"] = {t: paired_difference(est[t], fresh0[t]) for t in TARGETS}
+    return entry
 
 
 def _finite(x: float) -> float | None:

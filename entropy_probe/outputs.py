@@ -20,6 +20,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,8 @@ from typing import Iterator
 
 from .errors import ProbeError
 from .files import UMASK, _staging, _write_error, _write_errors, write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".entropy-probe-stage.json"
 SWAP_STEPS = ("manifest", "set_aside", "rename_in", "discard_old", "delete_old")
@@ -165,7 +168,7 @@ def _swap_in(new: Path, out: Path) -> None:
     finally:
         if discarded:  # also when a signal held back during the renames is raised now: the new set is in
             _before_step("delete_old")
-            _remove_owned(trash)
+            _discard_old_set(trash, out)
     if busy:
         _swap_contents(new, out)
 
@@ -278,6 +281,29 @@ def _remove_owned(path: Path) -> None:
     path.rmdir()
 
 
+def _discard_old_set(trash: Path, out: Path) -> None:
+    """Delete a replaced output set — only the files its manifest lists. Anything else in it was written into
+    --out by someone else after the stage's last ownership check: it is moved into the new `out` (beside the
+    new files, `.kept` added on a name clash), where the next run will see it and refuse to replace it."""
+    manifest = _read_manifest(trash) or {"files": [], "dirs": []}
+    files, dirs = _listing(trash)
+    for rel in sorted(files - set(manifest["files"]) - {MANIFEST}):
+        target = out / rel
+        while os.path.lexists(target):
+            target = target.with_name(target.name + ".kept")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(trash / rel, target)
+        log.warning("%s was written into %s while the stage ran: kept as %s", rel, out, target)
+    for rel in manifest["files"]:
+        if os.path.lexists(trash / rel):
+            _remove_entry(trash / rel)
+    for rel in sorted(dirs, key=lambda d: d.count("/"), reverse=True):  # deepest first: all empty now
+        if os.path.isdir(trash / rel) and not os.path.islink(trash / rel):
+            os.rmdir(trash / rel)
+    (trash / MANIFEST).unlink(missing_ok=True)  # last: a kill before it leaves the dir recognisably ours
+    trash.rmdir()
+
+
 def _clean_leftovers(out: Path) -> None:
     """Undo what a killed run left next to `out` (lock held): see the states in `_swap_in`.
 
@@ -285,11 +311,11 @@ def _clean_leftovers(out: Path) -> None:
     """
     old, trash = _set_aside_path(out), _trash_path(out)
     if _ours(trash):
-        _remove_owned(trash)
+        _discard_old_set(trash, out)
     if _ours(old):
         if os.path.lexists(out):
             os.rename(old, trash)  # killed after the new set went in: the old one is obsolete
-            _remove_owned(trash)
+            _discard_old_set(trash, out)
         else:
             os.rename(old, out)  # killed between set_aside and rename_in: the old set is the output
     for path in out.parent.iterdir():

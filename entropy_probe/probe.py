@@ -311,18 +311,17 @@ class Probe:
     def second_order(self, E: Batch, delta_theta: torch.Tensor, lr: float, e_weights=None) -> SecondOrderRecord:
         """δH₂ ± SE along `delta_theta` (flat float64, lr included) and the linear regime's η* (docs/math.md §5.6)."""
         spec = SecondOrderSpec.of(self.params.second_order)
+        max_tokens = self.params.compute.max_tokens_per_microbatch
         result = second_order(
             self.model,
             E,
             self.layout,
             delta_theta,
             self.params.estimator,
-            self.budget.max_tokens,
+            spec,
             lr=lr,
-            fd_eps=spec.fd_eps,
-            fraction=spec.fraction,
+            max_tokens=max_tokens,
             e_weights=e_weights,
-            z_resolve=spec.z_resolve,
         )
         return SecondOrderRecord(**dataclasses.asdict(result))
 

@@ -95,6 +95,7 @@ class Probe:
     name: str
     row: CheckpointRow
     curve: list[CurvePoint] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # the optional stages whose output was absent
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ def checkpoint_probe(
     points = [curve[m] for m in sorted(curve)]
     for p in points:
         p.eta, p.delta_h1_pred = p.multiplier * lr, p.multiplier * d1
-    return Probe(name=name, row=CheckpointRow(**row), curve=points)
+    missing = [stage for stage, report in (("exact", exact), ("truth", truth)) if report is None]
+    return Probe(name=name, row=CheckpointRow(**row), curve=points, missing=missing)
 
 
 def top_u_groups(groups: list[UGroup], k: int = TOP_K) -> list[UGroup]:
@@ -285,6 +287,7 @@ def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
         "prompts only, marked *, when the population is too large to enumerate). ΔH(lr): ground truth at η = lr by self-normalised "
         "importance sampling (SNIS) and by fresh samples; ratio = ΔH(lr) / δH₁ (1 = perfect prediction).",
         "",
+        *_missing_note(probes),
         f"## Top entropy-lowering U groups ({last})",
         "",
     ]
@@ -293,6 +296,19 @@ def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
     for rank, g in enumerate(top, start=1):
         lines.append(f"{rank}. `{_text(g.prompt)}` {g.contribution:.3g} — {_text(g.responses, 120)}")
     return "\n".join(lines) + "\n"
+
+
+def _missing_note(probes: list[Probe]) -> list[str]:
+    """Say why a cell shows – : the checkpoint's exact or truth output was absent (not computed)."""
+    absent = [f"{p.name} has no {' and no '.join(p.missing)} output" for p in probes if p.missing]
+    if not absent:
+        return []
+    return [
+        f"{DASH}: not computed. {'; '.join(absent)} (the exact and truth stages are optional: run them, e.g. "
+        "`dvc repro`, to fill those columns). A – elsewhere is a value that does not apply (e.g. ESS/N for samples "
+        "the checkpoint drew itself).",
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .importance import importance_weights, standard_error
 from .passes import entropy_pass, entropy_rows
 from .perturb import perturbed
 from .scoring import Batch, accumulation_dtype
+from .specs import SecondOrderSpec
 from .tangents import RowDirectional
 from .update import FlatLayout
 
@@ -222,13 +223,11 @@ def second_order(
     layout: FlatLayout,
     delta_theta: torch.Tensor,
     estimator,
-    max_tokens: int,
+    spec: SecondOrderSpec,
     *,
     lr: float,
-    fd_eps: float,
-    fraction: float,
+    max_tokens: int = 4096,
     e_weights: torch.Tensor | None = None,
-    z_resolve: float = 2.0,
 ) -> SecondOrder:
     """δH₂ = ½ Δθᵀ∇²HΔθ ≈ ¼ (D(ε) − D(−ε)) / ε for the target `estimator.entropy`, from the E samples.
 
@@ -236,8 +235,10 @@ def second_order(
     another checkpoint drew it (None: θ drew it); they multiply the shift weights π_{θ±εΔθ}/π_θ.
     SE = std(¼ (ψ_i(ε) − ψ_i(−ε)) / ε) / √N. δH₁ = ½ (D(ε) + D(−ε)) = D(0) + O(ε²) (the caller usually has
     D(0) already: no pass at s = 0). Cost: two E passes (s = ±ε) and three no-grad re-scorings (s = 0, ±ε).
-    z_resolve: |δH₂| > z_resolve · SE counts as resolved (`linear_regime`).
+    spec: ε (fd_eps), the fraction f of the linear regime and z_resolve (|δH₂| > z_resolve · SE counts as
+    resolved, `linear_regime`).
     """
+    fd_eps, fraction = spec.fd_eps, spec.fraction
     _check_inputs(E, layout, delta_theta, lr, fd_eps, fraction, e_weights)
     steps = (0.0, fd_eps, -fd_eps)
     points = shifted_estimates(model, E, layout, delta_theta, estimator, max_tokens, steps, e_weights, False)
@@ -245,7 +246,7 @@ def second_order(
     paired = (plus.influence - minus.influence) / (4.0 * fd_eps)
     delta_h2, se = float(paired.mean()), standard_error(paired)
     delta_h1 = 0.5 * (plus.value + minus.value)
-    regime = linear_regime(delta_h1, delta_h2, se, lr, fraction, z_resolve)
+    regime = linear_regime(delta_h1, delta_h2, se, lr, fraction, spec.z_resolve)
     for sign, point in (("+", plus), ("−", minus)):
         if point.ess_fraction < MIN_SHIFT_ESS_FRACTION:
             log.warning(

@@ -142,6 +142,30 @@ def test_without_the_deferral_ctrl_c_between_the_renames_would_lose_both_sets(tm
     assert not out.exists() and (tmp_path / ".x.old.tmp").is_dir()
 
 
+def test_a_file_written_into_out_during_the_run_is_kept(tmp_path, monkeypatch, caplog):
+    """A user's file put into --out after the stage's last ownership check goes aside with the old set; deleting
+    that set removes only what its manifest lists, so the file ends up in the new --out (and, being foreign
+    there, makes the next run refuse to replace --out) instead of being deleted."""
+    out = tmp_path / "x"
+    write_set(out, "old")
+
+    def late_write(step):
+        if step == "set_aside":  # after _check_owned: the last moment a user's write reaches the old set
+            (out / "notes.txt").write_text("mine")
+            (out / "sub" / "old.txt.mine").write_text("also mine")
+
+    monkeypatch.setattr(outputs, "_before_step", late_write)
+    with caplog.at_level("WARNING", logger=outputs.__name__):
+        write_set(out, "new")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "old.txt.mine").read_text() == "also mine"
+    assert (out / "sub" / "new.txt").read_text() == "new" * 3 and not (out / "sub" / "old.txt").exists()
+    assert "notes.txt was written into" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no set-aside or trash dir left
+    monkeypatch.setattr(outputs, "_before_step", lambda step: None)
+    with pytest.raises(ProbeError, match="did not write"):
+        write_set(out, "again")
+
+
 # ---------------------------------------------------------------------------------------------- 2. mount points
 
 # what --out holds once the next run has cleaned up, after a kill at each step of `_swap_contents`

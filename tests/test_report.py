@@ -258,6 +258,9 @@ def test_markdown_table_shows_inputs_and_dashes(sweep):
     d1c = sweep["written"]["c"]["delta_h1"]["delta_h1"]
     assert close(snis, 0.9 * d1c) and close(snis_se, 1e-4)
     assert [float(v) for v in rows["c"]["ΔH/δH₁ (SNIS, fresh)"].split(",")] == [0.9, 1.1]
+    # the dashes of absent outputs are said to be absent, per checkpoint (c has both)
+    note = next(line for line in md.splitlines() if line.startswith(f"{DASH}: not computed."))
+    assert "a has no exact and no truth output; b has no truth output (" in note and "c has" not in note
     # the top-U list is the last checkpoint's, U groups only, most negative first
     listed = md.split("## Top entropy-lowering U groups (c)")[1]
     assert listed.index("9+3=") < listed.index("4+5=") < listed.index('say "a, b"')

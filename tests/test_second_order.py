@@ -19,6 +19,7 @@ from entropy_probe.params import EstimatorParams, Params
 from entropy_probe.perturb import as_float64, param_checksum
 from entropy_probe.scoring import Batch
 from entropy_probe.second_order import linear_regime, second_order, shifted_estimates
+from entropy_probe.specs import SecondOrderSpec
 from entropy_probe.update import FlatLayout
 
 FD_EPS = Params().second_order.fd_eps
@@ -73,9 +74,10 @@ def exact(model64, layout, step, exact_kw):
     return exact_terms(model64, layout, step, exact_kw)
 
 
-def run(model, E, layout, delta_theta, target, baseline="mean", **kw):
-    kw = {"lr": 1e-2, "fd_eps": FD_EPS, "fraction": 0.1, **kw}
-    return second_order(model, E, layout, delta_theta, EstimatorParams(entropy=target, baseline=baseline), 4096, **kw)
+def run(model, E, layout, delta_theta, target, baseline="mean", lr=1e-2, fd_eps=FD_EPS, e_weights=None):
+    spec = SecondOrderSpec(fd_eps=fd_eps, fraction=0.1)
+    est = EstimatorParams(entropy=target, baseline=baseline)
+    return second_order(model, E, layout, delta_theta, est, spec, lr=lr, e_weights=e_weights)
 
 
 @pytest.mark.numerics
