@@ -117,8 +117,8 @@ def explained_fraction(observed: Sequence[float], predicted: Sequence[float]) ->
 class Calibration:
     """The calibration summary of a trajectory (what metrics JSON holds)."""
 
-    n_steps: int
-    z_mean: float | None  # z = (ΔH_obs − δH₁_pred) / √(SE_E² + SE_U² (1 + B_U/B_U_trainer))
+    n_steps: int  # every step: the correlation and the explained fractions use them all
+    z_mean: float | None  # z = (ΔH_obs − δH₁_pred) / √(SE_E² + SE_U² (1 + B_U/B_U_trainer)), over the steps with SE_U
     z_sd: float | None
     z_share_within_2: float | None
     corr_pred_obs: float | None  # correlation of δH₁_pred with ΔH_obs
@@ -128,6 +128,7 @@ class Calibration:
     z_delta_h1_obs_sd: float | None
     z_delta_h2_obs_mean: float | None  # z-test of the sampled δH₂_obs against its exact value
     z_delta_h2_obs_sd: float | None
+    n_steps_z: int | None = None  # the steps with an SE_U (the z of the others is undefined)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +139,7 @@ def calibrate(
     delta_h_obs: Sequence[float],
     delta_h1_pred: Sequence[float],
     se_E: Sequence[float],
-    se_U: Sequence[float],
+    se_U: Sequence[float | None],
     b_u_probe: int,
     b_u_trainer: int,
     delta_h1_obs_exact: Sequence[float],
@@ -146,12 +147,21 @@ def calibrate(
     z_delta_h1_obs: Sequence[float],
     z_delta_h2_obs: Sequence[float],
 ) -> Calibration:
-    """Every number of the summary from the per-step arrays (all of one length, the number of steps)."""
-    z = z_summary(step_z(delta_h_obs, delta_h1_pred, se_E, se_U, b_u_probe, b_u_trainer))
+    """Every number of the summary from the per-step arrays (all of one length, the number of steps; the two
+    along-step z lists hold the defined ones). A step whose SE_U is None (fewer than two U groups with a
+    non-zero advantage) has no forecast z, but its ΔH_obs and δH₁_pred count in every other number."""
+    known = [u is not None for u in se_U]
+
+    def with_z(values: Sequence) -> list:
+        return [v for v, k in zip(values, known) if k]
+
+    obs, pred = with_z(delta_h_obs), with_z(delta_h1_pred)
+    z = z_summary(step_z(obs, pred, with_z(se_E), with_z(se_U), b_u_probe, b_u_trainer))
     first = _array(delta_h1_obs_exact)
     z1, z2 = z_summary(z_delta_h1_obs), z_summary(z_delta_h2_obs)
     return Calibration(
-        n_steps=z.n,
+        n_steps=len(delta_h_obs),
+        n_steps_z=z.n,
         z_mean=z.mean,
         z_sd=z.sd,
         z_share_within_2=z.share_within_2,

@@ -294,7 +294,7 @@ class Probe:
         if update.emulated and U is None:
             raise ProbeError(f"update rule {update.rule} needs a U batch", "pass U = probe.sample_u()")
         if update.emulated:
-            require_policy_gradient(U)
+            require_policy_gradient(U, update.rule)
         samples = {"E": E} if not update.emulated else {"E": E, "U": U}
         batches = {k: self.batch(s) for k, s in samples.items()}
         reuse = self.reuse(batches, samples)
@@ -408,13 +408,23 @@ class Probe:
         )
 
 
-def require_policy_gradient(U: Samples) -> None:
-    """Refuse a U batch whose every group has all-equal rewards: no policy gradient, nothing to emulate."""
-    if not bool(U.advantages.any()):
-        raise ProbeError(
-            "every U group has all-equal rewards (all advantages are 0), so the update has no policy gradient",
-            "sample more or harder U prompts (batch_config.B_U, batch_config.G), or check the reward function",
+def require_policy_gradient(U: Samples, rule: str) -> None:
+    """A U batch whose every group has all-equal rewards has no policy gradient. AdamW still steps (momentum and
+    weight decay), and so the forecast is that step (a warning); for the other rules Δθ = 0: refused."""
+    if bool(U.advantages.any()):
+        return
+    if rule == "adam_step":
+        log.warning(
+            "every U group has all-equal rewards (all advantages are 0): the step is AdamW's momentum and weight "
+            "decay alone, as the trainer would take it on such a batch (SE_U is not estimable)"
         )
+        return
+    raise ProbeError(
+        f"every U group has all-equal rewards (all advantages are 0), so the update has no policy gradient and "
+        f"update.rule {rule} has Δθ = 0",
+        "sample more or harder U prompts (batch_config.B_U, batch_config.G), check the reward function, or use "
+        "update.rule adam_step (its momentum step)",
+    )
 
 
 def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model) -> ObservedStep:

@@ -290,6 +290,9 @@ def markdown(probes: list[Probe], top: list[UGroup], last: str) -> str:
         *_missing_note(probes),
         f"## Top entropy-lowering U groups ({last})",
         "",
+        "Each group's δH₁ − δH₁ without it (leave-one-group-out, through the real update rule: clipping makes "
+        "the linearised attributions ~0) where delta-h1 kept the group gradients, else the linearised share.",
+        "",
     ]
     if not top:
         lines.append("No U group lowers the entropy.")

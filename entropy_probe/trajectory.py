@@ -257,21 +257,18 @@ def score_step(pair: StepPair, probe: Probe, population: Population, trainer_ent
 
 
 def calibration_of(steps: list[TrajectoryStep], b_u_probe: int, b_u_trainer: int) -> CalibrationMetrics:
-    """The calibration summary over the steps that have every number (a step without SE_U has no z)."""
-    zs = [s for s in steps if s.se_pred]
-    h1 = [s.z_delta_h1_obs for s in steps if s.z_delta_h1_obs is not None]
-    h2 = [s.z_delta_h2_obs for s in steps if s.z_delta_h2_obs is not None]
+    """The calibration summary over every step (the forecast z over the steps with an SE_U)."""
     summary = calibrate(
-        delta_h_obs=[s.delta_h_obs for s in zs],
-        delta_h1_pred=[s.delta_h1_pred for s in zs],
-        se_E=[s.se_E for s in zs],
-        se_U=[s.se_U for s in zs],
+        delta_h_obs=[s.delta_h_obs for s in steps],
+        delta_h1_pred=[s.delta_h1_pred for s in steps],
+        se_E=[s.se_E for s in steps],
+        se_U=[s.se_U for s in steps],
         b_u_probe=b_u_probe,
         b_u_trainer=b_u_trainer,
-        delta_h1_obs_exact=[s.delta_h1_obs_exact for s in zs],
-        delta_h2_obs_exact=[s.delta_h2_obs_exact for s in zs],
-        z_delta_h1_obs=h1,
-        z_delta_h2_obs=h2,
+        delta_h1_obs_exact=[s.delta_h1_obs_exact for s in steps],
+        delta_h2_obs_exact=[s.delta_h2_obs_exact for s in steps],
+        z_delta_h1_obs=[s.z_delta_h1_obs for s in steps if s.z_delta_h1_obs is not None],
+        z_delta_h2_obs=[s.z_delta_h2_obs for s in steps if s.z_delta_h2_obs is not None],
     )
     return CalibrationMetrics(**summary.as_dict())
 

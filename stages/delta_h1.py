@@ -29,7 +29,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     U = None if observed else Samples.read(params.paths.sample_u, "samples_u")
     verified = VerifyReport.read(params.paths.verify)
     if U is not None:
-        require_policy_gradient(U)
+        require_policy_gradient(U, params.update.rule)
     if dry_run:
         return _plan(params, E, U, verified, out_dir)
     if U is not None and verified.trainer_config.beta:
@@ -39,7 +39,8 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     probe = Probe.from_verify(params)
     result = probe.delta_h1(E, U)
     distributed.on_rank0(lambda: result.save(out_dir))  # every process holds the same result; rank 0 writes it
-    _log_attributions(result.estimate.u_attribution)
+    estimate = result.estimate  # leave-one-group-out where kept: through clipping the linearised one is ~0
+    _log_attributions(estimate.u_attribution if estimate.u_attribution_loo is None else estimate.u_attribution_loo)
     return summary_line(result.report, out_dir)
 
 

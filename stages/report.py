@@ -105,7 +105,9 @@ def load_probe(inp: CheckpointInputs, default_multipliers: list[float]) -> Probe
 
 
 def read_u_groups(path: Path, name: str) -> list[UGroup]:
-    """The U rows of delta-h1's attributions.csv (columns batch, contribution, prompt, responses)."""
+    """The U rows of delta-h1's attributions.csv (columns batch, contribution, prompt, responses), each with its
+    leave-one-group-out contribution where delta-h1 wrote one: through gradient clipping the linearised one
+    is ~0 (clipping rescales g for every group), while leaving the group out still moves δH₁."""
     with open(_required(path, name), newline="") as f:
         reader = csv.DictReader(f)
         need = {"batch", "contribution", "prompt", "responses"}
@@ -113,7 +115,9 @@ def read_u_groups(path: Path, name: str) -> list[UGroup]:
             raise ProbeError(f"{path} lacks columns {sorted(need - set(reader.fieldnames or []))}", "rerun delta-h1")
         rows = [r for r in reader if r["batch"] == "U"]
     try:
-        return [UGroup(float(r["contribution"]), r["prompt"], r["responses"]) for r in rows]
+        return [
+            UGroup(float(r.get("contribution_loo") or r["contribution"]), r["prompt"], r["responses"]) for r in rows
+        ]
     except ValueError:
         raise ProbeError(f"{path} has a non-numeric contribution", "rerun delta-h1 (dvc repro)") from None
 

@@ -115,3 +115,25 @@ def test_calibrate_combines_everything():
     assert c.z_delta_h1_obs_mean == pytest.approx(1.0 / 3, rel=1e-14) and c.z_delta_h2_obs_mean == 2.0
     assert c.z_delta_h2_obs_sd == 1.0
     assert set(c.as_dict()) == {f for f in cal.Calibration.__dataclass_fields__}
+
+
+def test_a_step_without_se_u_has_no_z_but_counts_everywhere_else():
+    """No silent drops: a step whose SE_U is not estimable leaves the forecast z's summary, and only that."""
+    obs, pred, first = [2.0, -1.0, 0.5], [1.0, -1.0, 0.5], [1.5, -1.0, 0.25]
+    kw = dict(
+        delta_h1_pred=pred,
+        se_E=[1.0] * 3,
+        b_u_probe=8,
+        b_u_trainer=8,
+        delta_h1_obs_exact=first,
+        delta_h2_obs_exact=[0.0] * 3,
+        z_delta_h1_obs=[0.0],
+        z_delta_h2_obs=[],
+    )
+    c = cal.calibrate(delta_h_obs=obs, se_U=[0.0, None, 0.0], **kw)
+    assert (c.n_steps, c.n_steps_z) == (3, 2)
+    assert c.z_mean == pytest.approx(0.5, rel=1e-14)  # z = 1 and 0: the middle step has none
+    assert c.corr_pred_obs == cal.correlation(pred, obs)  # all three steps
+    assert c.explained_first_order == cal.explained_fraction(obs, first)
+    none = cal.calibrate(delta_h_obs=obs, se_U=[None] * 3, **kw)
+    assert none.n_steps_z == 0 and none.z_mean is None and none.corr_pred_obs == c.corr_pred_obs

@@ -10,6 +10,7 @@ import yaml
 from tolerances import assert_close_scaled, dot_scale
 from typer.testing import CliRunner
 
+from entropy_probe.artifacts.delta_h1 import DeltaH1Report
 from entropy_probe.files import read_tensors
 from stages.cli import app
 
@@ -17,14 +18,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from trainer_ckpt import write_trainer_checkpoint
-
+def workdir(tmp_path_factory, trainer_checkpoint):
     root = tmp_path_factory.mktemp("pipeline")
-    ckpt = write_trainer_checkpoint(root, steps=2, total_steps=4, hidden_size=32)
+    ckpt = trainer_checkpoint(steps=2, total_steps=4, hidden_size=32)  # shared: read only
     params = {
         "paths": {k: str(root / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact", "truth", "report")},
-        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
+        "checkpoint": {"path": str(ckpt), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
         "batch_config": {"dataset_name": "arithmetic:3", "B_E": 24, "B_U": 4, "G": 4},
         "generation": {"max_new_tokens": 3, "top_p": 1.0},
     }
@@ -140,8 +139,9 @@ def test_foreign_and_truncated_artifacts_are_refused(workdir, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
-def test_all_equal_rewards_are_refused(workdir, tmp_path):
-    """A U batch whose every group has equal rewards has no policy gradient: one line, exit 2, nothing written."""
+def test_all_equal_rewards_are_refused_without_momentum(workdir, tmp_path):
+    """A U batch whose every group has equal rewards has no policy gradient: for sgd (Δθ = 0) one line, exit 2,
+    nothing written; for adam_step the forecast is AdamW's momentum/decay step, which the trainer still takes."""
     import shutil
 
     from entropy_probe.files import write_tensors
@@ -159,9 +159,16 @@ def test_all_equal_rewards_are_refused(workdir, tmp_path):
         f"paths.sample_u={tmp_path / 'u'}",
         "-S",
         f"paths.verify={tmp_path / 'v'}",
+        "-S",
+        "update.rule=sgd",
         "--out",
         str(tmp_path / "x"),
     )
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert result.exit_code == 2 and len(errors) == 1 and "all-equal rewards" in errors[0], result.output
     assert not (tmp_path / "x").exists()
+    args = ["delta-h1", "-S", f"paths.sample_u={tmp_path / 'u'}", "-S", f"paths.verify={tmp_path / 'v'}"]
+    assert cli(workdir, *args, "--out", str(tmp_path / "m")).exit_code == 0
+    report = DeltaH1Report.read(tmp_path / "m")
+    assert report.delta_h1_gradient_part == 0.0 and report.delta_h1 == report.delta_h1_momentum_part != 0.0
+    assert report.se_U is None and "fewer than 2 prompt groups" in report.se_U_note

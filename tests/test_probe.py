@@ -129,8 +129,12 @@ def test_refusals_are_one_line(probe, tokenizer):
     E, U = probe.sample_e(), probe.sample_u()
     U.advantages = torch.zeros_like(U.advantages)
     with pytest.raises(ProbeError, match="all advantages are 0") as err:
-        probe.delta_h1(E, U)
+        probe.delta_h1(E, U, probe.update_rule("sgd"))
     assert "\n" not in str(err.value)
+    momentum_only = probe.delta_h1(E, U).report  # adam_step: the trainer still takes its momentum/decay step
+    assert (
+        momentum_only.delta_h1_gradient_part == 0.0 and momentum_only.delta_h1 == momentum_only.delta_h1_momentum_part
+    )
     with pytest.raises(ProbeError, match="needs a U batch"):
         probe.delta_h1(E)
     with pytest.raises(ProbeError, match="needs the checkpoint's files"):

@@ -503,3 +503,19 @@ def test_population_exact_value_is_preferred_and_labelled(tmp_path):
     assert row.exact_scope == "population" and row.exact_z == -1.0
     assert row.exact_delta_h1 == exact["targets"][TARGET]["delta_h1_exact_population"]
     assert not reporting.table_cells("one", row)[10].endswith("*")
+
+
+def test_top_u_groups_rank_by_leave_one_group_out_where_delta_h1_wrote_it(tmp_path):
+    """Under gradient clipping the linearised U attributions are ~0: the report ranks by contribution_loo when the
+    column holds a value (delta-h1 kept the group gradients), else by the linearised contribution."""
+    from stages.report import read_u_groups
+
+    path = tmp_path / "attributions.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses", "contribution_loo"])
+        w.writerows([["U", 0, 3, -1e-9, "1+1=", "'2'→1", -0.02], ["U", 1, 4, -2e-9, "2+2=", "'4'→1", 0.01]])
+        w.writerow(["U", 2, 5, -0.5, "3+3=", "'6'→1", ""])
+    groups = read_u_groups(path, "c")
+    assert [g.contribution for g in groups] == [-0.02, 0.01, -0.5]
+    assert [g.prompt for g in reporting.top_u_groups(groups)] == ["3+3=", "1+1="]

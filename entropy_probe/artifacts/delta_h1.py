@@ -317,7 +317,8 @@ def attributions_csv(
     tokenizer,
     u_attribution_loo: list[float] | None = None,
 ) -> str:
-    """attributions.csv text: every U prompt group and E sequence, U first, most entropy-lowering first.
+    """attributions.csv text: every U prompt group and E sequence, U first, most entropy-lowering first (U groups
+    by their leave-one-group-out attribution when given: under gradient clipping the linearised one is ~0).
 
     U, E: the sample artifacts (`artifacts.samples.Samples`); a U row shows its group's responses → rewards.
     u_attribution None (and U None): no U batch (update.rule observed), E rows only. u_attribution_loo: the
@@ -343,7 +344,7 @@ def attributions_csv(
     e_responses = decode_responses(tokenizer, E.tensors())
     for i, contribution in enumerate(e_contribution):
         rows.append(["E", i, int(E.prompt_index[i]), contribution, prompt(E, i), repr(e_responses[i]), ""])
-    rows.sort(key=lambda r: (r[0] != "U", r[3]))
+    rows.sort(key=lambda r: (r[0] != "U", r[6] if r[6] != "" else r[3]))
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["batch", "index", "prompt_index", "contribution", "prompt", "responses", "contribution_loo"])

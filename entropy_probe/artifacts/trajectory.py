@@ -72,6 +72,7 @@ class CalibrationMetrics(Record):
     z_delta_h1_obs_sd: float | None
     z_delta_h2_obs_mean: float | None
     z_delta_h2_obs_sd: float | None
+    n_steps_z: int | None = None  # the steps with an SE_U, over which z is summarised (None: written before it)
 
 
 class TrajectoryMetrics(JsonArtifact):
