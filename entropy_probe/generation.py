@@ -379,12 +379,15 @@ class Plan:
         return "with replacement" if self.kind == "samples_e" else "without replacement"
 
 
-def make_plan(params, kind: str, n_dataset: int) -> Plan:
-    batch = params.batch_config
+def make_plan(params, kind: str, n_dataset: int, n: int | None = None, seed: int | None = None) -> Plan:
+    """The draw of `kind`: n prompts (default batch_config.B_E / B_U) with seed (default sampling.seed_e / seed_u);
+    the defaults are read only when n / seed are not given."""
+    batch, sampling = params.batch_config, params.sampling
     if kind == "samples_e":
-        return Plan(kind, plan_e(n_dataset, batch.B_E, params.sampling.seed_e), 1, params.sampling.seed_e)
-    rows = plan_u(n_dataset, batch.B_U, params.sampling.seed_u).repeat_interleave(batch.G)
-    return Plan(kind, rows, batch.G, params.sampling.seed_u)
+        n, seed = batch.B_E if n is None else n, sampling.seed_e if seed is None else seed
+        return Plan(kind, plan_e(n_dataset, n, seed), 1, seed)
+    n, seed = batch.B_U if n is None else n, sampling.seed_u if seed is None else seed
+    return Plan(kind, plan_u(n_dataset, n, seed).repeat_interleave(batch.G), batch.G, seed)
 
 
 def generate_share(model, tokenizer, prompts: list[str], spec: GenerationSpec, stage: str) -> list[dict]:

@@ -219,13 +219,8 @@ class Probe:
         return sampler_info(self.params, self.trainer, self.fingerprint, kind, path)
 
     def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
-        params = self.params.model_copy(deep=True)
-        if n is not None:
-            setattr(params.batch_config, "B_E" if kind == "samples_e" else "B_U", n)
-        if seed is not None:
-            setattr(params.sampling, "seed_e" if kind == "samples_e" else "seed_u", seed)
-        plan = distributed.on_rank0(lambda: make_plan(params, kind, len(self.prompt_set)))
-        return draw(params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
+        plan = distributed.on_rank0(lambda: make_plan(self.params, kind, len(self.prompt_set), n, seed))
+        return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
 
     def sample_e(self, n: int | None = None, seed: int | None = None) -> Samples:
         """The E batch: n prompts (default batch_config.B_E) drawn with replacement, one response each."""

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny offline models and tokenizers (never downloaded)."""
+"""Shared fixtures: tiny offline models and tokenizers (never downloaded), the artifacts built once per test run
+(Trainer checkpoints, the demo, the demo pipeline), and the run order under xdist (longest first)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -152,26 +154,71 @@ def repo_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **extra}
 
 
+def shrink_to_ci_scale(params: dict) -> dict:
+    """params.yaml at the scale the end-to-end tests run the pipeline (most of a stage's cost is its process's start,
+    so fewer stage runs matter most): smaller batches, fewer step sizes, one probed checkpoint (step6, the sampler,
+    the one the README's commands use; test_reuse.py adds another, probed with importance weights), the trajectory
+    scoring one step of the run with a smaller E batch."""
+    params["batch_config"].update(B_E=24, B_U=4)
+    params["truth"]["eta_multipliers"] = [0.5, 1.0]
+    params["exact"]["eta_multipliers"] = [0.5, 1.0]
+    params["probe"]["checkpoints"] = {"step6": "data/demo/run/checkpoint-6"}
+    params["trajectory"].update(steps=[6], B_E=16)
+    return params
+
+
 @pytest.fixture(scope="session")
-def demo_repo_template(tmp_path_factory) -> Path:
-    """A git-initialised copy of the repository in which `dvc repro demo` built the shipped demo (params.yaml's),
-    once per run; beside it, demo_params_reads.jsonl: the params keys the demo stage read (ENTROPY_PROBE_RECORD_PARAMS).
-    Tests copy it (copy_demo_repo) and run the rest of the pipeline there: DVC sees the demo stage up to date."""
+def demo_pipeline(tmp_path_factory) -> Path:
+    """The demo pipeline after `make demo`, built once per run (minutes): a folder holding
+    - repo/: a git-initialised copy of the repository in which `dvc repro` ran every stage at CI scale
+      (shrink_to_ci_scale), its results committed as in a user's clone (`dvc exp run` / `dvc metrics diff` need one);
+    - repro.log: what `dvc repro` printed (which stages it ran);
+    - params_reads.jsonl: the params keys every stage read (ENTROPY_PROBE_RECORD_PARAMS), one line per stage run.
+    Read-only: a test runs dvc in its own copy (copy_demo_repo)."""
     if not console_scripts_installed():
         pytest.skip("dvc / entropy-probe console scripts not installed in this environment")
-
-    def build(folder: Path) -> None:
-        repo = folder / "repo"
-        copy_repo(repo)
-        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-        env = repo_env(ENTROPY_PROBE_RECORD_PARAMS=str(folder / "demo_params_reads.jsonl"))
-        out = subprocess.run(["dvc", "repro", "demo"], cwd=repo, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, f"`dvc repro demo` exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
-
-    return build_once(tmp_path_factory, "demo_repo", build)
+    return build_once(tmp_path_factory, "demo_pipeline", _build_demo_pipeline)
 
 
-def copy_demo_repo(template: Path, dest: Path) -> Path:
-    """A private copy of demo_repo_template's repository (git, DVC cache and lock, data/demo) at `dest`."""
-    shutil.copytree(template / "repo", dest, symlinks=True, dirs_exist_ok=True)
+def _build_demo_pipeline(folder: Path) -> None:
+    repo = folder / "repo"
+    copy_repo(repo)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    params_path = repo / "params.yaml"
+    params_path.write_text(yaml.safe_dump(shrink_to_ci_scale(yaml.safe_load(params_path.read_text())), sort_keys=False))
+    env = repo_env(ENTROPY_PROBE_RECORD_PARAMS=str(folder / "params_reads.jsonl"))  # outside the repo: no stage owns it
+    out = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"`dvc repro` exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    (folder / "repro.log").write_text(out.stdout)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "demo"], cwd=repo, check=True, capture_output=True)
+
+
+def copy_demo_repo(demo_pipeline: Path, dest: Path) -> Path:
+    """A private copy of demo_pipeline's repository (work tree, git, DVC cache and lock, data/) at `dest`."""
+    shutil.copytree(demo_pipeline / "repo", dest, symlinks=True, dirs_exist_ok=True)
     return dest
+
+
+def _start_ranks(items: list[pytest.Item]) -> dict[pytest.Item, int]:
+    """Each item's place in the run order:
+    0: the first test that needs demo_pipeline (the README's commands: it builds it, then minutes of commands);
+    1: the other end-to-end tests (dvc, torchrun, the CLI in fresh processes: tens of seconds each);
+    2: the rest;
+    3: the other tests that need demo_pipeline: last, so that it is built when a worker picks them up (no worker
+       idles on its lock while another builds it)."""
+    users = [item for item in items if "demo_pipeline" in getattr(item, "fixturenames", ())]
+    ranks = {item: 1 if item.get_closest_marker("e2e") else 2 for item in items}
+    ranks.update({item: 3 for item in users[1:]})
+    ranks.update({item: 0 for item in users[:1]})
+    return ranks
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the longest tests first (a stable sort: the order is otherwise kept): a test of minutes picked up
+    last would run alone long after the others finished; started first, the short tests fill the other worker.
+    The scheduler keeps this order with --dist loadscope --no-loadscope-reorder (the Makefile's test target)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        ranks = _start_ranks(items)
+        items.sort(key=ranks.__getitem__)

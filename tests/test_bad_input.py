@@ -18,11 +18,9 @@ import pytest
 import torch
 import yaml
 from pydantic import BaseModel
-from test_demo import SMALL
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_ckpt import write_trainer_checkpoint  # noqa: E402
 
 from entropy_probe import files  # noqa: E402
 from entropy_probe.artifacts.samples import SAMPLES_FILE, SAMPLES_JSON, tokenizer_identity  # noqa: E402
@@ -30,7 +28,6 @@ from entropy_probe.checkpoint import TRAINER_CONFIG, resolve_paths  # noqa: E402
 from entropy_probe.errors import ProbeError  # noqa: E402
 from entropy_probe.params import CheckpointParams, Params, load_params, validate_params  # noqa: E402
 from entropy_probe.trainer_config import TRAINER_CONFIG_KEYS, read_trainer_config  # noqa: E402
-from stages import demo as demo_stage  # noqa: E402
 from stages.cli import app  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor.*invalid shape")
@@ -146,12 +143,13 @@ def test_params_file_that_is_not_a_mapping(tmp_path, content, kind, overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return write_trainer_checkpoint(tmp_path_factory.mktemp("ckpt"), steps=1, total_steps=2, hidden_size=32)
+def trained(trainer_checkpoint) -> Path:
+    """The shared tiny Trainer checkpoint (read-only: a test that damages it works on a copy_checkpoint)."""
+    return trainer_checkpoint(steps=1, total_steps=2, hidden_size=32)
 
 
-def copy_checkpoint(trained, dest: Path) -> Path:
-    shutil.copytree(trained.dir, dest)
+def copy_checkpoint(trained: Path, dest: Path) -> Path:
+    shutil.copytree(trained, dest)
     return dest
 
 
@@ -185,7 +183,7 @@ def probed(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     tree = {
         "paths": {k: str(root / k) for k in ("verify", "sample_e", "sample_u", "delta_h1")},
-        "checkpoint": ck_tree(trained.dir),
+        "checkpoint": ck_tree(trained),
         "batch_config": {"dataset_name": "arithmetic:3", "B_E": 8, "B_U": 16, "G": 4},  # some reward
         "generation": {"max_new_tokens": 3},
     }
@@ -327,13 +325,6 @@ def test_bad_sidecar_is_refused(trained, tmp_path, content, fragment):
     params = write_params(tmp_path / "params.yaml", {"checkpoint": ck_tree(ckpt)})
     result = cli("verify", "--params", str(params), "--out", str(out))
     assert_refused(result, out, str(ckpt / TRAINER_CONFIG), fragment)
-
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    demo_stage.run(validate_params({"demo": SMALL}), out, dry_run=False)  # test_demo's small demo
-    return out
 
 
 def test_demo_checkpoints_read_their_config_from_json_equal_to_the_pickle(small_demo, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_DEMO
 from safetensors.torch import load_file
 
 from entropy_probe import demo
@@ -27,17 +28,7 @@ TRAINER_FILES = [
     "training_args.bin",
     "rng_state.pth",
 ]
-SMALL = {
-    "max_operand": 3,
-    "hidden_size": 32,
-    "warmup_steps": 5,
-    "rl_steps": 2,
-    "save_steps": 1,
-    "prompts_per_step": 4,
-    "num_generations": 2,
-    "lora_rank": 2,
-    "rl_lr": 0.01,
-}
+SMALL = SMALL_DEMO  # conftest's small_demo fixture builds it once per test run
 
 
 def small_params(**overrides) -> Params:
@@ -45,14 +36,13 @@ def small_params(**overrides) -> Params:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("demo")
-    outs = root / "a" / "demo", root / "b" / "demo"
-    for out in outs:
-        summary = demo_stage.run(small_params(), out, dry_run=False)
-        # the stage's one-line result (the CLI prints it)
-        assert summary.startswith("demo: reward rate ") and f"-> {out} (" in summary and "\n" not in summary
-    return outs
+def two_runs(small_demo, tmp_path_factory) -> tuple[Path, Path]:
+    """The session's small demo and a second, independent build of the same params (for determinism)."""
+    out = tmp_path_factory.mktemp("demo") / "b" / "demo"
+    summary = demo_stage.run(small_params(), out, dry_run=False)
+    # the stage's one-line result (the CLI prints it)
+    assert summary.startswith("demo: reward rate ") and f"-> {out} (" in summary and "\n" not in summary
+    return small_demo, out
 
 
 def _optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:

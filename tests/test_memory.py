@@ -104,7 +104,6 @@ def _child_peaks(code: str, *args) -> dict:
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=120,
         cwd=Path(__file__).resolve().parents[1],
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
     )

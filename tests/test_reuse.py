@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_repo, make_lora_model
+from conftest import copy_demo_repo, make_lora_model, repo_env
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
+from test_readme import untracked_reads
 
 from entropy_probe.delta_h1 import compute_delta_h1
 from entropy_probe.enumeration import exact_gradients
@@ -127,36 +127,38 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tokeni
 
 
 @pytest.mark.slow
-def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
-    """dvc in a temp copy of the repo: after a run, adding a probed checkpoint re-runs no sampling stage,
-    and a far-away checkpoint is refused for low ESS unless forced."""
-    if shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists():
-        pytest.skip("dvc not installed")
-    copy_repo(tmp_path)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["demo"].update(rl_steps=6, save_steps=2)
-    params["checkpoint"]["path"] = "data/demo/run/checkpoint-2"
-    params["probe"]["checkpoints"] = {"step2": "data/demo/run/checkpoint-2"}
-    params["batch_config"].update(B_E=32, B_U=8)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+@pytest.mark.e2e
+def test_adding_a_checkpoint_runs_only_its_own_stages(demo_pipeline, tmp_path):
+    """dvc in a copy of the repo after a run of the pipeline (conftest's demo_pipeline, probing step6): adding a
+    probed checkpoint re-runs no sampling stage (and its importance-weighted δH₁ reads only params dvc.yaml
+    tracks), and a far-away checkpoint is refused for low ESS unless forced."""
+    first = (demo_pipeline / "repro.log").read_text()
+    assert "Running stage 'sample-e'" in first and "Running stage 'delta-h1@step6'" in first
+    repo = copy_demo_repo(demo_pipeline, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert list(params["probe"]["checkpoints"]) == ["step6"]
+    reads = tmp_path / "params_reads.jsonl"  # outside the repo: no stage owns it
+    env = repo_env(ENTROPY_PROBE_RECORD_PARAMS=str(reads))
 
     def dvc(*args: str) -> str:
-        out = subprocess.run(["dvc", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    first = dvc("repro", "delta-h1@step2")
-    assert "Running stage 'sample-e'" in first and "Running stage 'delta-h1@step2'" in first
     params["probe"]["checkpoints"]["step4"] = "data/demo/run/checkpoint-4"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = dvc("repro", "delta-h1@step2", "delta-h1@step4")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = dvc("repro", "delta-h1@step6", "delta-h1@step4")
     assert "Running stage 'verify@step4'" in second and "Running stage 'delta-h1@step4'" in second
-    for stage in ("demo", "sample-e", "sample-u", "verify@step2", "delta-h1@step2"):
+    for stage in ("demo", "sample-e", "sample-u", "verify@step6", "delta-h1@step6"):
         assert f"Running stage '{stage}'" not in second, (stage, second)
-    reuse = yaml.safe_load((tmp_path / "data/probe/step4/delta_h1/delta_h1.json").read_text())["reuse"]
+    reuse = yaml.safe_load((repo / "data/probe/step4/delta_h1/delta_h1.json").read_text())["reuse"]
     assert reuse["weighted"] and 0 < reuse["ess_fraction_E"] < 1
+    records = [json.loads(line) for line in reads.read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["verify", "delta-h1"]
+    assert any(key.startswith("reuse.") for key in records[1]["reads"])  # the weighted path read its settings
+    missing = untracked_reads(records)
+    assert not missing, f"params read but not listed in dvc.yaml: {sorted(missing)}"
+    env.pop("ENTROPY_PROBE_RECORD_PARAMS")
 
     # the same probe with a stricter ESS threshold is refused: one line, exit 2, nothing written
     cmd = [
@@ -171,7 +173,7 @@ def test_adding_a_checkpoint_runs_only_its_own_stages(tmp_path):
         "--out",
         "strict",
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "ESS/N" in out.stderr and "reuse.force" in out.stderr
     assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1
-    assert not (tmp_path / "strict").exists()
+    assert not (repo / "strict").exists()

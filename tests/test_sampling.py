@@ -410,16 +410,14 @@ def test_samples_must_fit_the_model(tmp_path, sample_u, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def stage_setup(tmp_path_factory):
+def stage_setup(tmp_path_factory, trainer_checkpoint):
     """A Trainer-layout checkpoint whose training_args.bin says temperature 0.7, scale_rewards 'none'."""
-    from trainer_ckpt import write_trainer_checkpoint
-
     from entropy_probe.params import validate_params
 
     root = tmp_path_factory.mktemp("stage")
-    ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
+    ckpt = trainer_checkpoint(steps=1, total_steps=2, hidden_size=32)  # shared: read only
     tree = {
-        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
+        "checkpoint": {"path": str(ckpt), "dtype": "fp32", "device_map": "cpu", "trust_pickles": True},
         "batch_config": {"dataset_name": "arithmetic:3", "B_E": 7, "B_U": 3, "G": 4},
         "generation": {"max_new_tokens": 4, "gen_batch_size": 5},
     }

@@ -255,19 +255,17 @@ def bars_for(delta: dict[str, torch.Tensor]) -> Bars:
 
 
 @pytest.fixture(scope="module")
-def stage_setup(tmp_path_factory, tokenizer):
+def stage_setup(tmp_path_factory, tokenizer, trainer_checkpoint):
     """A Trainer-layout checkpoint, E samples drawn by it (the sample-e stage), and hand-made delta-h1 outputs."""
-    from trainer_ckpt import write_trainer_checkpoint
-
     from entropy_probe import checkpoint
     from entropy_probe.params import validate_params
     from stages.sample import run_sample_e
 
     root = tmp_path_factory.mktemp("truth_stage")
-    ckpt = write_trainer_checkpoint(root, steps=1, total_steps=2, hidden_size=32)
+    ckpt = trainer_checkpoint(steps=1, total_steps=2, hidden_size=32)  # shared: read only
     tree = {
         "paths": {k: str(root / k) for k in ("verify", "sample_e", "delta_h1")},
-        "checkpoint": {"path": str(ckpt.dir), "dtype": "fp32", "device_map": "cpu"},
+        "checkpoint": {"path": str(ckpt), "dtype": "fp32", "device_map": "cpu"},
         "batch_config": {"dataset_name": "arithmetic:3", "B_E": 24},
         "generation": {"temperature": T, "max_new_tokens": MAX_NEW, "gen_batch_size": 10},
         "compute": {"max_tokens_per_microbatch": 64},
