@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -114,32 +114,9 @@ class DeltaH1Estimate:
     u_attribution_loo: Tensor | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
 
-    REPORT_FIELDS = (
-        "delta_h1",
-        "delta_h1_from_tangents",
-        "learning_rate",
-        "bars_dot",
-        "entropy",
-        "se_delta_h1",
-        "se_E",
-        "se_U",
-        "se_U_method",
-        "se_U_note",
-        "delta_h1_gradient_part",
-        "delta_h1_momentum_part",
-        "delta_h1_gradient_part_linearised",
-        "delta_h1_naive",
-        "se_E_naive",
-        "cov_logp_advantage",
-        "norm_xbar",
-        "norm_delta_theta",
-        "norm_g",
-        "targets",
-    )
-
     def report_fields(self) -> dict:
-        """The fields DeltaH1Report takes from the estimate."""
-        return {k: getattr(self, k) for k in self.REPORT_FIELDS}
+        """The fields DeltaH1Report takes from the estimate: every number (the tensors have repr=False)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
 
 def _parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
