@@ -1,17 +1,19 @@
-"""How well the probe predicted the steps a trainer really took: pure functions on per-step arrays (docs/math.md §11).
+"""How well the probe forecast the steps a trainer really took: pure functions on per-step arrays (docs/math.md §11).
 
-Per observed step k (θ(k) → θ(k+1)) the trajectory stage has the observed entropy change ΔH_obs(k), the
-probe's prediction δH₁_pred(k) ± (SE_E, SE_U) from its own U draw, and the first- and second-order terms
-δH₁_obs(k), δH₂_obs(k) along the step actually taken. The trainer's step is one more random U draw, so
+Per observed step k (θ(k) → θ(k+1)) the trajectory stage has the observed entropy change ΔH_obs(k) (± SE_obs
+when sampled), the forecast F̄(k) ± SE_F with the spread σ_T of the trainer's own draw (`forecast`), and the
+first- and second-order terms δH₁_obs(k), δH₂_obs(k) along the step actually taken. The trainer's step is one
+draw of the simulated distribution, so
 
-    z(k) = (ΔH_obs − δH₁_pred) / √(SE_E² + SE_U² + SE_U² · B_U_probe / B_U_trainer)
+    z(k) = (ΔH_obs − F̄) / √(SE_F² + σ_T² + SE_obs²)
 
-should look like N(0, 1) across k when the probe is calibrated (and the step is in the linear regime):
-mean ≈ 0, SD ≈ 1, about 95% within ±2. The explained fraction of ΔH_obs by a prediction p is
+should look like N(0, 1) across k when the probe is calibrated: mean ≈ 0, SD ≈ 1, about 95% within ±2. The same
+z with the first order alone (F̄₁, its SE and σ_T) sits beside it: where the step is curved, it is not calibrated.
+The explained fraction of ΔH_obs by a prediction p is
 
     R²(p) = 1 − Σ_k (ΔH_obs − p)² / Σ_k ΔH_obs²      (about 0, not the mean: ΔH = 0 is the null prediction)
 
-for p = δH₁_obs (first order) and p = δH₁_obs + δH₂_obs (second order). Estimates with a standard error are
+for p = F̄, δH₁_obs (first order) and δH₁_obs + δH₂_obs (second order). Estimates with a standard error are
 z-tested against their exact values, z = (estimate − exact) / SE.
 Every function takes plain sequences or arrays and returns floats (None where a number is undefined).
 """
@@ -19,10 +21,12 @@ Every function takes plain sequences or arrays and returns floats (None where a 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from .artifacts.trajectory import CalibrationMetrics
 
 Z_WITHIN = 2.0  # the |z| counted as "within": about 95% of N(0, 1)
 
@@ -36,16 +40,11 @@ def _array(x: Sequence[float]) -> np.ndarray:
     return a
 
 
-def prediction_se(se_E: Sequence[float], se_U: Sequence[float], b_u_probe: int, b_u_trainer: int) -> np.ndarray:
-    """√(SE_E² + SE_U² + SE_U² · B_U_probe / B_U_trainer): the spread of ΔH_obs − δH₁_pred.
-
-    SE_E and SE_U are the probe's (its E and its U draw); the last term is the trainer's own U draw, whose
-    variance scales as 1/B: SE_U² (which is ∝ 1/B_U_probe) times B_U_probe / B_U_trainer.
-    """
-    if b_u_probe < 1 or b_u_trainer < 1:
-        raise ValueError("batch sizes must be >= 1")
-    e, u = _array(se_E), _array(se_U)
-    return np.sqrt(e**2 + u**2 * (1.0 + b_u_probe / b_u_trainer))
+def forecast_z(delta_h_obs: float, forecast: float, spread: float, se_obs: float = 0.0) -> float | None:
+    """z = (ΔH_obs − F̄) / √(spread² + SE_obs²), spread = √(SE_F² + σ_T²) (positive: entropy rose more than
+    forecast); None when the denominator is 0."""
+    sd = math.sqrt(spread**2 + se_obs**2)
+    return (delta_h_obs - forecast) / sd if sd > 0 else None
 
 
 def z_scores(estimate: Sequence[float], reference: Sequence[float], se: Sequence[float]) -> np.ndarray:
@@ -56,18 +55,6 @@ def z_scores(estimate: Sequence[float], reference: Sequence[float], se: Sequence
     if (s <= 0).any():
         raise ValueError("a standard error is <= 0")
     return (est - ref) / s
-
-
-def step_z(
-    delta_h_obs: Sequence[float],
-    delta_h1_pred: Sequence[float],
-    se_E: Sequence[float],
-    se_U: Sequence[float],
-    b_u_probe: int,
-    b_u_trainer: int,
-) -> np.ndarray:
-    """z(k) = (ΔH_obs − δH₁_pred) / `prediction_se` (the sign: positive when entropy rose more than predicted)."""
-    return z_scores(delta_h_obs, delta_h1_pred, prediction_se(se_E, se_U, b_u_probe, b_u_trainer))
 
 
 @dataclass(frozen=True)
@@ -113,76 +100,52 @@ def explained_fraction(observed: Sequence[float], predicted: Sequence[float]) ->
     return 1.0 - float(((o - p) ** 2).sum()) / total if total > 0 else None
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The calibration summary of a trajectory (what metrics JSON holds)."""
-
-    n_steps: int  # every step: the correlation and the explained fractions use them all
-    z_mean: float | None  # z = (ΔH_obs − δH₁_pred) / √(SE_E² + SE_U² (1 + B_U/B_U_trainer)), over the steps with SE_U
-    z_sd: float | None
-    z_share_within_2: float | None
-    corr_pred_obs: float | None  # correlation of δH₁_pred with ΔH_obs
-    explained_first_order: float | None  # R² of ΔH_obs by δH₁_obs (exact along the step)
-    explained_second_order: float | None  # R² of ΔH_obs by δH₁_obs + δH₂_obs
-    z_delta_h1_obs_mean: float | None  # z-test of the sampled δH₁_obs against its exact value
-    z_delta_h1_obs_sd: float | None
-    z_delta_h2_obs_mean: float | None  # z-test of the sampled δH₂_obs against its exact value
-    z_delta_h2_obs_sd: float | None
-    n_steps_z: int | None = None  # the steps with an SE_U (the z of the others is undefined)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def calibrate(
     *,
     delta_h_obs: Sequence[float],
-    delta_h1_pred: Sequence[float],
-    se_E: Sequence[float],
-    se_U: Sequence[float | None],
-    b_u_probe: int,
-    b_u_trainer: int,
-    delta_h1_obs_exact: Sequence[float],
-    delta_h2_obs_exact: Sequence[float],
-    z_delta_h1_obs: Sequence[float],
-    z_delta_h2_obs: Sequence[float],
-) -> Calibration:
-    """Every number of the summary from the per-step arrays (all of one length, the number of steps; the two
-    along-step z lists hold the defined ones). A step whose SE_U is None (fewer than two U groups with a
-    non-zero advantage) has no forecast z, but its ΔH_obs and δH₁_pred count in every other number."""
-    known = [u is not None for u in se_U]
+    forecast: Sequence[float],
+    forecast_first_order: Sequence[float],
+    z: Sequence[float | None],
+    z_first_order: Sequence[float | None],
+    delta_h1_obs: Sequence[float],
+    delta_h2_obs: Sequence[float],
+    along_step: str,
+    z_delta_h1_obs: Sequence[float | None],
+    z_delta_h2_obs: Sequence[float | None],
+    verdicts: Sequence[str],
+) -> CalibrationMetrics:
+    """Every number of the summary from the per-step arrays (all of one length, the number of steps). A z that
+    is None (a zero denominator) is left out of its own summary only; every other number uses every step.
+    δH₁_obs, δH₂_obs: exact along the step (`along_step` "exact") or the E batch's estimates ("sampled")."""
 
-    def with_z(values: Sequence) -> list:
-        return [v for v, k in zip(values, known) if k]
+    def defined(values: Sequence[float | None]) -> list[float]:
+        return [v for v in values if v is not None]
 
-    obs, pred = with_z(delta_h_obs), with_z(delta_h1_pred)
-    z = z_summary(step_z(obs, pred, with_z(se_E), with_z(se_U), b_u_probe, b_u_trainer))
-    first = _array(delta_h1_obs_exact)
-    z1, z2 = z_summary(z_delta_h1_obs), z_summary(z_delta_h2_obs)
-    return Calibration(
+    zf, z1 = z_summary(defined(z)), z_summary(defined(z_first_order))
+    zd1, zd2 = z_summary(defined(z_delta_h1_obs)), z_summary(defined(z_delta_h2_obs))
+    first = _array(delta_h1_obs)
+    return CalibrationMetrics(
         n_steps=len(delta_h_obs),
-        n_steps_z=z.n,
-        z_mean=z.mean,
-        z_sd=z.sd,
-        z_share_within_2=z.share_within_2,
-        corr_pred_obs=correlation(delta_h1_pred, delta_h_obs),
+        n_steps_z=zf.n,
+        z_mean=zf.mean,
+        z_sd=zf.sd,
+        z_share_within_2=zf.share_within_2,
+        z_first_order_mean=z1.mean,
+        z_first_order_sd=z1.sd,
+        z_first_order_share_within_2=z1.share_within_2,
+        corr_forecast_obs=correlation(forecast, delta_h_obs),
+        corr_pred_obs=correlation(forecast_first_order, delta_h_obs),
+        explained_by_forecast=explained_fraction(delta_h_obs, forecast),
         explained_first_order=explained_fraction(delta_h_obs, first),
-        explained_second_order=explained_fraction(delta_h_obs, first + _array(delta_h2_obs_exact)),
-        z_delta_h1_obs_mean=z1.mean,
-        z_delta_h1_obs_sd=z1.sd,
-        z_delta_h2_obs_mean=z2.mean,
-        z_delta_h2_obs_sd=z2.sd,
+        explained_second_order=explained_fraction(delta_h_obs, first + _array(delta_h2_obs)),
+        along_step=along_step,
+        z_delta_h1_obs_mean=zd1.mean,
+        z_delta_h1_obs_sd=zd1.sd,
+        z_delta_h2_obs_mean=zd2.mean,
+        z_delta_h2_obs_sd=zd2.sd,
+        n_curved=sum(v == "curved" for v in verdicts),
+        n_unresolved=sum(v == "unresolved" for v in verdicts),
     )
 
 
-__all__ = [
-    "Calibration",
-    "ZSummary",
-    "calibrate",
-    "correlation",
-    "explained_fraction",
-    "prediction_se",
-    "step_z",
-    "z_scores",
-    "z_summary",
-]
+__all__ = ["ZSummary", "calibrate", "correlation", "explained_fraction", "forecast_z", "z_scores", "z_summary"]

@@ -80,6 +80,7 @@ class UUncertainty:
     se_U_note: str | None = None
     attribution: Tensor | None = None  # [B] u·g_b: linearised contributions (Σ = the linearised gradient part)
     attribution_loo: Tensor | None = None  # [B] δH₁ − X̄·Δθ(g₋b), with the cached group gradients
+    denominators: Tensor | None = None  # [B] each group's share D_b of the loss normaliser (`group_denominators`)
 
 
 @dataclass
@@ -112,6 +113,10 @@ class DeltaH1Estimate:
     e_contributions: Tensor = field(repr=False)  # [N_E] ψ_i / N: each E sequence's share of δH₁
     u_attribution: Tensor | None = field(default=None, repr=False)
     u_attribution_loo: Tensor | None = field(default=None, repr=False)
+    # the U pass's per-group gradients g_b [B, P] (full-batch normaliser) and shares D_b [B] of the normaliser,
+    # when cached (compute.u_gradient_cache_mb): the trainer's own draw is simulated from them (`forecast`)
+    u_group_gradients: Tensor | None = field(default=None, repr=False)
+    u_group_denominators: Tensor | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     def report_fields(self) -> dict:
@@ -216,6 +221,7 @@ def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xb
             "jackknife over U prompt groups",
             delta_h1 - loo,
         )
+        out.denominators = denominators
     else:
         params = _parameters(model, layout)
         direction = _direction(u, layout, params)
@@ -272,7 +278,10 @@ def compute_delta_h1(
             ),
             norm_g=float(ug.g.double().norm()),
         )
-    return _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
+    estimate = _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
+    if ug is not None and unc.denominators is not None:
+        estimate.u_group_gradients, estimate.u_group_denominators = ug.g_groups, unc.denominators
+    return estimate
 
 
 def _estimate(

@@ -138,12 +138,39 @@ class GenerationParams(Section):
     max_new_tokens: int = Field(3, ge=1)
     gen_batch_size: int = Field(64, ge=1)
     stop: str | None = None  # optional stop string per task
+    # sampling knobs the probe does not apply (it samples and scores π_θ at temperature T with top_p only);
+    # auto: the trainer's value, else off. A value other than off (the trainer's or this one) is refused; an
+    # explicit off value probes the untruncated policy even where the trainer sampled otherwise (a warning)
+    top_k: int | Literal["auto"] = "auto"  # off: 0
+    min_p: float | Literal["auto"] = "auto"  # off: 0.0
+    repetition_penalty: float | Literal["auto"] = "auto"  # off: 1.0
 
     @field_validator("temperature")
     @classmethod
     def _positive_temperature(cls, v):
         if v != "auto" and not v > 0:
             raise ValueError("must be > 0 or 'auto'")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be >= 0 (0: no top-k filtering) or 'auto'")
+        return v
+
+    @field_validator("min_p")
+    @classmethod
+    def _min_p(cls, v):
+        if v != "auto" and not 0 <= v <= 1:
+            raise ValueError("must be in [0, 1] (0: no min-p filtering) or 'auto'")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be > 0 (1: no penalty) or 'auto'")
         return v
 
 
@@ -269,10 +296,20 @@ class TrajectoryParams(Section):
     out_dir: str = "data/trajectory"
     steps: list[int] | None = None  # the k of the pairs to score (None: every consecutive pair)
     B_E: int = Field(64, ge=2)  # E batch drawn at every θ(k)
-    B_U: int = Field(8, ge=2)  # U prompts per draw (two independent draws per step), G from batch_config
-    trainer_B_U: int = Field(8, ge=1)  # the trainer's prompts per step (its own U draw)
+    B_U: int | Literal["auto"] = "auto"  # the probe's U pool per step (auto: 4 × trainer_B_U), G from batch_config
+    trainer_B_U: int | Literal["auto"] = "auto"  # the trainer's prompts per step (auto: from its settings)
+    trainer_draws: int = Field(16, ge=2)  # K simulated trainer steps per forecast (each with its δH₂)
+    observed: Literal["exact", "sampled", "auto"] = "auto"  # ΔH_obs (auto: exact when enumeration fits)
+    B_obs: int = Field(256, ge=2)  # sampled ΔH_obs: E rows at θ(k), and one fresh response each at θ(k), θ(k+1)
     seed: int = 4
     fd_eps: TrajectoryStep = 0.01  # exact δH₁, δH₂ by central differences at θ(k) ± fd_eps·Δθ_obs
+
+    @field_validator("B_U", "trainer_B_U")
+    @classmethod
+    def _batch(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be ≥ 1 or 'auto'")
+        return v
 
 
 class Params(Section):

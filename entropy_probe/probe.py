@@ -14,7 +14,6 @@ checkpoint's own settings (trainer, AdamW state, lr) are resolved once, here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ from .artifacts.truth import TruthReport
 from .delta_h1 import DeltaH1Estimate, compute_delta_h1
 from .errors import ProbeError
 from .files import write_text
+from .forecast import NO_GROUP_GRADIENTS, Forecast, TrainerDraws, check_pool, resample_groups, simulate_trainer_draws
+from .forecast import summarise as summarise_forecast
 from .generation import make_plan
 from .importance import Reuse, reuse_weights
 from .optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
@@ -44,7 +45,7 @@ from .outputs import staged_output_dir
 from .params import Params
 from .sampling import SamplerInfo, draw, sampler_info
 from .scoring import Batch
-from .second_order import second_order
+from .second_order import second_order, taylor_rows
 from .specs import ComputeBudget, SecondOrderSpec
 from .trainer_config import TrainerSettings
 from .update import FlatLayout
@@ -100,6 +101,15 @@ class DeltaH1Result:
         )
 
 
+@dataclass
+class ForecastResult:
+    """`Probe.forecast`: the forecast (`Forecast`), its simulated trainer draws, and the pool's δH₁ result."""
+
+    forecast: Forecast
+    draws: TrainerDraws
+    pool: DeltaH1Result
+
+
 class Probe:
     """A policy with its AdamW state and trainer settings: samples E and U, computes δH₁ ± SE (and δH₂),
     the observed step, exact values and ground truth.
@@ -134,6 +144,7 @@ class Probe:
             lr_last = self.trainer.learning_rate_last
             self.learning_rate = choose_learning_rate(self.params.checkpoint.learning_rate, lr_next, lr_last, agree)
         self._prompt_set = None
+        self._checked = False  # check_settings ran
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -218,7 +229,20 @@ class Probe:
         path = IN_MEMORY if self.paths is None else self.params.checkpoint.path
         return sampler_info(self.params, self.trainer, self.fingerprint, kind, path)
 
+    def check_settings(self, scoring_observed_steps: bool = False) -> None:
+        """Compare the probe's sampling settings with the trainer's, once per Probe: a differing G or max_new_tokens
+        is a warning naming both values (an error for what ΔH_obs measures when `scoring_observed_steps`);
+        truncated sampling (top_k, min_p, repetition penalty) is refused."""
+        if self._checked:
+            return
+        from .trainer_checks import check_against_trainer, resolve_sampling_knobs
+
+        check_against_trainer(self.params, self.trainer.config, scoring_observed_steps=scoring_observed_steps)
+        resolve_sampling_knobs(self.params.generation, self.trainer.config)
+        self._checked = True
+
     def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
+        self.check_settings()
         plan = distributed.on_rank0(lambda: make_plan(self.params, kind, len(self.prompt_set), n, seed))
         return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
 
@@ -318,7 +342,49 @@ class Probe:
             max_tokens=max_tokens,
             e_weights=e_weights,
         )
-        return SecondOrderRecord(**dataclasses.asdict(result))
+        return SecondOrderRecord(**result.numbers())
+
+    def forecast(
+        self,
+        E: Samples,
+        U: Samples,
+        trainer_groups: int,
+        *,
+        update: UpdateRule | None = None,
+        n_draws: int = 16,
+        seed: int = 0,
+        reference: torch.Tensor | None = None,
+    ) -> ForecastResult:
+        """The trainer's next ΔH: δH₁ + δH₂ along steps of the trainer's batch size (`trainer_groups` prompts),
+        each a draw of U's groups taken through the real update rule, K = `n_draws` of them (docs/math.md §11.2).
+
+        U is the pool (more groups than the trainer's batch); the pool's own δH₁ result (with δH₂ and the
+        linear-regime verdict along its Δθ) comes along. `reference`: a flat Δθ (e.g. the
+        observed step) the draws' cosines are measured against."""
+        update = update if update is not None else self.update_rule()
+        if not update.emulated:
+            raise ProbeError(
+                "a forecast emulates the trainer's step, so it needs an emulated update rule", "use adam_step"
+            )
+        result = self.delta_h1(E, U, update, with_second_order=True)
+        est = result.estimate
+        if est.u_group_gradients is None:
+            raise ProbeError(*NO_GROUP_GRADIENTS)
+        n_pool = est.u_group_gradients.shape[0]
+        check_pool(n_pool, trainer_groups, "the U batch's prompt count")
+        batch = self.batch(E)
+        e_weights = self.reuse({"E": batch}, {"E": E}).e_weights
+        fd_eps, max_tokens = self.params.second_order.fd_eps, self.params.compute.max_tokens_per_microbatch
+
+        def taylor(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            first, second, _ = taylor_rows(
+                self.model, batch, self.layout, delta, self.params.estimator, fd_eps, max_tokens, e_weights
+            )
+            return first, second
+
+        draws = resample_groups(n_pool, trainer_groups, n_draws, seed)
+        sim = simulate_trainer_draws(update, est.u_group_gradients, est.u_group_denominators, draws, taylor, reference)
+        return ForecastResult(summarise_forecast(sim, n_pool, trainer_groups), sim, result)
 
     def _result(self, samples, batches, update: UpdateRule, reuse, estimate: DeltaH1Estimate, second) -> DeltaH1Result:
         E, U = batches["E"], batches.get("U")
@@ -451,4 +517,4 @@ def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model
     return ObservedStep(delta, record)
 
 
-__all__ = ["DeltaH1Result", "IN_MEMORY", "Probe", "require_policy_gradient"]
+__all__ = ["DeltaH1Result", "ForecastResult", "IN_MEMORY", "Probe", "require_policy_gradient"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -54,6 +54,11 @@ class SecondOrder:
     fd_eps: float  # ε: the finite-difference step, as a multiple of Δθ
     ess_fraction_plus: float  # ESS/N of the weights at θ + εΔθ
     ess_fraction_minus: float  # ESS/N of the weights at θ − εΔθ
+    influence: torch.Tensor | None = field(default=None, repr=False)  # [N] ¼ (ψ_i(ε) − ψ_i(−ε)) / ε: mean = δH₂
+
+    def numbers(self) -> dict:
+        """Every field but the per-sequence influence (what delta_h1.json records)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
 
 @dataclass
@@ -217,6 +222,29 @@ def _check_inputs(E: Batch, layout: FlatLayout, delta_theta, lr, fd_eps, fractio
         )
 
 
+def taylor_rows(
+    model,
+    E: Batch,
+    layout: FlatLayout,
+    delta_theta: torch.Tensor,
+    estimator,
+    fd_eps: float,
+    max_tokens: int,
+    e_weights=None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """Per-E-sequence influence values of δH₁ and δH₂ along Δθ from D(±ε) (`shifted_estimates`):
+
+        first_i = ½ (ψ_i(ε) + ψ_i(−ε)),      second_i = ¼ (ψ_i(ε) − ψ_i(−ε)) / ε
+
+    (means: δH₁ + O(ε²) and δH₂), and the ESS/N of the weights at θ ± εΔθ."""
+    steps = (0.0, fd_eps, -fd_eps)
+    points = shifted_estimates(model, E, layout, delta_theta, estimator, max_tokens, steps, e_weights, False)
+    plus, minus = points[fd_eps], points[-fd_eps]
+    first = 0.5 * (plus.influence + minus.influence)
+    second = (plus.influence - minus.influence) / (4.0 * fd_eps)
+    return first, second, (plus.ess_fraction, minus.ess_fraction)
+
+
 def second_order(
     model,
     E: Batch,
@@ -240,19 +268,18 @@ def second_order(
     """
     fd_eps, fraction = spec.fd_eps, spec.fraction
     _check_inputs(E, layout, delta_theta, lr, fd_eps, fraction, e_weights)
-    steps = (0.0, fd_eps, -fd_eps)
-    points = shifted_estimates(model, E, layout, delta_theta, estimator, max_tokens, steps, e_weights, False)
-    plus, minus = points[fd_eps], points[-fd_eps]
-    paired = (plus.influence - minus.influence) / (4.0 * fd_eps)
+    first, paired, (ess_plus, ess_minus) = taylor_rows(
+        model, E, layout, delta_theta, estimator, fd_eps, max_tokens, e_weights
+    )
     delta_h2, se = float(paired.mean()), standard_error(paired)
-    delta_h1 = 0.5 * (plus.value + minus.value)
+    delta_h1 = float(first.mean())
     regime = linear_regime(delta_h1, delta_h2, se, lr, fraction, spec.z_resolve)
-    for sign, point in (("+", plus), ("−", minus)):
-        if point.ess_fraction < MIN_SHIFT_ESS_FRACTION:
+    for sign, ess in (("+", ess_plus), ("−", ess_minus)):
+        if ess < MIN_SHIFT_ESS_FRACTION:
             log.warning(
                 "second order: ESS/N = %.3f at θ %s εΔθ: the shift moves the policy a lot, so the finite "
                 "difference may be biased; lower second_order.fd_eps",
-                point.ess_fraction,
+                ess,
                 sign,
             )
     return SecondOrder(
@@ -265,8 +292,9 @@ def second_order(
         fraction=fraction,
         verdict=regime.verdict,
         fd_eps=fd_eps,
-        ess_fraction_plus=plus.ess_fraction,
-        ess_fraction_minus=minus.ess_fraction,
+        ess_fraction_plus=ess_plus,
+        ess_fraction_minus=ess_minus,
+        influence=paired,
     )
 
 
@@ -279,4 +307,5 @@ __all__ = [
     "second_order",
     "shift_rounding",
     "shifted_estimates",
+    "taylor_rows",
 ]

@@ -43,6 +43,19 @@ class TrainerConfig(BaseModel):
     num_generations: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, ge=0)
     lr_scheduler_type: str | None = None
+    # the batch: one optimizer step (one process) uses per_device_train_batch_size × gradient_accumulation_steps
+    # completions; completions are drawn once every steps_per_generation × num_iterations micro-batches, in
+    # batches of generation_batch_size = per_device_train_batch_size × processes × steps_per_generation (TRL's
+    # GRPOConfig.__post_init__ sets both; steps_per_generation defaults to gradient_accumulation_steps)
+    per_device_train_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    steps_per_generation: int | None = Field(None, ge=1)
+    num_iterations: int | None = Field(None, ge=1)  # μ: passes over each generation batch
+    generation_batch_size: int | None = Field(None, ge=1)
+    # sampling knobs besides temperature and top_p; off = top_k 0, min_p 0.0, repetition_penalty 1.0
+    top_k: int | None = Field(None, ge=0)  # 0: no top-k filtering (TRL's default)
+    min_p: float | None = Field(None, ge=0, le=1)  # 0.0: no min-p filtering (TRL's None is stored as 0.0)
+    repetition_penalty: float | None = Field(None, gt=0)  # 1.0: no penalty (TRL's default)
 
 
 TRAINER_CONFIG_KEYS = tuple(TrainerConfig.model_fields)
@@ -85,9 +98,39 @@ def _finite_number(value: Any, kind: type, path: Path, key: str) -> int | float:
     raise ProbeError(f"{path}: {key} is {value!r}, not a finite number", "re-save the checkpoint")
 
 
+# TRL reads None as "off" for these sampling knobs (GRPOConfig: min_p=None; top_k=None in older TRL); None here
+# means "unknown", so an args object that has the attribute stores the off value instead
+_OFF_WHEN_NONE = {"top_k": 0, "min_p": 0.0}
+# sampling-only knobs that GRPOConfig.generation_kwargs overrides (grpo_trainer.py: generation_kwargs.update(
+# args.generation_kwargs) before GenerationConfig, and vLLM's SamplingParams likewise); a None there is "off"
+_GENERATION_KWARGS_OFF = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _generation_kwargs(args: Any) -> dict:
+    extra = getattr(args, "generation_kwargs", None)
+    if isinstance(extra, str):  # a JSON string from the command line
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            return {}
+    return extra if isinstance(extra, dict) else {}
+
+
 def trainer_config_from_args(args: Any) -> dict:
-    """TRAINER_CONFIG_KEYS of a TrainingArguments/GRPOConfig, JSON-ready (what trainer_config.json holds)."""
-    return {k: _plain(getattr(args, k, None)) for k in TRAINER_CONFIG_KEYS}
+    """TRAINER_CONFIG_KEYS of a TrainingArguments/GRPOConfig, JSON-ready (what trainer_config.json holds).
+
+    The sampling knobs are the ones the trainer sampled with: generation_kwargs' top_p/top_k/min_p/
+    repetition_penalty override the named arguments, and TRL's None ("off") for top_k/min_p is stored as 0.
+    """
+    cfg = {k: _plain(getattr(args, k, None)) for k in TRAINER_CONFIG_KEYS}
+    for key, off in _OFF_WHEN_NONE.items():
+        if cfg[key] is None and hasattr(args, key):
+            cfg[key] = off
+    extra = _generation_kwargs(args)
+    for key, off in _GENERATION_KWARGS_OFF.items():
+        if key in extra:
+            cfg[key] = off if extra[key] is None else _plain(extra[key])
+    return cfg
 
 
 def _validated_trainer_config(raw: Any, path: Path, fix: str) -> dict:

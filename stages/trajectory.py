@@ -1,12 +1,13 @@
 """The `trajectory` stage: the probe scored against the steps a trainer really took (docs/math.md §11).
 
 Reads a run dir with a checkpoint every step (`trajectory.run_dir`, default the demo's run) and, per
-consecutive pair (k, k+1), compares the exact entropy change ΔH_obs with the probe's prediction δH₁_pred
-from its own U draw, and with δH₁, δH₂ along the real step (`entropy_probe.trajectory`). Writes, staged:
+consecutive pair (k, k+1), compares the entropy change ΔH_obs (exact, or sampled with an SE) with the probe's
+forecast δH₁ + δH₂ along simulated steps of the trainer's batch size, and with δH₁, δH₂ along the real step
+(`entropy_probe.trajectory`). Writes, staged:
 trajectory.json (`Trajectory`), metrics.json (`TrajectoryMetrics`, the calibration summary DVC tracks),
 plots/steps.csv and plots/cumulative.csv (DVC plots), steps.png, cumulative.png and trajectory.md (also
-returned, the stage's result). Refuses a run dir without two consecutive checkpoints, and populations too
-large to enumerate.
+returned, the stage's result). Refuses a run dir without two consecutive checkpoints, and probe settings that
+change what ΔH_obs measures (max_new_tokens, temperature, top_p other than the trainer's).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     if dry_run:
         return (
             f"trajectory plan: {len(pairs)} observed steps of {tp.run_dir} "
-            f"({', '.join(f'{p.step}→{p.step + 1}' for p in pairs)}); per step exact H by enumeration, an E batch "
-            f"of {tp.B_E} and two U draws of {tp.B_U} prompts × {params.batch_config.G} at θ(k); writes {out_dir}"
+            f"({', '.join(f'{p.step}→{p.step + 1}' for p in pairs)}); per step ΔH_obs ({tp.observed}), an E batch "
+            f"of {tp.B_E} and a U pool of {tp.B_U} prompts × {params.batch_config.G} at θ(k), {tp.trainer_draws} "
+            f"simulated trainer steps of {tp.trainer_B_U} prompts; writes {out_dir}"
         )
     start = time.perf_counter()
     traj = score_trajectory(params, pairs)

@@ -163,7 +163,7 @@ def shrink_to_ci_scale(params: dict) -> dict:
     params["truth"]["eta_multipliers"] = [0.5, 1.0]
     params["exact"]["eta_multipliers"] = [0.5, 1.0]
     params["probe"]["checkpoints"] = {"step6": "data/demo/run/checkpoint-6"}
-    params["trajectory"].update(steps=[6], B_E=16)
+    params["trajectory"].update(steps=[6], B_E=16, trainer_draws=4)
     return params
 
 

@@ -10,19 +10,11 @@ import pytest
 from entropy_probe import calibration as cal
 
 
-def test_prediction_se_adds_the_trainers_draw():
-    # SE_E = 3, SE_U = 4, B_U_probe = 8 = B_U_trainer: 9 + 16 + 16 = 41
-    se = cal.prediction_se([3.0], [4.0], 8, 8)
-    assert se[0] == pytest.approx(math.sqrt(41.0), rel=1e-15)
-    # a trainer batch 4x the probe's: its draw adds a quarter of SE_U²
-    assert cal.prediction_se([3.0], [4.0], 8, 32)[0] == pytest.approx(math.sqrt(9 + 16 + 4), rel=1e-15)
-    assert cal.prediction_se([0.0], [0.0], 8, 8)[0] == 0.0
-
-
-def test_step_z_handcrafted():
-    z = cal.step_z([1.0, -2.0], [0.5, -1.0], [0.3, 0.0], [0.4, 1.0], 1, 1)
-    expected = [0.5 / math.sqrt(0.09 + 2 * 0.16), -1.0 / math.sqrt(2.0)]
-    np.testing.assert_allclose(z, expected, rtol=1e-14)
+def test_forecast_z_adds_the_observed_se():
+    # spread √(SE_F² + σ_T²) = 5, SE_obs = 0: z = 10/5; with SE_obs = 12: √(25 + 144) = 13
+    assert cal.forecast_z(11.0, 1.0, 5.0) == pytest.approx(2.0, rel=1e-15)
+    assert cal.forecast_z(-12.0, 1.0, 5.0, 12.0) == pytest.approx(-1.0, rel=1e-15)
+    assert cal.forecast_z(1.0, 0.0, 0.0, 0.0) is None
 
 
 def test_z_scores_refuse_zero_se_and_bad_lengths():
@@ -40,11 +32,9 @@ def test_calibrated_predictions_give_standard_normal_z():
     rng = np.random.default_rng(0)
     n = 4000
     pred = rng.normal(0.0, 1e-3, n)
-    se_E, se_U = rng.uniform(1e-4, 5e-4, n), rng.uniform(1e-4, 5e-4, n)
-    b_probe, b_trainer = 8, 16
-    sd = np.sqrt(se_E**2 + se_U**2 * (1 + b_probe / b_trainer))
-    obs = pred + rng.normal(0.0, 1.0, n) * sd
-    s = cal.z_summary(cal.step_z(obs, pred, se_E, se_U, b_probe, b_trainer))
+    spread, se_obs = rng.uniform(1e-4, 5e-4, n), rng.uniform(0.0, 2e-4, n)
+    obs = pred + rng.normal(0.0, 1.0, n) * np.sqrt(spread**2 + se_obs**2)
+    s = cal.z_summary([cal.forecast_z(o, p, f, e) for o, p, f, e in zip(obs, pred, spread, se_obs)])
     assert s.n == n
     assert abs(s.mean) < 4 / math.sqrt(n)
     assert abs(s.sd - 1.0) < 4 / math.sqrt(2 * n)
@@ -57,7 +47,7 @@ def test_overconfident_predictions_are_detected():
     n = 2000
     pred = np.zeros(n)
     obs = rng.normal(0.0, 2.0, n)
-    s = cal.z_summary(cal.step_z(obs, pred, np.ones(n), np.zeros(n), 8, 8))
+    s = cal.z_summary([cal.forecast_z(o, p, 1.0) for o, p in zip(obs, pred)])
     assert 1.9 < s.sd < 2.1 and 0.64 < s.share_within_2 < 0.72  # P(|N(0,4)| ≤ 2) = 0.683
 
 
@@ -91,49 +81,47 @@ def test_explained_fraction_of_a_quadratic_step():
     assert cal.explained_fraction([0.0, 0.0], [1.0, 1.0]) is None
 
 
+def _calibrate(obs, forecast, first, second, z, **kw):
+    args = dict(
+        delta_h_obs=obs,
+        forecast=forecast,
+        forecast_first_order=forecast,
+        z=z,
+        z_first_order=z,
+        delta_h1_obs=first,
+        delta_h2_obs=second,
+        along_step="exact",
+        z_delta_h1_obs=[0.5, -0.5, 1.0],
+        z_delta_h2_obs=[3.0, 1.0, 2.0],
+        verdicts=["linear", "curved", "unresolved"],
+    )
+    return cal.calibrate(**{**args, **kw})
+
+
 def test_calibrate_combines_everything():
     obs = [2.0, -1.0, 0.5]
     first = [1.5, -1.0, 0.25]
     second = [0.5, 0.0, 0.25]
-    c = cal.calibrate(
-        delta_h_obs=obs,
-        delta_h1_pred=[1.0, -1.0, 0.5],
-        se_E=[1.0, 1.0, 1.0],
-        se_U=[0.0, 0.0, 0.0],
-        b_u_probe=8,
-        b_u_trainer=8,
-        delta_h1_obs_exact=first,
-        delta_h2_obs_exact=second,
-        z_delta_h1_obs=[0.5, -0.5, 1.0],
-        z_delta_h2_obs=[3.0, 1.0, 2.0],
-    )
-    assert c.n_steps == 3
-    assert c.z_mean == pytest.approx(1.0 / 3, rel=1e-14)  # z = obs − pred = 1, 0, 0
-    assert c.z_share_within_2 == 1.0
+    c = _calibrate(obs, [1.0, -1.0, 0.5], first, second, [1.0, 0.0, 0.0], forecast_first_order=first)
+    assert (c.n_steps, c.n_steps_z) == (3, 3)
+    assert c.z_mean == pytest.approx(1.0 / 3, rel=1e-14) and c.z_share_within_2 == 1.0
     assert c.explained_second_order == 1.0
     assert c.explained_first_order == pytest.approx(1 - (0.25 + 0.0625) / 5.25, rel=1e-14)
+    assert c.explained_by_forecast == pytest.approx(1 - 1.0 / 5.25, rel=1e-14)
+    assert c.corr_pred_obs == cal.correlation(first, obs) and c.corr_forecast_obs == cal.correlation([1, -1, 0.5], obs)
     assert c.z_delta_h1_obs_mean == pytest.approx(1.0 / 3, rel=1e-14) and c.z_delta_h2_obs_mean == 2.0
     assert c.z_delta_h2_obs_sd == 1.0
-    assert set(c.as_dict()) == {f for f in cal.Calibration.__dataclass_fields__}
+    assert (c.n_curved, c.n_unresolved, c.along_step) == (1, 1, "exact")
 
 
-def test_a_step_without_se_u_has_no_z_but_counts_everywhere_else():
-    """No silent drops: a step whose SE_U is not estimable leaves the forecast z's summary, and only that."""
+def test_a_step_without_z_counts_everywhere_else():
+    """No silent drops: a step whose z is undefined (zero spread) leaves the z summary, and only that."""
     obs, pred, first = [2.0, -1.0, 0.5], [1.0, -1.0, 0.5], [1.5, -1.0, 0.25]
-    kw = dict(
-        delta_h1_pred=pred,
-        se_E=[1.0] * 3,
-        b_u_probe=8,
-        b_u_trainer=8,
-        delta_h1_obs_exact=first,
-        delta_h2_obs_exact=[0.0] * 3,
-        z_delta_h1_obs=[0.0],
-        z_delta_h2_obs=[],
-    )
-    c = cal.calibrate(delta_h_obs=obs, se_U=[0.0, None, 0.0], **kw)
+    c = _calibrate(obs, pred, first, [0.0] * 3, [1.0, None, 0.0], z_delta_h1_obs=[0.0, None], z_delta_h2_obs=[])
     assert (c.n_steps, c.n_steps_z) == (3, 2)
     assert c.z_mean == pytest.approx(0.5, rel=1e-14)  # z = 1 and 0: the middle step has none
-    assert c.corr_pred_obs == cal.correlation(pred, obs)  # all three steps
+    assert c.corr_forecast_obs == cal.correlation(pred, obs)  # all three steps
     assert c.explained_first_order == cal.explained_fraction(obs, first)
-    none = cal.calibrate(delta_h_obs=obs, se_U=[None] * 3, **kw)
-    assert none.n_steps_z == 0 and none.z_mean is None and none.corr_pred_obs == c.corr_pred_obs
+    assert c.z_delta_h1_obs_mean == 0.0 and c.z_delta_h2_obs_mean is None
+    none = _calibrate(obs, pred, first, [0.0] * 3, [None] * 3)
+    assert none.n_steps_z == 0 and none.z_mean is None and none.corr_forecast_obs == c.corr_forecast_obs

@@ -73,7 +73,8 @@ def test_outputs_and_summary(scored):
     assert metrics == {k: v for k, v in traj.calibration.model_dump().items() if k in metrics} and "z_sd" in metrics
     assert text.startswith("# Scored against the trainer's own steps") and "| 1→2 |" in text
     rows = (out / "plots" / "steps.csv").read_text().splitlines()
-    assert rows[0].startswith("step,delta_h_obs,delta_h1_pred,lo,hi") and len(rows) == 3
+    assert rows[0].startswith("step,delta_h_obs,forecast,lo,hi") and len(rows) == 3
+    assert "| forecast δH₁ + δH₂ | first order alone |" in text and "| trainer σ |" in text
 
 
 def test_exact_delta_h_is_h_next_minus_h_this(scored):
@@ -118,15 +119,26 @@ def test_step_numbers_are_consistent(scored):
         e["step"]: e["entropy"]
         for e in json.loads((demo_dir / "run" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     }
+    assert (traj.B_U, traj.trainer_B_U, traj.trainer_B_U_source, traj.observed) == (
+        8,
+        4,
+        "trajectory.trainer_B_U",
+        "exact",
+    )
     for s in traj.steps:
         assert s.se_U is not None, "every U draw here has groups with mixed rewards"
-        assert s.se_pred == pytest.approx(math.sqrt(s.se_E**2 + s.se_U**2 * (1 + 8 / 4)), rel=1e-12)
-        assert s.z == pytest.approx((s.delta_h_obs - s.delta_h1_pred) / s.se_pred, rel=1e-12)
+        assert s.forecast == pytest.approx(s.forecast_delta_h1 + s.forecast_delta_h2, rel=1e-12, abs=1e-15)
+        assert s.se_delta_h_obs == 0.0 and s.sampled is None
+        spread = math.sqrt(s.se_forecast**2 + s.sd_trainer**2)
+        assert s.z == pytest.approx((s.delta_h_obs - s.forecast) / spread, rel=1e-12)
+        spread1 = math.sqrt(s.se_forecast_first_order**2 + s.sd_trainer_first_order**2)
+        assert s.z_first_order == pytest.approx((s.delta_h_obs - s.forecast_delta_h1) / spread1, rel=1e-12)
         assert s.z_delta_h1_obs == pytest.approx((s.delta_h1_obs - s.delta_h1_obs_exact) / s.se_delta_h1_obs, rel=1e-12)
+        assert s.verdict in ("linear", "curved", "unresolved") and s.sd_trainer > 0
         assert -1 <= s.cos_emul_obs <= 1 and -1 <= s.cos_emul_emul <= 1 and s.norm_ratio > 0
         assert s.trainer_entropy == log[s.step + 1]  # logged at step k+1 for the batch drawn at θ(k)
         assert s.learning_rate == pytest.approx(DEMO["rl_lr"] * (1 - s.step / DEMO["rl_steps"]))
-    assert traj.calibration == calibration_of(traj.steps, 8, 4)
+    assert traj.calibration == calibration_of(traj.steps)
 
 
 def test_artifact_round_trip_and_malformed(scored, tmp_path):
@@ -191,5 +203,46 @@ def test_too_large_to_enumerate_is_refused(scored):
     params = validate_params(
         {"batch_config": {"dataset_name": str(demo_dir / "prompts.jsonl")}, "exact": {"max_sequences": 1000}}
     )
-    with pytest.raises(ProbeError, match="enumeration is not possible.*not implemented at this size"):
+    with pytest.raises(ProbeError, match=r"exact ΔH_obs needs .* > exact.max_sequences = 1000.*observed: sampled"):
         population_of(params, build_tokenizer(), len(build_tokenizer()), temperature=1.0)
+
+
+def test_sampled_delta_h_obs_agrees_with_the_exact_one(scored, tmp_path):
+    """trajectory.observed=sampled (common random numbers + SNIS) on the same step: within 3 SE of the exact ΔH_obs,
+    and the along-step terms then come from the E batch (no exact values)."""
+    demo_dir, params, out, _ = scored
+    exact = Trajectory.read(out).steps[0]
+    sampled_params = _params(demo_dir, steps=[1], observed="sampled", B_obs=256)
+    text = trajectory_stage.run(sampled_params, tmp_path / "s", dry_run=False)
+    traj = Trajectory.read(tmp_path / "s")
+    s = traj.steps[0]
+    assert traj.observed == "sampled" and traj.B_obs == 256 and s.delta_h_obs_method == "sampled"
+    assert s.entropy is None and s.delta_h1_obs_exact is None and s.z_delta_h1_obs is None
+    assert s.se_delta_h_obs > 0 and s.sampled.n_sequences == 256 and 0 <= s.sampled.weight_fresh <= 1
+    assert abs(s.delta_h_obs - exact.delta_h_obs) < 3 * s.se_delta_h_obs
+    assert s.se_delta_h_obs < abs(exact.delta_h_obs), "the SE resolves the step"
+    spread = math.sqrt(s.se_forecast**2 + s.sd_trainer**2 + s.se_delta_h_obs**2)
+    assert s.z == pytest.approx((s.delta_h_obs - s.forecast) / spread, rel=1e-12)
+    assert traj.calibration.along_step == "sampled" and "ΔH_obs sampled (256 rows" in text
+
+
+def test_trainer_batch_from_its_settings_and_estimand_mismatch_refused(scored, tmp_path):
+    """trainer_B_U auto = per_device_train_batch_size × accumulation ÷ num_generations of the demo's trainer
+    (its prompts_per_step), the pool 4× that; a max_new_tokens the trainer did not use is refused in one line."""
+    from entropy_probe.probe import Probe
+    from entropy_probe.trajectory import setup_of
+
+    demo_dir, _, _, _ = scored
+    params = _params(demo_dir, trainer_B_U="auto", B_U="auto")
+    probe = Probe.from_checkpoint(demo_dir / "run" / "checkpoint-1", params=params)
+    setup = setup_of(params, probe)
+    assert (setup.trainer_B_U, setup.B_U) == (DEMO["prompts_per_step"], 4 * DEMO["prompts_per_step"])
+    assert "per_device_train_batch_size" in setup.trainer_B_U_source
+    bad = params.model_copy(deep=True)
+    bad.generation.max_new_tokens = 2
+    with pytest.raises(ProbeError, match=r"max_new_tokens=2.*max_completion_length=3") as info:
+        setup_of(bad, Probe.from_checkpoint(demo_dir / "run" / "checkpoint-1", params=bad))
+    assert "\n" not in str(info.value)
+    small = _params(demo_dir, trainer_B_U=4, B_U=4)
+    with pytest.raises(ProbeError, match=r"trajectory.B_U = 4 .* not more than the trainer's 4"):
+        setup_of(small, probe)
