@@ -36,7 +36,14 @@ def _params(demo_dir: Path, **trajectory):
             "checkpoint": {"dtype": "fp32", "device_map": "cpu"},
             "batch_config": {"dataset_name": str(demo_dir / "prompts.jsonl"), "G": 4},
             "generation": {"gen_batch_size": 64},
-            "trajectory": {"run_dir": str(demo_dir / "run"), "B_E": 16, "B_U": 8, "trainer_B_U": 4, **trajectory},
+            "trajectory": {
+                "run_dir": str(demo_dir / "run"),
+                "B_E": 16,
+                "B_U": 8,
+                "trainer_B_U": 4,
+                "trainer_draws": 4,
+                **trajectory,
+            },
         }
     )
 
