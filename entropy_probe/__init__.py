@@ -15,6 +15,7 @@ The in-memory API
   update_rule      `UpdateRule`: the next update resolved once (rule, AdamW state with the chosen lr, loss
                    aggregation, clipping, or an observed step) and `resolve_update_rule`
   specs            knobs that travel together: `ComputeBudget`, `SecondOrderSpec`, `EnumerationSpec`
+  integrations.trl `EntropyProbeCallback`: the probe inside a running transformers/TRL Trainer every k steps
 
 Inputs: knobs, checkpoints, the task
   params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
@@ -23,7 +24,9 @@ Inputs: knobs, checkpoints, the task
   optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only), its flat form for the
                    update rules (`OptimizerState.flat`); lr of the next step (§4.4)
   trainer_config   the trainer's settings (loss_type §4.2, scale_rewards §4.1, max_grad_norm §4.3,
-                   temperature) and its last step and lr, from trainer_config.json / training_args.bin
+                   temperature, batch and sampling settings) and its last step and lr, from trainer_config.json /
+                   training_args.bin
+  trainer_checks   the trainer's prompts per step; the probe's settings checked against the trainer's (§11)
   checks           the verify stage's checks of a loaded checkpoint (passed, warnings)
   task             prompt sets (built-in arithmetic task, local files, hub datasets) and the reward registry
   tiny             the tiny character tokenizer and tiny Qwen2 of the demo and the tests
@@ -52,7 +55,11 @@ The math
   delta_h1         `compute_delta_h1`: the passes in order → δH₁, SE_E, SE_U, total SE, attributions (§5.1–§5.3),
                    as a typed `DeltaH1Estimate`
   second_order     δH₂ = ½ Δθᵀ∇²HΔθ ± SE by a finite difference of the reweighted directional derivative, η* of
-                   the linear regime (§5.6)
+                   the linear regime (§5.6); per-row δH₁, δH₂ influence values along any Δθ (`taylor_rows`)
+  forecast         the trainer's next ΔH: δH₁ + δH₂ along simulated steps of the trainer's batch size through the
+                   real update rule, its SE and the trainer's own spread (§11.2)
+  observed_entropy a sampled ΔH between two parameter vectors: fresh responses with common random numbers + SNIS,
+                   combined, with an SE (§11.3)
   observed         the step a trainer took: the next checkpoint-N and Δθ_obs = θ(next) − θ(this) (§4.8)
   importance       importance weights ŵ, w, ESS (§3.7); self-normalised ratio R, its ψ and paired SE (§8.1);
                    `reuse_weights` for samples another checkpoint drew (§5.4)
@@ -76,8 +83,8 @@ Runtime
 Reporting
   reporting        the report's row per checkpoint, z, δH₁(η) band and ratio (§9); markdown, plot CSVs, PNGs;
                    the trajectory's table and figures
-  trajectory       the probe scored against a run's own steps: per checkpoint pair ΔH_obs, δH₁/δH₂ along the
-                   real step (exact and sampled), δH₁_pred ± SE, emulation cosines, the trainer's log (§11)
+  trajectory       the probe scored against a run's own steps: per checkpoint pair ΔH_obs (exact or sampled),
+                   δH₁/δH₂ along the real step, the forecast and its z, emulation cosines, the trainer's log (§11)
   calibration      z-scores of prediction vs observation, their summary, explained fractions (§11); pure
 """
 

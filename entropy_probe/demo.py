@@ -200,10 +200,11 @@ def _progress_callback():
     return Progress()
 
 
-def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir: Path, base_name: str):
+def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir: Path, base_name: str, on_trainer=None):
     """GRPOTrainer + LoRA on q/k/v/o; returns the trainer (its .model is the trained PeftModel).
 
     The adapter names `base_name` as its base; `model` is wrapped in place (base weights stay frozen).
+    `on_trainer(trainer)` runs before training (e.g. to add an `EntropyProbeCallback`).
     """
     import datasets
     from peft import LoraConfig
@@ -232,6 +233,8 @@ def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir:
             callbacks=[_progress_callback()],
         )
         trainer.remove_callback(PrinterCallback)  # its raw dict prints: replaced by _progress_callback
+        if on_trainer is not None:
+            on_trainer(trainer)
         trainer.train()
     return trainer
 
@@ -275,15 +278,16 @@ def _quiet_libraries() -> None:
 # ---------------------------------------------------------------- the whole build
 
 
-def build_demo(demo: DemoParams, directory: Path, final_dir: Path) -> DemoReport:
+def build_demo(demo: DemoParams, directory: Path, final_dir: Path, on_trainer=None) -> DemoReport:
     """Warm-up, base, GRPO run and checkpoints into `directory`, named (in adapter configs and in the
-    returned report) by `final_dir`, where `directory` will be moved. Deterministic given `demo.seed`."""
+    returned report) by `final_dir`, where `directory` will be moved. Deterministic given `demo.seed`.
+    `on_trainer(trainer)`: called with the GRPOTrainer before it trains."""
     _quiet_libraries()
     with one_thread():
-        return _build(demo, Path(directory), Path(final_dir))
+        return _build(demo, Path(directory), Path(final_dir), on_trainer)
 
 
-def _build(demo: DemoParams, tmp: Path, out_dir: Path) -> DemoReport:
+def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoReport:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     records = make_arithmetic_prompts(demo.max_operand)
@@ -316,7 +320,7 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path) -> DemoReport:
     )
 
     t1 = time.perf_counter()
-    trainer = train_grpo(model, tokenizer, records, demo, tmp / "run", str(out_dir / "base"))
+    trainer = train_grpo(model, tokenizer, records, demo, tmp / "run", str(out_dir / "base"), on_trainer)
     policy = trainer.model
     seconds["grpo"] = time.perf_counter() - t1
     t2 = time.perf_counter()

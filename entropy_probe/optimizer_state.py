@@ -303,6 +303,32 @@ def load_optimizer_state(model: torch.nn.Module, paths: CheckpointPaths) -> Opti
     return OptimizerState(names=names, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step, groups=groups, mapping=how)
 
 
+def optimizer_state_of(model: torch.nn.Module, optimizer) -> OptimizerState:
+    """The live AdamW state of a torch optimizer over `model` (a Trainer's, possibly wrapped by accelerate in
+    `.optimizer`), copied to CPU: names by parameter identity, the same checks as `load_optimizer_state`.
+    Between steps a group's lr is the next step's (the scheduler has stepped), as in a saved optimizer.pt."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise ProbeError(f"{type(optimizer).__name__} is not a torch optimizer", "train with optim=adamw_torch")
+    params = dict(trainable_parameters(model))
+    name_of = {id(p): n for n, p in params.items()}
+    exp_avg, exp_avg_sq, step, groups = {}, {}, {}, []
+    for gi, g in enumerate(inner.param_groups):
+        names = [name_of.get(id(p)) for p in g["params"]]
+        if None in names:
+            raise ProbeError(
+                f"optimizer param group {gi} holds a parameter that is not a trainable parameter of the model",
+                "pass the model the optimizer trains (the trainer's model)",
+            )
+        for name, p in zip(names, g["params"]):
+            st = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in inner.state.get(p, {}).items()}
+            exp_avg[name], exp_avg_sq[name], step[name] = _adam_state(name, st, tuple(p.shape))
+        groups.append(ParamGroup(**_group_hyper(g, gi), names=names))
+    names = [n for g in groups for n in g["names"]]
+    _check_names(names, params)
+    return OptimizerState(names, exp_avg, exp_avg_sq, step, groups, mapping="live optimizer (by parameter identity)")
+
+
 def build_adamw(model: torch.nn.Module, state: OptimizerState, lr: float | None = None) -> torch.optim.AdamW:
     """A real torch AdamW over `model`'s named parameters carrying `state` (to check update rules against).
 

@@ -215,7 +215,14 @@ class Probe:
 
     @property
     def load(self) -> dict:
-        """How the policy was loaded (samples drawn under another load are another policy's)."""
+        """How the policy was loaded (samples drawn under another load are another policy's); for a model
+        given in memory, the dtype it is in."""
+        if self.paths is None:
+            from .checkpoint import DTYPES
+
+            dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
+            name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+            return {"dtype": name, "use_qlora": False}
         return {"dtype": self.params.checkpoint.dtype, "use_qlora": self.params.checkpoint.use_qlora}
 
     @property
@@ -227,7 +234,7 @@ class Probe:
     def sampler_info(self, kind: str) -> SamplerInfo:
         """This policy as the sampler of `kind` (samples_e | samples_u), as the samples record it."""
         path = IN_MEMORY if self.paths is None else self.params.checkpoint.path
-        return sampler_info(self.params, self.trainer, self.fingerprint, kind, path)
+        return sampler_info(self.params, self.trainer, self.fingerprint, kind, path, self.load)
 
     def check_settings(self, scoring_observed_steps: bool = False) -> None:
         """Compare the probe's sampling settings with the trainer's, once per Probe: a differing G or max_new_tokens

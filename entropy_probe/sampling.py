@@ -42,9 +42,10 @@ class SamplerInfo:
     scale: bool | None  # advantages divided by the group std (U only)
 
 
-def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: str) -> SamplerInfo:
+def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: str, load=None) -> SamplerInfo:
     """The sampler of `kind` (samples_e | samples_u) as its samples record it: temperature and (U) advantage
-    scaling from params, `auto` from the trainer's settings (`TrainerSettings`), and how it was loaded."""
+    scaling from params, `auto` from the trainer's settings (`TrainerSettings`), and how it was loaded (`load`,
+    default params `checkpoint`)."""
     gen, cfg = params.generation, trainer.config
     temperature, t_source = resolve_temperature(gen.temperature, cfg.temperature)
     log.info(
@@ -62,7 +63,8 @@ def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: 
     if kind == "samples_u":
         scale, s_source = resolve_scale(params.advantage.scale, cfg.scale_rewards)
         log.info("%s: advantage scale=%s from %s, eps=%g", STAGES[kind], scale, s_source, params.advantage.eps)
-    load = {"dtype": params.checkpoint.dtype, "use_qlora": params.checkpoint.use_qlora}
+    if load is None:
+        load = {"dtype": params.checkpoint.dtype, "use_qlora": params.checkpoint.use_qlora}
     return SamplerInfo(checkpoint_path, fingerprint, load, temperature, t_source, scale)
 
 

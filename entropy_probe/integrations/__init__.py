@@ -1,0 +1,1 @@
+"""The probe inside other tools' loops: `integrations.trl.EntropyProbeCallback` (a transformers/TRL callback)."""

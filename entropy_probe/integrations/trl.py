@@ -1,0 +1,174 @@
+"""`EntropyProbeCallback`: the probe inside a running TRL/transformers Trainer, every `every` optimizer steps.
+
+    trainer = GRPOTrainer(...)
+    trainer.add_callback(EntropyProbeCallback(trainer, every=10, params=load_params("params.yaml")))
+    trainer.train()      # logs entropy_probe/delta_h1, .../se, .../delta_h2, .../eta_star to report_to
+
+At the end of step k (the optimizer has stepped, the scheduler holds the next lr) it wraps the live model, its
+live AdamW state (`optimizer_state.optimizer_state_of`, copied to CPU) and the trainer's arguments in a `Probe`,
+draws E and U from the current policy (prompts and reward from `params.batch_config`, sampling settings from
+`params.generation`, `auto` resolving to the trainer's), and computes δH₁ ± SE for the next step with δH₂ and η*
+(`Probe.delta_h1`) — the same numbers the offline pipeline computes on checkpoint-k with the same samples.
+
+It never changes training: every RNG stream the trainer draws from (torch CPU and CUDA, Python, NumPy) is
+restored, the model's train/eval mode is restored, the probe's passes use `torch.autograd.grad` (never `.grad`)
+and the optimizer is only read. The metrics go through `transformers.Trainer.log` (the base implementation:
+TRL's override would flush its own per-step metric buffers early), so they reach every `report_to` backend.
+With `save_dir`, each probe step writes its samples and the delta-h1 stage's files under `save_dir/step-k/`.
+With `observe` (default) each probe step after the first also logs the entropy change since the previous one,
+sampled with an SE (`observed_delta_h`, `observed_se`, `observed_since`) from a CPU copy of the trainable
+parameters (cheap for LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ProbeError
+from ..generation import derive_seed
+from ..params import Params
+from ..trainer_config import TrainerConfig, TrainerSettings, trainer_config_from_args
+
+log = logging.getLogger(__name__)
+
+PREFIX = "entropy_probe/"
+
+
+@contextlib.contextmanager
+def untouched(model: torch.nn.Module):
+    """Restore every RNG state the trainer uses and the model's training mode on exit."""
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    training = model.training
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        model.train(training)
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class EntropyProbeCallback(_trainer_callback_base()):
+    """Predict the next step's entropy change every `every` optimizer steps of `trainer` and log it.
+
+    params: the probe's knobs (`Params`; default: all defaults) — batch_config names the prompts and reward,
+    B_E/B_U the batch sizes; seed: the probe's own sampling seed (each probe step derives its seeds from it and
+    the global step, so a run's forecasts are reproducible and independent of the trainer's RNG).
+    """
+
+    def __init__(
+        self, trainer, every: int, params: Params | None = None, save_dir=None, seed: int = 0, observe: bool = True
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        world = getattr(trainer.args, "world_size", 1)
+        if world > 1:  # the probe's passes would wait on collectives the other ranks never join
+            raise ProbeError(
+                f"EntropyProbeCallback runs in a single training process for now (this trainer has {world})",
+                "train in one process, or probe the saved checkpoints offline (dvc repro, torchrun for the stages)",
+            )
+        self.trainer, self.every, self.seed, self.observe = trainer, every, seed, observe
+        self.params = params if params is not None else Params()
+        self.save_dir = None if save_dir is None else Path(save_dir)
+        self.history: list[dict] = []  # every logged record, with its step
+        self._previous: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, θ) of the last probe step
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        last = state.max_steps > 0 and state.global_step >= state.max_steps  # no next step to forecast
+        if state.global_step % self.every or last:
+            return control
+        model = model if model is not None else self.trainer.model
+        optimizer = optimizer if optimizer is not None else self.trainer.optimizer
+        with untouched(model):
+            metrics = self.probe_step(model, optimizer, args, state.global_step)
+        from transformers import Trainer
+
+        flags = dict(vars(control))  # Trainer.log's on_log resets should_log: the trainer's own log must still run
+        Trainer.log(self.trainer, metrics)  # the base log: reaches report_to, leaves TRL's buffers alone
+        vars(control).update(flags)
+        vars(self.trainer.control).update(flags)
+        self.history.append({"step": state.global_step, **metrics})
+        return control
+
+    def probe_step(self, model, optimizer, args, step: int) -> dict[str, float]:
+        """δH₁ ± SE (and δH₂, η*) of the next step at the live θ, as {PREFIX + key: value}."""
+        from ..optimizer_state import optimizer_state_of
+        from ..probe import Probe
+
+        config = TrainerConfig.model_validate(trainer_config_from_args(args))
+        trainer = TrainerSettings(config, "the live trainer's arguments", step)
+        tokenizer = getattr(self.trainer, "processing_class", None) or self.trainer.tokenizer
+        probe = Probe(model, tokenizer, optimizer_state_of(model, optimizer), trainer, self.params)
+        E = probe.sample_e(seed=derive_seed(self.seed, "callback E", step))
+        U = probe.sample_u(seed=derive_seed(self.seed, "callback U", step))
+        result = probe.delta_h1(E, U)
+        report = result.report
+        if self.save_dir is not None:
+            out = self.save_dir / f"step-{step}"
+            E.write(out / "sample_e")
+            U.write(out / "sample_u")
+            result.save(out / "delta_h1")
+        metrics = {
+            "delta_h1": report.delta_h1,
+            "se": report.se_delta_h1,
+            "se_E": report.se_E,
+            "entropy": report.entropy,
+        }
+        if report.se_U is not None:
+            metrics["se_U"] = report.se_U
+        second = report.second_order
+        if second is not None:
+            metrics["delta_h2"] = second.delta_h2
+            if second.eta_star is not None:
+                metrics["eta_star"] = second.eta_star
+        if self.observe:
+            metrics.update(self.observed_change(probe, E, step))
+        log.info("entropy probe at step %d: δH₁ %+.3e ± %.1e", step, report.delta_h1, report.se_delta_h1)
+        return {PREFIX + k: float(v) for k, v in metrics.items()}
+
+    def observed_change(self, probe, E, step: int) -> dict[str, float]:
+        """H(θ(step)) − H(θ(previous probe step)), sampled with an SE (`observed_entropy.sampled_delta_h`: fresh
+        responses to E's prompts at both points with common random numbers, and SNIS of E). The model stays at
+        θ(step); the change is −[H(θ + (θ_prev − θ)) − H(θ)], θ_prev a CPU copy of the trainable parameters."""
+        from ..ground_truth import fresh_sampling
+        from ..observed_entropy import sampled_delta_h
+
+        named = dict(probe.model.named_parameters())
+        current = {n: named[n].detach().cpu().clone() for n in probe.layout.names}
+        previous, self._previous = self._previous, (step, current)
+        if previous is None:
+            return {}
+        since, theta = previous
+        back = {n: (theta[n] - current[n]).to(named[n].device) for n in probe.layout.names}
+        gen = self.params.generation
+        fresh = fresh_sampling(
+            E, probe.prompt_set, probe.tokenizer, gen.gen_batch_size, derive_seed(self.seed, "fresh", step)
+        )
+        out = sampled_delta_h(
+            probe.model,
+            probe.batch(E),
+            back,
+            fresh,
+            target=self.params.estimator.entropy,
+            max_tokens=self.params.compute.max_tokens_per_microbatch,
+            min_ess_fraction=self.params.reuse.min_ess_fraction,
+        )
+        return {"observed_delta_h": -out.delta_h, "observed_se": out.se, "observed_since": since}
+
+
+__all__ = ["EntropyProbeCallback", "PREFIX", "untouched"]

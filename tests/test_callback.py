@@ -1,0 +1,117 @@
+"""`integrations.trl.EntropyProbeCallback` inside a real TRL GRPOTrainer run: it logs the forecast every k steps,
+never changes training (bit-identical weights with and without it), and its saved samples reproduce each
+logged δH₁ with the offline probe on the checkpoint the trainer saved at that step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from entropy_probe.demo import build_demo
+from entropy_probe.params import DemoParams, Params
+
+RUN = {
+    "max_operand": 3,
+    "hidden_size": 32,
+    "warmup_steps": 40,
+    "warmup_lr": 0.003,
+    "rl_steps": 5,  # the last step has no next one: not probed
+    "save_steps": 1,
+    "prompts_per_step": 4,
+    "num_generations": 4,
+    "lora_rank": 2,
+    "rl_lr": 0.01,
+}
+EVERY = 2
+
+
+def _probe_params(run: Path) -> Params:
+    params = Params()
+    params.checkpoint.dtype = "fp32"  # the trainer's dtype, for the offline probe on its checkpoints
+    params.batch_config.dataset_name = str(run / "prompts.jsonl")
+    params.batch_config.B_E, params.batch_config.B_U = 32, 4
+    return params
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same seeded run twice: without the callback, and with it (every 2 steps, saving its samples)."""
+    from entropy_probe.integrations.trl import EntropyProbeCallback
+
+    root = tmp_path_factory.mktemp("callback")
+    plain, probed = root / "plain", root / "probed"
+    build_demo(DemoParams(**RUN), plain, plain)
+    callbacks = []
+
+    def attach(trainer):
+        callbacks.append(EntropyProbeCallback(trainer, EVERY, _probe_params(probed), save_dir=probed / "probe", seed=7))
+        trainer.add_callback(callbacks[0])
+
+    build_demo(DemoParams(**RUN), probed, probed, on_trainer=attach)
+    return plain, probed, callbacks[0]
+
+
+def test_the_callback_never_changes_training(runs):
+    plain, probed, _ = runs
+    for k in range(1, RUN["rl_steps"] + 1):
+        a = load_file(plain / "run" / f"checkpoint-{k}" / "adapter_model.safetensors")
+        b = load_file(probed / "run" / f"checkpoint-{k}" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"checkpoint-{k} differs"
+        sa = torch.load(plain / "run" / f"checkpoint-{k}" / "optimizer.pt", weights_only=True)["state"]
+        sb = torch.load(probed / "run" / f"checkpoint-{k}" / "optimizer.pt", weights_only=True)["state"]
+        assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_the_forecast_is_logged_every_k_steps(runs):
+    _, probed, callback = runs
+    history = json.loads((probed / "run" / "checkpoint-5" / "trainer_state.json").read_text())["log_history"]
+    logged = [e for e in history if "entropy_probe/delta_h1" in e]
+    assert [e["step"] for e in logged] == [2, 4] == [h["step"] for h in callback.history]
+    for e in logged:
+        assert {"entropy_probe/se", "entropy_probe/se_E", "entropy_probe/delta_h2", "entropy_probe/entropy"} <= set(e)
+        assert e["entropy_probe/se"] > 0 and 0 < e["entropy_probe/entropy"]
+    assert any("reward" in e for e in history if e.get("step") == 2), "the trainer's own metrics still logged"
+    assert "entropy_probe/observed_delta_h" not in logged[0] and logged[1]["entropy_probe/observed_since"] == 2
+
+
+def test_the_observed_change_since_the_last_probe_step_agrees_with_enumeration(runs):
+    """H(θ(4)) − H(θ(2)) sampled by the callback (fresh responses with common random numbers + SNIS) against the
+    exact change over the whole prompt population (float64 enumeration of the saved checkpoints): |z| < 3."""
+    import copy
+
+    from entropy_probe.exact import float64_policy
+    from entropy_probe.probe import Probe
+    from entropy_probe.trajectory import population_of
+
+    _, probed, callback = runs
+    params = _probe_params(probed)
+    exact = []
+    for k in (2, 4):
+        probe = Probe.from_checkpoint(probed / "run" / f"checkpoint-{k}", params=params)
+        population = population_of(params, probe.tokenizer, probe.model.config.vocab_size, temperature=1.0)
+        exact.append(population.entropy(float64_policy(copy.deepcopy(probe.model), set(probe.layout.names))))
+    record = callback.history[1]
+    z = (record["entropy_probe/observed_delta_h"] - (exact[1] - exact[0])) / record["entropy_probe/observed_se"]
+    assert abs(z) < 3, (record, exact)
+
+
+def test_saved_samples_reproduce_the_logged_delta_h1_offline(runs):
+    """The offline probe on checkpoint-k (files the trainer saved after the same step) with the callback's saved
+    samples: the same δH₁ up to the importance weights' round-off (the samples' sampler is the live, in-memory
+    policy, so the offline probe weights them by π(files)/π(live) = 1 up to float32 kernels)."""
+    from entropy_probe.artifacts.samples import Samples
+    from entropy_probe.probe import Probe
+
+    _, probed, callback = runs
+    for record in callback.history:
+        k = record["step"]
+        saved = probed / "probe" / f"step-{k}"
+        probe = Probe.from_checkpoint(probed / "run" / f"checkpoint-{k}", params=_probe_params(probed))
+        E, U = Samples.read(saved / "sample_e", "samples_e"), Samples.read(saved / "sample_u", "samples_u")
+        offline = probe.delta_h1(E, U)
+        assert offline.delta_h1 == pytest.approx(record["entropy_probe/delta_h1"], abs=1e-3 * offline.se)
+        assert offline.report.update.loss_agg_mode == "token-mean" and offline.report.update.max_grad_norm == 1.0
