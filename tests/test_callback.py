@@ -115,3 +115,29 @@ def test_saved_samples_reproduce_the_logged_delta_h1_offline(runs):
         offline = probe.delta_h1(E, U)
         assert offline.delta_h1 == pytest.approx(record["entropy_probe/delta_h1"], abs=1e-3 * offline.se)
         assert offline.report.update.loss_agg_mode == "token-mean" and offline.report.update.max_grad_norm == 1.0
+
+
+def test_the_forecast_is_scored_inside_the_run(tmp_path):
+    """every = 1 with forecast_draws: from the second probe step on, z of the previous forecast against the change
+    observed since, computed from the logged numbers, and its running mean; training still untouched."""
+    import math
+
+    from entropy_probe.integrations.trl import EntropyProbeCallback
+
+    run = tmp_path / "forecast"
+    callbacks = []
+
+    def attach(trainer):
+        callbacks.append(EntropyProbeCallback(trainer, 1, _probe_params(run), seed=3, forecast_draws=4))
+        trainer.add_callback(callbacks[0])
+
+    build_demo(DemoParams(**{**RUN, "rl_steps": 4}), run, run, on_trainer=attach)
+    h = callbacks[0].history
+    assert [r["step"] for r in h] == [1, 2, 3] and all(r["entropy_probe/seconds"] > 0 for r in h)
+    assert "entropy_probe/z" not in h[0]
+    for before, after in zip(h, h[1:]):
+        spread = math.sqrt(before["entropy_probe/forecast_spread"] ** 2 + after["entropy_probe/observed_se"] ** 2)
+        z = (after["entropy_probe/observed_delta_h"] - before["entropy_probe/forecast"]) / spread
+        assert after["entropy_probe/z"] == pytest.approx(z, rel=1e-12)
+    assert h[2]["entropy_probe/z_mean"] == pytest.approx((h[1]["entropy_probe/z"] + h[2]["entropy_probe/z"]) / 2)
+    assert "entropy_probe/z_sd" in h[2] and h[0]["entropy_probe/forecast_sd_trainer"] >= 0

@@ -17,7 +17,9 @@ TRL's override would flush its own per-step metric buffers early), so they reach
 With `save_dir`, each probe step writes its samples and the delta-h1 stage's files under `save_dir/step-k/`.
 With `observe` (default) each probe step after the first also logs the entropy change since the previous one,
 sampled with an SE (`observed_delta_h`, `observed_se`, `observed_since`) from a CPU copy of the trainable
-parameters (cheap for LoRA).
+parameters (cheap for LoRA). With `forecast_draws` it also logs the trajectory's forecast (`forecast`,
+`forecast_se`, `forecast_sd_trainer`, `forecast_spread`) and, with every = 1, its running calibration (`z`,
+`z_mean`, `z_sd`). `seconds`: the probe step's wall time (its overhead beside the trainer's step time).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ import torch
 from ..errors import ProbeError
 from ..generation import derive_seed
 from ..params import Params
+from ..trainer_checks import trainer_prompts_per_step
 from ..trainer_config import TrainerConfig, TrainerSettings, trainer_config_from_args
 
 log = logging.getLogger(__name__)
@@ -69,10 +73,21 @@ class EntropyProbeCallback(_trainer_callback_base()):
     params: the probe's knobs (`Params`; default: all defaults) — batch_config names the prompts and reward,
     B_E/B_U the batch sizes; seed: the probe's own sampling seed (each probe step derives its seeds from it and
     the global step, so a run's forecasts are reproducible and independent of the trainer's RNG).
+    forecast_draws = K ≥ 2: also the trajectory's forecast (`Probe.forecast`: δH₁ + δH₂ along K simulated steps
+    of the trainer's batch, from a U pool of 4× its prompts per step; docs/math.md §11.2); with every = 1 and
+    `observe`, each next probe step scores it: z = (observed − forecast) / √(spread² + SE_obs²), and the
+    running z mean and SD over the run say whether to trust the forecast on this run.
     """
 
     def __init__(
-        self, trainer, every: int, params: Params | None = None, save_dir=None, seed: int = 0, observe: bool = True
+        self,
+        trainer,
+        every: int,
+        params: Params | None = None,
+        save_dir=None,
+        seed: int = 0,
+        observe: bool = True,
+        forecast_draws: int = 0,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, got {every}")
@@ -82,7 +97,12 @@ class EntropyProbeCallback(_trainer_callback_base()):
                 f"EntropyProbeCallback runs in a single training process for now (this trainer has {world})",
                 "train in one process, or probe the saved checkpoints offline (dvc repro, torchrun for the stages)",
             )
+        if forecast_draws == 1 or forecast_draws < 0:
+            raise ValueError(f"forecast_draws must be 0 (off) or ≥ 2, got {forecast_draws}")
         self.trainer, self.every, self.seed, self.observe = trainer, every, seed, observe
+        self.forecast_draws = forecast_draws
+        self._forecast: tuple[int, float, float] | None = None  # (step, F̄, spread) of the last forecast
+        self._z: list[float] = []
         self.params = params if params is not None else Params()
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.history: list[dict] = []  # every logged record, with its step
@@ -114,21 +134,32 @@ class EntropyProbeCallback(_trainer_callback_base()):
         trainer = TrainerSettings(config, "the live trainer's arguments", step)
         tokenizer = getattr(self.trainer, "processing_class", None) or self.trainer.tokenizer
         probe = Probe(model, tokenizer, optimizer_state_of(model, optimizer), trainer, self.params)
+        start = time.perf_counter()
         E = probe.sample_e(seed=derive_seed(self.seed, "callback E", step))
-        U = probe.sample_u(seed=derive_seed(self.seed, "callback U", step))
-        result = probe.delta_h1(E, U)
+        metrics: dict[str, float] = {}
+        if self.forecast_draws:
+            trainer_groups = trainer_prompts_per_step(config)
+            if trainer_groups is None:
+                raise ProbeError(
+                    "the forecast needs the trainer's prompts per step, which its arguments do not give",
+                    "set per_device_train_batch_size, gradient_accumulation_steps and num_generations",
+                )
+            U = probe.sample_u(4 * trainer_groups, derive_seed(self.seed, "callback U", step))
+            seed = derive_seed(self.seed, "callback draws", step)
+            fr = probe.forecast(E, U, trainer_groups, n_draws=self.forecast_draws, seed=seed)
+            result, f = fr.pool, fr.forecast
+            metrics.update(forecast=f.delta_h, forecast_se=f.se, forecast_sd_trainer=f.sd_trainer)
+            metrics["forecast_spread"] = f.spread
+        else:
+            U = probe.sample_u(seed=derive_seed(self.seed, "callback U", step))
+            result = probe.delta_h1(E, U)
         report = result.report
         if self.save_dir is not None:
             out = self.save_dir / f"step-{step}"
             E.write(out / "sample_e")
             U.write(out / "sample_u")
             result.save(out / "delta_h1")
-        metrics = {
-            "delta_h1": report.delta_h1,
-            "se": report.se_delta_h1,
-            "se_E": report.se_E,
-            "entropy": report.entropy,
-        }
+        metrics.update(delta_h1=report.delta_h1, se=report.se_delta_h1, se_E=report.se_E, entropy=report.entropy)
         if report.se_U is not None:
             metrics["se_U"] = report.se_U
         second = report.second_order
@@ -138,8 +169,30 @@ class EntropyProbeCallback(_trainer_callback_base()):
                 metrics["eta_star"] = second.eta_star
         if self.observe:
             metrics.update(self.observed_change(probe, E, step))
+            metrics.update(self.score_last_forecast(metrics, step))
+        if self.forecast_draws:
+            self._forecast = (step, metrics["forecast"], metrics["forecast_spread"])
+        metrics["seconds"] = time.perf_counter() - start
         log.info("entropy probe at step %d: δH₁ %+.3e ± %.1e", step, report.delta_h1, report.se_delta_h1)
         return {PREFIX + k: float(v) for k, v in metrics.items()}
+
+    def score_last_forecast(self, metrics: dict, step: int) -> dict[str, float]:
+        """z of the previous step's forecast against the change observed since, when that was one step ago
+        (every = 1), and the running z mean and SD over the run (`calibration.z_summary`)."""
+        from ..calibration import forecast_z, z_summary
+
+        if self._forecast is None or "observed_delta_h" not in metrics or self._forecast[0] != step - 1:
+            return {}
+        _, forecast, spread = self._forecast
+        z = forecast_z(metrics["observed_delta_h"], forecast, spread, metrics["observed_se"])
+        if z is None:
+            return {}
+        self._z.append(z)
+        summary = z_summary(self._z)
+        out = {"z": z, "z_mean": summary.mean}
+        if summary.sd is not None:
+            out["z_sd"] = summary.sd
+        return out
 
     def observed_change(self, probe, E, step: int) -> dict[str, float]:
         """H(θ(step)) − H(θ(previous probe step)), sampled with an SE (`observed_entropy.sampled_delta_h`: fresh
