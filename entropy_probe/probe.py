@@ -222,7 +222,8 @@ class Probe:
 
             dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
             name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
-            return {"dtype": name, "use_qlora": False}
+            four_bit = any(type(m).__name__ == "Linear4bit" for m in self.model.modules())  # bitsandbytes NF4 base
+            return {"dtype": name, "use_qlora": four_bit}
         return {"dtype": self.params.checkpoint.dtype, "use_qlora": self.params.checkpoint.use_qlora}
 
     @property
