@@ -92,7 +92,7 @@ class FreshSampling:
         return generate_responses(model, self.tokenizer, self.prompts, self.spec, progress=False)
 
 
-def _check_same_prompts(fresh: dict[str, Tensor], E: Batch) -> None:
+def check_same_prompts(fresh: dict[str, Tensor], E: Batch) -> None:
     """The fresh responses answer the very prompts (as tokens) of the E rows, row by row."""
     F = Batch.from_tensors(fresh, E.temperature, E.top_p, E.input_ids.device, E.logits_chunk_mb)
     a, b = F.prompt_tokens(), E.prompt_tokens()
@@ -145,7 +145,7 @@ def estimate_truth(
     def fresh_pass() -> SeqStats:
         start = time.perf_counter()
         tensors = fresh.draw(model)
-        _check_same_prompts(tensors, E)
+        check_same_prompts(tensors, E)
         timings["fresh_sampling"] += time.perf_counter() - start
         return SeqStats.of_samples(tensors)
 
@@ -384,6 +384,7 @@ def _warn(result: dict, same: bool, floor: float) -> None:
 
 __all__ = [
     "check_multipliers",
+    "check_same_prompts",
     "fresh_sampling",
     "truth_report",
     "FreshSampling",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .estimators import TARGETS
-from .ground_truth import TRUTH_FIX, FreshSampling, _check_same_prompts, model_checksum, target_parts
+from .ground_truth import TRUTH_FIX, FreshSampling, check_same_prompts, model_checksum, target_parts
 from .importance import effective_sample_size, paired_difference, ratio_estimate, standard_error
 from .perturb import perturbed
 from .scoring import Batch, SeqStats
@@ -115,7 +115,7 @@ def sampled_delta_h(
 
     def fresh_stats() -> SeqStats:
         tensors = fresh.draw(model)
-        _check_same_prompts(tensors, E)  # row i of the draw answers E row i's prompt: (a_i, b_i) are one unit
+        check_same_prompts(tensors, E)  # row i of the draw answers E row i's prompt: (a_i, b_i) are one unit
         return SeqStats.of_samples(tensors)
 
     base, max_diff = E.sequence_sums(model, max_tokens, "ΔH_obs θ")

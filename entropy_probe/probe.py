@@ -144,7 +144,6 @@ class Probe:
             lr_last = self.trainer.learning_rate_last
             self.learning_rate = choose_learning_rate(self.params.checkpoint.learning_rate, lr_next, lr_last, agree)
         self._prompt_set = None
-        self._checked = False  # check_settings ran
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -237,20 +236,7 @@ class Probe:
         path = IN_MEMORY if self.paths is None else self.params.checkpoint.path
         return sampler_info(self.params, self.trainer, self.fingerprint, kind, path, self.load)
 
-    def check_settings(self, scoring_observed_steps: bool = False) -> None:
-        """Compare the probe's sampling settings with the trainer's, once per Probe: a differing G or max_new_tokens
-        is a warning naming both values (an error for what ΔH_obs measures when `scoring_observed_steps`);
-        truncated sampling (top_k, min_p, repetition penalty) is refused."""
-        if self._checked:
-            return
-        from .trainer_checks import check_against_trainer, resolve_sampling_knobs
-
-        check_against_trainer(self.params, self.trainer.config, scoring_observed_steps=scoring_observed_steps)
-        resolve_sampling_knobs(self.params.generation, self.trainer.config)
-        self._checked = True
-
     def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
-        self.check_settings()
         plan = distributed.on_rank0(lambda: make_plan(self.params, kind, len(self.prompt_set), n, seed))
         return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
 

@@ -25,6 +25,7 @@ from .generation import (
     resolve_temperature,
     special_ids,
 )
+from .trainer_checks import check_against_trainer, resolve_sampling_knobs
 from .update import group_advantages
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class SamplerInfo:
 def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: str, load=None) -> SamplerInfo:
     """The sampler of `kind` (samples_e | samples_u) as its samples record it: temperature and (U) advantage
     scaling from params, `auto` from the trainer's settings (`TrainerSettings`), and how it was loaded (`load`,
-    default params `checkpoint`)."""
+    default params `checkpoint`). The probe's sampling settings are checked against the trainer's first."""
     gen, cfg = params.generation, trainer.config
     temperature, t_source = resolve_temperature(gen.temperature, cfg.temperature)
     log.info(
@@ -57,8 +58,10 @@ def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: 
         t_source,
         gen.top_p,
     )
-    if cfg.top_p not in (None, gen.top_p):
-        log.warning("%s: generation.top_p=%g differs from the trainer's top_p=%s", STAGES[kind], gen.top_p, cfg.top_p)
+    # the probe's settings against the trainer's (G, max_new_tokens, top_p: warnings naming both values) and
+    # truncated sampling (top_k, min_p, repetition penalty), refused: the estimators need samples from π_θ at T
+    check_against_trainer(params, cfg, scoring_observed_steps=False)
+    resolve_sampling_knobs(gen, cfg)
     scale = None
     if kind == "samples_u":
         scale, s_source = resolve_scale(params.advantage.scale, cfg.scale_rewards)

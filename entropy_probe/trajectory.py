@@ -376,10 +376,10 @@ def score_trajectory(params: Params, pairs: list[StepPair]) -> Trajectory:
 def setup_of(params: Params, probe: Probe) -> Setup:
     """The trainer's batch (trajectory.trainer_B_U, auto: its settings), the pool, ΔH_obs's method, after
     checking the probe's settings against the trainer's (`trainer_checks`)."""
-    from .trainer_checks import trainer_prompts_per_step
+    from .trainer_checks import check_against_trainer, trainer_prompts_per_step
 
     tp, config = params.trajectory, probe.trainer.config
-    probe.check_settings(scoring_observed_steps=True)
+    check_against_trainer(params, config, scoring_observed_steps=True)  # what ΔH_obs measures must be the trainer's
     if tp.trainer_B_U == "auto":
         trainer_b = trainer_prompts_per_step(config)
         if trainer_b is None:

@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 import torch
+from test_truth import gaussian_step
 
 from entropy_probe.enumeration import entropy_at
 from entropy_probe.estimators import TARGETS
@@ -29,12 +30,7 @@ KW = dict(target="token_mean", max_tokens=4096, min_ess_fraction=0.1)
 
 @pytest.fixture(scope="module")
 def delta(model):
-    g = torch.Generator().manual_seed(0)
-    return {
-        n: STEP * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return gaussian_step(model, STEP)
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,20 @@ ROWS = PROMPTS * 128  # the E batch: every prompt 128 times, so the exact target
 MULTIPLIERS = [0.5, 1.0, 2.0]
 
 
-@pytest.fixture(scope="module")
-def delta(model):
-    """A known small update: Gaussian, scaled to 10% of each adapter tensor's mean magnitude."""
+def gaussian_step(model, scale: float) -> dict[str, torch.Tensor]:
+    """A known update: Gaussian (seed 0), scaled to `scale` × each adapter tensor's mean magnitude."""
     g = torch.Generator().manual_seed(0)
     return {
-        n: 0.1 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
+        n: scale * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
         for n, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+@pytest.fixture(scope="module")
+def delta(model):
+    """A known small update: 10% of each adapter tensor's mean magnitude."""
+    return gaussian_step(model, 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import ProbeError
 from ..generation import derive_seed
+from ..outputs import staged_output_dir
 from ..params import Params
 from ..trainer_checks import trainer_prompts_per_step
 from ..trainer_config import TrainerConfig, TrainerSettings, trainer_config_from_args
@@ -154,11 +155,11 @@ class EntropyProbeCallback(_trainer_callback_base()):
             U = probe.sample_u(seed=derive_seed(self.seed, "callback U", step))
             result = probe.delta_h1(E, U)
         report = result.report
-        if self.save_dir is not None:
-            out = self.save_dir / f"step-{step}"
-            E.write(out / "sample_e")
-            U.write(out / "sample_u")
-            result.save(out / "delta_h1")
+        if self.save_dir is not None:  # all or nothing, and never over a dir the probe did not write (outputs)
+            with staged_output_dir(self.save_dir / f"step-{step}") as out:
+                E.write(out / "sample_e")
+                U.write(out / "sample_u")
+                result.save(out / "delta_h1")
         metrics.update(delta_h1=report.delta_h1, se=report.se_delta_h1, se_E=report.se_E, entropy=report.entropy)
         if report.se_U is not None:
             metrics["se_U"] = report.se_U
