@@ -60,7 +60,7 @@ def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: 
     )
     # the probe's settings against the trainer's (G, max_new_tokens, top_p: warnings naming both values) and
     # truncated sampling (top_k, min_p, repetition penalty), refused: the estimators need samples from π_θ at T
-    check_against_trainer(params, cfg, scoring_observed_steps=False)
+    check_against_trainer(params, cfg, scoring_observed_steps=False, groups=kind == "samples_u")
     resolve_sampling_knobs(gen, cfg)
     scale = None
     if kind == "samples_u":

@@ -186,7 +186,9 @@ def _reuse_warning(config: TrainerConfig) -> str | None:
     return None
 
 
-def check_against_trainer(params: Any, config: TrainerConfig, *, scoring_observed_steps: bool) -> list[str]:
+def check_against_trainer(
+    params: Any, config: TrainerConfig, *, scoring_observed_steps: bool, groups: bool = True
+) -> list[str]:
     """Warnings (also logged) for probe settings that differ from the trainer's; each names both values and
     the params key to change. `params` is a `Params`.
 
@@ -195,14 +197,15 @@ def check_against_trainer(params: Any, config: TrainerConfig, *, scoring_observe
     policy than the one whose change ΔH_obs the trainer's step shows: a ProbeError (all of them, one line) when
     `scoring_observed_steps`, else warnings. Always warnings: batch_config.G ≠ num_generations (other groups and
     advantages), and completions reused across θ (steps_per_generation ∤ gradient_accumulation_steps or
-    num_iterations > 1). Unknown (None) trainer values are skipped.
+    num_iterations > 1). `groups`: compare G (False for E batches, which have no groups). Unknown (None) trainer
+    values are skipped.
     """
     gen = params.generation
     estimand: list[str] = []
     warnings: list[str] = []
 
-    G = params.batch_config.G
-    if config.num_generations is not None and G != config.num_generations:
+    G = params.batch_config.G if groups else None
+    if G is not None and config.num_generations is not None and G != config.num_generations:
         warnings.append(
             f"batch_config.G={G} differs from the trainer's num_generations={config.num_generations}: the probe's "
             f"groups and advantages are not the trainer's — set batch_config.G: {config.num_generations}"
