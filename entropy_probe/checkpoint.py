@@ -14,7 +14,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -33,6 +33,15 @@ NAME_MAP = "optimizer_param_names.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# a full model's weights as transformers saves them: one file or shards + an index
+MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+Format = Literal["peft-adapter", "full-model"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +53,14 @@ class _Record(BaseModel):
 
 
 class CheckpointPaths(_Record):
-    """Where each file of the checkpoint is (None: absent); verify.json records it as `checkpoint`."""
+    """Where each file of the checkpoint is (None: absent); verify.json records it as `checkpoint`.
 
-    adapter_dir: Path
+    format: which layout was read (`FORMATS`); weights_dir: the adapter's dir (peft-adapter) or the dir
+    holding the model's config.json and weights (full-model, whose base_model is that same dir).
+    """
+
+    format: Format = "peft-adapter"
+    weights_dir: Path
     optimizer_path: Path
     scheduler_path: Path | None
     trainer_state_path: Path | None
@@ -105,7 +119,7 @@ def _find_adapter_dir(root: Path) -> Path:
     )
 
 
-def _find_optimizer(ckpt: CheckpointParams, root: Path, adapter_dir: Path) -> Path:
+def _find_optimizer(ckpt: CheckpointParams, root: Path, weights_dir: Path) -> Path:
     if ckpt.optimizer_path is not None:
         p = Path(ckpt.optimizer_path)
         p = p / OPTIMIZER if p.is_dir() else p
@@ -115,9 +129,9 @@ def _find_optimizer(ckpt: CheckpointParams, root: Path, adapter_dir: Path) -> Pa
     # A Trainer checkpoint-N/ keeps its own optimizer.pt: never borrow one from the run dir above it.
     # A bare adapter dir may have it inside, beside it (in its parent), or one level above that.
     trainer_dir = any(
-        (d / TRAINER_STATE).is_file() or re.fullmatch(r"checkpoint-\d+", d.name) for d in (root, adapter_dir)
+        (d / TRAINER_STATE).is_file() or re.fullmatch(r"checkpoint-\d+", d.name) for d in (root, weights_dir)
     )
-    dirs = [root, adapter_dir] + ([] if trainer_dir else [adapter_dir.parent, adapter_dir.parent.parent])
+    dirs = [root, weights_dir] + ([] if trainer_dir else [weights_dir.parent, weights_dir.parent.parent])
     dirs = _unique(dirs)
     found = _first_existing(dirs, OPTIMIZER)
     if found is None:
@@ -129,8 +143,8 @@ def _find_optimizer(ckpt: CheckpointParams, root: Path, adapter_dir: Path) -> Pa
     return found
 
 
-def _adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / ADAPTER_CONFIG
+def _adapter_config(weights_dir: Path) -> dict:
+    path = weights_dir / ADAPTER_CONFIG
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -158,8 +172,8 @@ def _resolve_base(name: str, anchors: list[Path]) -> str:
     return name
 
 
-def resolve_paths(ckpt: CheckpointParams) -> CheckpointPaths:
-    """Find every file of the checkpoint; a missing required piece is a ProbeError naming the key to set."""
+def checkpoint_root(ckpt: CheckpointParams) -> Path:
+    """checkpoint.path as an existing directory, else a one-line ProbeError."""
     root = Path(ckpt.path)
     if not root.exists():
         raise ProbeError(
@@ -167,36 +181,113 @@ def resolve_paths(ckpt: CheckpointParams) -> CheckpointPaths:
         )
     if not root.is_dir():
         raise ProbeError(f"checkpoint path {root} is a file, not a directory", "set checkpoint.path to its directory")
-    adapter_dir = _find_adapter_dir(root)
-    weights = next((adapter_dir / w for w in ADAPTER_WEIGHTS if (adapter_dir / w).is_file()), None)  # PEFT's order
-    if weights is None:
-        raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {adapter_dir}", "point checkpoint.path at a saved adapter")
-    _check_adapter_weights(weights)
-    optimizer_path = _find_optimizer(ckpt, root, adapter_dir)
-    side = _unique([optimizer_path.parent, adapter_dir, root])  # where the Trainer's other files live
-    base = ckpt.base_model
-    if base is None:
-        base = _adapter_config(adapter_dir).get("base_model_name_or_path")
-        if not base:
-            raise ProbeError(f"{adapter_dir / ADAPTER_CONFIG} names no base model", "set checkpoint.base_model")
+    return root
+
+
+def detect_format(ckpt: CheckpointParams) -> str:
+    """checkpoint.format, or (auto) the layout of checkpoint.path: a PEFT adapter (adapter_config.json in it or
+    in its one sub-directory that has one) before a full model (config.json + model weights), so a Trainer
+    checkpoint of a LoRA run is read as the adapter it trained."""
+    if ckpt.format != "auto":
+        return ckpt.format
+    root = checkpoint_root(ckpt)
+    if (root / ADAPTER_CONFIG).is_file() or any(d.is_dir() and (d / ADAPTER_CONFIG).is_file() for d in root.iterdir()):
+        return "peft-adapter"
+    if (root / "config.json").is_file() and any((root / w).is_file() for w in MODEL_WEIGHTS):
+        return "full-model"
+    raise ProbeError(
+        f"{root} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a full model (config.json + {MODEL_WEIGHTS[0]} "
+        "or its shards)",
+        "set checkpoint.path to a Trainer checkpoint-N/ dir, a PEFT adapter dir or a saved model dir",
+    )
+
+
+def _trainer_files(ckpt: CheckpointParams, root: Path, weights_dir: Path, fmt: str, base: str) -> CheckpointPaths:
+    """The optimizer state and the Trainer's other files found around `weights_dir`."""
+    optimizer_path = _find_optimizer(ckpt, root, weights_dir)
+    side = _unique([optimizer_path.parent, weights_dir, root])  # where the Trainer's other files live
     return CheckpointPaths(
-        adapter_dir=adapter_dir,
+        format=fmt,
+        weights_dir=weights_dir,
         optimizer_path=optimizer_path,
         scheduler_path=_first_existing(side, SCHEDULER),
         trainer_state_path=_first_existing(side, TRAINER_STATE),
         training_args_path=_first_existing(side, TRAINING_ARGS),
-        base_model=_resolve_base(base, _unique([root, adapter_dir])),
-        name_map_path=_first_existing(_unique([optimizer_path.parent, adapter_dir]), NAME_MAP),
+        base_model=base,
+        name_map_path=_first_existing(_unique([optimizer_path.parent, weights_dir]), NAME_MAP),
         trainer_config_path=_first_existing(side, TRAINER_CONFIG),
     )
 
 
-def _check_adapter_weights(path: Path) -> None:
-    """Refuse an empty or cut-off adapter weights file now, not deep inside PEFT after the base is loaded.
+def resolve_paths(ckpt: CheckpointParams) -> CheckpointPaths:
+    """Find every file of the checkpoint; a missing required piece is a ProbeError naming the key to set."""
+    root = checkpoint_root(ckpt)
+    if detect_format(ckpt) == "full-model":
+        return _resolve_full_model(ckpt, root)
+    weights_dir = _find_adapter_dir(root)
+    weights = next((weights_dir / w for w in ADAPTER_WEIGHTS if (weights_dir / w).is_file()), None)  # PEFT's order
+    if weights is None:
+        raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {weights_dir}", "point checkpoint.path at a saved adapter")
+    _check_weights_file(weights, "adapter weights")
+    base = ckpt.base_model
+    if base is None:
+        base = _adapter_config(weights_dir).get("base_model_name_or_path")
+        if not base:
+            raise ProbeError(f"{weights_dir / ADAPTER_CONFIG} names no base model", "set checkpoint.base_model")
+    base = _resolve_base(base, _unique([root, weights_dir]))
+    return _trainer_files(ckpt, root, weights_dir, "peft-adapter", base)
+
+
+def _resolve_full_model(ckpt: CheckpointParams, root: Path) -> CheckpointPaths:
+    """A full fine-tuning checkpoint: the model's own config.json and weights are θ (no base, no adapter)."""
+    if ckpt.base_model is not None:
+        raise ProbeError(
+            f"checkpoint.base_model is set ({ckpt.base_model}), but {root} is a full-parameter checkpoint: its own "
+            "weights are the policy",
+            "unset checkpoint.base_model (null)",
+        )
+    if ckpt.use_qlora:
+        raise ProbeError(
+            f"checkpoint.use_qlora is true, but {root} is a full-parameter checkpoint (QLoRA trains an adapter on a "
+            "4-bit base; these weights are trained themselves)",
+            "set checkpoint.use_qlora: false",
+        )
+    if not (root / "config.json").is_file():
+        raise ProbeError(f"{root} has no config.json", "point checkpoint.path at a model saved with save_pretrained")
+    for path in weight_files(root):
+        _check_weights_file(path)
+    return _trainer_files(ckpt, root, root, "full-model", str(root))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The files holding a full model's weights: the one file, or every shard its index names."""
+    for single, index in ((MODEL_WEIGHTS[0], MODEL_WEIGHTS[1]), (MODEL_WEIGHTS[2], MODEL_WEIGHTS[3])):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            try:
+                weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ProbeError(
+                    f"{model_dir / index} is not a readable weights index ({first_line(exc)})",
+                    "copy or re-save the checkpoint",
+                ) from None
+            shards = sorted({model_dir / name for name in weight_map.values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise ProbeError(
+                    f"{model_dir / index} names shard {missing[0]}, which is missing", "copy the whole checkpoint dir"
+                )
+            return shards
+    raise ProbeError(f"no {MODEL_WEIGHTS[0]} (or shards) in {model_dir}", "point checkpoint.path at a saved model")
+
+
+def _check_weights_file(path: Path, what: str = "weights") -> None:
+    """Refuse an empty or cut-off weights file now, not deep inside transformers or PEFT.
 
     safe_open reads only the header and checks that the data it describes covers the file exactly.
     """
-    fix = "the adapter weights are damaged (an interrupted copy or save?): copy or re-save the checkpoint"
+    fix = f"the {what} are damaged (an interrupted copy or save?): copy or re-save the checkpoint"
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -206,12 +297,14 @@ def _check_adapter_weights(path: Path) -> None:
         else:
             torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # SafetensorError, truncated zip, ...: unreadable input either way
-        raise ProbeError(f"adapter weights {path} are unreadable ({first_line(exc)})", fix) from None
+        raise ProbeError(f"{what} {path} are unreadable ({first_line(exc)})", fix) from None
 
 
-def adapter_info(paths: CheckpointPaths) -> AdapterInfo:
-    """rank, alpha, targets (+ the other knobs that change which tensors are trainable)."""
-    cfg = _adapter_config(paths.adapter_dir)
+def adapter_info(paths: CheckpointPaths) -> AdapterInfo | None:
+    """rank, alpha, targets (+ the other knobs that change which tensors are trainable); None for a full model."""
+    if paths.format != "peft-adapter":
+        return None
+    cfg = _adapter_config(paths.weights_dir)
     targets = cfg.get("target_modules")
     try:
         return AdapterInfo(
@@ -228,7 +321,7 @@ def adapter_info(paths: CheckpointPaths) -> AdapterInfo:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ProbeError(
-            f"{paths.adapter_dir / ADAPTER_CONFIG}: bad value for '{err['loc'][0]}' ({err['msg']})",
+            f"{paths.weights_dir / ADAPTER_CONFIG}: bad value for '{err['loc'][0]}' ({err['msg']})",
             "re-save the adapter with peft",
         ) from None
 
@@ -244,10 +337,11 @@ def _base_model_dir(paths: CheckpointPaths) -> Path | None:
 
 
 def checkpoint_fingerprint(paths: CheckpointPaths) -> str:
-    """Short sha256 over adapter files + optimizer.pt + every other file verify reads (the trainer's settings
-    trainer_config.json / training_args.bin, trainer_state.json, scheduler.pt, the optimizer name map) +
-    the base's config.json and the names/sizes of its weight files (multi-GB weights are identified by name
-    and size, not hashed)."""
+    """Short sha256 over the trained weights (adapter files, or a full model's config.json and weight files) +
+    optimizer.pt + every other file verify reads (the trainer's settings trainer_config.json /
+    training_args.bin, trainer_state.json, scheduler.pt, the optimizer name map) + for an adapter the base's
+    config.json and the names/sizes of its weight files (multi-GB frozen weights are identified by name and
+    size, not hashed; a full model's are hashed: they are what the step changes)."""
     digest = hashlib.sha256()
 
     def add_file(p: Path) -> None:
@@ -256,9 +350,11 @@ def checkpoint_fingerprint(paths: CheckpointPaths) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
 
-    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
-        if (paths.adapter_dir / name).is_file():
-            add_file(paths.adapter_dir / name)
+    adapter = paths.format == "peft-adapter"
+    weights = [paths.weights_dir / n for n in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS)] if adapter else []
+    for p in weights if adapter else [paths.weights_dir / "config.json", *weight_files(paths.weights_dir)]:
+        if p.is_file():
+            add_file(p)
     add_file(paths.optimizer_path)
     # the trainer's settings decide the emulated update (loss_type, max_grad_norm, temperature, ...): a swapped
     # training_args.bin is another checkpoint as far as verify's output is concerned
@@ -272,10 +368,10 @@ def checkpoint_fingerprint(paths: CheckpointPaths) -> str:
     for p in trainer_files:
         if p is not None:
             add_file(p)
-    base_dir = _base_model_dir(paths)
-    if base_dir is None:
+    base_dir = _base_model_dir(paths) if adapter else None  # a full model is the checkpoint's own, hashed above
+    if adapter and base_dir is None:
         digest.update(f"hub:{paths.base_model}".encode())
-    else:
+    elif adapter:
         add_file(base_dir / "config.json")
         for w in sorted(base_dir.iterdir()):
             if w.is_file() and w.name.endswith(WEIGHT_SUFFIXES):
@@ -319,7 +415,7 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
     enable({"use_reentrant": False})
     for module in base.modules():
@@ -330,11 +426,11 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 def load_policy_model(ckpt: CheckpointParams, paths: CheckpointPaths):
     """Base (eager attention, ckpt.dtype, 4-bit nf4 when ckpt.use_qlora) + adapter, trainable, eval mode.
 
-    Returns a `peft.PeftModel` whose only parameters with requires_grad are the adapter's.
+    Returns a `peft.PeftModel` whose only parameters with requires_grad are the adapter's; for a full-model
+    checkpoint the model itself with every parameter requiring grad (tied weights are one parameter).
     No `prepare_model_for_kbit_training`: TRL's GRPOTrainer does not call it either, so non-quantised
     weights keep ckpt.dtype as in training.
     """
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[ckpt.dtype]
@@ -371,16 +467,26 @@ def load_policy_model(ckpt: CheckpointParams, paths: CheckpointPaths):
         ) from None
     if ckpt.use_qlora:
         _disable_bnb_cpu_packing(base)
-    try:
-        model = PeftModel.from_pretrained(base, str(paths.adapter_dir), is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ProbeError(
-            f"adapter {paths.adapter_dir} does not fit base '{paths.base_model}': {first_line(exc)}",
-            "set checkpoint.base_model to the base the adapter was trained on",
-        ) from None
+    if paths.format == "full-model":
+        model = base.requires_grad_(True)
+    else:
+        model = _with_adapter(base, paths)
     model.eval()  # dropout off everywhere: the probe measures the deterministic policy
     if ckpt.use_checkpointing:
         _enable_checkpointing(model)
+    return model
+
+
+def _with_adapter(base, paths: CheckpointPaths):
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(paths.weights_dir), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ProbeError(
+            f"adapter {paths.weights_dir} does not fit base '{paths.base_model}': {first_line(exc)}",
+            "set checkpoint.base_model to the base the adapter was trained on",
+        ) from None
     return model
 
 
@@ -388,8 +494,8 @@ def load_tokenizer(paths: CheckpointPaths):
     """The tokenizer saved with the adapter (Trainer checkpoints carry one), else the base model's."""
     from transformers import AutoTokenizer
 
-    has_own = any((paths.adapter_dir / f).is_file() for f in TOKENIZER_FILES)
-    source = str(paths.adapter_dir) if has_own else paths.base_model
+    has_own = any((paths.weights_dir / f).is_file() for f in TOKENIZER_FILES)
+    source = str(paths.weights_dir) if has_own else paths.base_model
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:

@@ -26,19 +26,27 @@ def scheduler_last_lrs(path: Path | None) -> list[float] | None:
 
 
 def _check_model(model: torch.nn.Module, state: OptimizerState, use_checkpointing: bool) -> list[str]:
-    """Only adapter tensors are trainable and every module is in eval mode (dropout off)."""
+    """Only adapter tensors are trainable (a PeftModel) or every parameter is (a full model), and every module
+    is in eval mode (dropout off)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    adapter_tag = f".{getattr(model, 'active_adapter', 'default')}."
-    foreign = [n for n in state.names if adapter_tag not in n]
-    if foreign:
-        raise ProbeError(f"base parameter {foreign[0]} requires grad", "probe an adapter checkpoint (LoRA/QLoRA)")
+    if hasattr(model, "peft_config"):
+        adapter_tag = f".{getattr(model, 'active_adapter', 'default')}."
+        foreign = [n for n in state.names if adapter_tag not in n]
+        if foreign:
+            raise ProbeError(f"base parameter {foreign[0]} requires grad", "probe an adapter checkpoint (LoRA/QLoRA)")
+        trainable = f"only adapter parameters are trainable ({len(state.names)} tensors)"
+    else:
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if frozen:  # the full-model source makes every parameter trainable: the optimizer state must cover them
+            raise ProbeError(f"parameter {frozen[0]} of the full model is frozen", "report this as a bug")
+        trainable = f"full fine-tuning: every parameter is trainable ({len(state.names)} tensors)"
     # with checkpointing the decoder layers carry training=True on purpose (checkpoint.py); their submodules don't
     flagged = (GradientCheckpointingLayer,) if use_checkpointing else ()
     training = [n for n, m in model.named_modules() if m.training and not isinstance(m, flagged)]
     if training:
         raise ProbeError(f"module {training[0]} is in training mode after loading", "report this as a bug")
-    return [f"only adapter parameters are trainable ({len(state.names)} tensors)", "eval mode: dropout off"]
+    return [trainable, "eval mode: dropout off"]
 
 
 def _check_steps(state: OptimizerState, trainer: TrainerSettings) -> tuple[list[str], list[str]]:

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 EVAL_SAMPLES_PER_PROMPT = 4  # reward rate = mean over every prompt x 4 samples at temperature 1
 EVAL_SEED = 12345
 MAX_COMPLETION_LENGTH = 3  # answers have <= 2 digits, + eos
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+FULL_MODEL_FILES = ("model.safetensors", "config.json")
 CHECKPOINT_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
     "optimizer.pt",
     "scheduler.pt",
     "trainer_state.json",
@@ -201,7 +201,8 @@ def _progress_callback():
 
 
 def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir: Path, base_name: str, on_trainer=None):
-    """GRPOTrainer + LoRA on q/k/v/o; returns the trainer (its .model is the trained PeftModel).
+    """GRPOTrainer + LoRA on q/k/v/o (demo.finetune lora) or on every parameter (full); returns the trainer
+    (its .model is the trained PeftModel, or `model` itself).
 
     The adapter names `base_name` as its base; `model` is wrapped in place (base weights stay frozen).
     `on_trainer(trainer)` runs before training (e.g. to add an `EntropyProbeCallback`).
@@ -229,7 +230,7 @@ def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir:
             args=grpo_config(demo, run_dir),
             train_dataset=datasets.Dataset.from_list(records),
             processing_class=tokenizer,
-            peft_config=lora,
+            peft_config=lora if demo.finetune == "lora" else None,
             callbacks=[_progress_callback()],
         )
         trainer.remove_callback(PrinterCallback)  # its raw dict prints: replaced by _progress_callback
@@ -300,6 +301,7 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoR
         seed=demo.seed,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=demo.tie_word_embeddings,
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("demo: tiny Qwen2 with %d parameters, vocab %d, %d prompts", n_params, len(tokenizer), len(records))
@@ -335,7 +337,8 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoR
     if [c.name for c in checkpoints] != expected:
         raise RuntimeError(f"trainer wrote {[c.name for c in checkpoints]}, expected {expected}")
     for ckpt in checkpoints:
-        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).exists()]
+        weights = ADAPTER_FILES if demo.finetune == "lora" else FULL_MODEL_FILES
+        missing = [f for f in (*weights, *CHECKPOINT_FILES) if not (ckpt / f).exists()]
         if missing:
             raise RuntimeError(f"{ckpt.name} lacks {missing}")
         # the same settings training_args.bin pickles, as JSON: read without trusting a pickle

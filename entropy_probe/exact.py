@@ -78,6 +78,9 @@ def float64_policy(model, trainable: set[str]):
     model = as_float64(model)
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
+    for module in model.modules():  # the true ∇H: an embedding's padding row too (`true_embedding_gradients`)
+        if isinstance(module, torch.nn.Embedding):
+            module.padding_idx = None
     return model
 
 

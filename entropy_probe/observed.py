@@ -90,18 +90,27 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
     """Refuse `nxt` unless it is a later checkpoint of the run that saved `this` (ProbeError, one line).
 
     Checked, cheapest first: the same base model and adapter_config.json layout (rank, alpha, target modules,
-    ...); a later step (checkpoint-N names and trainer_state.json's global_step, where known); the same logged
+    ...) or, for full models, the same config.json; a later step (checkpoint-N names and trainer_state.json's global_step, where known); the same logged
     history up to this step (trainer_state.json's log_history: a run with another seed logs other losses); an
     Adam state that continues this one (`_check_adam_continues`: it needs no trainer_state.json). A gap of
     more than one trainer step is a warning: Δθ_obs is then the sum of the steps.
     """
-    if _base_identity(this) != _base_identity(nxt):
+    if this.format != nxt.format:
         raise ProbeError(
-            f"the next checkpoint {nxt.adapter_dir} is on base model {nxt.base_model}, checkpoint.path on "
-            f"{this.base_model}, so θ(next) − θ(this) is not a step",
+            f"the next checkpoint {nxt.weights_dir} is a {nxt.format} checkpoint, checkpoint.path a {this.format} "
+            "one, so θ(next) − θ(this) is not a step",
             SAME_RUN,
         )
-    _check_same_adapter(this.adapter_dir, nxt.adapter_dir)
+    if this.format == "full-model":
+        _check_same_config(this.weights_dir, nxt.weights_dir)
+    else:
+        if _base_identity(this) != _base_identity(nxt):
+            raise ProbeError(
+                f"the next checkpoint {nxt.weights_dir} is on base model {nxt.base_model}, checkpoint.path on "
+                f"{this.base_model}, so θ(next) − θ(this) is not a step",
+                SAME_RUN,
+            )
+        _check_same_adapter(this.weights_dir, nxt.weights_dir)
     state, next_state = read_trainer_state(this.trainer_state_path), read_trainer_state(nxt.trainer_state_path)
     gaps = [
         _step_gap(_checkpoint_step(this), _checkpoint_step(nxt), "its checkpoint-N name", this, nxt),
@@ -112,7 +121,7 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
     gap = next((g for g in gaps if g is not None), None)
     if gap is not None and gap > 1:
         log.warning(
-            "%s is %d trainer steps after %s: Δθ_obs is their sum, not one step", nxt.adapter_dir, gap, this.adapter_dir
+            "%s is %d trainer steps after %s: Δθ_obs is their sum, not one step", nxt.weights_dir, gap, this.weights_dir
         )
 
 
@@ -123,7 +132,7 @@ def _base_identity(paths: CheckpointPaths) -> str:
 
 def _checkpoint_step(paths: CheckpointPaths) -> int | None:
     """N of the `checkpoint-N` dir holding the adapter (itself or its parent), else None."""
-    for d in (paths.adapter_dir, paths.adapter_dir.parent, paths.optimizer_path.parent):
+    for d in (paths.weights_dir, paths.weights_dir.parent, paths.optimizer_path.parent):
         n = checkpoint_number(d.resolve())
         if n is not None:
             return n
@@ -136,7 +145,7 @@ def _step_gap(step: int | None, next_step: int | None, how: str, this: Checkpoin
         return None
     if next_step <= step:
         raise ProbeError(
-            f"the next checkpoint {nxt.adapter_dir} is at step {next_step} and checkpoint.path {this.adapter_dir} "
+            f"the next checkpoint {nxt.weights_dir} is at step {next_step} and checkpoint.path {this.weights_dir} "
             f"at step {step} (by {how}): the next checkpoint must be a later one",
             SAME_RUN,
         )
@@ -202,7 +211,7 @@ def _check_same_history(this: CheckpointPaths, nxt: CheckpointPaths, step: int |
     history, next_history = (_log_history(p, step) for p in (this.trainer_state_path, nxt.trainer_state_path))
     if history != next_history:
         raise ProbeError(
-            f"the trainer_state.json log of the next checkpoint {nxt.adapter_dir} differs from checkpoint.path's up "
+            f"the trainer_state.json log of the next checkpoint {nxt.weights_dir} differs from checkpoint.path's up "
             f"to step {step}, so it is another run",
             SAME_RUN,
         )
@@ -240,9 +249,9 @@ def adapter_parameter_names(model) -> dict[str, str]:
     return names
 
 
-def _adapter_layout(adapter_dir: Path) -> dict:
+def _adapter_layout(weights_dir: Path) -> dict:
     """The LAYOUT_KEYS of adapter_config.json (target_modules sorted: PEFT writes a set as a list)."""
-    path = adapter_dir / ADAPTER_CONFIG
+    path = weights_dir / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -255,12 +264,12 @@ def _adapter_layout(adapter_dir: Path) -> dict:
     return layout
 
 
-def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """{key: tensor} of the adapter weights file in `adapter_dir` (safetensors, else PEFT's .bin)."""
-    adapter_dir = Path(adapter_dir)
-    path = next((adapter_dir / w for w in ADAPTER_WEIGHTS if (adapter_dir / w).is_file()), None)
+def read_adapter_tensors(weights_dir: str | Path) -> dict[str, torch.Tensor]:
+    """{key: tensor} of the adapter weights file in `weights_dir` (safetensors, else PEFT's .bin)."""
+    weights_dir = Path(weights_dir)
+    path = next((weights_dir / w for w in ADAPTER_WEIGHTS if (weights_dir / w).is_file()), None)
     if path is None:
-        raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {adapter_dir}", "point at a checkpoint with its adapter saved")
+        raise ProbeError(f"no {ADAPTER_WEIGHTS[0]} in {weights_dir}", "point at a checkpoint with its adapter saved")
     fix = "the adapter weights are damaged (an interrupted copy or save?): copy or re-save the checkpoint"
     try:
         if path.suffix == ".safetensors":
@@ -304,7 +313,8 @@ def _check_same_keys(this: Mapping, nxt: Mapping, this_dir: Path, next_dir: Path
 def observed_delta_theta(
     this_dir: str | Path, next_dir: str | Path, layout: FlatLayout, names: Mapping[str, str]
 ) -> torch.Tensor:
-    """Δθ_obs = θ(next) − θ(this), flat float64 in `layout` order (its names: trainable parameter names).
+    """Δθ_obs = θ(next) − θ(this) of two adapters, flat float64 in `layout` order (its names: trainable
+    parameter names).
 
     this_dir, next_dir: the adapter dirs of two checkpoints (adapter_config.json + weights);
     names: {adapter-file key: parameter name} (`adapter_parameter_names` of the loaded model).
@@ -316,31 +326,107 @@ def observed_delta_theta(
     _check_same_adapter(this_dir, next_dir)
     this, nxt = read_adapter_tensors(this_dir), read_adapter_tensors(next_dir)
     _check_same_keys(this, nxt, this_dir, next_dir, names)
-    key_of = {name: key for key, name in names.items() if key in this}
+    by_name = [{names[k]: t for k, t in tensors.items()} for tensors in (this, nxt)]
+    fix = "observed steps cover only the adapter's saved tensors: train only the adapter"
+    return delta_theta(*by_name, layout, (this_dir, next_dir), fix)
+
+
+def observed_full_delta_theta(this_dir: str | Path, next_dir: str | Path, layout: FlatLayout, model) -> torch.Tensor:
+    """Δθ_obs = θ(next) − θ(this) of two full-model checkpoints (config.json + weights, one file or shards),
+    flat float64 in `layout` order. A tied weight saved under both names (lm_head beside the embedding) is one
+    parameter; the file's other entries (buffers) are not θ."""
+    this_dir, next_dir = Path(this_dir), Path(next_dir)
+    _check_same_config(this_dir, next_dir)
+    name_of = full_parameter_names(model)
+    by_name = []
+    for where in (this_dir, next_dir):
+        tensors = read_model_tensors(where)
+        by_name.append({name_of[k]: t for k, t in tensors.items() if k in name_of})
+    fix = "save the whole model at every checkpoint (the Trainer's save_pretrained does)"
+    return delta_theta(*by_name, layout, (this_dir, next_dir), fix)
+
+
+def delta_theta(this: Mapping, nxt: Mapping, layout: FlatLayout, where: tuple[Path, Path], fix: str) -> torch.Tensor:
+    """θ(next) − θ(this) in float64 (exact: a difference of two floats), flat in `layout` order, from
+    {parameter name: tensor} of each checkpoint; refused unless every trainable parameter is there, of its shape,
+    floating and finite on both sides."""
     parts = []
     for name, shape in zip(layout.names, layout.shapes):
-        key = key_of.get(name)
-        if key is None:
-            raise ProbeError(
-                f"trainable parameter {name} is not in the adapter file of {this_dir}",
-                "observed steps cover only the adapter's saved tensors: train only the adapter",
-            )
-        a, b = this[key], nxt[key]
-        for t, where in ((a, this_dir), (b, next_dir)):
+        for tensors, place in zip((this, nxt), where):
+            t = tensors.get(name)
+            if t is None:
+                raise ProbeError(f"trainable parameter {name} is not in the weights of {place}", fix)
             if tuple(t.shape) != tuple(shape):
                 raise ProbeError(
-                    f"adapter tensor {key} of {where} has shape {tuple(t.shape)}, the parameter {tuple(shape)}",
-                    SAME_RUN,
+                    f"tensor {name} of {place} has shape {tuple(t.shape)}, the parameter {tuple(shape)}", SAME_RUN
                 )
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise ProbeError(
-                    f"adapter tensor {key} of {where} is {t.dtype} with non-finite or non-float values",
+                    f"tensor {name} of {place} is {t.dtype} with non-finite or non-float values",
                     "observe steps before training diverged (an earlier checkpoint pair)",
                 )
-        parts.append((b.double() - a.double()).reshape(-1))  # exact: a difference of two floats in float64
+        parts.append((nxt[name].double() - this[name].double()).reshape(-1))
     delta = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    log.info("observed step %s → %s: ‖Δθ_obs‖ = %.4g", this_dir, next_dir, float(delta.norm()))
+    log.info("observed step %s → %s: ‖Δθ_obs‖ = %.4g", *where, float(delta.norm()))
     return delta
+
+
+# ----------------------------------------------------------------------------------------------
+# full-model files
+
+
+# config.json entries a save writes that say nothing about the model's layout
+CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
+
+
+def full_parameter_names(model) -> dict[str, str]:
+    """{state-dict key: trainable parameter name}, tied aliases included (lm_head.weight → the embedding's
+    name when the two are one tensor), matched by identity; buffers are not parameters."""
+    name_of = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: name_of[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in name_of}
+
+
+def read_model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """{key: tensor} of a saved model's weights (safetensors, else torch's .bin), every shard."""
+    from .checkpoint import weight_files
+
+    tensors = {}
+    for path in weight_files(Path(model_dir)):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                tensors.update(load_file(str(path)))
+            else:
+                tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # SafetensorError, truncated zip, foreign pickle: unreadable input either way
+            raise ProbeError(
+                f"model weights {path} are unreadable ({first_line(exc)})", "copy or re-save the checkpoint"
+            ) from None
+    return tensors
+
+
+def _check_same_config(this_dir: Path, next_dir: Path) -> None:
+    """Both checkpoints hold the same model (config.json equal up to CONFIG_NOISE)."""
+    this, nxt = (_model_config(d) for d in (this_dir, next_dir))
+    for key in sorted(set(this) | set(nxt)):
+        if this.get(key) != nxt.get(key):
+            raise ProbeError(
+                f"the models of {this_dir} and {next_dir} differ in config.json '{key}' "
+                f"({this.get(key)!r} vs {nxt.get(key)!r}), so θ(next) − θ(this) is not a step",
+                SAME_RUN,
+            )
+
+
+def _model_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{path} is not readable JSON ({first_line(exc)})", "copy or re-save the checkpoint") from None
+    if not isinstance(config, dict):
+        raise ProbeError(f"{path} is not a JSON object", "copy or re-save the checkpoint")
+    return {k: v for k, v in config.items() if k not in CONFIG_NOISE}
 
 
 __all__ = [
@@ -349,4 +435,5 @@ __all__ = [
     "checkpoint_number",
     "next_checkpoint",
     "observed_delta_theta",
+    "observed_full_delta_theta",
 ]

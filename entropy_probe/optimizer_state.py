@@ -239,8 +239,8 @@ def _adam_state(name: str, st: dict | None, shape: tuple[int, ...]) -> tuple[tor
         raise ProbeError(
             f"trainable parameter {name} has no optimizer state (it never received a gradient: "
             "torch creates Adam state lazily)",
-            "the probe needs state for every trainable parameter; check the adapter matches optimizer.pt "
-            "or probe a checkpoint where every adapter tensor was updated",
+            "the probe needs state for every trainable parameter; check that the weights match optimizer.pt "
+            "or probe a checkpoint where every trained tensor was updated",
         )
     missing = [k for k in ADAM_STATE_KEYS if k not in st]
     if missing:

@@ -70,7 +70,8 @@ class Section(BaseModel):
 
 
 class DemoParams(Section):
-    """The embedded demo: tiny tokenizer + Qwen2, synthetic arithmetic, SFT warm-up, GRPO with LoRA."""
+    """The embedded demo: tiny tokenizer + Qwen2, synthetic arithmetic, SFT warm-up, GRPO with LoRA (or full
+    fine-tuning)."""
 
     out_dir: str = "data/demo"
     seed: int = 0
@@ -84,6 +85,8 @@ class DemoParams(Section):
     rl_lr: float = Field(5e-3, gt=0)
     rl_weight_decay: float = Field(0.01, ge=0)
     save_steps: int = Field(1, ge=1)  # every step: the trajectory scores each step the trainer took
+    finetune: Literal["lora", "full"] = "lora"  # full: every parameter trained (no adapter; lora_rank unused)
+    tie_word_embeddings: bool = False  # true: the head is the embedding matrix, as in Qwen2.5-0.5B
     lora_rank: int = Field(4, ge=1)
     num_generations: int = Field(4, ge=2)
     prompts_per_step: int = Field(8, ge=1)
@@ -93,7 +96,8 @@ class CheckpointParams(Section):
     """Which checkpoint to probe and how to load it (keys from the seed note where they exist)."""
 
     path: str = "data/demo/run/checkpoint-6"
-    base_model: str | None = None  # local dir or hub id; default: adapter_config.json's base
+    format: Literal["auto", "peft-adapter", "full-model"] = "auto"  # auto: from the files (README, "Formats")
+    base_model: str | None = None  # local dir or hub id; default: adapter_config.json's base (adapters only)
     optimizer_path: str | None = None  # default: optimizer.pt in/beside/above `path`
     use_qlora: bool = False
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"

@@ -6,7 +6,8 @@ Passes over the data (each in token-budget microbatches, `scoring.Batch.scored`)
      `u_cache_mb` and every trainable parameter is a Linear weight/bias (LoRA).
   2.              Δθ = update(g)                                   (adam_step | adam_precond | sgd, §4.4–4.5)
      or Δθ given (an observed step θ(next) − θ(this); then there is no U batch).
-  3. E, one ordinary backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) for estimator.entropy and, with
+  3. E, one ordinary backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) (the true gradient: an embedding's
+     padding row included, `true_embedding_gradients`) for estimator.entropy and, with
      `RowDirectional` hooks, every row's w_i X_i·Δθ (§6.2) — SE_E and the E attributions; for token_mean a
      second backward through the same graph gives β = ∇E[L]·Δθ for the delta method (§5.1).
      `all_targets`: instead per-token tangents dH_ik, dlogp_ik by double backward (§6.1), which give all
@@ -29,6 +30,7 @@ import contextlib
 import torch
 
 from .estimators import EntropyCoefs
+from .policy import true_embedding_gradients
 from .scoring import Batch, accumulation_dtype
 from .tangents import GroupGradients, RowDirectional, grad_and_tangents
 from .update import FlatLayout
@@ -81,7 +83,7 @@ def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction,
     beta = torch.zeros((), dtype=dtype, device=a.device)
     hooks = RowDirectional(model, names, direction)
     beta_pass = len_c is not None
-    with hooks:
+    with hooks, true_embedding_gradients(model):
         passes = E.scored(
             model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
         )
@@ -110,19 +112,20 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
     w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
     a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
     xbar = torch.zeros(layout.numel, dtype=dtype, device=a.device)
-    if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
-        passes = E.scored(
-            model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
-        )
-        for _, stats in passes:
-            xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
-        return E.reduce(xbar), None, None
-    dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
-    for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
-        grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
-            [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
-        )
-        xbar += _flat(grads, params, dtype)
+    with true_embedding_gradients(model):
+        if direction is None:  # X̄ alone: one backward of the surrogate a·H + c·ℓ (one head product per chunk)
+            passes = E.scored(
+                model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
+            )
+            for _, stats in passes:
+                xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
+            return E.reduce(xbar), None, None
+        dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
+        for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
+            grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
+                [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
+            )
+            xbar += _flat(grads, params, dtype)
     return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 

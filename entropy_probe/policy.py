@@ -7,6 +7,7 @@ gradient (treated as a constant; docs/math.md §2.1, §10).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -373,3 +374,26 @@ def token_budget_slices(n_rows: int, row_len: int, max_tokens: int) -> list[slic
     """Consecutive row ranges with rows·row_len ≤ max_tokens each (at least one row per range)."""
     per = max(1, max_tokens // max(1, row_len))
     return [slice(start, min(start + per, n_rows)) for start in range(0, n_rows, per)]
+
+
+@contextlib.contextmanager
+def true_embedding_gradients(model: torch.nn.Module):
+    """Inside the block, the gradient of a trainable embedding's `padding_idx` row is its true derivative.
+
+    nn.Embedding zeroes that row's gradient by design (the forward still reads the row), so when the pad
+    token is an input at a real position (the policy may generate it) autograd's ∇ is not the derivative of
+    the entropy, and ∇H·Δθ misses the row's weight-decay step. The E passes (X̄) and exact enumeration need the
+    true ∇H; the U gradient keeps the trainer's semantics (its AdamW never saw that row's gradient).
+    """
+    touched = [
+        (m, m.padding_idx)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad
+    ]
+    for module, _ in touched:
+        module.padding_idx = None
+    try:
+        yield
+    finally:
+        for module, index in touched:
+            module.padding_idx = index

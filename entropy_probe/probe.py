@@ -26,6 +26,7 @@ from .artifacts.delta_h1 import (
     Bars,
     DeltaH1Report,
     ObservedRecord,
+    RealisedStepRecord,
     ReuseRecord,
     SecondOrderRecord,
     attributions_csv,
@@ -48,7 +49,7 @@ from .scoring import Batch
 from .second_order import second_order, taylor_rows
 from .specs import ComputeBudget, SecondOrderSpec
 from .trainer_config import TrainerSettings
-from .update import FlatLayout
+from .update import FlatLayout, realised_step
 from .update_rule import ObservedStep, UpdateRule, flat_state, resolve_update_rule
 
 log = logging.getLogger(__name__)
@@ -400,6 +401,7 @@ class Probe:
             ),
             world_size=distributed.world_size(),
             second_order=second,
+            realised_step=self._realised_step(update, estimate),
         )
         unflat = self.layout.unflatten
         bars = Bars(
@@ -418,6 +420,24 @@ class Probe:
             None if u_loo is None else u_loo.tolist(),
         )
         return DeltaH1Result(report, bars, csv, estimate)
+
+    def _realised_step(self, update: UpdateRule, estimate: DeltaH1Estimate) -> RealisedStepRecord | None:
+        """δH₁ along round(θ + Δθ) − θ when the trainable weights are half precision and Δθ is emulated (an
+        observed step is the difference of two stored checkpoints: realised already)."""
+        params = dict(self.model.named_parameters())
+        dtype = params[self.layout.names[0]].dtype
+        if not update.emulated or dtype not in (torch.bfloat16, torch.float16):
+            return None
+        theta = self.layout.flatten({n: params[n].detach() for n in self.layout.names})
+        delta = estimate.delta_theta.double().cpu()
+        realised = realised_step(theta.cpu(), delta)
+        moving = delta != 0
+        return RealisedStepRecord(
+            dtype=str(dtype).removeprefix("torch."),
+            delta_h1=float(estimate.xbar.double().cpu() @ realised),
+            fraction_lost=float((realised - delta).norm() / delta.norm()) if bool(moving.any()) else 0.0,
+            fraction_unmoved=float((realised[moving] == 0).double().mean()) if bool(moving.any()) else 0.0,
+        )
 
     # ---------------------------------------------------------------------------------- checks
 
@@ -483,27 +503,28 @@ def require_policy_gradient(U: Samples, rule: str) -> None:
 
 
 def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model) -> ObservedStep:
-    """Δθ_obs = θ(next) − θ(this) from the adapter files, with its record; `next_checkpoint` None: the run's
+    """Δθ_obs = θ(next) − θ(this) from the trained weights' files, with its record; `next_checkpoint` None: the run's
     next checkpoint-N. Refuses the checkpoint itself and a next checkpoint that is not this run's next step."""
-    from .checkpoint import checkpoint_fingerprint, resolve_paths
-    from .observed import adapter_parameter_names, check_next_checkpoint, checkpoint_number, observed_delta_theta
+    from .observed import check_next_checkpoint, checkpoint_number
     from .observed import next_checkpoint as next_in_run
+    from .sources import source_for
 
     next_dir = Path(next_checkpoint) if next_checkpoint is not None else next_in_run(Path(checkpoint.path))
     try:
-        nxt = resolve_paths(checkpoint.model_copy(update={"path": str(next_dir), "optimizer_path": None}))
+        source = source_for(checkpoint)
+        nxt = source.resolve(checkpoint.model_copy(update={"path": str(next_dir), "optimizer_path": None}))
     except ProbeError as exc:
         raise ProbeError(f"next checkpoint {next_dir} (update.next_checkpoint): {exc}") from None
-    if nxt.adapter_dir.resolve() == paths.adapter_dir.resolve():
+    if nxt.weights_dir.resolve() == paths.weights_dir.resolve():
         raise ProbeError(
-            f"update.next_checkpoint {nxt.adapter_dir} is checkpoint.path itself", "name the checkpoint after it"
+            f"update.next_checkpoint {nxt.weights_dir} is checkpoint.path itself", "name the checkpoint after it"
         )
     check_next_checkpoint(paths, nxt)  # a later checkpoint of the same run (a gap of several steps: a warning)
-    delta = observed_delta_theta(paths.adapter_dir, nxt.adapter_dir, layout, adapter_parameter_names(model))
-    step, next_step = checkpoint_number(paths.adapter_dir), checkpoint_number(nxt.adapter_dir)
+    delta = source.observed_step(paths, nxt, layout, model)
+    step, next_step = checkpoint_number(paths.weights_dir), checkpoint_number(nxt.weights_dir)
     record = ObservedRecord(
-        next_checkpoint=str(nxt.adapter_dir),
-        next_checkpoint_fingerprint=checkpoint_fingerprint(nxt),
+        next_checkpoint=str(nxt.weights_dir),
+        next_checkpoint_fingerprint=source.fingerprint(nxt),
         step=step,
         next_step=next_step,
         norm_delta_theta_obs=float(delta.norm()),

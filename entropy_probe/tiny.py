@@ -37,9 +37,11 @@ def build_model(
     seed: int = 0,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2, fp32, eval mode, with eager attention: the implementation every stage
-    loads, since SDPA's CPU kernel has no double backward (the directional derivatives of delta-h1 need one)."""
+    loads, since SDPA's CPU kernel has no double backward (the directional derivatives of delta-h1 need one).
+    tie_word_embeddings: the head is the embedding matrix (as in Qwen2.5-0.5B): one parameter, two uses."""
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -51,7 +53,7 @@ def build_model(
         eos_token_id=VOCAB.index(EOS) if eos_token_id is None else eos_token_id,
         pad_token_id=VOCAB.index(PAD) if pad_token_id is None else pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         attn_implementation="eager",
     )
     with torch.random.fork_rng():

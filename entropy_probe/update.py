@@ -229,6 +229,16 @@ class FlatLayout:
         return vals.repeat_interleave(torch.tensor(self.numels, device=vals.device))
 
 
+def realised_step(theta: Tensor, delta_theta: Tensor) -> Tensor:
+    """The step the next forward sees when θ is stored in `theta.dtype`: round(θ + Δθ) − θ, in float64.
+
+    In bf16 (8 bits of mantissa) an element moves only if |Δθ_i| reaches about half its spacing, |θ_i|·2⁻⁸:
+    a full-parameter step at lr ~1e-6 is mostly lost. In float32/float64 this is Δθ up to rounding.
+    """
+    theta64 = theta.detach().double()
+    return (theta64 + delta_theta.to(theta64)).to(theta.dtype).double() - theta64
+
+
 @dataclass
 class AdamState:
     """AdamW state and hyperparameters as per-element flat vectors (all [P])."""

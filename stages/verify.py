@@ -1,4 +1,5 @@
-"""The `verify` stage: load base + adapter + AdamW state, check everything, write what later stages need.
+"""The `verify` stage: load the policy (base + adapter, or a full model) + AdamW state, check everything, write
+what later stages need.
 
 Reads the checkpoint (`checkpoint.*`); writes `entropy_probe.artifacts.verify` (verify.json, checkpoint.json,
 optimizer_state.safetensors) into the output dir, all or nothing.
@@ -23,16 +24,19 @@ log = logging.getLogger(__name__)
 def _plan(params: Params, paths: CheckpointPaths, out_dir: Path) -> str:
     ck = params.checkpoint
     info = adapter_info(paths)
+    what = "full model" if info is None else "QLoRA 4-bit nf4" if ck.use_qlora else "LoRA"
     lines = [
         "verify plan:",
         *[f"  {k:20s} {v}" for k, v in paths.model_dump().items()],
-        f"  adapter              rank={info.rank} alpha={info.alpha} targets={info.targets}",
-        f"  load                 {'QLoRA 4-bit nf4' if ck.use_qlora else 'LoRA'} dtype={ck.dtype} "
+        f"  adapter              rank={info.rank} alpha={info.alpha} targets={info.targets}"
+        if info is not None
+        else "  adapter              none: every parameter is trainable",
+        f"  load                 {what} dtype={ck.dtype} "
         f"device_map={ck.device_map} checkpointing={ck.use_checkpointing}",
         f"  learning_rate        {ck.learning_rate}",
         f"  trainer config       {paths.trainer_config_path or 'no trainer_config.json'}; training_args.bin "
         f"{'read if no JSON' if ck.trust_pickles else 'not unpickled (checkpoint.trust_pickles: false)'}",
-        "  checks               names/groups/shapes of Adam state, finiteness, step, lr, eval mode, adapter-only grads",
+        "  checks               names/groups/shapes of Adam state, finiteness, step, lr, eval mode, trainable set",
         f"  writes               {out_dir / STATE_FILE}, {out_dir / VerifyReport.FILE}",
     ]
     return "\n".join(lines)
@@ -81,7 +85,7 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     start = time.perf_counter()
     ck = load_checkpoint(params.checkpoint)
     state = ck.optimizer
-    log.info("verify: loaded base + adapter + optimizer state in %.1fs", time.perf_counter() - start)
+    log.info("verify: loaded %s + optimizer state in %.1fs", ck.paths.format, time.perf_counter() - start)
     lr_next, groups_agree = learning_rate_next(state)
     lr_last = ck.trainer.learning_rate_last
     lr = choose_learning_rate(params.checkpoint.learning_rate, lr_next, lr_last, groups_agree)
@@ -94,6 +98,6 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     with outputs.staged_output_dir(out_dir) as tmp:
         write_verify(tmp, report, state)
     return (
-        f"verify: {report.n_trainable_tensors} trainable tensors ({report.n_trainable} values), lr={lr:g} "
+        f"verify: {ck.paths.format}, {report.n_trainable_tensors} trainable tensors ({report.n_trainable} values), lr={lr:g} "
         f"(next {lr_next:g}, last {report.learning_rate_last}), step {report.step} -> {out_dir}"
     )

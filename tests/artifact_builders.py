@@ -28,7 +28,7 @@ def verify_json(step: int, lr: float, fingerprint: str) -> dict:
         {
             "fingerprint": fingerprint,
             "checkpoint": {
-                "adapter_dir": f"run/checkpoint-{step}",
+                "weights_dir": f"run/checkpoint-{step}",
                 "optimizer_path": f"run/checkpoint-{step}/optimizer.pt",
                 "scheduler_path": None,
                 "trainer_state_path": None,

@@ -180,14 +180,14 @@ def test_gradient_checkpointing_engages_with_dropout_off(trained, loaded):
 
 def test_trainer_layout_paths(trained):
     paths = resolve_paths(ck_params(trained.dir))
-    assert paths.adapter_dir == trained.dir and paths.optimizer_path == trained.dir / "optimizer.pt"
+    assert paths.weights_dir == trained.dir and paths.optimizer_path == trained.dir / "optimizer.pt"
     assert paths.scheduler_path.name == "scheduler.pt" and paths.trainer_state_path.name == "trainer_state.json"
     assert paths.training_args_path.name == "training_args.bin" and paths.name_map_path is None
     assert Path(paths.base_model) == trained.base_dir
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-def test_adapter_dir_with_optimizer_above(trained, tmp_path, depth):
+def test_weights_dir_with_optimizer_above(trained, tmp_path, depth):
     top = tmp_path / "exp"
     adapter = top / "model" / "adapter" if depth == 2 else top / "adapter"
     adapter.mkdir(parents=True)
@@ -225,7 +225,7 @@ def test_unreachable_hub_id_is_a_probe_error(trained, tmp_path):
     "setup, pattern",
     [
         ("no_optimizer", r"optimizer\.pt not found.*checkpoint\.optimizer_path"),
-        ("no_adapter_config", r"no adapter_config\.json.*checkpoint\.path"),
+        ("no_adapter_config", r"neither a PEFT adapter \(adapter_config\.json\) nor a full model.*checkpoint\.path"),
         ("missing_dir", r"checkpoint .* not found.*checkpoint\.path"),
         ("bad_base", r"base model dir .* not found.*checkpoint\.base_model"),
         ("bad_optimizer_path", r"optimizer state .* not found.*checkpoint\.optimizer_path"),

@@ -191,10 +191,13 @@ CASES = {
     "base": (lambda c: _edit_config(c, base_model_name_or_path="other/base"), "'base_model_name_or_path'"),
     "shape": (
         lambda c: _edit_tensors(c, _grow),
-        "lora_A.weight of .* has shape \\(3, 32\\), the parameter \\(2, 32\\)",
+        "lora_A.default.weight of .* has shape \\(3, 32\\), the parameter \\(2, 32\\)",
     ),
     "missing key": (lambda c: _edit_tensors(c, _drop), "lora_A.weight of .* is missing in .*next"),
-    "non-finite": (lambda c: _edit_tensors(c, _nan), "lora_A.weight of .*next is torch.float32 with non-finite"),
+    "non-finite": (
+        lambda c: _edit_tensors(c, _nan),
+        "lora_A.default.weight of .*next is torch.float32 with non-finite",
+    ),
     "no weights": (_delete_weights, "no adapter_model.safetensors in .*next — "),
     "unreadable": (_truncate_weights, "adapter weights .*next/adapter_model.safetensors are unreadable"),
 }

@@ -152,10 +152,10 @@ def lora_checkpoint(tmp_path_factory) -> Path:
     build_tokenizer().save_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)  # so the adapter records base_dir as its base
     config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    adapter_dir = root / "adapter"
-    get_peft_model(base, config).save_pretrained(adapter_dir)
-    (adapter_dir / "optimizer.pt").write_bytes(b"")
-    return adapter_dir
+    weights_dir = root / "adapter"
+    get_peft_model(base, config).save_pretrained(weights_dir)
+    (weights_dir / "optimizer.pt").write_bytes(b"")
+    return weights_dir
 
 
 def test_lora_loads_without_bitsandbytes_and_only_qlora_asks_for_it(lora_checkpoint):

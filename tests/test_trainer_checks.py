@@ -169,7 +169,7 @@ def test_the_demos_trainer_config_validates_and_matches_the_shipped_params(tmp_p
 
 def _paths(ckpt: Path) -> CheckpointPaths:
     return CheckpointPaths(
-        adapter_dir=ckpt,
+        weights_dir=ckpt,
         optimizer_path=ckpt / "optimizer.pt",
         scheduler_path=None,
         trainer_state_path=None,

@@ -71,7 +71,7 @@ def test_verify_writes_state_and_report_that_read_back(runs, tmp_path):
     summary = verify.run(make_params(run.dir), out, dry_run=False)
     report, state = read_verify(out)
     assert summary == (
-        f"verify: {len(state.names)} trainable tensors ({report.n_trainable} values), "
+        f"verify: peft-adapter, {len(state.names)} trainable tensors ({report.n_trainable} values), "
         f"lr={report.learning_rate:g} (next {run.lr_next:g}, last {run.lr_last}), step 3 -> {out}"
     )
 
@@ -304,7 +304,7 @@ def handmade(tmp_path) -> tuple[VerifyReport, OptimizerState]:
         mapping="Trainer groups (decay, no-decay)",
     )
     paths = CheckpointPaths(
-        adapter_dir=tmp_path / "ck",
+        weights_dir=tmp_path / "ck",
         optimizer_path=tmp_path / "ck" / "optimizer.pt",
         scheduler_path=None,
         trainer_state_path=None,
@@ -369,7 +369,7 @@ def test_contract_round_trips_report_identity_and_state_exactly(tmp_path):
         assert torch.equal(back_state.exp_avg[n], state.exp_avg[n])
         assert torch.equal(back_state.exp_avg_sq[n], state.exp_avg_sq[n]) and back_state.step[n] == 3.0
     raw = json.loads((out / VerifyReport.FILE).read_text())
-    assert raw["checkpoint"]["adapter_dir"] == str(tmp_path / "ck") and raw["trainer_config"]["top_p"] is None
+    assert raw["checkpoint"]["weights_dir"] == str(tmp_path / "ck") and raw["trainer_config"]["top_p"] is None
 
 
 def _edit_json(path: Path, edit) -> None:

@@ -130,6 +130,16 @@ class SecondOrderRecord(Record):
     ess_fraction_minus: float
 
 
+class RealisedStepRecord(Record):
+    """The emulated step as the next forward sees it when the weights are stored in half precision (§4.9):
+    Δθ_r = round(θ + Δθ) − θ in the weights' dtype, δH₁ along it, and how much of Δθ the rounding lost."""
+
+    dtype: Literal["bfloat16", "float16"]
+    delta_h1: float  # X̄ · Δθ_r
+    fraction_lost: float  # ‖Δθ_r − Δθ‖ / ‖Δθ‖
+    fraction_unmoved: float  # share of the elements with Δθ_i ≠ 0 that the rounding leaves where they were
+
+
 class ReuseRecord(_Sparse):
     """Whether the samples were importance-weighted (drawn by another checkpoint) and their ESS (docs/math.md §5.4)."""
 
@@ -186,6 +196,7 @@ class DeltaH1Report(JsonArtifact):
     reuse: ReuseRecord
     world_size: int
     second_order: SecondOrderRecord | None = None  # δH₂ along the same Δθ, when delta-h1 computed it
+    realised_step: RealisedStepRecord | None = None  # half-precision weights, emulated rules only
 
     @field_validator("targets")
     @classmethod

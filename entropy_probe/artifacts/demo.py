@@ -56,7 +56,7 @@ class DemoReport(JsonArtifact):
     STAGE: ClassVar[str] = "demo"
 
     n_params: int  # the base model's
-    n_trainable: int  # the LoRA adapter's
+    n_trainable: int  # the LoRA adapter's (every parameter for demo.finetune full)
     vocab_size: int
     n_prompts: int
     warmup_final_loss: float | None  # None with no warm-up steps

@@ -48,7 +48,7 @@ class CheckpointIdentity(JsonArtifact):
     fingerprint: str
     checkpoint: CheckpointPaths
     base_model: str
-    adapter: AdapterInfo
+    adapter: AdapterInfo | None  # None: a full-model checkpoint
     trainer_config: TrainerConfig
     trainer_config_source: str | None  # the file the trainer's settings came from (None: unknown)
 
@@ -60,7 +60,7 @@ class VerifyReport(JsonArtifact):
     fingerprint: str  # `checkpoint.checkpoint_fingerprint`
     checkpoint: CheckpointPaths
     base_model: str
-    adapter: AdapterInfo
+    adapter: AdapterInfo | None  # None: a full-model checkpoint
     use_qlora: bool
     dtype: Literal["bf16", "fp16", "fp32"]
     device_map: str

@@ -1,7 +1,7 @@
 """Checkpoint sources: the one place that turns a trainer's checkpoint layout into what every stage needs.
 
-A source reads one layout (today: a PEFT adapter beside the Trainer's optimizer.pt, `peft_adapter`) and
-gives the named trainable parameters (the loaded policy), the AdamW state per name with its group's
+A source reads one layout (a PEFT adapter beside the Trainer's optimizer.pt, `peft_adapter`; a full model
+saved by the Trainer with its optimizer.pt, `full_model`) and gives the named trainable parameters (the loaded policy), the AdamW state per name with its group's
 hyperparameters, the trainer's settings, the next lr, and a fingerprint of the files. `Probe` and the
 verify stage reach a checkpoint only through `source_for(checkpoint params)`; a new layout (full-parameter
 Trainer, DeepSpeed, verl) is a new module here implementing `CheckpointSource`.
@@ -39,6 +39,9 @@ class CheckpointSource(Protocol):
     def trainer_settings(self, paths, trust_pickles: bool) -> TrainerSettings:
         """The trainer's settings (loss type, temperature, clipping, ...), its last step and lr."""
 
+    def observed_step(self, paths, next_paths, layout, model):
+        """Δθ_obs = θ(next) − θ(this), flat float64 in `layout` order, from the two checkpoints' files."""
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -54,10 +57,13 @@ class LoadedCheckpoint:
 
 
 def source_for(checkpoint) -> CheckpointSource:
-    """The source that reads params `checkpoint` (CheckpointParams). One layout today: PEFT adapter + optimizer.pt."""
+    """The source that reads params `checkpoint` (CheckpointParams): checkpoint.format, or the layout found."""
+    from ..checkpoint import detect_format
+    from .full_model import FullModelSource
     from .peft_adapter import PeftAdapterSource
 
-    return PeftAdapterSource()
+    sources = {s.name: s for s in (PeftAdapterSource(), FullModelSource())}
+    return sources[detect_format(checkpoint)]
 
 
 def load_checkpoint(checkpoint, with_optimizer: bool = True) -> LoadedCheckpoint:

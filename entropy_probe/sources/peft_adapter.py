@@ -2,34 +2,19 @@
 optimizer.pt beside or above it, trainer_config.json / training_args.bin and trainer_state.json.
 
 The file logic lives in `checkpoint` (paths, fingerprint, model and tokenizer), `optimizer_state`
-(optimizer.pt → named AdamW state) and `trainer_config` (the trainer's settings); this class is their
-`CheckpointSource` face.
+(optimizer.pt → named AdamW state) and `trainer_config` (the trainer's settings); an observed step is the
+difference of two adapter files (`observed.observed_delta_theta`).
 """
 
 from __future__ import annotations
 
-from .. import checkpoint as files
-from ..optimizer_state import OptimizerState, load_optimizer_state
-from ..trainer_config import TrainerSettings, read_trainer_config
+from ..observed import adapter_parameter_names, observed_delta_theta
+from .trainer_files import TrainerFilesSource
 
 
-class PeftAdapterSource:
+class PeftAdapterSource(TrainerFilesSource):
     name = "peft-adapter"
 
-    def resolve(self, checkpoint) -> files.CheckpointPaths:
-        return files.resolve_paths(checkpoint)
-
-    def fingerprint(self, paths: files.CheckpointPaths) -> str:
-        return files.checkpoint_fingerprint(paths)
-
-    def load_model(self, checkpoint, paths: files.CheckpointPaths):
-        return files.load_policy_model(checkpoint, paths)
-
-    def load_tokenizer(self, paths: files.CheckpointPaths):
-        return files.load_tokenizer(paths)
-
-    def load_optimizer(self, model, paths: files.CheckpointPaths) -> OptimizerState:
-        return load_optimizer_state(model, paths)
-
-    def trainer_settings(self, paths: files.CheckpointPaths, trust_pickles: bool) -> TrainerSettings:
-        return TrainerSettings.of(read_trainer_config(paths, trust_pickles))
+    def observed_step(self, paths, next_paths, layout, model):
+        names = adapter_parameter_names(model)
+        return observed_delta_theta(paths.weights_dir, next_paths.weights_dir, layout, names)
