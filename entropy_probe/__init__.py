@@ -10,8 +10,9 @@ per stage); docs/design.md has the data flow, docs/math.md every formula (§n be
 The in-memory API
   probe            `Probe`: one loaded checkpoint (from files, verify's artifacts, or live objects) and every
                    computation on it — sample E/U, δH₁ (`DeltaH1Result`), the observed step, δH₂, exact, truth
-  sources          checkpoint sources: one layout → policy, named AdamW state, trainer settings, fingerprint
-                   (`peft_adapter`: PEFT adapter + the Trainer's optimizer.pt)
+  sources          checkpoint sources: one layout → policy, named AdamW state, trainer settings, fingerprint,
+                   observed step (`peft_adapter`: PEFT adapter + the Trainer's optimizer.pt; `full_model`: the
+                   Trainer's full fine-tuning; `deepspeed_zero`: ZeRO-1/2/3 partitions of the HF Trainer)
   update_rule      `UpdateRule`: the next update resolved once (rule, AdamW state with the chosen lr, loss
                    aggregation, clipping, or an observed step) and `resolve_update_rule`
   specs            knobs that travel together: `ComputeBudget`, `SecondOrderSpec`, `EnumerationSpec`
@@ -19,7 +20,7 @@ The in-memory API
 
 Inputs: knobs, checkpoints, the task
   params           typed, validated knobs: params.yaml + `-S key=value` overrides, every default
-  checkpoint       a LoRA/QLoRA checkpoint's files (Trainer or adapter layout), fingerprint, model + tokenizer
+  checkpoint       a checkpoint's files (Trainer, adapter or full-model layout), format, fingerprint, model + tokenizer
                    loading (eager attention: the all_targets tangents need a double backward)
   optimizer_state  optimizer.pt mapped to named trainable parameters (AdamW only), its flat form for the
                    update rules (`OptimizerState.flat`); lr of the next step (§4.4)
@@ -45,8 +46,10 @@ The math
                    (§3.2), influence values ψ and SE_E (§3.8); pure tensor math
   update           advantages (§4.1), policy-gradient coefficients (§4.2), clipping (§4.3), adam_step /
                    adam_precond / sgd (§4.4–§4.5), gradient/momentum split (§4.6), linearisation u (§4.7),
+                   the realised half-precision step (§4.9), one AdamW step with its state, PPO's clipped ratio,
                    SE_U: jackknife over U groups through the update rule, or the delta method (§5.2);
                    pure functions on flat vectors
+  multi_step       several AdamW steps on one U batch: mini-batches × epochs with the clipped ratio (§4.10)
   tangents         gradient + per-token directional derivatives by double backward (§6.1); per-row
                    directional derivatives and per-group gradients of Linear/LoRA layers by hooks,
                    `RowDirectional`, `GroupGradients` (§6.2)

@@ -40,7 +40,7 @@ MODEL_WEIGHTS = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-Format = Literal["peft-adapter", "full-model"]
+Format = Literal["peft-adapter", "full-model", "deepspeed-zero"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -186,18 +186,21 @@ def checkpoint_root(ckpt: CheckpointParams) -> Path:
 
 def detect_format(ckpt: CheckpointParams) -> str:
     """checkpoint.format, or (auto) the layout of checkpoint.path: a PEFT adapter (adapter_config.json in it or
-    in its one sub-directory that has one) before a full model (config.json + model weights), so a Trainer
-    checkpoint of a LoRA run is read as the adapter it trained."""
+    in its one sub-directory that has one), then a DeepSpeed tag (`latest` or global_step*), then a full model
+    (config.json + model weights): a Trainer checkpoint of a LoRA run is read as the adapter it trained, one
+    of a DeepSpeed run by its fp32 masters."""
     if ckpt.format != "auto":
         return ckpt.format
     root = checkpoint_root(ckpt)
     if (root / ADAPTER_CONFIG).is_file() or any(d.is_dir() and (d / ADAPTER_CONFIG).is_file() for d in root.iterdir()):
         return "peft-adapter"
+    if (root / "latest").is_file() or any(d.is_dir() for d in root.glob("global_step*")):
+        return "deepspeed-zero"  # checked before full-model: ZeRO-1/2 also save model.safetensors, in bf16
     if (root / "config.json").is_file() and any((root / w).is_file() for w in MODEL_WEIGHTS):
         return "full-model"
     raise ProbeError(
-        f"{root} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a full model (config.json + {MODEL_WEIGHTS[0]} "
-        "or its shards)",
+        f"{root} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a DeepSpeed checkpoint (latest, global_step*) nor "
+        f"a full model (config.json + {MODEL_WEIGHTS[0]} or its shards)",
         "set checkpoint.path to a Trainer checkpoint-N/ dir, a PEFT adapter dir or a saved model dir",
     )
 

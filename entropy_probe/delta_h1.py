@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from .artifacts.delta_h1 import TargetEstimate
+from .errors import ProbeError
 from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
 from .importance import Reuse, standard_error
+from .multi_step import leave_one_group_out_chains, momentum_chain, run_chain
 from .passes import (
     entropy_pass,
     entropy_rows,
@@ -256,6 +258,8 @@ def compute_delta_h1(
     e_w = None if reuse is None or reuse.e_weights is None else reuse.e_weights.to(dtype)
     u_w = None if reuse is None or reuse.u_weights is None else reuse.u_weights.to(dtype)
     clock = Clock()
+    if update.chain is not None:
+        return _chain_delta_h1(model, E, U, layout, update, estimator, budget, e_w, u_w, clock)
     ug = None
     if update.emulated:
         ug = u_gradient(model, layout, U, update, u_w, budget, clock)
@@ -282,6 +286,41 @@ def compute_delta_h1(
     if ug is not None and unc.denominators is not None:
         estimate.u_group_gradients, estimate.u_group_denominators = ug.g_groups, unc.denominators
     return estimate
+
+
+def _chain_delta_h1(model, E, U, layout, update, estimator, budget, e_w, u_w, clock) -> DeltaH1Estimate:
+    """δH₁ along the k-step chain (`multi_step`): Δθ = θ_k − θ₀; SE_U by the jackknife over U's prompt groups,
+    each left out through the whole chain (B more chains); U attributions are those leave-one-out values."""
+    if u_w is not None:
+        raise ProbeError(
+            "several steps per U batch need U drawn by this checkpoint (the clipped ratio is relative to it)",
+            "sample U with this checkpoint, or set update.mini_batches: 1 and update.epochs: 1",
+        )
+    chain, max_tokens = update.chain, budget.max_tokens
+    result = clock("u_chain", run_chain, model, layout, U, update, chain, max_tokens)
+    delta_theta = result.delta_theta
+    eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
+    delta_h1 = float((eg.xbar.double() * delta_theta).sum())
+    unc = UUncertainty()
+    if _nonzero_advantage_groups(U) < 2:
+        unc.se_U_note = NO_SE_U_FEW_GROUPS
+    else:
+        loo = clock("jackknife", leave_one_group_out_chains, model, layout, U, update, chain, eg.xbar, max_tokens)
+        unc.se_U, unc.se_U_method, unc.attribution_loo = (
+            jackknife_se(loo),
+            "jackknife over U prompt groups",
+            delta_h1 - loo,
+        )
+    momentum = float((eg.xbar.double() * momentum_chain(update, chain)).sum())
+    parts = dict(
+        delta_h1_gradient_part=delta_h1 - momentum,
+        delta_h1_momentum_part=momentum,
+        cov_logp_advantage=token_advantage_covariance(
+            U.tensors["logprobs"], U.tensors["advantages"].to(result.first_gradient.dtype), U.mask
+        ),
+        norm_g=float(result.first_gradient.double().norm()),
+    )
+    return _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
 
 
 def _estimate(

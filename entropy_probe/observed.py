@@ -101,7 +101,7 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
             "one, so θ(next) − θ(this) is not a step",
             SAME_RUN,
         )
-    if this.format == "full-model":
+    if this.format != "peft-adapter":
         _check_same_config(this.weights_dir, nxt.weights_dir)
     else:
         if _base_identity(this) != _base_identity(nxt):
@@ -117,7 +117,8 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
         _step_gap(state["global_step"], next_state["global_step"], "trainer_state.json's global_step", this, nxt),
     ]
     _check_same_history(this, nxt, state["global_step"])
-    _check_adam_continues(this.optimizer_path, nxt.optimizer_path)
+    if this.format != "deepspeed-zero":  # its moments are in rank partitions, read by the source
+        _check_adam_continues(this.optimizer_path, nxt.optimizer_path)
     gap = next((g for g in gaps if g is not None), None)
     if gap is not None and gap > 1:
         log.warning(

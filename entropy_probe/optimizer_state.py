@@ -310,9 +310,8 @@ def optimizer_state_of(model: torch.nn.Module, optimizer) -> OptimizerState:
     inner = getattr(optimizer, "optimizer", optimizer)
     if not isinstance(inner, torch.optim.Optimizer):
         raise ProbeError(f"{type(optimizer).__name__} is not a torch optimizer", "train with optim=adamw_torch")
-    params = dict(trainable_parameters(model))
-    name_of = {id(p): n for n, p in params.items()}
-    exp_avg, exp_avg_sq, step, groups = {}, {}, {}, []
+    name_of = {id(p): n for n, p in trainable_parameters(model)}
+    states, groups = {}, []
     for gi, g in enumerate(inner.param_groups):
         names = [name_of.get(id(p)) for p in g["params"]]
         if None in names:
@@ -321,12 +320,25 @@ def optimizer_state_of(model: torch.nn.Module, optimizer) -> OptimizerState:
                 "pass the model the optimizer trains (the trainer's model)",
             )
         for name, p in zip(names, g["params"]):
-            st = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in inner.state.get(p, {}).items()}
-            exp_avg[name], exp_avg_sq[name], step[name] = _adam_state(name, st, tuple(p.shape))
-        groups.append(ParamGroup(**_group_hyper(g, gi), names=names))
+            states[name] = {
+                k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in inner.state.get(p, {}).items()
+            }
+        groups.append({**g, "names": names})
+    return optimizer_state_from(model, states, groups, mapping="live optimizer (by parameter identity)")
+
+
+def optimizer_state_from(model: torch.nn.Module, states: dict[str, dict], groups: list[dict], mapping: str):
+    """An OptimizerState from AdamW state already named ({name: {exp_avg, exp_avg_sq, step}}) and param groups
+    ({lr, betas, eps, weight_decay, names, ...} each), with `load_optimizer_state`'s checks: the names are
+    exactly the trainable parameters, every one has complete state of its shape, finite, exp_avg_sq ≥ 0."""
+    params = dict(trainable_parameters(model))
     names = [n for g in groups for n in g["names"]]
     _check_names(names, params)
-    return OptimizerState(names, exp_avg, exp_avg_sq, step, groups, mapping="live optimizer (by parameter identity)")
+    exp_avg, exp_avg_sq, step = {}, {}, {}
+    for name in names:
+        exp_avg[name], exp_avg_sq[name], step[name] = _adam_state(name, states.get(name), tuple(params[name].shape))
+    named_groups = [ParamGroup(**_group_hyper(g, gi), names=list(g["names"])) for gi, g in enumerate(groups)]
+    return OptimizerState(names, exp_avg, exp_avg_sq, step, named_groups, mapping)
 
 
 def build_adamw(model: torch.nn.Module, state: OptimizerState, lr: float | None = None) -> torch.optim.AdamW:

@@ -96,7 +96,9 @@ class CheckpointParams(Section):
     """Which checkpoint to probe and how to load it (keys from the seed note where they exist)."""
 
     path: str = "data/demo/run/checkpoint-6"
-    format: Literal["auto", "peft-adapter", "full-model"] = "auto"  # auto: from the files (README, "Formats")
+    format: Literal["auto", "peft-adapter", "full-model", "deepspeed-zero"] = (
+        "auto"  # auto: from the files (README, "Formats")
+    )
     base_model: str | None = None  # local dir or hub id; default: adapter_config.json's base (adapters only)
     optimizer_path: str | None = None  # default: optimizer.pt in/beside/above `path`
     use_qlora: bool = False
@@ -203,6 +205,19 @@ class UpdateParams(Section):
     ] = "auto"
     max_grad_norm: float | Literal["auto"] | None = "auto"  # auto: the trainer's; null or 0: no clipping
     next_checkpoint: str | None = None  # rule observed: the checkpoint after checkpoint.path (None: next checkpoint-N)
+    # several AdamW steps per U batch (docs/math.md §4.10): U split into mini_batches, passed over `epochs` times,
+    # the clipped ratio active after the first step. auto: the trainer's (TRL: steps_per_generation ÷
+    # gradient_accumulation_steps mini-batches, num_iterations epochs), else 1 and 1
+    mini_batches: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    clip_ratio: list[float] | Literal["auto"] = "auto"  # [ε_low, ε_high]; auto: the trainer's, else 0.2 and 0.2
+
+    @field_validator("clip_ratio")
+    @classmethod
+    def _clip_range(cls, v):
+        if v != "auto" and (len(v) != 2 or not all(0 <= e for e in v) or not v[0] < 1):
+            raise ValueError("must be 'auto' or [ε_low, ε_high] with 0 ≤ ε_low < 1 and ε_high ≥ 0")
+        return v
 
     @field_validator("max_grad_norm")
     @classmethod

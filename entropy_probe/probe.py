@@ -361,6 +361,12 @@ class Probe:
             raise ProbeError(
                 "a forecast emulates the trainer's step, so it needs an emulated update rule", "use adam_step"
             )
+        if update.chain is not None:
+            raise ProbeError(
+                f"a forecast scores one trainer step per checkpoint pair, but the update is {update.chain.steps} "
+                "steps per U batch (update.mini_batches × update.epochs)",
+                "set update.mini_batches: 1 and update.epochs: 1",
+            )
         result = self.delta_h1(E, U, update, with_second_order=True)
         est = result.estimate
         if est.u_group_gradients is None:

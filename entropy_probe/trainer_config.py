@@ -51,6 +51,8 @@ class TrainerConfig(BaseModel):
     gradient_accumulation_steps: int | None = Field(None, ge=1)
     steps_per_generation: int | None = Field(None, ge=1)
     num_iterations: int | None = Field(None, ge=1)  # μ: passes over each generation batch
+    epsilon: float | None = Field(None, ge=0)  # the clipped ratio's ε_low (TRL's default 0.2)
+    epsilon_high: float | None = Field(None, ge=0)  # its ε_high (TRL: None = epsilon)
     generation_batch_size: int | None = Field(None, ge=1)
     # sampling knobs besides temperature and top_p; off = top_k 0, min_p 0.0, repetition_penalty 1.0
     top_k: int | None = Field(None, ge=0)  # 0: no top-k filtering (TRL's default)
@@ -126,6 +128,8 @@ def trainer_config_from_args(args: Any) -> dict:
     for key, off in _OFF_WHEN_NONE.items():
         if cfg[key] is None and hasattr(args, key):
             cfg[key] = off
+    if cfg["epsilon_high"] is None and hasattr(args, "epsilon_high"):  # TRL: None means ε_high = ε
+        cfg["epsilon_high"] = cfg["epsilon"]
     extra = _generation_kwargs(args)
     for key, off in _GENERATION_KWARGS_OFF.items():
         if key in extra:

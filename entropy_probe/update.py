@@ -13,7 +13,7 @@ increases J; g = ∇J. Everything here is a pure function of tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -340,6 +340,39 @@ def adam_step_delta(
     bc2 = 1 - beta2**t
     denom = _safe_sqrt(v_new) / bc2**0.5 + eps
     return -lr * weight_decay * theta - (lr / bc1) * m_new / denom
+
+
+def adam_advance(g: Tensor, state: AdamState, max_grad_norm: float | None) -> tuple[Tensor, AdamState]:
+    """One torch AdamW step at g = ∇J: (Δθ, the state after it — θ + Δθ, m', v', step + 1), for chains of steps."""
+    s = state
+    delta = adam_step_delta(
+        g, s.theta, s.exp_avg, s.exp_avg_sq, s.step, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, max_grad_norm
+    )
+    grad = -clipped(g, max_grad_norm)
+    after = replace(
+        s,
+        theta=s.theta + delta,
+        exp_avg=s.beta1 * s.exp_avg + (1 - s.beta1) * grad,
+        exp_avg_sq=s.beta2 * s.exp_avg_sq + (1 - s.beta2) * grad * grad,
+        step=s.step + 1,
+    )
+    return delta, after
+
+
+def clipped_ratio_coefficients(
+    coef: Tensor, log_ratio: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> Tensor:
+    """The coefficients of ∇J for PPO's clipped surrogate, J = Σ c · min(r A, clip(r, 1 − ε_low, 1 + ε_high) A) / A
+    at r = π_θ/π_old = exp(log_ratio) per token (c = the aggregation weight × A, so sign c = sign A):
+
+        ∂J/∂logp = c · r    where the unclipped term is the minimum, 0 where the clipped one is
+                              (A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low).
+
+    At r = 1 (the first step on fresh samples) this is c: the on-policy gradient.
+    """
+    ratio = log_ratio.exp()
+    clipped_away = ((coef > 0) & (ratio > 1 + clip_high)) | ((coef < 0) & (ratio < 1 - clip_low))
+    return torch.where(mask.bool() & ~clipped_away, coef * ratio, torch.zeros_like(coef))
 
 
 def adam_precond_delta(

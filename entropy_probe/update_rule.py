@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .artifacts.delta_h1 import ObservedRecord, UpdateRecord
+from .artifacts.delta_h1 import ObservedRecord, StepsRecord, UpdateRecord
 from .errors import ProbeError
+from .multi_step import StepChain
 from .update import (
     AdamState,
     leave_one_group_out,
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 HF_DEFAULT_MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments.max_grad_norm
 EMULATED_RULES = ("adam_step", "adam_precond", "sgd")
+DEFAULT_CLIP_RATIO = 0.2  # TRL's GRPOConfig.epsilon, verl's clip_ratio
+BATCH_TOKEN_LOSS_TYPES = ("dapo", "cispo")  # TRL normalises these by the whole generation batch's tokens
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,17 @@ class UpdateRule:
     max_grad_norm: float | None = None
     max_grad_norm_source: str | None = None
     observed: ObservedStep | None = None
+    chain: StepChain | None = None  # several AdamW steps on U (None: the one on-policy step)
 
     def __post_init__(self) -> None:
         if (self.rule == "observed") != (self.observed is not None):
             raise ValueError("an observed step comes with rule 'observed', and only with it")
+        if self.chain is not None and self.rule != "adam_step":
+            raise ProbeError(
+                f"update.mini_batches × update.epochs = {self.chain.steps} steps per U batch need update.rule "
+                f"adam_step, not {self.rule}",
+                "set update.rule: adam_step, or update.mini_batches: 1 and update.epochs: 1",
+            )
         if self.rule not in (*EMULATED_RULES, "observed"):
             raise ProbeError(f"unknown update rule '{self.rule}'", f"use one of {', '.join(EMULATED_RULES)}, observed")
 
@@ -99,13 +109,15 @@ class UpdateRule:
             max_len=self.max_len,
             max_grad_norm=self.max_grad_norm,
             max_grad_norm_source=self.max_grad_norm_source,
+            steps=None if self.chain is None else StepsRecord.of(self.chain),
         )
 
     def describe(self) -> str:
         """One phrase for plans and logs."""
         if self.observed is not None:
             return f"observed step to {self.observed.record.next_checkpoint}"
-        return f"{self.rule} ({self.loss_agg_mode}, clip {self.max_grad_norm}, lr {self.learning_rate:.3g})"
+        steps = "" if self.chain is None else f", {self.chain.steps} steps"
+        return f"{self.rule} ({self.loss_agg_mode}, clip {self.max_grad_norm}, lr {self.learning_rate:.3g}{steps})"
 
 
 def max_grad_norm_of(setting: float | str | None, trainer_max_grad_norm: float | None) -> tuple[float | None, str]:
@@ -141,7 +153,40 @@ def resolve_update_rule(update, trainer_config: dict, state: AdamState, observed
         max_grad_norm,
         clip_source,
     )
-    return UpdateRule(update.rule, state, mode, why, max_len, max_grad_norm, clip_source)
+    chain = step_chain(update, trainer_config)
+    return UpdateRule(update.rule, state, mode, why, max_len, max_grad_norm, clip_source, chain=chain)
+
+
+def step_chain(update, trainer_config: dict) -> StepChain | None:
+    """The k-step chain of params `update` (mini_batches, epochs, clip_ratio; auto: the trainer's), None for one
+    step. TRL's trainer takes steps_per_generation ÷ gradient_accumulation_steps steps per pass over a generation
+    batch and num_iterations passes."""
+    spg, accumulation = trainer_config.get("steps_per_generation"), trainer_config.get("gradient_accumulation_steps")
+    sources = []
+    mini_batches = update.mini_batches
+    if mini_batches == "auto":
+        known = spg is not None and accumulation is not None and spg % accumulation == 0
+        mini_batches = spg // accumulation if known else 1
+        sources.append(
+            "mini_batches: the trainer's steps_per_generation ÷ gradient_accumulation_steps" if known else ""
+        )
+    epochs = update.epochs
+    if epochs == "auto":
+        epochs = trainer_config.get("num_iterations") or 1
+        sources.append("epochs: the trainer's num_iterations" if trainer_config.get("num_iterations") else "")
+    if mini_batches * epochs == 1:
+        return None
+    if update.clip_ratio == "auto":
+        low = trainer_config.get("epsilon")
+        low = DEFAULT_CLIP_RATIO if low is None else low
+        high = trainer_config.get("epsilon_high")
+        high = low if high is None else high
+        sources.append("clip ratio: the trainer's epsilon" if trainer_config.get("epsilon") is not None else "")
+    else:
+        low, high = update.clip_ratio
+    source = "; ".join(s for s in sources if s) or "params"
+    normaliser = "batch" if trainer_config.get("loss_type") in BATCH_TOKEN_LOSS_TYPES else "mini_batch"
+    return StepChain(mini_batches, epochs, float(low), float(high), source, normaliser)
 
 
 def flat_state(optimizer, model, layout, lr: float | None) -> AdamState:

@@ -142,6 +142,32 @@ def small_demo(tmp_path_factory) -> Path:
     return build_once(tmp_path_factory, "small_demo", build) / "demo"
 
 
+FULL_RUN = {  # 4 GRPO steps on every parameter of a tiny Qwen2 with a tied head, saved each step
+    "finetune": "full",
+    "tie_word_embeddings": True,
+    "max_operand": 3,
+    "hidden_size": 32,
+    "warmup_steps": 40,
+    "rl_steps": 4,
+    "save_steps": 1,
+    "prompts_per_step": 4,
+    "num_generations": 4,
+    "rl_lr": 3e-3,
+}
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory) -> Path:
+    """The demo stage's output for FULL_RUN: a real TRL full fine-tuning run (built once per run; read-only)."""
+    from entropy_probe.params import validate_params
+    from stages import demo as demo_stage
+
+    def build(folder: Path) -> None:
+        demo_stage.run(validate_params({"demo": FULL_RUN}), folder / "demo", dry_run=False)
+
+    return build_once(tmp_path_factory, "full_run", build) / "demo"
+
+
 BIN = Path(sys.executable).parent
 
 

@@ -225,7 +225,7 @@ def test_unreachable_hub_id_is_a_probe_error(trained, tmp_path):
     "setup, pattern",
     [
         ("no_optimizer", r"optimizer\.pt not found.*checkpoint\.optimizer_path"),
-        ("no_adapter_config", r"neither a PEFT adapter \(adapter_config\.json\) nor a full model.*checkpoint\.path"),
+        ("no_adapter_config", r"neither a PEFT adapter \(adapter_config\.json\) nor a DeepSpeed .*checkpoint\.path"),
         ("missing_dir", r"checkpoint .* not found.*checkpoint\.path"),
         ("bad_base", r"base model dir .* not found.*checkpoint\.base_model"),
         ("bad_optimizer_path", r"optimizer state .* not found.*checkpoint\.optimizer_path"),

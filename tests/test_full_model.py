@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_once
 from safetensors.torch import load_file, save_file
 from tolerances import FP32_EPS
 from typer.testing import CliRunner
@@ -25,29 +24,6 @@ from entropy_probe.params import validate_params
 from entropy_probe.probe import Probe
 from entropy_probe.tiny import one_thread
 from stages.cli import app
-
-FULL_RUN = {  # 4 GRPO steps on every parameter of a tiny Qwen2 with a tied head, saved each step
-    "finetune": "full",
-    "tie_word_embeddings": True,
-    "max_operand": 3,
-    "hidden_size": 32,
-    "warmup_steps": 40,
-    "rl_steps": 4,
-    "save_steps": 1,
-    "prompts_per_step": 4,
-    "num_generations": 4,
-    "rl_lr": 3e-3,
-}
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    from stages import demo as demo_stage
-
-    def build(folder: Path) -> None:
-        demo_stage.run(validate_params({"demo": FULL_RUN}), folder / "demo", dry_run=False)
-
-    return build_once(tmp_path_factory, "full_run", build) / "demo"
 
 
 def params_for(run: Path, step: int, **sections) -> object:

@@ -92,6 +92,28 @@ class ObservedRecord(Record):
     norm_delta_theta_obs: float = Field(ge=0)
 
 
+class StepsRecord(Record):
+    """Several AdamW steps on one U batch (docs/math.md §4.10): how many, the clipped ratio's range."""
+
+    mini_batches: int
+    epochs: int
+    clip_low: float
+    clip_high: float
+    token_normaliser: Literal["mini_batch", "batch"]
+    source: str
+
+    @classmethod
+    def of(cls, chain) -> "StepsRecord":
+        return cls(
+            mini_batches=chain.mini_batches,
+            epochs=chain.epochs,
+            clip_low=chain.clip_low,
+            clip_high=chain.clip_high,
+            token_normaliser=chain.token_normaliser,
+            source=chain.source,
+        )
+
+
 class UpdateRecord(_Sparse):
     """How Δθ was formed: the emulated rule's loss aggregation and clipping, or the observed step."""
 
@@ -104,6 +126,7 @@ class UpdateRecord(_Sparse):
     max_grad_norm: float | None = None
     max_grad_norm_source: str | None = None
     observed: ObservedRecord | None = None
+    steps: StepsRecord | None = None  # several steps per U batch (None: one)
 
     @model_validator(mode="after")
     def _fields_of_the_rule(self) -> "UpdateRecord":

@@ -1,7 +1,8 @@
 """Checkpoint sources: the one place that turns a trainer's checkpoint layout into what every stage needs.
 
 A source reads one layout (a PEFT adapter beside the Trainer's optimizer.pt, `peft_adapter`; a full model
-saved by the Trainer with its optimizer.pt, `full_model`) and gives the named trainable parameters (the loaded policy), the AdamW state per name with its group's
+saved by the Trainer with its optimizer.pt, `full_model`; a DeepSpeed ZeRO-1/2/3 checkpoint of the Trainer,
+`deepspeed_zero`) and gives the named trainable parameters (the loaded policy), the AdamW state per name with its group's
 hyperparameters, the trainer's settings, the next lr, and a fingerprint of the files. `Probe` and the
 verify stage reach a checkpoint only through `source_for(checkpoint params)`; a new layout (full-parameter
 Trainer, DeepSpeed, verl) is a new module here implementing `CheckpointSource`.
@@ -59,10 +60,11 @@ class LoadedCheckpoint:
 def source_for(checkpoint) -> CheckpointSource:
     """The source that reads params `checkpoint` (CheckpointParams): checkpoint.format, or the layout found."""
     from ..checkpoint import detect_format
+    from .deepspeed_zero import DeepSpeedZeroSource
     from .full_model import FullModelSource
     from .peft_adapter import PeftAdapterSource
 
-    sources = {s.name: s for s in (PeftAdapterSource(), FullModelSource())}
+    sources = {s.name: s for s in (PeftAdapterSource(), FullModelSource(), DeepSpeedZeroSource())}
     return sources[detect_format(checkpoint)]
 
 
