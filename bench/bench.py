@@ -2,6 +2,7 @@
 
     python bench/bench.py [--quick] [--out bench/results/bench.json] [--device cuda --dtype bf16 [--qlora]]
     python bench/bench.py --shape qwen2.5-0.5b [--layers N] --out bench/results/bench_cpu_qwen05b.json
+    python bench/bench.py --shape qwen2.5-0.5b --layers 1 --full ...     (a full-parameter policy, no LoRA)
 
 A random Qwen2 larger than the demo + LoRA; E and U sampled by the product's `generate_responses`; the
 product's own passes timed on them (one warm-up, then the median of `repeats` interleaved rounds):
@@ -173,6 +174,8 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, qlora: bool, seed: i
             _disable_bnb_cpu_packing(base)
     else:
         base = base.to(device=device, dtype=dtype)
+    if cfg.get("full"):  # full-parameter training: every tensor trainable, no adapter
+        return base.requires_grad_(True).eval()
     lora = LoraConfig(
         r=cfg["lora_rank"],
         lora_alpha=2 * cfg["lora_rank"],
@@ -259,7 +262,7 @@ def adam_spec(model, seed: int = 0) -> tuple[FlatLayout, UpdateRule]:
     v = {n: 1e-6 * torch.rand(p.shape, generator=gen) for n, p in named.items()}
     groups = [{"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": list(named)}]
     theta = {n: p.detach().float() for n, p in named.items()}
-    state = AdamState.from_groups(layout, theta, m, v, {n: 10.0 for n in named}, groups)
+    state = AdamState.from_groups(layout, theta, m, v, {n: 10.0 for n in named}, groups, dtype=None)  # as the probe
     return layout, UpdateRule("adam_step", state, "token-mean", max_grad_norm=1.0)
 
 
@@ -476,6 +479,7 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes)")
+    ap.add_argument("--full", action="store_true", help="full-parameter policy: every tensor trainable, no LoRA")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other load)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (median)")
     ap.add_argument("--target", choices=ESTIMATOR_TARGETS, default=EstimatorParams().entropy, help="estimator.entropy")
@@ -502,6 +506,7 @@ def main(argv=None) -> dict:
     cfg = dict(base_cfg, temperature=args.temperature, top_p=args.top_p, target=args.target)
     cfg["repeats"] = args.repeats or cfg["repeats"]
     cfg["layers"] = args.layers or cfg["layers"]
+    cfg["full"] = args.full
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
@@ -592,6 +597,7 @@ def main(argv=None) -> dict:
             "shape": args.shape,
             "dtype": args.dtype,
             "qlora": args.qlora,
+            "full": args.full,
             "attn_implementation": "eager",
         },
         "env": {

@@ -51,7 +51,7 @@ The math
                    pure functions on flat vectors
   multi_step       several AdamW steps on one U batch: mini-batches × epochs with the clipped ratio (§4.10)
   tangents         gradient + per-token directional derivatives by double backward (§6.1); per-row
-                   directional derivatives and per-group gradients of Linear/LoRA layers by hooks,
+                   directional derivatives and per-group gradients of Linear/LoRA, embedding and RMSNorm tensors by hooks,
                    `RowDirectional`, `GroupGradients` (§6.2)
   passes           the U and E passes over the data (policy gradient, group gradients, X̄ with row hooks,
                    tangents, U row terms) and Cui et al.'s covariance diagnostic (§5.5)

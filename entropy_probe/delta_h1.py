@@ -139,7 +139,7 @@ def _direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
 
 def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: ComputeBudget, clock) -> UGradient:
     """Pass 1: g = ∇J with the trainer's loss aggregation, with per-group gradients when they fit the budget
-    and every trainable parameter is a Linear weight/bias (else SE_U by the delta method, one more U pass)."""
+    and the hooks know every module using a trainable tensor (else SE_U by the delta method, one more U pass)."""
     params = _parameters(model, layout)
     dtype = accumulation_dtype(params[0])
     advantages = U.tensors["advantages"].to(dtype)
@@ -154,7 +154,7 @@ def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: C
         )
         return UGradient(coef, g, g_groups)
     why = (
-        "not every trainable parameter is a Linear weight/bias"
+        "a trainable tensor is used by a module the hooks do not know"
         if not hooks_work
         else f"{n_groups} groups × {layout.numel} parameters exceed compute.u_gradient_cache_mb = {budget.u_cache_mb:g}"
     )

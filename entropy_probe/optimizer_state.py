@@ -68,10 +68,11 @@ class OptimizerState:
         return whole(max(self.step.values()))
 
     def flat(
-        self, layout: FlatLayout, theta: dict[str, torch.Tensor], lr: float | None = None, dtype=torch.float64
+        self, layout: FlatLayout, theta: dict[str, torch.Tensor], lr: float | None = None, dtype=None
     ) -> AdamState:
         """This state as the update rules consume it: per-element vectors in `layout` order (with θ for the
-        decoupled weight decay). `lr` replaces every group's lr (None: each group keeps its saved next lr).
+        decoupled weight decay), θ/m/v in their own dtype unless `dtype` (lossless: the rules compute in
+        float64). `lr` replaces every group's lr (None: each group keeps its saved next lr).
         The one conversion between the stored (named) and the computing (flat) form of the AdamW state."""
         return AdamState.from_groups(layout, theta, self.exp_avg, self.exp_avg_sq, self.step, self.groups, lr, dtype)
 

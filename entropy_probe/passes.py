@@ -3,7 +3,7 @@
 Passes over the data (each in token-budget microbatches, `scoring.Batch.scored`):
   1. U, one ordinary backward: g = ∇J = ∇ Σ c_ij logp_ij (policy gradient, §4.2) and, with `GroupGradients`
      hooks, the per-prompt-group gradients g_b (Σ_b g_b = g) when B × trainable parameters fit
-     `u_cache_mb` and every trainable parameter is a Linear weight/bias (LoRA).
+     `u_cache_mb` and the hooks know every module using a trainable tensor (Linear/LoRA, embedding, RMSNorm).
   2.              Δθ = update(g)                                   (adam_step | adam_precond | sgd, §4.4–4.5)
      or Δθ given (an observed step θ(next) − θ(this); then there is no U batch).
   3. E, one ordinary backward: X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik) (the true gradient: an embedding's
@@ -133,7 +133,7 @@ def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, d
     """row_i = Σ_j coef_ij ∇logp_ij · direction for every U row, [N] — all the U attributions need.
 
     One ordinary backward per microbatch with `RowDirectional` hooks when every trainable parameter is a
-    Linear weight/bias (LoRA); otherwise per-token tangents by double backward, summed with coef.
+    Linear/LoRA, embedding or RMSNorm tensor; otherwise per-token tangents by double backward, summed with coef.
     """
     rows_out = torch.zeros(len(U), dtype=accumulation_dtype(params[0]), device=coef.device)
     row_dots = RowDirectional.supports(model, names)

@@ -156,7 +156,7 @@ def shifted_estimates(
     w_i(s) ∝ e_w,i · exp(ℓ_i(s) − ℓ_i(0)) (ℓ_i = Σ_k log π(y_ik), teacher-forced at both points, so they
     carry the same rounding and w(0) = e_w exactly), the target's coefficients from the entropies and
     features at s, and one E pass along Δθ for the influence values ψ_i(s) (row hooks, or per-token
-    tangents when some trainable parameter is not a Linear weight). E is not modified.
+    tangents when a module using a trainable tensor has no hook rule). E is not modified.
     """
     steps = sorted(set(steps), key=abs)
     if steps[0] != 0.0:

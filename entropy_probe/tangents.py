@@ -47,35 +47,69 @@ def grad_and_tangents(
     return [g.detach() for g in grads], [t.detach() for t in tangents]
 
 
-class _LinearHooks:
-    """Forward hooks on the Linear modules that own trainable weights/biases; subclasses build `_hook(parts)`.
+# RMSNorms whose forward is w ⊙ x̂, x̂ = x / sqrt(mean(x²) + eps) computed in ≥ float32 and cast back (the
+# Qwen2/Qwen3/Llama/Mistral families of transformers); others (e.g. Gemma's (1 + w) ⊙ x̂) get no hook
+PLAIN_RMSNORMS = frozenset(
+    {"Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
+)
 
-    `parts` maps "weight"/"bias" to what the subclass attaches to that parameter (a direction, a name).
+
+def _kind(module: torch.nn.Module, parts: set[str]) -> str | None:
+    """Which per-row rule a module owning trainable tensors `parts` follows (None: no hook knows it)."""
+    if isinstance(module, torch.nn.Linear) and parts <= {"weight", "bias"}:
+        return "linear"
+    if isinstance(module, torch.nn.Embedding) and module.max_norm is None and parts == {"weight"}:
+        return "embedding"
+    if type(module).__name__ in PLAIN_RMSNORMS and parts == {"weight"}:
+        return "rmsnorm"
+    return None
+
+
+def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ = x / sqrt(mean(x²) + eps) as the plain RMSNorms compute it (in ≥ float32, cast back to x's dtype)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
+
+
+def _looked_up(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """[.., 1] mask of the positions whose row gets a gradient (nn.Embedding gives its padding_idx row none)."""
+    keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
+    return keep.unsqueeze(-1)
+
+
+class _ParamHooks:
+    """Forward hooks on every module that directly owns one of the named trainable tensors; subclasses build
+    `_hook(kind, module, parts)`. A tensor two modules share (a head tied to the embedding) is hooked in both.
+
+    Modules: nn.Linear (weight, bias; LoRA A/B are Linear), nn.Embedding (weight) and the plain RMSNorms
+    (weight). `parts` maps "weight"/"bias" to what the subclass attaches to that tensor (a direction, a name).
     Use as a context manager: the hooks are removed on exit.
     """
 
     def __init__(self, model: torch.nn.Module, names: list[str], values: list):
-        modules = dict(model.named_modules())
-        by_module: dict[str, dict] = {}
-        for name, value in zip(names, values):
-            module_name, kind = name.rsplit(".", 1)
-            by_module.setdefault(module_name, {})[kind] = value
-        self.plan = [(modules[m], parts) for m, parts in by_module.items()]
+        params = dict(model.named_parameters())
+        by_id = {id(params[n]): value for n, value in zip(names, values)}
+        self.plan = []
+        for module in model.modules():
+            parts = {k: by_id[id(p)] for k, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            if parts:
+                self.plan.append((module, _kind(module, set(parts)), parts))
         self.handles: list = []
 
     @staticmethod
     def supports(model: torch.nn.Module, names: list[str]) -> bool:
-        """Whether every name is the weight or bias of an nn.Linear (LoRA A/B are)."""
-        modules = dict(model.named_modules())
-        for name in names:
-            module_name, kind = name.rsplit(".", 1)
-            if kind not in ("weight", "bias") or not isinstance(modules.get(module_name), torch.nn.Linear):
+        """Whether every module that uses one of the named tensors is one the hooks know."""
+        params = dict(model.named_parameters())
+        wanted = {id(params[n]) for n in names}
+        for module in model.modules():
+            parts = {k for k, p in module.named_parameters(recurse=False) if id(p) in wanted}
+            if parts and _kind(module, parts) is None:
                 return False
         return True
 
     def __enter__(self):
-        for module, parts in self.plan:
-            self.handles.append(module.register_forward_hook(self._hook(parts)))
+        for module, kind, parts in self.plan:
+            self.handles.append(module.register_forward_hook(self._hook(kind, module, parts)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,48 +117,62 @@ class _LinearHooks:
             handle.remove()
         self.handles = []
 
-    def _hook(self, parts: dict):
+    def _hook(self, kind: str, module: torch.nn.Module, parts: dict):
         raise NotImplementedError
 
 
-class RowDirectional(_LinearHooks):
+class RowDirectional(_ParamHooks):
     """Per-row directional derivatives ⟨∇_θ Σ_t c_t y_t(row i), v⟩ for all rows from ONE ordinary backward.
 
-    Rows of a batch never interact (attention stays within a row), and for a Linear layer y = x Wᵀ + b
-    row i's gradient is G_i = Σ_{p ∈ row i} δ_p x_pᵀ (and Σ_p δ_p for b), δ_p = ∂L/∂y_p. So
+    Rows of a batch never interact (attention stays within a row), so row i's gradient of a module's tensor is
+    a sum over its positions p of δ_p = ∂L/∂y_p times what the forward read:
 
-        ⟨G_i, V⟩ = Σ_p δ_p · (x_p Vᵀ),      ⟨g_i^b, v_b⟩ = Σ_p δ_p · v_b
+        Linear y = x Wᵀ + b:        ⟨G_i, V⟩ = Σ_p δ_p · (x_p Vᵀ),   ⟨g_i^b, v_b⟩ = Σ_p δ_p · v_b
+        Embedding y = W[t]:         ⟨G_i, V⟩ = Σ_p δ_p · V[t_p]       (none at nn.Embedding's padding_idx)
+        RMSNorm y = w ⊙ x̂:          ⟨g_i, v⟩ = Σ_p δ_p · (v ⊙ x̂_p)
 
-    need only the layer's input x (forward hook) and δ (a hook on the output's gradient): no per-row
+    which need only the module's input (forward hook) and δ (a hook on the output's gradient): no per-row
     gradient, no double backward, no forward-mode AD, and a frozen (even 4-bit) base is never touched.
-    Works when every trainable parameter is the weight or bias of an nn.Linear (LoRA A/B are);
-    `supports` tells. Use: `with RowDirectional(model, names, direction) as rd:` … backward … `rd.take()`.
+    `supports` tells whether every module using a trainable tensor is one of these.
+    Use: `with RowDirectional(model, names, direction) as rd:` … backward … `rd.take()`.
     """
 
     def __init__(self, model: torch.nn.Module, names: list[str], direction: list[torch.Tensor]):
         super().__init__(model, names, direction)
         self.acc: torch.Tensor | None = None
 
-    def _hook(self, parts: dict[str, torch.Tensor]):
+    @staticmethod
+    def _alongs(kind: str, module, x: torch.Tensor, parts: dict) -> list:
+        """Functions giving, at backward time, the tensors `a` with ⟨G_i, V⟩ = Σ_p δ_p · a_p (one per part)."""
+        if kind == "embedding":
+            return [lambda: torch.nn.functional.embedding(x, parts["weight"]) * _looked_up(module, x)]
+        if kind == "rmsnorm":
+            return [lambda: normalised(module, x) * parts["weight"].to(x.dtype)]
+        alongs = []
+        weight = parts.get("weight")
+        if weight is not None:
+            # keep the smaller of x [.., in] and x·Vᵀ [.., out] until the backward reaches this layer:
+            # for LoRA that is r numbers per token for A (x·V_Aᵀ) and for B (its input A·x)
+            if weight.shape[0] <= weight.shape[1]:
+                projected = x @ weight.to(x.dtype).T
+                alongs.append(lambda: projected)
+            else:
+                alongs.append(lambda: x @ weight.to(x.dtype).T)
+        if "bias" in parts:
+            alongs.append(lambda: parts["bias"])
+        return alongs
+
+    def _hook(self, kind: str, module, parts: dict[str, torch.Tensor]):
         def forward_hook(module, inputs, output):
             if not output.requires_grad:
                 return
-            # keep the smaller of x [.., in] and x·Vᵀ [.., out] until the backward reaches this layer:
-            # for LoRA that is r numbers per token for A (x·V_Aᵀ) and for B (its input A·x)
-            x = inputs[0].detach()
-            weight = parts.get("weight")
-            x_vt = None
-            if weight is not None and weight.shape[0] <= weight.shape[1]:
-                x_vt, x = x @ weight.to(x.dtype).T, None
+            alongs = self._alongs(kind, module, inputs[0].detach(), parts)
 
             def on_grad(delta):
                 acc = _at_least_float32(delta)  # float32 for half-precision models, float64 for float64 ones
                 dots = torch.zeros(delta.shape[0], dtype=acc, device=delta.device)
-                if weight is not None:
-                    projected = x_vt if x_vt is not None else x @ weight.to(x.dtype).T
-                    dots += (delta * projected).flatten(1).sum(-1, dtype=acc)
-                if "bias" in parts:
-                    dots += (delta * parts["bias"].to(delta.dtype)).flatten(1).sum(-1, dtype=acc)
+                for along in alongs:
+                    dots += (delta * along().to(delta.dtype)).flatten(1).sum(-1, dtype=acc)
                 self.acc = dots if self.acc is None else self.acc + dots
 
             output.register_hook(on_grad)
@@ -137,14 +185,15 @@ class RowDirectional(_LinearHooks):
         return out
 
 
-class GroupGradients(_LinearHooks):
-    """Per-group gradients G_b = Σ_{i ∈ group b} ∇_θ Σ_t c_t y_t(row i) of Linear weights/biases, from the
+class GroupGradients(_ParamHooks):
+    """Per-group gradients G_b = Σ_{i ∈ group b} ∇_θ Σ_t c_t y_t(row i) of the hooked modules' tensors, from the
     same ordinary backward that gives the batch gradient (docs/math.md §5.2).
 
-    As in `RowDirectional`, row i's gradient of a Linear layer is Σ_{p ∈ row i} δ_p x_pᵀ (bias: Σ_p δ_p), so
-    a forward hook keeps x and a hook on the output's gradient adds each row's outer products into its
-    group's slot (index_add over rows). Memory: n_groups × trainable parameters, in float32 or better.
-    Set `rows_group` (the group id of every row of the current microbatch) before each backward.
+    As in `RowDirectional`, row i's gradient is a sum over its positions: Linear Σ_p δ_p x_pᵀ (bias Σ_p δ_p),
+    Embedding δ_p added into row t_p, RMSNorm Σ_p δ_p ⊙ x̂_p; a forward hook keeps the input and a hook on the
+    output's gradient adds each row's share into its group's slot (index_add). Memory: n_groups × trainable
+    parameters, in float32 or better. Set `rows_group` (the group id of every row of the current microbatch)
+    before each backward.
     """
 
     def __init__(self, model: torch.nn.Module, names: list[str], n_groups: int):
@@ -156,7 +205,7 @@ class GroupGradients(_LinearHooks):
             for n in names
         }
 
-    def _hook(self, parts: dict[str, str]):
+    def _hook(self, kind: str, module, parts: dict[str, str]):
         def forward_hook(module, inputs, output):
             if not output.requires_grad:
                 return
@@ -164,8 +213,18 @@ class GroupGradients(_LinearHooks):
 
             def on_grad(delta):
                 groups = self.rows_group  # read at backward time: set after the forward, before the backward
-                if "weight" in parts:
-                    target = self.sums[parts["weight"]]
+                target = self.sums[parts["weight"]] if "weight" in parts else None
+                if kind == "embedding":
+                    n_rows = target.shape[1]  # [G, V, d] viewed as [G·V, d]: row t of group b at b·V + t
+                    slots = (groups.view(-1, *[1] * (x.dim() - 1)) * n_rows + x).reshape(-1)
+                    kept = (delta * _looked_up(module, x)).to(target.dtype)
+                    target.view(-1, target.shape[-1]).index_add_(0, slots, kept.reshape(-1, target.shape[-1]))
+                    return
+                if kind == "rmsnorm":
+                    rows = (delta * normalised(module, x)).to(target.dtype)
+                    target.index_add_(0, groups, rows.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1))
+                    return
+                if target is not None:
                     rows = torch.einsum("n...o,n...i->noi", delta.to(target.dtype), x.to(target.dtype))
                     target.index_add_(0, groups, rows)
                 if "bias" in parts:

@@ -13,7 +13,7 @@ increases J; g = ∇J. Everything here is a pure function of tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -223,9 +223,12 @@ class FlatLayout:
         return {n: t.view(s) for n, t, s in zip(self.names, vec.split(self.numels), self.shapes)}
 
     def per_element(self, values: Mapping[str, float] | Sequence[float], dtype=torch.float64, device=None) -> Tensor:
-        """A per-parameter scalar (lr, step, ...) broadcast to a per-element vector."""
+        """A per-parameter scalar (lr, step, ...) broadcast to a per-element vector; one value everywhere is an
+        expanded view of one number (no memory: a full-parameter model has hundreds of millions of elements)."""
         vals = [values[n] for n in self.names] if isinstance(values, Mapping) else list(values)
         vals = torch.tensor([float(v) for v in vals], dtype=dtype, device=device)
+        if vals.numel() and bool((vals == vals[0]).all()):
+            return vals[:1].expand(self.numel)
         return vals.repeat_interleave(torch.tensor(self.numels, device=vals.device))
 
 
@@ -253,6 +256,10 @@ class AdamState:
     eps: Tensor
     weight_decay: Tensor
 
+    def rows(self, index: slice) -> "AdamState":
+        """The state of the elements in `index` (views)."""
+        return AdamState(*(getattr(self, f.name)[index] for f in fields(self)))
+
     @classmethod
     def from_groups(
         cls,
@@ -263,9 +270,13 @@ class AdamState:
         step: Mapping[str, float | Tensor],
         param_groups: Sequence[Mapping],
         lr: float | None = None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = torch.float64,
     ) -> "AdamState":
         """From named state and param groups ({lr, betas, eps, weight_decay, names} each).
+
+        θ, m and v are flattened in `dtype` (None: as given — lossless, and the update rules' arithmetic promotes
+        them to float64 against the float64 hyperparameters); the hyperparameters are float64, a value shared by
+        every element an expanded view of one number (`FlatLayout.per_element`).
 
         A parameter absent from exp_avg/exp_avg_sq/step never had a gradient: AdamW would start it
         from zero state at step 0, and so does this (verify refuses such checkpoints, so this serves
@@ -288,8 +299,9 @@ class AdamState:
             return layout.flatten({n: d.get(n, zeros[n]).to(device) for n in layout.names}, dtype)
 
         cols = list(zip(*(hyper[n] for n in layout.names)))
-        per = [layout.per_element(col, dtype, device) for col in cols]
-        steps = layout.per_element([float(step.get(n, 0.0)) for n in layout.names], dtype, device)
+        hyper_dtype = dtype or torch.float64
+        per = [layout.per_element(col, hyper_dtype, device) for col in cols]
+        steps = layout.per_element([float(step.get(n, 0.0)) for n in layout.names], hyper_dtype, device)
         return cls(vec(theta), vec(exp_avg), vec(exp_avg_sq), steps, *per)
 
 
@@ -302,8 +314,12 @@ def clipped(g: Tensor, max_grad_norm: float | None) -> Tensor:
     coef = min(1, max_norm / (‖g‖ + 1e-6)). None or ≤ 0: no clipping (the Trainer skips it)."""
     if max_grad_norm is None or max_grad_norm <= 0:
         return g
-    coef = max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)
-    return g * torch.clamp(coef, max=1.0)
+    return g * clip_factor(g, max_grad_norm)
+
+
+def clip_factor(g: Tensor, max_grad_norm: float) -> Tensor:
+    """min(1, max_norm / (‖g‖ + 1e-6)) as a 0-d tensor."""
+    return torch.clamp(max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -392,8 +408,28 @@ def sgd_delta(g: Tensor, lr: Tensor | float) -> Tensor:
     return lr * g
 
 
+# elements per slice of the update rules' elementwise arithmetic: its float64 temporaries stay ~4M × 8 bytes
+# each instead of the size of θ (a full-parameter model has hundreds of millions of elements)
+UPDATE_CHUNK = 1 << 22
+
+
 def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
-    """Δθ for `rule` (adam_step | adam_precond | sgd) at the objective gradient g = ∇J."""
+    """Δθ for `rule` (adam_step | adam_precond | sgd) at the objective gradient g = ∇J.
+
+    The rules are elementwise once the clipping factor (from ‖g‖) is known, so a long g is taken in slices of
+    UPDATE_CHUNK elements — the same numbers, bit for bit. Under autograd (`linearise`) it is taken whole."""
+    if g.requires_grad or g.numel() <= UPDATE_CHUNK:
+        return _update_direction(rule, g, state, max_grad_norm)
+    clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
+    factor = clip_factor(g, max_grad_norm) if clips else 1.0
+    parts = []
+    for start in range(0, g.numel(), UPDATE_CHUNK):
+        rows = slice(start, start + UPDATE_CHUNK)
+        parts.append(_update_direction(rule, g[rows] * factor, state.rows(rows), None))
+    return torch.cat(parts)
+
+
+def _update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None) -> Tensor:
     s = state
     if rule == "adam_step":
         return adam_step_delta(

@@ -394,13 +394,18 @@ def test_row_directional_hooks_equal_the_double_backward(tokenizer, lora_bias, d
 
 
 def test_row_directional_refuses_what_it_cannot_do():
-    """A trainable parameter that is not a Linear weight/bias (e.g. an embedding) is not supported."""
+    """A trainable tensor used by a module without a hook rule (a LayerNorm here) is not supported; the embedding
+    and the Qwen2 RMSNorms are."""
     from entropy_probe.tangents import RowDirectional
 
     model = make_lora_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert RowDirectional.supports(model, names)
-    assert not RowDirectional.supports(model, names + ["base_model.model.model.embed_tokens.weight"])
+    base = model.get_base_model().model
+    assert RowDirectional.supports(model, names + ["base_model.model.model.embed_tokens.weight"])
+    assert RowDirectional.supports(model, names + ["base_model.model.model.norm.weight"])
+    base.norm = torch.nn.LayerNorm(base.norm.weight.shape[0])
+    assert not RowDirectional.supports(model, names + ["base_model.model.model.norm.weight"])
 
 
 @pytest.mark.numerics

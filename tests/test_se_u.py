@@ -64,6 +64,30 @@ def test_group_gradients_are_each_groups_own_gradient_and_sum_to_g(model, tokeni
         )
 
 
+def test_group_gradients_of_a_full_model(tokenizer):
+    """Every tensor of a tied full model (embedding used twice, norms, biases): g_b is group b's own gradient and
+    Σ_b g_b = g in float64, with the pad token as a real response token (its row: the trainer's zero)."""
+    from test_tangents import full_model
+
+    m64 = as_float64(full_model(tied=True))
+    U = sample_u(m64, tokenizer, n_groups=4, G=3, seed=11)
+    U.input_ids[0, U.n_prompt_cols] = m64.model.embed_tokens.padding_idx
+    layout, _ = adam_state(m64)
+    params = _params(m64, layout)
+    coef = pg_coefficients(U.tensors["advantages"].double(), U.mask, "token-mean")
+    g, g_groups = group_gradients(m64, params, layout.names, U, coef, _groups(U), max_tokens=13)
+    assert_vectors_close(g_groups.sum(0), g, rel=FP64_REL, what="Σ_b g_b vs g")
+    moving = 0
+    for b in range(g_groups.shape[0]):
+        only_b = policy_gradient(m64, params, layout, U, coef * (_groups(U) == b)[:, None], 10_000)
+        if not only_b.any():  # all-equal rewards: no gradient from this group
+            assert not g_groups[b].any()
+            continue
+        moving += 1
+        assert_vectors_close(g_groups[b], only_b, rel=FP64_REL, what=f"g_{b}")
+    assert moving >= 2
+
+
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_leave_one_group_out_equals_the_batch_without_that_group(model, tokenizer, mode):
     """X̄·Δθ(g₋b) from the cache = the same update computed from a U batch that never had group b."""

@@ -13,6 +13,7 @@ tolerances, in test_delta_h1):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -102,6 +103,55 @@ def test_row_hooks_equal_double_backward_equal_naive_loss(tokenizer, lora_bias):
     assert_close_scaled(by_hooks, by_double_backward, scale, FP64_REL, "hooks vs double backward")
     assert_close_scaled(by_naive_loss, by_double_backward, scale, FP64_REL, "naive loss vs double backward")
     assert by_double_backward.abs().min() > 1e-6 * scale  # every row carries signal
+
+
+def full_model(tied: bool):
+    """A tiny Qwen2 trained in full: every tensor trainable (embedding, norms, biases, head — tied or not), with
+    the pad token's embedding row moved off zero (nn.Embedding's padding_idx row)."""
+    from entropy_probe.tiny import build_model
+
+    model = build_model(hidden_size=32, seed=5, tie_word_embeddings=tied).requires_grad_(True)
+    with torch.no_grad():
+        pad = model.model.embed_tokens.padding_idx
+        model.model.embed_tokens.weight[pad] = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_row_hooks_cover_a_full_model(tokenizer, tied):
+    """Embedding (a head tied to it: both uses), RMSNorm weights, Linear weights and biases: the hooks' per-row
+    X_i·v equals the double backward's, for the trainer's gradient (padding row 0) and the true one."""
+    from entropy_probe.policy import true_embedding_gradients
+
+    m64 = as_float64(full_model(tied))
+    U = sample_u(m64, tokenizer, n_groups=4, G=4, seed=31)
+    U.input_ids[0, U.n_prompt_cols] = m64.model.embed_tokens.padding_idx  # the pad token as a real response token
+    named = trainable(m64)
+    names, params = list(named), list(named.values())
+    assert RowDirectional.supports(m64, names) and ("lm_head.weight" in names) != tied
+    kinds = {type(m).__name__ for m, _, _ in RowDirectional(m64, names, params).plan}
+    assert kinds == {"Embedding", "Linear", "Qwen2RMSNorm"}
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").double()
+    direction = random_direction(params, seed=1)
+    for context in (contextlib.nullcontext, lambda: true_embedding_gradients(m64)):
+        with context(), RowDirectional(m64, names, direction) as hooks:
+            stats = U.score(m64, slice(0, len(U)), entropies=False)
+            torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef], allow_unused=True)
+            by_hooks = hooks.take()
+            stats = U.score(m64, slice(0, len(U)), entropies=False)
+            _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.double()], params, direction)
+        scale = sum_scale(coef * dlogp)
+        assert_close_scaled(by_hooks, (coef * dlogp).sum(-1), scale, FP64_REL, "hooks vs double backward")
+
+
+def test_the_hooks_refuse_a_module_they_do_not_know(tokenizer):
+    """A trainable tensor used by a module without a rule (here a LayerNorm) makes `supports` false: the passes
+    then take the double backward, never a silently missing term."""
+    model = full_model(tied=False)
+    model.model.norm = torch.nn.LayerNorm(32)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not RowDirectional.supports(model, names)
+    assert RowDirectional.supports(model, [n for n in names if not n.startswith("model.norm.")])
 
 
 def entropy_pass_float64(model, E, coefs, direction, max_tokens: int):

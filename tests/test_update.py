@@ -379,3 +379,31 @@ def test_linearise_is_finite_where_adam_has_no_state_and_no_gradient():
     assert torch.isfinite(u).all()
     lr, b1, eps = state.lr[0], state.beta1[0], state.eps[0]
     assert u[0].item() == pytest.approx((xbar[0] * lr / (1 - b1) * (1 - b1) / eps).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_long_g_is_updated_in_slices_bit_for_bit(monkeypatch, rule, clip):
+    """update_direction takes a long g in UPDATE_CHUNK slices (memory of a full-parameter model): the same
+    numbers as the whole vector at once, clipping factor included."""
+    from entropy_probe import update as update_module
+    from entropy_probe.update import AdamState, update_direction
+
+    n = 1000
+    gen = torch.Generator().manual_seed(0)
+    one = lambda v: torch.full((1,), v, dtype=torch.float64).expand(n)  # noqa: E731
+    state = AdamState(
+        theta=torch.randn(n, generator=gen),
+        exp_avg=1e-3 * torch.randn(n, generator=gen),
+        exp_avg_sq=1e-6 * torch.rand(n, generator=gen),
+        step=one(5.0),
+        lr=one(1e-3),
+        beta1=one(0.9),
+        beta2=one(0.999),
+        eps=one(1e-8),
+        weight_decay=torch.rand(n, generator=gen, dtype=torch.float64),
+    )
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    whole = update_direction(rule, g, state, clip)
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 64)
+    assert torch.equal(update_direction(rule, g, state, clip), whole)
