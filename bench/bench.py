@@ -357,18 +357,24 @@ def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule
 # ----------------------------------------------------------------------------- timing and memory
 
 
-def time_rounds(fns: dict, repeats: int, device: str) -> tuple[dict, dict]:
-    """One warm-up call each, then `repeats` interleaved rounds; (times [s] per name, last output per name)."""
+def time_rounds(fns: dict, repeats: int, device: str, keep=None) -> tuple[dict, dict]:
+    """One warm-up call each, then `repeats` interleaved rounds; (times [s] per name, last output of the names in
+    `keep`, all when None: the others are dropped at once, which matters when θ has hundreds of millions of
+    elements)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    outs = {k: fn() for k, fn in fns.items()}
+    outs = {}
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):
         for k, fn in fns.items():
             sync()
             start = time.perf_counter()
-            outs[k] = fn()
+            out = fn()
             sync()
-            times[k].append(time.perf_counter() - start)
+            if round_:  # round 0 is the warm-up
+                times[k].append(time.perf_counter() - start)
+            if keep is None or k in keep:
+                outs[k] = out
+            del out
     return times, outs
 
 
@@ -547,7 +553,7 @@ def main(argv=None) -> dict:
         return result
 
     fns["delta_h1"] = delta_h1_logged
-    pass_times, outs = time_rounds(fns, cfg["repeats"], args.device)
+    pass_times, outs = time_rounds(fns, cfg["repeats"], args.device, keep={"delta_h1", "e_rows"})
     phases = {k: statistics.median(p[k] for p in phase_log[1:]) for k in phase_log[0]}  # [0]: the warm-up
     times = {**pass_times, **sample_times}
     median = ratios({k: statistics.median(v) for k, v in times.items()})

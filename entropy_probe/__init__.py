@@ -12,7 +12,8 @@ The in-memory API
                    computation on it — sample E/U, δH₁ (`DeltaH1Result`), the observed step, δH₂, exact, truth
   sources          checkpoint sources: one layout → policy, named AdamW state, trainer settings, fingerprint,
                    observed step (`peft_adapter`: PEFT adapter + the Trainer's optimizer.pt; `full_model`: the
-                   Trainer's full fine-tuning; `deepspeed_zero`: ZeRO-1/2/3 partitions of the HF Trainer)
+                   Trainer's full fine-tuning; `deepspeed_zero`: ZeRO-1/2/3 partitions of the HF Trainer;
+                   `verl_fsdp`: verl's FSDP2 actor shards)
   update_rule      `UpdateRule`: the next update resolved once (rule, AdamW state with the chosen lr, loss
                    aggregation, clipping, or an observed step) and `resolve_update_rule`
   specs            knobs that travel together: `ComputeBudget`, `SecondOrderSpec`, `EnumerationSpec`

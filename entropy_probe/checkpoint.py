@@ -40,7 +40,8 @@ MODEL_WEIGHTS = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-Format = Literal["peft-adapter", "full-model", "deepspeed-zero"]
+VERL_TRACKER = "latest_checkpointed_iteration.txt"  # a verl run root
+Format = Literal["peft-adapter", "full-model", "deepspeed-zero", "verl-fsdp"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -72,6 +73,11 @@ class CheckpointPaths(_Record):
     @property
     def base_is_local(self) -> bool:
         return Path(self.base_model).is_dir()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The directory that names this checkpoint: a verl actor dir, else the weights' dir."""
+        return self.optimizer_path if self.format == "verl-fsdp" else self.weights_dir
 
 
 class AdapterInfo(_Record):
@@ -185,13 +191,16 @@ def checkpoint_root(ckpt: CheckpointParams) -> Path:
 
 
 def detect_format(ckpt: CheckpointParams) -> str:
-    """checkpoint.format, or (auto) the layout of checkpoint.path: a PEFT adapter (adapter_config.json in it or
-    in its one sub-directory that has one), then a DeepSpeed tag (`latest` or global_step*), then a full model
+    """checkpoint.format, or (auto) the layout of checkpoint.path: a verl actor (fsdp_config.json, here or in actor/,
+    or a run root's tracker), a PEFT adapter (adapter_config.json in it or in its one sub-directory that has
+    one), then a DeepSpeed tag (`latest` or global_step*), then a full model
     (config.json + model weights): a Trainer checkpoint of a LoRA run is read as the adapter it trained, one
     of a DeepSpeed run by its fp32 masters."""
     if ckpt.format != "auto":
         return ckpt.format
     root = checkpoint_root(ckpt)
+    if any((d / name).is_file() for d in (root, root / "actor") for name in ("fsdp_config.json", VERL_TRACKER)):
+        return "verl-fsdp"  # first: an older verl LoRA actor also holds a PEFT lora_adapter/ dir
     if (root / ADAPTER_CONFIG).is_file() or any(d.is_dir() and (d / ADAPTER_CONFIG).is_file() for d in root.iterdir()):
         return "peft-adapter"
     if (root / "latest").is_file() or any(d.is_dir() for d in root.glob("global_step*")):
@@ -200,7 +209,7 @@ def detect_format(ckpt: CheckpointParams) -> str:
         return "full-model"
     raise ProbeError(
         f"{root} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a DeepSpeed checkpoint (latest, global_step*) nor "
-        f"a full model (config.json + {MODEL_WEIGHTS[0]} or its shards)",
+        f"a verl actor (fsdp_config.json) nor a full model (config.json + {MODEL_WEIGHTS[0]} or its shards)",
         "set checkpoint.path to a Trainer checkpoint-N/ dir, a PEFT adapter dir or a saved model dir",
     )
 

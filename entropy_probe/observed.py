@@ -30,7 +30,7 @@ from .update import FlatLayout
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)|global_step_(\d+)")  # the HF Trainer's, verl's
 # adapter_config.json entries that decide which tensors the adapter has, their shapes and what they mean
 LAYOUT_KEYS = (
     "peft_type",
@@ -53,14 +53,18 @@ SAME_RUN = "set update.next_checkpoint to the checkpoint saved one step after ch
 
 
 def checkpoint_number(path: Path) -> int | None:
-    """N of a directory named `checkpoint-N` (the Trainer's global step), else None."""
-    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
-    return int(match.group(1)) if match else None
+    """N of a directory named `checkpoint-N` (the Trainer's global step) or `global_step_N` (verl's; also of its
+    `actor/` dir), else None."""
+    path = Path(path)
+    if path.name == "actor":
+        path = path.parent
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def next_checkpoint(this: str | Path) -> Path:
-    """The `checkpoint-M` directory beside `this` = `checkpoint-N` with the smallest M > N (numeric order:
-    checkpoint-2 → checkpoint-3 even when checkpoint-10 exists)."""
+    """The checkpoint saved next beside `this` = `checkpoint-N` (or verl's `global_step_N[/actor]`): the sibling
+    with the smallest M > N (numeric order: checkpoint-2 → checkpoint-3 even when checkpoint-10 exists)."""
     this = Path(this)
     if not this.is_dir():
         raise ProbeError(f"checkpoint {this} not found", "set checkpoint.path to a Trainer checkpoint-N/ dir")
@@ -69,17 +73,23 @@ def next_checkpoint(this: str | Path) -> Path:
     n = checkpoint_number(this)
     if n is None:
         raise ProbeError(
-            f"{this} is not named checkpoint-N, so the next checkpoint of its run is unknown", f"{SAME_RUN}"
+            f"{this} is not named checkpoint-N (or global_step_N), so the next checkpoint of its run is unknown",
+            f"{SAME_RUN}",
         )
+    inner = this.name if this.name == "actor" else None  # verl: global_step_N/actor
+    step_dir = this.parent if inner else this
     later = sorted(
-        (m, d) for d in this.parent.iterdir() if (m := checkpoint_number(d)) is not None and m > n and d.is_dir()
+        (m, d)
+        for d in step_dir.parent.iterdir()
+        if (m := checkpoint_number(d)) is not None and m > n and (d / (inner or "")).is_dir()
     )
     if not later:
         raise ProbeError(
-            f"no checkpoint after {this.name} in {this.parent}",
+            f"no checkpoint after {step_dir.name} in {step_dir.parent}",
             "keep the next checkpoint of the run (save every step: save_steps=1), or " + SAME_RUN,
         )
-    return this.parent / later[0][1].name
+    found = step_dir.parent / later[0][1].name
+    return found / inner if inner else found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,11 +123,11 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
         _check_same_adapter(this.weights_dir, nxt.weights_dir)
     state, next_state = read_trainer_state(this.trainer_state_path), read_trainer_state(nxt.trainer_state_path)
     gaps = [
-        _step_gap(_checkpoint_step(this), _checkpoint_step(nxt), "its checkpoint-N name", this, nxt),
+        _step_gap(checkpoint_step(this), checkpoint_step(nxt), "its checkpoint-N name", this, nxt),
         _step_gap(state["global_step"], next_state["global_step"], "trainer_state.json's global_step", this, nxt),
     ]
     _check_same_history(this, nxt, state["global_step"])
-    if this.format != "deepspeed-zero":  # its moments are in rank partitions, read by the source
+    if this.format in ("peft-adapter", "full-model"):  # one optimizer.pt; the others' moments are rank shards
         _check_adam_continues(this.optimizer_path, nxt.optimizer_path)
     gap = next((g for g in gaps if g is not None), None)
     if gap is not None and gap > 1:
@@ -131,8 +141,9 @@ def _base_identity(paths: CheckpointPaths) -> str:
     return str(Path(paths.base_model).resolve()) if paths.base_is_local else paths.base_model
 
 
-def _checkpoint_step(paths: CheckpointPaths) -> int | None:
-    """N of the `checkpoint-N` dir holding the adapter (itself or its parent), else None."""
+def checkpoint_step(paths: CheckpointPaths) -> int | None:
+    """N of the `checkpoint-N` (or verl `global_step_N`) dir holding the checkpoint's weights (itself or its
+    parent), else None."""
     for d in (paths.weights_dir, paths.weights_dir.parent, paths.optimizer_path.parent):
         n = checkpoint_number(d.resolve())
         if n is not None:

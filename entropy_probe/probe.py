@@ -511,7 +511,7 @@ def require_policy_gradient(U: Samples, rule: str) -> None:
 def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model) -> ObservedStep:
     """Δθ_obs = θ(next) − θ(this) from the trained weights' files, with its record; `next_checkpoint` None: the run's
     next checkpoint-N. Refuses the checkpoint itself and a next checkpoint that is not this run's next step."""
-    from .observed import check_next_checkpoint, checkpoint_number
+    from .observed import check_next_checkpoint, checkpoint_step
     from .observed import next_checkpoint as next_in_run
     from .sources import source_for
 
@@ -521,15 +521,15 @@ def _observed_step(checkpoint, paths, next_checkpoint, layout: FlatLayout, model
         nxt = source.resolve(checkpoint.model_copy(update={"path": str(next_dir), "optimizer_path": None}))
     except ProbeError as exc:
         raise ProbeError(f"next checkpoint {next_dir} (update.next_checkpoint): {exc}") from None
-    if nxt.weights_dir.resolve() == paths.weights_dir.resolve():
+    if nxt.checkpoint_dir.resolve() == paths.checkpoint_dir.resolve():
         raise ProbeError(
-            f"update.next_checkpoint {nxt.weights_dir} is checkpoint.path itself", "name the checkpoint after it"
+            f"update.next_checkpoint {nxt.checkpoint_dir} is checkpoint.path itself", "name the checkpoint after it"
         )
     check_next_checkpoint(paths, nxt)  # a later checkpoint of the same run (a gap of several steps: a warning)
     delta = source.observed_step(paths, nxt, layout, model)
-    step, next_step = checkpoint_number(paths.weights_dir), checkpoint_number(nxt.weights_dir)
+    step, next_step = checkpoint_step(paths), checkpoint_step(nxt)
     record = ObservedRecord(
-        next_checkpoint=str(nxt.weights_dir),
+        next_checkpoint=str(nxt.checkpoint_dir),
         next_checkpoint_fingerprint=source.fingerprint(nxt),
         step=step,
         next_step=next_step,

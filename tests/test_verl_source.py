@@ -1,0 +1,122 @@
+"""verl FSDP2 actor checkpoints (fixtures written by verl's own FSDPCheckpointManager on CPU/gloo,
+tests/fixtures/verl/) through the whole probe: format detection from the actor, step or run dir, θ = the joined
+fp32 shards, the AdamW identity between consecutive steps, the CLI pipeline with exact enumeration, the
+observed step across global_step_N dirs, the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tolerances import FP32_EPS
+from typer.testing import CliRunner
+
+from entropy_probe.errors import ProbeError
+from entropy_probe.params import validate_params
+from entropy_probe.probe import Probe
+from stages.cli import app
+
+FIXTURES = Path(__file__).parent / "fixtures" / "verl"
+
+
+def params_for(path: Path, **checkpoint) -> object:
+    return validate_params(
+        {
+            "checkpoint": {"path": str(path), "dtype": "fp32", "device_map": "cpu", **checkpoint},
+            "batch_config": {"dataset_name": "arithmetic:3", "B_E": 48, "B_U": 4, "G": 4},
+        }
+    )
+
+
+@pytest.mark.parametrize("where", ["global_step_2/actor", "global_step_2", ""], ids=["actor", "step", "run root"])
+@pytest.mark.parametrize("run", ["full_w1", "full_w2"])
+def test_theta_and_state_are_the_live_ones(run, where):
+    """From the actor dir, its global_step_N or the run root (the tracker names step 2): the loaded parameters and
+    moments are the live ones gathered at save time, bit for bit; one AdamW group with the scheduler's next lr."""
+    path = FIXTURES / run / where
+    probe = Probe.from_checkpoint(path, params=params_for(path))
+    assert probe.paths.format == "verl-fsdp" and probe.paths.checkpoint_dir.parent.name == "global_step_2"
+    live = load_file(FIXTURES / run / "reference" / "global_step_2.live.safetensors")
+    for name, p in probe.model.named_parameters():
+        assert torch.equal(p.detach(), live[f"weight/{name}"].view_as(p)), name
+        assert torch.equal(probe.optimizer.exp_avg_sq[name], live[f"exp_avg_sq/{name}"].view_as(p)), name
+    (group,) = probe.optimizer.groups
+    assert group["lr"] == probe.learning_rate == pytest.approx(0.0025) and group["weight_decay"] == 0.01
+    assert probe.model.lm_head.weight is probe.model.model.embed_tokens.weight  # tied, as the run's model
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("run", ["full_w1", "full_w2"])
+def test_the_observed_step_is_adamw_from_the_next_moments(run):
+    """θ(2) − θ(1), found as the next global_step_N of the run, is torch AdamW's step from step 2's moments with
+    step 1's next lr and the group's decay."""
+    this_dir = FIXTURES / run / "global_step_1" / "actor"
+    this = Probe.from_checkpoint(this_dir, params=params_for(this_dir))
+    next_dir = FIXTURES / run / "global_step_2" / "actor"
+    nxt = Probe.from_checkpoint(next_dir, params=params_for(next_dir))
+    observed = this.observed_step().observed
+    assert (observed.record.step, observed.record.next_step) == (1, 2)
+    assert observed.record.next_checkpoint == str(next_dir)
+    delta = this.layout.unflatten(observed.delta_theta)
+    theta = {n: p.detach().double() for n, p in this.model.named_parameters()}
+    (group,) = this.optimizer.groups
+    (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+    worst = 0.0
+    for n in group["names"]:
+        m, v, t = nxt.optimizer.exp_avg[n].double(), nxt.optimizer.exp_avg_sq[n].double(), nxt.optimizer.step[n]
+        step = -lr * wd * theta[n] - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
+        worst = max(worst, float((delta[n] - step).abs().max()) / float(theta[n].abs().max() * FP32_EPS))
+    assert worst < 4, f"observed step differs from AdamW's by {worst:.2f} ulp of θ"
+
+
+def test_cli_pipeline_and_exact_enumeration(tmp_path):
+    """verify → sample-e → sample-u → delta-h1 → exact on a 2-rank verl actor: δH₁ over every parameter against
+    exact enumeration (|z| < 3) and the FD check; the observed rule to global_step_2."""
+    runner = CliRunner()
+    raw = {
+        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
+        "checkpoint": {
+            "path": str(FIXTURES / "full_w2" / "global_step_1" / "actor"),
+            "dtype": "fp32",
+            "device_map": "cpu",
+        },
+        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 48, "B_U": 4, "G": 4},
+        "generation": {"max_new_tokens": 3},
+        "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for stage in ("verify", "sample-e", "sample-u", "delta-h1", "exact"):
+        result = runner.invoke(app, [stage, "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 0, (stage, result.output)
+    verify = json.loads((tmp_path / "verify" / "verify.json").read_text())
+    assert verify["checkpoint"]["format"] == "verl-fsdp" and verify["trainer_config_source"] is None
+    exact = json.loads((tmp_path / "exact" / "exact.json").read_text())
+    target = exact["targets"][exact["configured_target"]]
+    assert exact["n_parameters"] == verify["n_trainable"] and target["rel_err_fd"] < 1e-4
+    assert abs(target["z_population"]) < 3, target
+    out = tmp_path / "observed"
+    result = runner.invoke(
+        app, ["delta-h1", "--params", str(tmp_path / "params.yaml"), "-S", "update.rule=observed", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "delta_h1.json").read_text())["update"]["observed"]["next_step"] == 2
+
+
+def test_refusals(tmp_path):
+    """A LoRA run (not read yet), base_model on a verl checkpoint, a missing rank file: one line each."""
+    lora = FIXTURES / "lora_w2" / "global_step_2" / "actor"
+    with pytest.raises(ProbeError, match="the actor of a verl LoRA run, which the probe does not read yet"):
+        Probe.from_checkpoint(lora, params=params_for(lora))
+    full = FIXTURES / "full_w2" / "global_step_2" / "actor"
+    with pytest.raises(ProbeError, match="checkpoint.base_model is set, but .* is a verl checkpoint"):
+        params = params_for(full, base_model="somewhere")
+        Probe.from_checkpoint(params.checkpoint.path, params=params)
+    copy = shutil.copytree(full, tmp_path / "global_step_2" / "actor")
+    (copy / "optim_world_size_2_rank_1.pt").unlink()
+    with pytest.raises(ProbeError, match="lacks optim_world_size_2_rank_1.pt"):
+        Probe.from_checkpoint(copy, params=params_for(copy))
