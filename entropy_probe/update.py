@@ -452,9 +452,33 @@ def zero_gradient_part(rule: str, state: AdamState, max_grad_norm: float | None 
 
 
 def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
-    """u = (∂Δθ/∂g)ᵀ X̄ at g (one vector-Jacobian product), so that X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg."""
-    with torch.enable_grad():
-        g = g.detach().clone().requires_grad_(True)
-        delta = update_direction(rule, g, state, max_grad_norm)
-        (u,) = torch.autograd.grad(delta, g, grad_outputs=xbar.to(delta.dtype), allow_unused=True)
-    return torch.zeros_like(g) if u is None else u.detach()
+    """u = (∂Δθ/∂g)ᵀ X̄ at g (one vector-Jacobian product), so that X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg.
+
+    A long g is taken in UPDATE_CHUNK slices: with Δθ_i = F_i(c g_i) and the clipping factor c = min(1, M/(‖g‖ +
+    1e-6)), d_i = X̄_i F_i'(c g_i) comes slice by slice from autograd and
+
+        u_j = c d_j + ∂c/∂g_j Σ_i d_i g_i,      ∂c/∂g_j = −M g_j / (‖g‖ (‖g‖ + 1e-6)²) while clipping, else 0.
+    """
+    if g.numel() <= UPDATE_CHUNK:
+        with torch.enable_grad():
+            g = g.detach().clone().requires_grad_(True)
+            delta = update_direction(rule, g, state, max_grad_norm)
+            (u,) = torch.autograd.grad(delta, g, grad_outputs=xbar.to(delta.dtype), allow_unused=True)
+        return torch.zeros_like(g) if u is None else u.detach()
+    clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0
+    factor = clip_factor(g, max_grad_norm) if clips else torch.ones((), dtype=g.dtype)
+    parts, along_g = [], torch.zeros((), dtype=torch.float64)
+    for start in range(0, g.numel(), UPDATE_CHUNK):
+        rows = slice(start, start + UPDATE_CHUNK)
+        with torch.enable_grad():
+            clipped_rows = (g[rows].detach() * factor).requires_grad_(True)
+            delta = _update_direction(rule, clipped_rows, state.rows(rows), None)
+            (d,) = torch.autograd.grad(delta, clipped_rows, grad_outputs=xbar[rows].to(delta.dtype), allow_unused=True)
+        d = torch.zeros_like(clipped_rows) if d is None else d.detach()
+        parts.append(factor * d)
+        along_g += (d.double() * g[rows].double()).sum()
+    u = torch.cat(parts)
+    norm = torch.linalg.vector_norm(g)
+    if clips and max_grad_norm / (norm + 1e-6) < 1:  # the factor depends on g
+        u = u - (max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2)).to(u.dtype) * g
+    return u

@@ -407,3 +407,33 @@ def test_a_long_g_is_updated_in_slices_bit_for_bit(monkeypatch, rule, clip):
     whole = update_direction(rule, g, state, clip)
     monkeypatch.setattr(update_module, "UPDATE_CHUNK", 64)
     assert torch.equal(update_direction(rule, g, state, clip), whole)
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
+@pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
+def test_a_long_g_is_linearised_in_slices(monkeypatch, rule, clip):
+    """linearise in UPDATE_CHUNK slices (the clipping factor's own derivative added once) equals the whole vector's
+    autograd VJP to float64 round-off."""
+    from entropy_probe import update as update_module
+    from entropy_probe.update import AdamState, linearise
+
+    n = 1000
+    gen = torch.Generator().manual_seed(1)
+    one = lambda v: torch.full((1,), v, dtype=torch.float64).expand(n)  # noqa: E731
+    state = AdamState(
+        theta=torch.randn(n, generator=gen, dtype=torch.float64),
+        exp_avg=1e-3 * torch.randn(n, generator=gen, dtype=torch.float64),
+        exp_avg_sq=1e-6 * torch.rand(n, generator=gen, dtype=torch.float64),
+        step=one(5.0),
+        lr=one(1e-3),
+        beta1=one(0.9),
+        beta2=one(0.999),
+        eps=one(1e-8),
+        weight_decay=one(0.01),
+    )
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    xbar = torch.randn(n, generator=gen, dtype=torch.float64)
+    whole = linearise(rule, g, xbar, state, clip)
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 64)
+    sliced = linearise(rule, g, xbar, state, clip)
+    assert float((sliced - whole).norm()) <= 1e-12 * float(whole.norm())
