@@ -33,7 +33,14 @@ from .passes import (
 from .scoring import Batch, accumulation_dtype
 from .specs import ComputeBudget
 from .tangents import RowDirectional
-from .update import FlatLayout, group_denominators, group_terms_from_rows, jackknife_se, pg_coefficients
+from .update import (
+    UPDATE_CHUNK,
+    FlatLayout,
+    group_denominators,
+    group_terms_from_rows,
+    jackknife_se,
+    pg_coefficients,
+)
 from .update_rule import UpdateRule
 
 log = logging.getLogger(__name__)
@@ -208,6 +215,17 @@ def _nonzero_advantage_groups(U: Batch) -> int:
     return int(torch.unique(U.tensors["group_index"][moving]).numel())
 
 
+def group_dots(g_groups: Tensor, u: Tensor) -> Tensor:
+    """[B] g_b · u in float64, over slices of the parameters when g_groups is long (no [B, P] float64 copy)."""
+    if g_groups.numel() <= UPDATE_CHUNK:
+        return g_groups.double() @ u
+    out = torch.zeros(g_groups.shape[0], dtype=torch.float64, device=u.device)
+    for start in range(0, u.numel(), UPDATE_CHUNK):
+        cols = slice(start, start + UPDATE_CHUNK)
+        out += g_groups[:, cols].double() @ u[cols]
+    return out
+
+
 def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xbar, delta_h1, u_weights, budget, clock):
     """Pass 4: SE_U and the U attributions (§5.2): with the group gradients a jackknife over prompt groups
     through the real update rule and leave-one-group-out attributions (no further pass); without them the
@@ -215,7 +233,7 @@ def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xb
     u = clock("linearise", update.linearised, ug.g, xbar)
     out = UUncertainty()
     if ug.g_groups is not None:
-        out.attribution = ug.g_groups.double() @ u  # u·g_b: Σ_b = u·g, from the cache instead of a third pass
+        out.attribution = group_dots(ug.g_groups, u)  # u·g_b: Σ_b = u·g, from the cache instead of a third pass
         denominators = group_denominators(U.mask, U.tensors["group_index"], update.loss_agg_mode, u_weights)
         loo = clock("jackknife", update.leave_one_group_out, ug.g, ug.g_groups, denominators, xbar)
         out.se_U, out.se_U_method, out.attribution_loo = (
