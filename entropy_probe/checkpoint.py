@@ -419,7 +419,7 @@ def _disable_bnb_cpu_packing(model: torch.nn.Module) -> int:
     return n
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
+def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing with dropout still off.
 
     transformers only checkpoints a GradientCheckpointingLayer when `layer.training` is true, so the
@@ -485,7 +485,7 @@ def load_policy_model(ckpt: CheckpointParams, paths: CheckpointPaths):
         model = _with_adapter(base, paths)
     model.eval()  # dropout off everywhere: the probe measures the deterministic policy
     if ckpt.use_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     return model
 
 

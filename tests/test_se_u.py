@@ -194,7 +194,7 @@ def test_cache_and_delta_method_agree_on_the_linearised_attributions(model, toke
 def test_activation_checkpointing_changes_nothing(model, tokenizer):
     """With checkpoint.use_checkpointing the layers are recomputed in each backward (the LoRA layers' forward
     hooks fire again): the row hooks must neither miss nor double-count, so every result is unchanged."""
-    from entropy_probe.checkpoint import _enable_checkpointing
+    from entropy_probe.checkpoint import enable_checkpointing
 
     layout, state = adam_state(model)
     spec = UpdateRule("adam_step", state, "token-mean")
@@ -202,7 +202,7 @@ def test_activation_checkpointing_changes_nothing(model, tokenizer):
     U = sample_u(model, tokenizer, 8, 4, seed=3)
     plain = compute_delta_h1(model, E, U, layout, spec, EstimatorParams(), ComputeBudget(4096))
     recomputing = copy.deepcopy(model)
-    _enable_checkpointing(recomputing)
+    enable_checkpointing(recomputing)
     calls = []
     name = next(n for n, _ in recomputing.named_modules() if n.endswith("q_proj.lora_A.default"))
     handle = dict(recomputing.named_modules())[name].register_forward_hook(lambda *_: calls.append(1))

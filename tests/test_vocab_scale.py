@@ -15,7 +15,7 @@ import pytest
 import torch
 from tolerances import FP32_REL, FP64_REL, assert_close_scaled, assert_vectors_close
 
-from entropy_probe.checkpoint import _enable_checkpointing
+from entropy_probe.checkpoint import enable_checkpointing
 from entropy_probe.estimators import entropy_coefficients
 from entropy_probe.params import ComputeParams
 from entropy_probe.passes import entropy_pass, entropy_rows, policy_gradient, u_row_terms
@@ -275,7 +275,7 @@ def test_activation_checkpointing_changes_no_gradient():
     E pass (X̄ and double-backward tangents) and U row dots (forward hooks fire again in the recompute:
     nothing is counted twice) — with the head chunked too."""
     plain, ckpt = lora_model(lm_head=True), lora_model(lm_head=True)
-    _enable_checkpointing(ckpt)
+    enable_checkpointing(ckpt)
     calls = {"plain": 0, "ckpt": 0}
     for name, m in (("plain", plain), ("ckpt", ckpt)):
         lora_a = m.get_base_model().model.layers[0].self_attn.q_proj.lora_A.default  # as RowDirectional hooks it

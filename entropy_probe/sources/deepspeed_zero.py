@@ -34,7 +34,6 @@ refused unless the user trusts the files (`trust_pickles`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 import re
@@ -46,7 +45,6 @@ from typing import Any
 import torch
 
 from ..checkpoint import (
-    DTYPES,
     SCHEDULER,
     TRAINER_CONFIG,
     TRAINER_STATE,
@@ -56,7 +54,7 @@ from ..checkpoint import (
 )
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, optimizer_state_from
-from .trainer_files import TrainerFilesSource
+from .trainer_files import TrainerFilesSource, hash_files, model_with_weights, named_adam_state
 
 OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
@@ -480,15 +478,9 @@ class DeepSpeedZeroSource(TrainerFilesSource):
 
     def fingerprint(self, paths: CheckpointPaths) -> str:
         """sha256 over config.json, every file of the DeepSpeed tag and the Trainer's files beside it."""
-        digest = hashlib.sha256()
         trainer = (paths.trainer_config_path, paths.training_args_path, paths.trainer_state_path, paths.scheduler_path)
         tag = sorted(p for p in paths.optimizer_path.iterdir() if p.is_file())
-        for path in [paths.weights_dir / "config.json", *tag, *(p for p in trainer if p is not None)]:
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()[:16]
+        return hash_files([paths.weights_dir / "config.json", *tag, *(p for p in trainer if p is not None)])
 
     def state(self, paths: CheckpointPaths) -> ZeroState:
         """The checkpoint's ZeroState, read once (with the trust_pickles of the last `resolve`)."""
@@ -499,42 +491,13 @@ class DeepSpeedZeroSource(TrainerFilesSource):
         return self._states[key]
 
     def load_model(self, checkpoint, paths: CheckpointPaths):
-        """The architecture from config.json, its weights the fp32 masters cast to checkpoint.dtype; every
-        parameter trainable, eval mode (a tied alias is the one parameter it shares)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        state = self.state(paths)
-        config = AutoConfig.from_pretrained(paths.weights_dir)
-        config._attn_implementation = "eager"
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[checkpoint.dtype])
-        named = dict(model.named_parameters())
-        unknown = sorted(set(state.master) - set(named))
-        missing = sorted(set(named) - set(state.master))
-        if unknown or missing:
-            what = f"holds {unknown[0]}, which the model lacks" if unknown else f"lacks the model's {missing[0]}"
-            raise ProbeError(
-                f"the DeepSpeed checkpoint {paths.optimizer_path} {what}",
-                "probe the checkpoint-N/ dir whose config.json the run saved with these DeepSpeed files",
-            )
-        with torch.no_grad():
-            for name, value in state.master.items():
-                named[name].copy_(value)
-        model.requires_grad_(True).eval()
-        if checkpoint.use_checkpointing:
-            from ..checkpoint import _enable_checkpointing
-
-            _enable_checkpointing(model)
-        return model
+        """The architecture from config.json, its weights the fp32 masters cast to checkpoint.dtype."""
+        return model_with_weights(checkpoint, paths.weights_dir, self.state(paths).master, paths.optimizer_path)
 
     def load_optimizer(self, model, paths: CheckpointPaths) -> OptimizerState:
         state = self.state(paths)
-        named = {
-            n: {"exp_avg": state.exp_avg[n], "exp_avg_sq": state.exp_avg_sq[n], "step": state.step[n]}
-            for n in state.names
-        }
-        return optimizer_state_from(
-            model, named, state.groups, f"DeepSpeed ZeRO partitions ({paths.optimizer_path.name})"
-        )
+        mapping = f"DeepSpeed ZeRO partitions ({paths.optimizer_path.name})"
+        return optimizer_state_from(model, named_adam_state(state), state.groups, mapping)
 
     def observed_step(self, paths, next_paths, layout, model):
         """θ(next) − θ(this) of the fp32 masters (what the optimizer stepped)."""

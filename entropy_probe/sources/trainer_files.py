@@ -5,7 +5,14 @@ an observed step is read from two of its checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
 from .. import checkpoint as files
+from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, load_optimizer_state
 from ..trainer_config import TrainerSettings, read_trainer_config
 
@@ -30,3 +37,48 @@ class TrainerFilesSource:
 
     def trainer_settings(self, paths: files.CheckpointPaths, trust_pickles: bool) -> TrainerSettings:
         return TrainerSettings.of(read_trainer_config(paths, trust_pickles))
+
+
+def hash_files(paths: Iterable[Path]) -> str:
+    """A short sha256 over the names and bytes of `paths`, in order (a checkpoint's fingerprint)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_with_weights(checkpoint, config_dir: Path, weights: dict[str, torch.Tensor], where: Path):
+    """The architecture of config_dir/config.json (eager attention; its dtype entry ignored) holding `weights`
+    ({parameter name: tensor}, every parameter once, a tied alias under its first name) cast to
+    checkpoint.dtype; every parameter trainable, eval mode, activation checkpointing as asked. Refused when
+    the names differ from the model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=files.DTYPES[checkpoint.dtype])
+    named = dict(model.named_parameters())
+    odd = sorted(set(named) ^ set(weights))
+    if odd:
+        raise ProbeError(
+            f"parameter {odd[0]} is in one of {where} and the model of {config_dir / 'config.json'}, not in both",
+            "probe the checkpoint dir whose config.json was saved with these weights",
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            named[name].copy_(value)
+    model.requires_grad_(True).eval()
+    if checkpoint.use_checkpointing:
+        files.enable_checkpointing(model)
+    return model
+
+
+def named_adam_state(state) -> dict[str, dict]:
+    """{name: {exp_avg, exp_avg_sq, step}} of a reader's joined state (names, exp_avg, exp_avg_sq, step), the input
+    of `optimizer_state.optimizer_state_from`."""
+    return {
+        n: {"exp_avg": state.exp_avg[n], "exp_avg_sq": state.exp_avg_sq[n], "step": state.step[n]} for n in state.names
+    }

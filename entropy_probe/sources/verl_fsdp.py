@@ -48,7 +48,6 @@ types involved. Any other type is refused unless the user trusts the files (`tru
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -62,10 +61,10 @@ import torch
 import torch.distributed.tensor  # registers DTensor, DeviceMesh and the placements with the weights-only unpickler
 from torch.distributed.tensor import DTensor, Shard
 
-from ..checkpoint import DTYPES, CheckpointPaths, checkpoint_root
+from ..checkpoint import CheckpointPaths, checkpoint_root
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, optimizer_state_from
-from .trainer_files import TrainerFilesSource
+from .trainer_files import TrainerFilesSource, hash_files, model_with_weights, named_adam_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FSDP_CONFIG = "fsdp_config.json"
@@ -547,14 +546,8 @@ class VerlFsdpSource(TrainerFilesSource):
 
     def fingerprint(self, paths: CheckpointPaths) -> str:
         """sha256 over the actor's rank files, fsdp_config.json and huggingface/config.json."""
-        digest = hashlib.sha256()
         actor = sorted(p for p in paths.optimizer_path.iterdir() if p.is_file())
-        for path in [paths.weights_dir / "config.json", *actor]:
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()[:16]
+        return hash_files([paths.weights_dir / "config.json", *actor])
 
     def state(self, paths: CheckpointPaths) -> VerlState:
         key = paths.optimizer_path.resolve()
@@ -576,36 +569,13 @@ class VerlFsdpSource(TrainerFilesSource):
 
     def load_model(self, checkpoint, paths: CheckpointPaths):
         """The architecture from huggingface/config.json (its dtype entry ignored: the shards are fp32), its
-        weights the joined shards cast to checkpoint.dtype; every parameter trainable, eval mode."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        state = self.state(paths)
-        config = AutoConfig.from_pretrained(paths.weights_dir)
-        config._attn_implementation = "eager"
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[checkpoint.dtype])
-        named = dict(model.named_parameters())
-        if set(named) != set(state.weights):
-            odd = sorted(set(named) ^ set(state.weights))[0]
-            raise ProbeError(
-                f"parameter {odd} is in one of the verl shards and the model of {paths.weights_dir / 'config.json'} "
-                "but not the other",
-                "probe the actor dir whose huggingface/ was saved with these shards",
-            )
-        with torch.no_grad():
-            for name, value in state.weights.items():
-                named[name].copy_(value)
-        model.requires_grad_(True).eval()
-        return model
+        weights the joined shards cast to checkpoint.dtype."""
+        return model_with_weights(checkpoint, paths.weights_dir, self.state(paths).weights, paths.optimizer_path)
 
     def load_optimizer(self, model, paths: CheckpointPaths) -> OptimizerState:
         state = self.state(paths)
-        named = {
-            n: {"exp_avg": state.exp_avg[n], "exp_avg_sq": state.exp_avg_sq[n], "step": state.step[n]}
-            for n in state.names
-        }
-        return optimizer_state_from(
-            model, named, state.groups, f"verl FSDP2 shards ({paths.optimizer_path.parent.name})"
-        )
+        mapping = f"verl FSDP2 shards ({paths.optimizer_path.parent.name})"
+        return optimizer_state_from(model, named_adam_state(state), state.groups, mapping)
 
     def observed_step(self, paths, next_paths, layout, model):
         """θ(next) − θ(this) of the joined fp32 shards."""
