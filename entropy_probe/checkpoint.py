@@ -1,9 +1,12 @@
-"""The files of a LoRA/QLoRA checkpoint, its identity (fingerprint), and loading its model and tokenizer.
+"""The files of a checkpoint the Trainer writes, its format and identity (fingerprint), and loading its model and
+tokenizer.
 
-Layouts read: a Hugging Face / TRL Trainer `checkpoint-N/` (adapter_model.safetensors, adapter_config.json,
-optimizer.pt, scheduler.pt, trainer_state.json, training_args.bin), or an adapter directory with optimizer.pt
-inside, beside or one level above it (optionally with an `optimizer_param_names.json` name map).
-`resolve_paths` finds them all (a missing piece is a ProbeError naming the key to set); the optimizer state
+Layouts read here: a Hugging Face / TRL Trainer `checkpoint-N/` of a LoRA/QLoRA run (adapter_model.safetensors,
+adapter_config.json, optimizer.pt, scheduler.pt, trainer_state.json, training_args.bin), an adapter directory
+with optimizer.pt inside, beside or one level above it (optionally with an `optimizer_param_names.json` name
+map), or a full fine-tuning run's `checkpoint-N/` (config.json, model.safetensors or shards + index, and the
+same Trainer files). `detect_format` tells these from the DeepSpeed and verl layouts (read by their sources);
+`resolve_paths` finds every file (a missing piece is a ProbeError naming the key to set); the optimizer state
 is mapped to named parameters by `optimizer_state`, the trainer's settings are read by `trainer_config`.
 """
 

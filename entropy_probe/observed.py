@@ -1,16 +1,19 @@
 """The step the trainer really took: Δθ_obs = θ(next) − θ(this) from two consecutive checkpoints (docs/math.md §4.8).
 
-A Trainer run that saves `checkpoint-N/` every step holds every step it took. The adapter files of two
-consecutive checkpoints give Δθ_obs (for LoRA the step in A and B, lr, momentum and weight decay
-included), with no U batch and no optimizer emulation; δH₁_obs = X̄ · Δθ_obs is then the first-order
-entropy change along the step actually taken.
+A Trainer run that saves `checkpoint-N/` (verl: `global_step_N/`) every step holds every step it took. The
+trained weights of two consecutive checkpoints give Δθ_obs (for LoRA the step in A and B; for a full model
+every parameter; lr, momentum and weight decay included), with no U batch and no optimizer emulation;
+δH₁_obs = X̄ · Δθ_obs is then the first-order entropy change along the step actually taken. Each checkpoint
+source reads its own weights (`sources`); the adapter and full-model files are read here.
 
 - `next_checkpoint`: the `checkpoint-M` after `checkpoint-N` in the same run dir (smallest M > N).
 - `check_next_checkpoint`: refuses a "next" checkpoint that is not a later save of the same run (a step
   backwards, another base or adapter config, an Adam state that does not continue this one, another log).
 - `adapter_parameter_names`: adapter-file key → trainable parameter name, as PEFT saves the loaded model.
-- `observed_delta_theta`: the flat float64 Δθ_obs in a `FlatLayout`'s order; refuses two adapters of
-  different layouts (a tensor missing on either side, another shape, another adapter_config.json).
+- `observed_delta_theta`: the flat float64 Δθ_obs of two adapters in a `FlatLayout`'s order; refuses two adapters
+  of different layouts (a tensor missing on either side, another shape, another adapter_config.json).
+- `observed_full_delta_theta`: the same for two full models' weight files (tied aliases once, buffers not θ);
+  `delta_theta`: the difference of two {name: tensor} maps, checked, for every source.
 """
 
 from __future__ import annotations
@@ -99,11 +102,12 @@ def next_checkpoint(this: str | Path) -> Path:
 def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
     """Refuse `nxt` unless it is a later checkpoint of the run that saved `this` (ProbeError, one line).
 
-    Checked, cheapest first: the same base model and adapter_config.json layout (rank, alpha, target modules,
-    ...) or, for full models, the same config.json; a later step (checkpoint-N names and trainer_state.json's global_step, where known); the same logged
-    history up to this step (trainer_state.json's log_history: a run with another seed logs other losses); an
-    Adam state that continues this one (`_check_adam_continues`: it needs no trainer_state.json). A gap of
-    more than one trainer step is a warning: Δθ_obs is then the sum of the steps.
+    Checked, cheapest first: the same format; the same base model and adapter_config.json layout (rank,
+    alpha, target modules, ...), or for the full-parameter formats the same config.json; a later step
+    (checkpoint-N / global_step_N names and trainer_state.json's global_step, where known); the same logged
+    history up to this step (trainer_state.json's log_history: a run with another seed logs other losses); for
+    the formats with one optimizer.pt, an Adam state that continues this one (`_check_adam_continues`). A gap
+    of more than one trainer step is a warning: Δθ_obs is then the sum of the steps.
     """
     if this.format != nxt.format:
         raise ProbeError(
