@@ -74,14 +74,16 @@ def test_the_observed_step_is_adamw_from_the_next_moments(run):
     assert worst < 4, f"observed step differs from AdamW's by {worst:.2f} ulp of θ"
 
 
-def test_cli_pipeline_and_exact_enumeration(tmp_path):
-    """verify → sample-e → sample-u → delta-h1 → exact on a 2-rank verl actor: δH₁ over every parameter against
-    exact enumeration (|z| < 3) and the FD check; the observed rule to global_step_2."""
+@pytest.mark.parametrize("run", ["full_w2", "lora_w2"])
+def test_cli_pipeline_and_exact_enumeration(tmp_path, run):
+    """verify → sample-e → sample-u → delta-h1 → exact on a 2-rank verl actor (every parameter; or the LoRA
+    adapter on the base its shards hold): δH₁ against exact enumeration (|z| < 3) and the FD check; the
+    observed rule to global_step_2."""
     runner = CliRunner()
     raw = {
         "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
         "checkpoint": {
-            "path": str(FIXTURES / "full_w2" / "global_step_1" / "actor"),
+            "path": str(FIXTURES / run / "global_step_1" / "actor"),
             "dtype": "fp32",
             "device_map": "cpu",
         },
@@ -107,11 +109,29 @@ def test_cli_pipeline_and_exact_enumeration(tmp_path):
     assert json.loads((out / "delta_h1.json").read_text())["update"]["observed"]["next_step"] == 2
 
 
+@pytest.mark.numerics
+def test_a_lora_run_is_peft_lora_on_its_base():
+    """A verl LoRA run: only the adapter is trainable, its tensors and moments are the live ones, the base is the
+    shards' base_layer tensors; θ(2) − θ(1) of the adapter is torch AdamW's step from step 2's moments."""
+    this_dir, next_dir = (FIXTURES / "lora_w2" / f"global_step_{k}" / "actor" for k in (1, 2))
+    this, nxt = (Probe.from_checkpoint(d, params=params_for(d)) for d in (this_dir, next_dir))
+    live = load_file(FIXTURES / "lora_w2" / "reference" / "global_step_1.live.safetensors")
+    trainable = {n: p for n, p in this.model.named_parameters() if p.requires_grad}
+    assert set(trainable) == set(this.optimizer.names) and all(".lora_" in n for n in trainable)
+    for name, p in this.model.named_parameters():
+        assert torch.equal(p.detach(), live[f"weight/{name}"].view_as(p)), name
+    delta = this.layout.unflatten(this.observed_step().observed.delta_theta)
+    (group,) = this.optimizer.groups
+    (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+    for n, p in trainable.items():
+        theta, m, v = p.detach().double(), nxt.optimizer.exp_avg[n].double(), nxt.optimizer.exp_avg_sq[n].double()
+        t = nxt.optimizer.step[n]
+        step = -lr * wd * theta - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
+        assert float((delta[n] - step).abs().max()) <= 4 * float(theta.abs().max() * FP32_EPS), n
+
+
 def test_refusals(tmp_path):
-    """A LoRA run (not read yet), base_model on a verl checkpoint, a missing rank file: one line each."""
-    lora = FIXTURES / "lora_w2" / "global_step_2" / "actor"
-    with pytest.raises(ProbeError, match="the actor of a verl LoRA run, which the probe does not read yet"):
-        Probe.from_checkpoint(lora, params=params_for(lora))
+    """base_model on a verl checkpoint, a missing rank file: one line each."""
     full = FIXTURES / "full_w2" / "global_step_2" / "actor"
     with pytest.raises(ProbeError, match="checkpoint.base_model is set, but .* is a verl checkpoint"):
         params = params_for(full, base_model="somewhere")

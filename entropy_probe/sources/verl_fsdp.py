@@ -500,14 +500,14 @@ def read_verl_state(files: VerlFiles, trust_pickles: bool = False) -> VerlState:
 
 
 # ----------------------------------------------------------------------------------------------
-# the checkpoint source: a verl actor checkpoint of a full-parameter run
+# the checkpoint source: a verl actor checkpoint (full-parameter or LoRA)
 
 
 class VerlFsdpSource(TrainerFilesSource):
     """θ = the fp32 weights joined from the ranks' FSDP2 shards, the AdamW state of the same names, the one param
     group with the scheduler's next lr; the architecture and tokenizer from the actor's huggingface/ dir. verl
     keeps no trainer_config.json or trainer_state.json: the trainer's settings are unknown (stated defaults,
-    logged) unless params set them."""
+    logged) unless params set them. A LoRA run is a PEFT LoRA on the base its shards hold."""
 
     name = "verl-fsdp"
 
@@ -553,14 +553,10 @@ class VerlFsdpSource(TrainerFilesSource):
         key = paths.optimizer_path.resolve()
         if key not in self._states:
             state = read_verl_state(find_verl_checkpoint(paths.optimizer_path), self._trust_pickles)
-            if state.lora is not None:
+            trained = [n for n in state.unstepped if state.lora is None or n in state.lora.peft_names]
+            if trained:  # a LoRA run's frozen base has no state by design; a trained tensor must
                 raise ProbeError(
-                    f"{paths.optimizer_path} is the actor of a verl LoRA run, which the probe does not read yet",
-                    "probe a full-parameter verl run, or save the adapter with PEFT and probe it as peft-adapter",
-                )
-            if state.unstepped:
-                raise ProbeError(
-                    f"parameter {state.unstepped[0]} of {paths.optimizer_path} has no optimizer state (it never "
+                    f"parameter {trained[0]} of {paths.optimizer_path} has no optimizer state (it never "
                     "received a gradient)",
                     "probe a checkpoint where every trained tensor was updated",
                 )
@@ -569,8 +565,12 @@ class VerlFsdpSource(TrainerFilesSource):
 
     def load_model(self, checkpoint, paths: CheckpointPaths):
         """The architecture from huggingface/config.json (its dtype entry ignored: the shards are fp32), its
-        weights the joined shards cast to checkpoint.dtype."""
-        return model_with_weights(checkpoint, paths.weights_dir, self.state(paths).weights, paths.optimizer_path)
+        weights the joined shards cast to checkpoint.dtype; for a LoRA run the base from the shards' base_layer
+        tensors and a PEFT LoRA (r and alpha from lora_train_meta.json) holding the adapter's, only it trainable."""
+        state = self.state(paths)
+        if state.lora is None:
+            return model_with_weights(checkpoint, paths.weights_dir, state.weights, paths.optimizer_path)
+        return _lora_model(checkpoint, paths, state)
 
     def load_optimizer(self, model, paths: CheckpointPaths) -> OptimizerState:
         state = self.state(paths)
@@ -584,3 +584,34 @@ class VerlFsdpSource(TrainerFilesSource):
         where = (paths.optimizer_path, next_paths.optimizer_path)
         fix = "copy the whole actor dir of both steps"
         return delta_theta(self.state(paths).weights, self.state(next_paths).weights, layout, where, fix)
+
+
+def _lora_model(checkpoint, paths: CheckpointPaths, state: VerlState):
+    """PEFT's LoRA (dropout off) on the base the shards hold, with the adapter's tensors; eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    def base_name(name: str) -> str:  # base_model.model.<x>.base_layer.weight → <x>.weight
+        return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+    lora = state.lora
+    base_weights = {base_name(n): w for n, w in state.weights.items() if n not in lora.peft_names}
+    base = model_with_weights(checkpoint, paths.weights_dir, base_weights, paths.optimizer_path)
+    targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora.peft_names})
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets)
+    with torch.random.fork_rng():  # PEFT draws lora_A's initial values: overwritten below, the RNG left as it was
+        model = get_peft_model(base, config)
+    named = dict(model.named_parameters())
+    missing = sorted(set(lora.peft_names) - set(named))
+    if missing:
+        raise ProbeError(
+            f"adapter tensor {missing[0]} of {paths.optimizer_path} has no place in PEFT's LoRA on {targets}",
+            "probe a LoRA run of verl's own PEFT setup",
+        )
+    with torch.no_grad():
+        for name in lora.peft_names:
+            named[name].copy_(state.weights[name])
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    if trainable != set(lora.peft_names):
+        odd = sorted(trainable ^ set(lora.peft_names))[0]
+        raise ProbeError(f"PEFT's LoRA and the verl adapter disagree on {odd}", "probe a LoRA run of verl's own setup")
+    return model.eval()
