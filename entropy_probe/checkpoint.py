@@ -143,6 +143,12 @@ def _find_optimizer(ckpt: CheckpointParams, root: Path, weights_dir: Path) -> Pa
     dirs = [root, weights_dir] + ([] if trainer_dir else [weights_dir.parent, weights_dir.parent.parent])
     dirs = _unique(dirs)
     found = _first_existing(dirs, OPTIMIZER)
+    if found is None and ((root / "latest").is_file() or any(d.is_dir() for d in root.glob("global_step*"))):
+        raise ProbeError(
+            f"{root} is a LoRA run under DeepSpeed: its AdamW state is in the ZeRO partitions of its global_step "
+            "dir, which the probe maps to full-parameter runs only",
+            "probe a LoRA run trained without DeepSpeed (its optimizer.pt), or a full-parameter DeepSpeed run",
+        )
     if found is None:
         looked = ", ".join(str(d) for d in dirs)
         raise ProbeError(

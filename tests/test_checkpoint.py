@@ -230,6 +230,7 @@ def test_unreachable_hub_id_is_a_probe_error(trained, tmp_path):
         ("bad_base", r"base model dir .* not found.*checkpoint\.base_model"),
         ("bad_optimizer_path", r"optimizer state .* not found.*checkpoint\.optimizer_path"),
         ("save_only_model", r"optimizer\.pt not found.*checkpoint\.optimizer_path"),  # not the run dir's
+        ("deepspeed_lora", r"is a LoRA run under DeepSpeed: its AdamW state is in the ZeRO partitions"),
     ],
 )
 def test_resolve_errors_name_the_file_and_the_key(trained, tmp_path, setup, pattern):
@@ -240,6 +241,10 @@ def test_resolve_errors_name_the_file_and_the_key(trained, tmp_path, setup, patt
         (ckdir / "optimizer.pt").rename(tmp_path / "run" / "optimizer.pt")
     elif setup == "no_optimizer":
         (ckdir / "optimizer.pt").unlink()
+    elif setup == "deepspeed_lora":  # the HF Trainer + DeepSpeed + peft: adapter files, a ZeRO tag, no optimizer.pt
+        (ckdir / "optimizer.pt").unlink()
+        (ckdir / "global_step3").mkdir()
+        (ckdir / "latest").write_text("global_step3")
     elif setup == "no_adapter_config":
         (ckdir / "adapter_config.json").unlink()
     elif setup == "missing_dir":
