@@ -267,13 +267,7 @@ def adapter_parameter_names(model) -> dict[str, str]:
 
 def _adapter_layout(weights_dir: Path) -> dict:
     """The LAYOUT_KEYS of adapter_config.json (target_modules sorted: PEFT writes a set as a list)."""
-    path = weights_dir / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ProbeError(f"{path} is not readable JSON ({first_line(exc)})", "copy or re-save the checkpoint") from None
-    if not isinstance(config, dict):
-        raise ProbeError(f"{path} is not a JSON object", "copy or re-save the checkpoint")
+    config = _json_object(weights_dir / ADAPTER_CONFIG)
     layout = {k: config.get(k) for k in LAYOUT_KEYS}
     if isinstance(layout["target_modules"], list):
         layout["target_modules"] = sorted(layout["target_modules"])
@@ -435,14 +429,18 @@ def _check_same_config(this_dir: Path, next_dir: Path) -> None:
 
 
 def _model_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
+    return {k: v for k, v in _json_object(model_dir / "config.json").items() if k not in CONFIG_NOISE}
+
+
+def _json_object(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict, else a one-line ProbeError."""
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ProbeError(f"{path} is not readable JSON ({first_line(exc)})", "copy or re-save the checkpoint") from None
     if not isinstance(config, dict):
         raise ProbeError(f"{path} is not a JSON object", "copy or re-save the checkpoint")
-    return {k: v for k, v in config.items() if k not in CONFIG_NOISE}
+    return config
 
 
 __all__ = [

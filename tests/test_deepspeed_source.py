@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tolerances import FP32_EPS
+from trainer_ckpt import adamw_ulps
 from typer.testing import CliRunner
 
 from entropy_probe.errors import ProbeError
@@ -61,15 +61,7 @@ def test_the_observed_step_is_adamw_from_the_next_moments(run):
     nxt = Probe.from_checkpoint(FIXTURES / run / "checkpoint-2", params=params_for(run, 2))
     observed = this.observed_step().observed
     assert (observed.record.step, observed.record.next_step) == (1, 2)
-    delta = this.layout.unflatten(observed.delta_theta)
-    theta = {n: p.detach().double() for n, p in this.model.named_parameters()}
-    worst = 0.0
-    for group in this.optimizer.groups:
-        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
-        for n in group["names"]:
-            m, v, t = nxt.optimizer.exp_avg[n].double(), nxt.optimizer.exp_avg_sq[n].double(), nxt.optimizer.step[n]
-            step = -lr * wd * theta[n] - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
-            worst = max(worst, float((delta[n] - step).abs().max()) / float(theta[n].abs().max() * FP32_EPS))
+    worst = adamw_ulps(this, nxt, observed.delta_theta)
     assert worst < 4, f"observed step differs from AdamW's by {worst:.2f} ulp of θ"
 
 

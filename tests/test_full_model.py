@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from tolerances import FP32_EPS
+from trainer_ckpt import adamw_ulps
 from typer.testing import CliRunner
 
 from entropy_probe.errors import ProbeError
@@ -63,18 +64,8 @@ def test_the_observed_step_is_adamw_from_the_next_moments(full_run):
     nxt = Probe.from_checkpoint(full_run / "run" / "checkpoint-3", params=params_for(full_run, 3))
     observed = this.observed_step().observed
     assert observed.record.step == 2 and observed.record.next_step == 3
-    delta = this.layout.unflatten(observed.delta_theta)
-    theta = {n: p.detach() for n, p in this.model.named_parameters()}
-    worst = 0.0
-    for group in this.optimizer.groups:
-        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
-        for n in group["names"]:
-            m, v, t = nxt.optimizer.exp_avg[n].double(), nxt.optimizer.exp_avg_sq[n].double(), nxt.optimizer.step[n]
-            assert t == this.optimizer.step[n] + 1
-            step = -lr * wd * theta[n].double() - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
-            # θ is float32: each side carries up to a few ulps of |θ| from the trainer's in-place update
-            err = float((delta[n] - step).abs().max()) / float(theta[n].abs().max() * FP32_EPS)
-            worst = max(worst, err)
+    assert all(nxt.optimizer.step[n] == this.optimizer.step[n] + 1 for n in this.optimizer.names)
+    worst = adamw_ulps(this, nxt, observed.delta_theta)  # θ is float32: a few ulps of |θ| from the in-place update
     assert worst < 4, f"observed step differs from AdamW's by {worst:.2f} ulp of θ"
     files = [load_file(full_run / "run" / f"checkpoint-{k}" / "model.safetensors") for k in (2, 3)]
     direct = torch.cat([(files[1][n].double() - files[0][n].double()).reshape(-1) for n in this.layout.names])

@@ -163,3 +163,21 @@ def set_base_in_adapter_config(ckpt_dir: Path, base: str) -> None:
     cfg = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base
     path.write_text(json.dumps(cfg))
+
+
+def adamw_ulps(this, nxt, delta_theta) -> float:
+    """How far the observed step θ(next) − θ(this) (flat, `this.layout` order) is from torch AdamW's step built
+    from `nxt`'s moments and step count with `this`'s stored (next-step) lr and each group's decay, in float32 ulps
+    of each tensor's largest |θ| (the largest over the tensors). `this`, `nxt`: Probes of consecutive checkpoints."""
+    from tolerances import FP32_EPS
+
+    delta = this.layout.unflatten(delta_theta)
+    theta = {n: p.detach().double() for n, p in this.model.named_parameters()}
+    worst = 0.0
+    for group in this.optimizer.groups:
+        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        for n in group["names"]:
+            m, v, t = nxt.optimizer.exp_avg[n].double(), nxt.optimizer.exp_avg_sq[n].double(), nxt.optimizer.step[n]
+            step = -lr * wd * theta[n] - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
+            worst = max(worst, float((delta[n] - step).abs().max()) / float(theta[n].abs().max() * FP32_EPS))
+    return worst

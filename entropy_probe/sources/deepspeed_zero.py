@@ -54,12 +54,18 @@ from ..checkpoint import (
 )
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, optimizer_state_from
-from .trainer_files import TrainerFilesSource, hash_files, model_with_weights, named_adam_state
+from .trainer_files import (
+    TrainerFilesSource,
+    finite_moment,
+    hash_files,
+    load_allow_listed,
+    model_with_weights,
+    named_adam_state,
+)
 
 OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
-TRUST_OPT_IN = "set checkpoint.trust_pickles: true if you trust these files (unpickling runs arbitrary code)"
 COPY_ALL_RANKS = "copy the whole checkpoint directory: every data-parallel rank writes its own shard"
 
 
@@ -100,29 +106,9 @@ def _pickle_with_stand_ins() -> ModuleType:
 
 
 def load_deepspeed_file(path: Path, trust_pickles: bool = False) -> Any:
-    """torch.load of one DeepSpeed file: the weights-only unpickler, allowing the DeepSpeed stand-ins above.
-
-    A file naming any other type is refused (one line naming it) unless `trust_pickles`, which then unpickles
-    it fully (torch.load(weights_only=False): arbitrary code), DeepSpeed's types still as stand-ins.
-    """
-    try:
-        foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(STAND_INS))
-        if foreign and trust_pickles:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_with_stand_ins())
-        if foreign:
-            raise ProbeError(
-                f"{path} pickles {', '.join(foreign)}, which is not on the DeepSpeed allow-list", TRUST_OPT_IN
-            )
-        with torch.serialization.safe_globals([(stand_in, name) for name, stand_in in STAND_INS.items()]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except ProbeError:
-        raise
-    except Exception as exc:  # truncated zip, legacy format, an unpickling failure: unreadable input
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise ProbeError(
-            f"{path} is not a readable DeepSpeed checkpoint file ({exc.__class__.__name__}: {first})",
-            "re-save the checkpoint, or copy the file again",
-        ) from None
+    """torch.load of one DeepSpeed file: the weights-only unpickler, allowing the DeepSpeed stand-ins above; any
+    other type refused unless `trust_pickles` (then a full unpickle, DeepSpeed's types still as stand-ins)."""
+    return load_allow_listed(path, STAND_INS, trust_pickles, "DeepSpeed", pickle_module=_pickle_with_stand_ins())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,14 +331,7 @@ def _zero3_pieces(
 
 
 def _finite(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ProbeError(
-            f"{key} of {name} in the DeepSpeed checkpoint contains NaN/inf",
-            "probe an earlier checkpoint (training diverged before this one was saved)",
-        )
-    if key == "exp_avg_sq" and bool((tensor < 0).any()):
-        raise ProbeError(f"exp_avg_sq of {name} has negative entries (corrupt state)", "re-save the checkpoint")
-    return tensor
+    return finite_moment(name, key, tensor, "DeepSpeed")
 
 
 def read_zero_state(files: ZeroFiles, trust_pickles: bool = False) -> ZeroState:

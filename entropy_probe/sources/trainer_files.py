@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .. import checkpoint as files
+from ..checkpoint import first_line
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, load_optimizer_state
 from ..trainer_config import TrainerSettings, read_trainer_config
+
+TRUST_OPT_IN = "set checkpoint.trust_pickles: true if you trust these files (unpickling runs arbitrary code)"
 
 
 class TrainerFilesSource:
@@ -82,3 +85,49 @@ def named_adam_state(state) -> dict[str, dict]:
     return {
         n: {"exp_avg": state.exp_avg[n], "exp_avg_sq": state.exp_avg_sq[n], "step": state.step[n]} for n in state.names
     }
+
+
+def load_allow_listed(
+    path: Path,
+    allowed: dict[str, Any],
+    trust_pickles: bool,
+    what: str,
+    hint: Callable[[list[str]], str] = lambda foreign: "",
+    pickle_module=None,
+) -> Any:
+    """torch.load of one file with the weights-only unpickler and exactly the `allowed` globals ({the full name
+    the file refers to: the object it unpickles as}). A file naming any other type is refused (one line naming it,
+    plus `hint(names)`) unless `trust_pickles`, which unpickles it fully (arbitrary code; `pickle_module` may map
+    names to stand-ins). A damaged file is a one-line ProbeError too."""
+    try:
+        foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
+        if foreign and not trust_pickles:
+            raise ProbeError(
+                f"{path} pickles {', '.join(foreign)}, which is not on the {what} allow-list{hint(foreign)}",
+                TRUST_OPT_IN,
+            )
+        if foreign:
+            extra = {} if pickle_module is None else {"pickle_module": pickle_module}
+            return torch.load(path, map_location="cpu", weights_only=False, **extra)
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except ProbeError:
+        raise
+    except Exception as exc:  # truncated zip, legacy format, an unpickling failure: unreadable input
+        raise ProbeError(
+            f"{path} is not a readable {what} checkpoint file ({first_line(exc)})",
+            "re-save the checkpoint, or copy the file again",
+        ) from None
+
+
+def finite_moment(name: str, key: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`tensor` (a weight or moment of `name` read from a `what` checkpoint), refused when not finite or, for
+    exp_avg_sq, negative."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ProbeError(
+            f"{key} of {name} in the {what} checkpoint contains NaN/inf",
+            "probe an earlier checkpoint (training diverged before this one was saved)",
+        )
+    if key == "exp_avg_sq" and bool((tensor < 0).any()):
+        raise ProbeError(f"exp_avg_sq of {name} has negative entries (corrupt state)", "re-save the checkpoint")
+    return tensor

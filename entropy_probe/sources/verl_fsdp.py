@@ -64,7 +64,14 @@ from torch.distributed.tensor import DTensor, Shard
 from ..checkpoint import CheckpointPaths, checkpoint_root
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, optimizer_state_from
-from .trainer_files import TrainerFilesSource, hash_files, model_with_weights, named_adam_state
+from .trainer_files import (
+    TrainerFilesSource,
+    finite_moment,
+    hash_files,
+    load_allow_listed,
+    model_with_weights,
+    named_adam_state,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FSDP_CONFIG = "fsdp_config.json"
@@ -72,7 +79,6 @@ LORA_META = "lora_train_meta.json"
 RANK_FILE = re.compile(r"(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt")
 PEFT_ADAPTER = "default"  # the adapter name PEFT gives verl's one adapter; its saved files drop it from names
 MOMENTS = ("exp_avg", "exp_avg_sq")
-TRUST_OPT_IN = "set checkpoint.trust_pickles: true if you trust these files (unpickling runs arbitrary code)"
 COPY_ALL_RANKS = "copy the whole actor directory: every rank writes its own shard"
 OTHER_RUN = "remove the files of another run from the actor directory"
 USE_FSDP2 = (
@@ -104,32 +110,15 @@ def _quiet_device_mesh():
 
 
 def load_verl_file(path: Path, trust_pickles: bool = False) -> Any:
-    """torch.load of one verl file with the weights-only unpickler, numpy's RNG types allowed.
+    """torch.load of one verl file with the weights-only unpickler, numpy's RNG types allowed; any other type
+    refused unless `trust_pickles` (then a full unpickle)."""
 
-    A file naming any other type is refused (one line naming it) unless `trust_pickles`, which then unpickles
-    it fully (torch.load(weights_only=False): arbitrary code).
-    """
-    try:
-        foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(NUMPY_ALLOWED))
-        if foreign and not trust_pickles:
-            low_bit = [name for name in foreign if name.startswith(("torchao.", "bitsandbytes."))]
-            hint = f" (low-bit optimizer state: {USE_ADAMW})" if low_bit else ""
-            raise ProbeError(
-                f"{path} pickles {', '.join(foreign)}, which is not on the verl allow-list{hint}", TRUST_OPT_IN
-            )
-        with _quiet_device_mesh():
-            if foreign:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            with torch.serialization.safe_globals([(obj, name) for name, obj in NUMPY_ALLOWED.items()]):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except ProbeError:
-        raise
-    except Exception as exc:  # truncated zip, an unpickling failure, a type that is missing here: unreadable input
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise ProbeError(
-            f"{path} is not a readable verl checkpoint file ({exc.__class__.__name__}: {first})",
-            "re-save the checkpoint, or copy the file again",
-        ) from None
+    def hint(foreign: list[str]) -> str:
+        low_bit = any(name.startswith(("torchao.", "bitsandbytes.")) for name in foreign)
+        return f" (low-bit optimizer state: {USE_ADAMW})" if low_bit else ""
+
+    with _quiet_device_mesh():
+        return load_allow_listed(path, NUMPY_ALLOWED, trust_pickles, "verl", hint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,14 +251,7 @@ def _full_tensor(pieces: list[Any], what: str, where: Path) -> torch.Tensor:
 
 
 def _finite(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ProbeError(
-            f"{key} of {name} in the verl checkpoint contains NaN/inf",
-            "probe an earlier checkpoint (training diverged before this one was saved)",
-        )
-    if key == "exp_avg_sq" and bool((tensor < 0).any()):
-        raise ProbeError(f"exp_avg_sq of {name} has negative entries (corrupt state)", "re-save the checkpoint")
-    return tensor
+    return finite_moment(name, key, tensor, "verl")
 
 
 def _tied_aliases(model_sd: dict[str, Any]) -> dict[str, str]:
