@@ -21,6 +21,7 @@ from .artifacts.delta_h1 import TargetEstimate
 from .errors import ProbeError
 from .estimators import TARGETS, EntropyCoefs, entropy_coefficients, naive_coefficients
 from .importance import Reuse, standard_error
+from .loss_terms import UCoefficients, kl_slope
 from .multi_step import leave_one_group_out_chains, momentum_chain, run_chain
 from .passes import (
     entropy_pass,
@@ -62,9 +63,9 @@ class Clock(dict):
 
 @dataclass
 class UGradient:
-    """The U pass: loss coefficients c_ij, g = ∇J (flat) and, when cached, the per-group gradients [B, P]."""
+    """The U pass: J's per-token coefficients, g = ∇J (flat) and, when cached, the per-group gradients [B, P]."""
 
-    coef: Tensor
+    coefs: UCoefficients
     g: Tensor
     g_groups: Tensor | None
 
@@ -133,12 +134,12 @@ class DeltaH1Estimate:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
 
-def _parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
+def trainable_parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
     named = dict(model.named_parameters())
     return [named[n] for n in layout.names]
 
 
-def _direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
+def as_direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
     """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents)."""
     dtype = accumulation_dtype(params[0])
     return [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
@@ -147,49 +148,80 @@ def _direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
 def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: ComputeBudget, clock) -> UGradient:
     """Pass 1: g = ∇J with the trainer's loss aggregation, with per-group gradients when they fit the budget
     and the hooks know every module using a trainable tensor (else SE_U by the delta method, one more U pass)."""
-    params = _parameters(model, layout)
+    params = trainable_parameters(model, layout)
     dtype = accumulation_dtype(params[0])
-    advantages = U.tensors["advantages"].to(dtype)
-    coef = pg_coefficients(advantages, U.mask, update.loss_agg_mode, update.max_len, u_weights).to(dtype)
+    slope = None if not update.terms.kl_coef else clock("u_reference", reference_kl_slope, model, U, budget.max_tokens)
+    coefs = u_coefficients(U, update, u_weights, dtype, slope)
     _, groups = torch.unique(U.tensors["group_index"], return_inverse=True)
     n_groups = int(groups.max()) + 1
     hooks_work = RowDirectional.supports(model, layout.names)
     cache_bytes = n_groups * layout.numel * torch.empty((), dtype=dtype).element_size()
     if hooks_work and cache_bytes <= budget.u_cache_mb * 2**20:
         g, g_groups = clock(
-            "u_gradient", group_gradients, model, params, layout.names, U, coef, groups, budget.max_tokens
+            "u_gradient", group_gradients, model, params, layout.names, U, coefs, groups, budget.max_tokens
         )
-        return UGradient(coef, g, g_groups)
+        return UGradient(coefs, g, g_groups)
     why = (
         "a trainable tensor is used by a module the hooks do not know"
         if not hooks_work
         else f"{n_groups} groups × {layout.numel} parameters exceed compute.u_gradient_cache_mb = {budget.u_cache_mb:g}"
     )
     log.info("delta-h1: no per-group U gradients (%s): SE_U by the delta method, one more U pass", why)
-    g = clock("u_gradient", policy_gradient, model, params, layout, U, coef, budget.max_tokens)
-    return UGradient(coef, g, None)
+    g = clock("u_gradient", policy_gradient, model, params, layout, U, coefs, budget.max_tokens)
+    return UGradient(coefs, g, None)
+
+
+def u_coefficients(U: Batch, update: UpdateRule, u_weights, dtype, slope: Tensor | None = None) -> UCoefficients:
+    """J's per-token coefficients over U for `update`: the loss aggregation's, times A, and its `loss_terms`
+    (slope: the KL penalty's 1 − exp(r − ℓ), `reference_kl_slope`, when it has one)."""
+    mode, max_len = update.loss_agg_mode, update.max_len
+    advantages = U.tensors["advantages"].to(dtype)
+    pg = pg_coefficients(advantages, U.mask, mode, max_len, u_weights).to(dtype)
+    weights = None
+    if update.terms.entropy_coef or update.terms.kl_coef:
+        weights = pg_coefficients(torch.ones_like(advantages), U.mask, mode, max_len, u_weights).to(dtype)
+    return UCoefficients.of(update.terms, pg, weights, U.tensors, U.mask, slope)
+
+
+def reference_kl_slope(model, U: Batch, max_tokens: int) -> Tensor:
+    """1 − exp(r − ℓ) over U: ℓ under θ, r under the reference — for a PEFT model the base with the adapter off
+    (TRL's reference for a LoRA run); a model without an adapter holds no reference and is refused."""
+    if not hasattr(model, "disable_adapter"):
+        raise ProbeError(
+            "a KL penalty needs the reference policy, which a full-parameter checkpoint does not hold",
+            "set update.kl_coef: 0 (δH₁ of the policy-gradient and other terms)",
+        )
+    policy = U.token_stats(model, max_tokens, "U log-probs")["logprobs"]
+    with model.disable_adapter():
+        reference = U.token_stats(model, max_tokens, "U reference log-probs")["logprobs"]
+    return kl_slope(policy, reference, U.mask)
+
+
+def e_coefficients(E: Batch, estimator, target: str, e_weights, dtype) -> EntropyCoefs:
+    """The RB estimator's per-token coefficients over E for `target` (estimator: baseline, ridge, folds)."""
+    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], dim=-1).to(dtype)
+    return entropy_coefficients(
+        E.tensors["entropies"].to(dtype),
+        E.mask,
+        target=target,
+        baseline=estimator.baseline,
+        features=features,
+        ridge=estimator.ridge,
+        folds=estimator.crossfit_folds,
+        weights=e_weights,
+    )
 
 
 def e_gradient(model, layout, E: Batch, estimator, e_weights, delta_theta, budget: ComputeBudget, clock) -> EGradient:
     """Pass 3: X̄ for estimator.entropy and each row's share of X̄·Δθ, from ordinary backwards with row hooks;
     with compute.all_targets (or parameters the hooks cannot see) per-token tangents by double backward,
     which give all three targets and the naive estimate."""
-    params = _parameters(model, layout)
+    params = trainable_parameters(model, layout)
     dtype = accumulation_dtype(params[0])
-    direction = _direction(delta_theta, layout, params)
-    features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], dim=-1).to(dtype)
+    direction = as_direction(delta_theta, layout, params)
 
     def coefficients(target: str) -> EntropyCoefs:
-        return entropy_coefficients(
-            E.tensors["entropies"].to(dtype),
-            E.mask,
-            target=target,
-            baseline=estimator.baseline,
-            features=features,
-            ridge=estimator.ridge,
-            folds=estimator.crossfit_folds,
-            weights=e_weights,
-        )
+        return e_coefficients(E, estimator, target, e_weights, dtype)
 
     max_tokens = budget.max_tokens
     if budget.all_targets or not RowDirectional.supports(model, layout.names):
@@ -209,7 +241,7 @@ def e_gradient(model, layout, E: Batch, estimator, e_weights, delta_theta, budge
     return EGradient(xbar, psi, main.entropy, {estimator.entropy: target})
 
 
-def _nonzero_advantage_groups(U: Batch) -> int:
+def nonzero_advantage_groups(U: Batch) -> int:
     """How many prompt groups have an advantage ≠ 0 (the only groups that move g)."""
     moving = U.tensors["advantages"].abs() > 0
     return int(torch.unique(U.tensors["group_index"][moving]).numel())
@@ -243,13 +275,13 @@ def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xb
         )
         out.denominators = denominators
     else:
-        params = _parameters(model, layout)
-        direction = _direction(u, layout, params)
-        rows = clock("u_tangents", u_row_terms, model, params, layout.names, U, ug.coef, direction, budget.max_tokens)
+        params = trainable_parameters(model, layout)
+        direction = as_direction(u, layout, params)
+        rows = clock("u_tangents", u_row_terms, model, params, layout.names, U, ug.coefs, direction, budget.max_tokens)
         groups = U.tensors["group_index"]
         out.attribution, influence = group_terms_from_rows(rows, U.mask, groups, update.loss_agg_mode, u_weights)
         out.se_U, out.se_U_method = standard_error(influence), "delta method"
-    if _nonzero_advantage_groups(U) < 2:
+    if nonzero_advantage_groups(U) < 2:
         out.se_U, out.se_U_note = None, NO_SE_U_FEW_GROUPS
     return out
 
@@ -272,7 +304,7 @@ def compute_delta_h1(
     """
     if update.emulated == (U is None):
         raise ValueError("an emulated update rule needs a U batch; an observed step takes none")
-    dtype = accumulation_dtype(_parameters(model, layout)[0])
+    dtype = accumulation_dtype(trainable_parameters(model, layout)[0])
     e_w = None if reuse is None or reuse.e_weights is None else reuse.e_weights.to(dtype)
     u_w = None if reuse is None or reuse.u_weights is None else reuse.u_weights.to(dtype)
     clock = Clock()
@@ -320,7 +352,7 @@ def _chain_delta_h1(model, E, U, layout, update, estimator, budget, e_w, u_w, cl
     eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
     delta_h1 = float((eg.xbar.double() * delta_theta).sum())
     unc = UUncertainty()
-    if _nonzero_advantage_groups(U) < 2:
+    if nonzero_advantage_groups(U) < 2:
         unc.se_U_note = NO_SE_U_FEW_GROUPS
     else:
         loo = clock("jackknife", leave_one_group_out_chains, model, layout, U, update, chain, eg.xbar, max_tokens)

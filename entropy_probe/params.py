@@ -211,6 +211,14 @@ class UpdateParams(Section):
     mini_batches: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     clip_ratio: list[float] | Literal["auto"] = "auto"  # [ε_low, ε_high]; auto: the trainer's, else 0.2 and 0.2
+    # the trainer's loss beyond the policy-gradient term (docs/math.md §12): J + β_H·H over U's tokens, and a
+    # token mask dropping the policy-gradient term of a fraction of U's tokens (Clip-Cov: top_cov)
+    entropy_coef: float = 0.0
+    token_mask: Literal["none", "top_cov", "top_entropy", "bottom_entropy"] = "none"
+    token_mask_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    # the KL penalty's β_KL: J − β_KL·KL(π_θ ‖ π_ref) (k3 estimate) over U's tokens, reference = the base with the
+    # adapter off (LoRA only); auto: the trainer's beta (TRL), 0 when not recorded
+    kl_coef: float | Literal["auto"] = "auto"
 
     @field_validator("clip_ratio")
     @classmethod
@@ -258,6 +266,7 @@ class PathsParams(Section):
     delta_h1: str = "data/delta_h1"
     exact: str = "data/exact"
     truth: str = "data/truth"
+    whatif: str = "data/whatif"
     report: str = "data/report"
 
 
@@ -331,6 +340,56 @@ class TrajectoryParams(Section):
         return v
 
 
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+TokenMask = Literal["none", "top_cov", "top_entropy", "bottom_entropy"]
+
+
+class WhatIfRow(Section):
+    """One alternative update: the settings it changes from params `update` / `advantage` (None: unchanged)."""
+
+    name: str
+    lr_scale: Annotated[float, Field(gt=0)] | None = None  # the learning rate times this
+    loss_agg_mode: LossAggMode | None = None
+    max_grad_norm: Annotated[float, Field(ge=0)] | None = None  # 0: no clipping
+    advantage_scale: bool | None = None  # divide the advantages by the group's reward std (recomputed from rewards)
+    entropy_coef: float | None = None
+    token_mask: TokenMask | None = None
+    token_mask_fraction: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    kl_coef: float | None = None
+
+
+def _default_whatif_rows() -> list[WhatIfRow]:
+    return [
+        WhatIfRow(name="half the learning rate", lr_scale=0.5),
+        WhatIfRow(name="seq-mean-token-mean", loss_agg_mode="seq-mean-token-mean"),
+        WhatIfRow(name="no std scaling of A", advantage_scale=False),
+        WhatIfRow(name="clip at 0.1", max_grad_norm=0.1),
+        WhatIfRow(name="entropy bonus 0.01", entropy_coef=0.01),
+        WhatIfRow(name="drop the top 5% cov tokens", token_mask="top_cov", token_mask_fraction=0.05),
+        WhatIfRow(name="drop the top 20% entropy tokens", token_mask="top_entropy", token_mask_fraction=0.2),
+        WhatIfRow(name="drop the bottom 80% entropy tokens", token_mask="bottom_entropy", token_mask_fraction=0.8),
+    ]
+
+
+class WhatIfParams(Section):
+    """Per-token attribution of δH₁ over U and alternative updates from the same X̄ (docs/math.md §12)."""
+
+    target: float = 0.0  # the entropy-neutral setting: the entropy bonus β_H (and lr) at which δH₁ = target
+    forking_fraction: float = Field(0.2, gt=0, le=1)  # "forking" tokens: this top fraction of U's tokens by H
+    clip_cov_fraction: float = Field(0.05, gt=0, le=1)  # the share of δH₁ in this top fraction by covariance
+    top_tokens: int = Field(10, ge=1)  # tokens listed as lowering entropy most
+    rows: list[WhatIfRow] = Field(default_factory=_default_whatif_rows)
+
+    @field_validator("rows")
+    @classmethod
+    def _distinct_names(cls, rows):
+        names = [r.name for r in rows]
+        taken = next((n for n in names if names.count(n) > 1 or n in ("configured", "entropy-neutral")), None)
+        if taken is not None:
+            raise ValueError(f"row name '{taken}' is used twice or reserved (configured, entropy-neutral)")
+        return rows
+
+
 class Params(Section):
     paths: PathsParams = PathsParams()
     demo: DemoParams = DemoParams()
@@ -348,6 +407,7 @@ class Params(Section):
     reuse: ReuseParams = ReuseParams()
     trajectory: TrajectoryParams = TrajectoryParams()
     second_order: SecondOrderParams = SecondOrderParams()
+    whatif: WhatIfParams = WhatIfParams()
 
 
 def _key(section: type, name: str) -> str:
@@ -355,6 +415,8 @@ def _key(section: type, name: str) -> str:
     all count as 'probe.checkpoints'."""
     if section is ProbeCheckpoint:
         return "probe.checkpoints"
+    if section is WhatIfRow:
+        return "whatif.rows"
     for top, field in Params.model_fields.items():
         if field.annotation is section:
             return f"{top}.{name}"

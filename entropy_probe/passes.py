@@ -25,11 +25,10 @@ the sums, so every process ends with the one-process results (up to summation or
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .estimators import EntropyCoefs
+from .loss_terms import UCoefficients
 from .policy import true_embedding_gradients
 from .scoring import Batch, accumulation_dtype
 from .tangents import GroupGradients, RowDirectional, grad_and_tangents
@@ -41,47 +40,68 @@ def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
 
 
-def policy_gradient(model, params, layout: FlatLayout, U: Batch, coef: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """g = ∇_θ Σ_ij coef_ij logp_ij over U, as a flat vector in the accumulation dtype."""
+def _coefficients(coefs: UCoefficients | torch.Tensor) -> UCoefficients:
+    """J's coefficients; a plain [N, R] tensor c is J = Σ c_ij logp_ij (no entropy bonus)."""
+    return coefs if isinstance(coefs, UCoefficients) else UCoefficients(coefs)
+
+
+def _u_scored(model, U: Batch, coefs: UCoefficients, max_tokens: int, desc: str):
+    """U's microbatches, scored with a graph for the outputs `coefs` weighs (ℓ, and H under an entropy bonus)."""
+    return U.scored(model, max_tokens, desc, with_grad=True, entropies=coefs.needs_entropies)
+
+
+def policy_gradient(
+    model, params, layout: FlatLayout, U: Batch, coefs: UCoefficients | torch.Tensor, max_tokens: int
+) -> torch.Tensor:
+    """g = ∇_θ J = ∇_θ Σ_ij (c_ij logp_ij [+ β_H w_ij H_ij]) over U (`loss_terms`), flat in the accumulation dtype."""
+    coefs = _coefficients(coefs)
     dtype = accumulation_dtype(params[0])
-    g = torch.zeros(layout.numel, dtype=dtype, device=coef.device)
-    for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
-        grads, _ = grad_and_tangents([stats.logprobs], [coef[rows]], params, None)
+    g = torch.zeros(layout.numel, dtype=dtype, device=coefs.logp.device)
+    for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
+        grads, _ = grad_and_tangents(coefs.outputs(stats), coefs.rows(rows), params, None)
         g += _flat(grads, params, dtype)
     return U.reduce(g)
 
 
-def group_gradients(model, params, names, U: Batch, coef: torch.Tensor, groups: torch.Tensor, max_tokens: int):
+def group_gradients(
+    model, params, names, U: Batch, coefs: UCoefficients | torch.Tensor, groups: torch.Tensor, max_tokens: int
+):
     """(g flat, g_b [B, P]) from one ordinary backward per microbatch with `GroupGradients` hooks.
 
     `groups` [N]: every U row's group number 0..B−1. Σ_b g_b = g up to summation order.
     """
+    coefs = _coefficients(coefs)
     dtype = accumulation_dtype(params[0])
-    g = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=coef.device)
+    g = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=coefs.logp.device)
     hooks = GroupGradients(model, names, int(groups.max()) + 1)
     with hooks:
-        for rows, stats in U.scored(model, max_tokens, "U gradient", with_grad=True, entropies=False):
+        for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
             hooks.rows_group = groups[rows]
-            grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
+            grads = torch.autograd.grad(coefs.outputs(stats), params, grad_outputs=coefs.rows(rows), allow_unused=True)
             g += _flat(grads, params, dtype)
     return U.reduce(g), U.reduce(hooks.flat(names))
 
 
-def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int):
+def entropy_rows(
+    model, params, names, E: Batch, coefs: EntropyCoefs, direction, max_tokens: int, stacked: bool = False
+):
     """(X̄ flat, w_i X_i·v per row [N], β or None) for one target from ordinary backwards with row hooks.
 
     X̄ = ∇ Σ_i w_i Σ_k (a_ik H_ik + c_ik logp_ik); the hooks give each row's share of X̄·v. token_mean's
     delta method also needs β = Σ_i w_i Σ_j len_c_ij dlogp_ij = v·∇ Σ w len_c logp: a second backward
     through the same graph (`retain_graph`), hooks only.
+    `stacked`: direction tensors [K, *param.shape] (K alternative updates v_k, `RowDirectional`), then the
+    rows are [N, K] (w_i X_i·v_k) and β is [K] — SE_E for K what-if updates from the one pass over E.
     """
     dtype = accumulation_dtype(params[0])
     w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
     a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
     len_c = None if coefs.len_c is None else (coefs.len_c * w).to(dtype)
     xbar = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=a.device)
-    rows_out = torch.zeros(len(E), dtype=dtype, device=a.device)
-    beta = torch.zeros((), dtype=dtype, device=a.device)
-    hooks = RowDirectional(model, names, direction)
+    k = (direction[0].shape[0],) if stacked else ()
+    rows_out = torch.zeros((len(E), *k), dtype=dtype, device=a.device)
+    beta = torch.zeros(k, dtype=dtype, device=a.device)
+    hooks = RowDirectional(model, names, direction, stacked=stacked)
     beta_pass = len_c is not None
     with hooks, true_embedding_gradients(model):
         passes = E.scored(
@@ -93,12 +113,13 @@ def entropy_rows(model, params, names, E: Batch, coefs: EntropyCoefs, direction,
             rows_out[rows] = _taken(hooks, grads)
             if beta_pass:
                 grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[len_c[rows]], allow_unused=True)
-                beta += _taken(hooks, grads).sum()
+                beta += _taken(hooks, grads).sum(0)  # over the rows: [] or stacked [K]
     return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
 
 
 def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
-    """The hooks' per-row sums of the last backward; 0 only when no parameter got a gradient either."""
+    """The hooks' per-row sums of the last backward ([rows], stacked [rows, K]); 0 only when no parameter got a
+    gradient either."""
     taken = hooks.take()  # None: no hooked layer is on the path to these outputs
     if taken is None and any(g is not None for g in grads):  # the hooks missed a path: never report 0
         raise RuntimeError("RowDirectional hooks did not fire although the parameters got gradients")
@@ -129,25 +150,41 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
     return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 
-def u_row_terms(model, params, names: list[str], U: Batch, coef: torch.Tensor, direction, max_tokens: int):
-    """row_i = Σ_j coef_ij ∇logp_ij · direction for every U row, [N] — all the U attributions need.
+def u_row_terms(
+    model, params, names: list[str], U: Batch, coefs: UCoefficients | torch.Tensor, direction, max_tokens: int
+):
+    """row_i = ∇_θ J_i · direction for every U row (J_i: row i's terms of J), [N] — all the U attributions need.
 
     One ordinary backward per microbatch with `RowDirectional` hooks when every trainable parameter is a
-    Linear/LoRA, embedding or RMSNorm tensor; otherwise per-token tangents by double backward, summed with coef.
+    Linear/LoRA, embedding or RMSNorm tensor; otherwise per-token tangents by double backward (`u_token_terms`).
     """
-    rows_out = torch.zeros(len(U), dtype=accumulation_dtype(params[0]), device=coef.device)
-    row_dots = RowDirectional.supports(model, names)
-    hooks = RowDirectional(model, names, direction) if row_dots else contextlib.nullcontext()
-    with hooks:
-        for rows, stats in U.scored(model, max_tokens, "U tangents", with_grad=True, entropies=False):
-            if row_dots:
-                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef[rows]], allow_unused=True)
-                rows_out[rows] = _taken(hooks, grads)
-            else:
-                ones = U.mask[rows].to(coef.dtype)
-                _, (dlogp,) = grad_and_tangents([stats.logprobs], [ones], params, direction)
-                rows_out[rows] = (coef[rows] * dlogp).sum(-1)
+    coefs = _coefficients(coefs)
+    rows_out = torch.zeros(len(U), dtype=accumulation_dtype(params[0]), device=coefs.logp.device)
+    if not RowDirectional.supports(model, names):
+        return U.reduce(u_token_terms(model, params, U, coefs, direction, max_tokens)[0].sum(-1))
+    with RowDirectional(model, names, direction) as hooks:
+        for rows, stats in _u_scored(model, U, coefs, max_tokens, "U tangents"):
+            grads = torch.autograd.grad(coefs.outputs(stats), params, grad_outputs=coefs.rows(rows), allow_unused=True)
+            rows_out[rows] = _taken(hooks, grads)
     return U.reduce(rows_out)
+
+
+def u_token_terms(model, params, U: Batch, coefs: UCoefficients | torch.Tensor, direction, max_tokens: int):
+    """(a [N, R], H [N, R]): every U token's share a_ij = c_ij ∇ℓ_ij·v (+ β_H w_ij ∇H_ij·v) of ∇J·v, and the
+    policy's entropy H_ij at that position (detached), from per-token tangents by double backward (§6.1).
+
+    Σ_ij a_ij = ∇J·v: with v = u = (∂Δθ/∂g)ᵀ X̄ these are the tokens' shares of δH₁'s linearised gradient part.
+    """
+    coefs = _coefficients(coefs)
+    dtype = accumulation_dtype(params[0])
+    a = torch.zeros(U.mask.shape, dtype=dtype, device=coefs.logp.device)
+    entropies = torch.zeros_like(a)
+    for rows, stats in U.scored(model, max_tokens, "U tokens", with_grad=True, entropies=True):
+        ones = [U.mask[rows].to(dtype)] * len(coefs.outputs(stats))
+        _, tangents = grad_and_tangents(coefs.outputs(stats), ones, params, direction)
+        a[rows] = sum(c * t for c, t in zip(coefs.rows(rows), tangents))
+        entropies[rows] = stats.entropies.detach().to(dtype)
+    return U.reduce(a), U.reduce(entropies)
 
 
 def token_advantage_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> float:

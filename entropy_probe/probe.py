@@ -51,6 +51,9 @@ from .specs import ComputeBudget, SecondOrderSpec
 from .trainer_config import TrainerSettings
 from .update import FlatLayout, realised_step
 from .update_rule import ObservedStep, UpdateRule, flat_state, resolve_update_rule
+from .whatif import what_if
+from .whatif_result import WhatIfResult
+from .whatif_result import build as build_whatif
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +389,42 @@ class Probe:
         draws = resample_groups(n_pool, trainer_groups, n_draws, seed)
         sim = simulate_trainer_draws(update, est.u_group_gradients, est.u_group_denominators, draws, taylor, reference)
         return ForecastResult(summarise_forecast(sim, n_pool, trainer_groups), sim, result)
+
+    def whatif(self, E: Samples, U: Samples, result: DeltaH1Result, update: UpdateRule | None = None) -> WhatIfResult:
+        """Token attributions of δH₁ over U, the what-if rows (params `whatif.rows`) and the entropy-neutral
+        setting, all from `result`'s X̄ (delta-h1 on the same E, this checkpoint), docs/math.md §12."""
+        update = update if update is not None else self.update_rule()
+        if not update.emulated or update.chain is not None:
+            raise ProbeError(
+                f"what-if rows vary one emulated step, but the update is {update.describe()}",
+                "use update.rule adam_step (or adam_precond, sgd) with update.mini_batches: 1 and update.epochs: 1",
+            )
+        require_policy_gradient(U, update.rule)
+        result.report.check_checkpoint(
+            self.fingerprint, "the probed checkpoint is", "rerun delta-h1 for this checkpoint (dvc repro)"
+        )
+        result.bars.check_fits(self.model)
+        samples = {"E": E, "U": U}
+        batches = {k: self.batch(s) for k, s in samples.items()}
+        reuse = self.reuse(batches, samples)
+        xbar = self.layout.flatten(result.bars.xbar, torch.float64).to(self.device)
+        spec = self.params.whatif
+        outcome = what_if(
+            self.model,
+            self.layout,
+            batches["E"],
+            batches["U"],
+            update,
+            spec.rows,
+            self.params.estimator,
+            xbar,
+            spec,
+            budget=self.budget,
+            eps=self.params.advantage.eps,
+            reuse=reuse,
+        )
+        log.info("whatif: phase seconds %s", outcome.timings)
+        return build_whatif(outcome, U, self.tokenizer, spec, self.fingerprint, update.describe())
 
     def _result(self, samples, batches, update: UpdateRule, reuse, estimate: DeltaH1Estimate, second) -> DeltaH1Result:
         E, U = batches["E"], batches.get("U")

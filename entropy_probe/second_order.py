@@ -172,7 +172,7 @@ def shifted_estimates(
             raise ProbeError(
                 f"the {params[0].dtype} parameters cannot represent the finite-difference shift {s:g}·Δθ "
                 f"({lost:.0%} of it is lost to rounding)",
-                "raise second_order.fd_eps, or load the adapter in float32",
+                "raise second_order.fd_eps, or load the trainable weights in float32 (checkpoint.dtype: fp32)",
             )
     # log of the weights E already carries (−inf for a weight of 0): the shift weights multiply them
     base_log_weight = torch.zeros(len(E), dtype=torch.float64, device=E.mask.device)

@@ -77,6 +77,25 @@ def _looked_up(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     return keep.unsqueeze(-1)
 
 
+def _check_stacked(model: torch.nn.Module, names: list[str], direction: list[torch.Tensor]) -> None:
+    """Stacked directions must be [K, *param.shape] with one K for every tensor."""
+    params = dict(model.named_parameters())
+    ks = {v.shape[0] if v.dim() else None for v in direction}
+    if len(ks) != 1 or any(v.shape[1:] != params[n].shape for n, v in zip(names, direction)):
+        shapes = {n: tuple(v.shape) for n, v in zip(names, direction)}
+        raise ValueError(f"stacked directions must be [K, *param.shape] with one K; got {shapes}")
+
+
+def _summed(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """[rows, K]: Σ over all but the row of a ⊙ b_k, a [rows, ..], b [K, rows, ..]; product in a's dtype, sum in acc."""
+    return (a * b.to(a.dtype)).flatten(2).sum(-1, dtype=acc).T
+
+
+def _position_sum(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """[rows, d]: Σ_p t_p over every position of each row, in acc."""
+    return t.reshape(t.shape[0], -1, t.shape[-1]).sum(1, dtype=acc)
+
+
 class _ParamHooks:
     """Forward hooks on every module that directly owns one of the named trainable tensors; subclasses build
     `_hook(kind, module, parts)`. A tensor two modules share (a head tied to the embedding) is hooked in both.
@@ -135,10 +154,16 @@ class RowDirectional(_ParamHooks):
     gradient, no double backward, no forward-mode AD, and a frozen (even 4-bit) base is never touched.
     `supports` tells whether every module using a trainable tensor is one of these.
     Use: `with RowDirectional(model, names, direction) as rd:` … backward … `rd.take()`.
+
+    `stacked=True`: every direction tensor is [K, *param.shape] (one K for all) and `take()` gives [rows, K],
+    ⟨G_i, V_k⟩ for K directions from the same backward (`_stacked_dots`); without it, [rows] as above.
     """
 
-    def __init__(self, model: torch.nn.Module, names: list[str], direction: list[torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, names: list[str], direction: list[torch.Tensor], stacked: bool = False):
         super().__init__(model, names, direction)
+        if stacked:
+            _check_stacked(model, names, direction)
+        self.stacked = stacked
         self.acc: torch.Tensor | None = None
 
     @staticmethod
@@ -166,6 +191,9 @@ class RowDirectional(_ParamHooks):
         def forward_hook(module, inputs, output):
             if not output.requires_grad:
                 return
+            if self.stacked:
+                output.register_hook(self._stacked_on_grad(kind, module, inputs[0].detach(), parts))
+                return
             alongs = self._alongs(kind, module, inputs[0].detach(), parts)
 
             def on_grad(delta):
@@ -179,8 +207,53 @@ class RowDirectional(_ParamHooks):
 
         return forward_hook
 
+    @staticmethod
+    def _stacked_dots(kind: str, module, x: torch.Tensor, parts: dict) -> list:
+        """Functions (δ, acc) ↦ [rows, K] ⟨G_i, V_k⟩ = Σ_p δ_p · a_kp for stacked V [K, *shape], one per part.
+
+            Linear  Σ_p δ_p · (V_k x_p) = Σ_p (V_kᵀ δ_p) · x_p,   bias (Σ_p δ_p) · v_bk
+            Embedding Σ_p δ_p · V_k[t_p],                         RMSNorm (Σ_p δ_p ⊙ x̂_p) · v_k
+
+        Products in the model's dtype and sums in acc, as in the single-direction hooks.
+        """
+        if kind == "embedding":  # V[:, t]: [K, rows, .., d], a gather that copies nothing of V
+            return [lambda d, acc: _summed(d * _looked_up(module, x), parts["weight"][:, x], acc)]
+        if kind == "rmsnorm":  # the position sum first: one [rows, d] @ [d, K] product
+            return [lambda d, acc: _position_sum(d * normalised(module, x), acc) @ parts["weight"].to(acc).T]
+        dots = []
+        weight = parts.get("weight")
+        if weight is not None:
+            k, n_out, n_in = weight.shape[0], weight.shape[-2], weight.shape[-1]
+            if k * n_out <= n_in:
+                # keep x·V_kᵀ [K, .., out] (LoRA A: K·r numbers per token) rather than x [.., in]
+                projected = torch.einsum("...i,koi->k...o", x, weight.to(x.dtype))
+                dots.append(lambda d, acc: _summed(d, projected, acc))
+            else:
+                # keep x; at the backward contract on the input side, V_kᵀ δ_p [K, .., in]: for out > in (LoRA B,
+                # a head) K·in numbers per token instead of K·out (δ broadcast over K by matmul, not copied)
+                def lazy(d, acc):
+                    back = (d.reshape(-1, n_out) @ weight.to(d.dtype)).view(k, *d.shape[:-1], n_in)
+                    return _summed(x, back, acc)
+
+                dots.append(lazy)
+        if "bias" in parts:
+            dots.append(lambda d, acc: _position_sum(d, acc) @ parts["bias"].to(acc).T)
+        return dots
+
+    def _stacked_on_grad(self, kind: str, module, x: torch.Tensor, parts: dict):
+        """The hook on the output's gradient δ adding [rows, K] into the accumulator (stacked directions)."""
+        dots = self._stacked_dots(kind, module, x, parts)
+
+        def on_grad(delta):
+            acc = _at_least_float32(delta)  # float32 for half-precision models, float64 for float64 ones
+            rows = sum(dot(delta, acc) for dot in dots)
+            self.acc = rows if self.acc is None else self.acc + rows
+
+        return on_grad
+
     def take(self) -> torch.Tensor | None:
-        """The per-row sums accumulated since the last take (None if no hooked layer saw a gradient)."""
+        """The per-row sums accumulated since the last take, [rows] or stacked [rows, K] (None if no hooked
+        layer saw a gradient)."""
         out, self.acc = self.acc, None
         return out
 

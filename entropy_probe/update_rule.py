@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .artifacts.delta_h1 import ObservedRecord, StepsRecord, UpdateRecord
 from .errors import ProbeError
+from .loss_terms import LossTerms
 from .multi_step import StepChain
 from .update import (
     AdamState,
@@ -57,8 +58,15 @@ class UpdateRule:
     max_grad_norm_source: str | None = None
     observed: ObservedStep | None = None
     chain: StepChain | None = None  # several AdamW steps on U (None: the one on-policy step)
+    terms: LossTerms = LossTerms()  # an entropy bonus, a token mask (docs/math.md §12)
 
     def __post_init__(self) -> None:
+        if self.chain is not None and not self.terms.plain:
+            raise ProbeError(
+                f"an entropy bonus or token mask ({self.terms.describe()}) is emulated for one step per U batch, "
+                f"not {self.chain.steps}",
+                "set update.mini_batches: 1 and update.epochs: 1, or update.entropy_coef: 0 and update.token_mask: none",
+            )
         if (self.rule == "observed") != (self.observed is not None):
             raise ValueError("an observed step comes with rule 'observed', and only with it")
         if self.chain is not None and self.rule != "adam_step":
@@ -110,6 +118,10 @@ class UpdateRule:
             max_grad_norm=self.max_grad_norm,
             max_grad_norm_source=self.max_grad_norm_source,
             steps=None if self.chain is None else StepsRecord.of(self.chain),
+            entropy_coef=self.terms.entropy_coef or None,
+            kl_coef=self.terms.kl_coef or None,
+            token_mask=None if self.terms.token_mask == "none" else self.terms.token_mask,
+            token_mask_fraction=None if self.terms.token_mask == "none" else self.terms.mask_fraction,
         )
 
     def describe(self) -> str:
@@ -117,7 +129,10 @@ class UpdateRule:
         if self.observed is not None:
             return f"observed step to {self.observed.record.next_checkpoint}"
         steps = "" if self.chain is None else f", {self.chain.steps} steps"
-        return f"{self.rule} ({self.loss_agg_mode}, clip {self.max_grad_norm}, lr {self.learning_rate:.3g}{steps})"
+        terms = "" if self.terms.plain else f", {self.terms.describe()}"
+        return (
+            f"{self.rule} ({self.loss_agg_mode}, clip {self.max_grad_norm}, lr {self.learning_rate:.3g}{steps}{terms})"
+        )
 
 
 def max_grad_norm_of(setting: float | str | None, trainer_max_grad_norm: float | None) -> tuple[float | None, str]:
@@ -154,7 +169,13 @@ def resolve_update_rule(update, trainer_config: dict, state: AdamState, observed
         clip_source,
     )
     chain = step_chain(update, trainer_config)
-    return UpdateRule(update.rule, state, mode, why, max_len, max_grad_norm, clip_source, chain=chain)
+    kl_coef = update.kl_coef
+    if kl_coef == "auto":
+        kl_coef = trainer_config.get("beta") or 0.0
+        if kl_coef:
+            log.info("update: KL penalty β_KL %s from the trainer's beta", kl_coef)
+    terms = LossTerms(update.entropy_coef, update.token_mask, update.token_mask_fraction, float(kl_coef))
+    return UpdateRule(update.rule, state, mode, why, max_len, max_grad_norm, clip_source, chain=chain, terms=terms)
 
 
 def step_chain(update, trainer_config: dict) -> StepChain | None:

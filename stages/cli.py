@@ -65,6 +65,11 @@ STAGES: dict[str, tuple[str, Callable[[Params], str], str]] = {
         lambda p: p.paths.truth,
         "Ground-truth dH(eta): apply theta + (eta/lr) dtheta and re-measure.",
     ),
+    "whatif": (
+        "stages.whatif",
+        lambda p: p.paths.whatif,
+        "Per-token shares of dH1 over U, what-if updates and the entropy-neutral bonus, from delta-h1's Xbar.",
+    ),
     "report": (
         "stages.report",
         lambda p: p.paths.report,
@@ -87,6 +92,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "delta-h1": ("verify", "sample_e", "sample_u"),
     "exact": ("verify", "delta_h1", "sample_e"),
     "truth": ("delta_h1", "sample_e"),
+    "whatif": ("verify", "delta_h1", "sample_e", "sample_u"),
     "report": ("verify", "delta_h1", "exact", "truth"),
     "trajectory": (),
 }

@@ -32,10 +32,6 @@ def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
         require_policy_gradient(U, params.update.rule)
     if dry_run:
         return _plan(params, E, U, verified, out_dir)
-    if U is not None and verified.trainer_config.beta:
-        beta = verified.trainer_config.beta
-        log.warning("delta-h1: the trainer used a KL penalty (beta=%s); J here is the policy-gradient term only", beta)
-
     probe = Probe.from_verify(params)
     result = probe.delta_h1(E, U)
     distributed.on_rank0(lambda: result.save(out_dir))  # every process holds the same result; rank 0 writes it

@@ -8,6 +8,7 @@ Inputs, per probed checkpoint `name` (from `probe.checkpoints`; with an empty li
     <probe.root>/<name>/delta_h1/attributions.csv   required for the last checkpoint (top U groups)
     <probe.root>/<name>/exact/exact.json            optional (exact δH₁, exact ΔH(η))
     <probe.root>/<name>/truth/truth.json            optional (ΔH(η) by SNIS and by fresh samples)
+    <probe.root>/<name>/whatif/whatif.json          optional, last checkpoint (tokens and what-if rows)
 
 Outputs (all in one staged directory, so a failed run leaves nothing): report.md (also printed),
 report.json (`Report`: the table's numbers by checkpoint), metrics/<name>.json (`CheckpointMetrics`: the
@@ -27,6 +28,7 @@ from entropy_probe.artifacts.exact import ExactReport
 from entropy_probe.artifacts.report import CheckpointMetrics, Report
 from entropy_probe.artifacts.truth import TruthReport
 from entropy_probe.artifacts.verify import VerifyReport
+from entropy_probe.artifacts.whatif import WhatIfReport
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import Params
 from entropy_probe.reporting import (
@@ -41,6 +43,7 @@ from entropy_probe.reporting import (
     plot_top_u,
     top_u_groups,
 )
+from entropy_probe.whatif_result import whatif_markdown
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class CheckpointInputs:
     delta_h1: Path
     exact: Path  # optional
     truth: Path  # optional
+    whatif: Path  # optional (read for the last checkpoint)
 
     @property
     def attributions(self) -> Path:
@@ -67,7 +71,11 @@ class CheckpointInputs:
             ("optional", ExactReport.path(self.exact)),
             ("optional", TruthReport.path(self.truth)),
         ]
-        return wanted[:2] + [("required", self.attributions)] + wanted[2:] if last else wanted
+        if not last:
+            return wanted
+        return (
+            wanted[:2] + [("required", self.attributions)] + wanted[2:] + [("optional", WhatIfReport.path(self.whatif))]
+        )
 
 
 def checkpoint_inputs(params: Params) -> list[CheckpointInputs]:
@@ -76,7 +84,7 @@ def checkpoint_inputs(params: Params) -> list[CheckpointInputs]:
     if not probes:
         p = params.paths
         name = Path(params.checkpoint.path).name or "checkpoint"
-        return [CheckpointInputs(name, Path(p.verify), Path(p.delta_h1), Path(p.exact), Path(p.truth))]
+        return [CheckpointInputs(name, Path(p.verify), Path(p.delta_h1), Path(p.exact), Path(p.truth), Path(p.whatif))]
     names = [c.name for c in probes]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -85,7 +93,8 @@ def checkpoint_inputs(params: Params) -> list[CheckpointInputs]:
     if bad is not None:  # it names a directory under probe.root and a metrics file
         raise ProbeError(f"probe.checkpoints has the name {bad!r}, not a plain file name", "rename that checkpoint")
     root = Path(params.probe.root)
-    return [CheckpointInputs(n, *(root / n / sub for sub in ("verify", "delta_h1", "exact", "truth"))) for n in names]
+    subdirs = ("verify", "delta_h1", "exact", "truth", "whatif")
+    return [CheckpointInputs(n, *(root / n / sub for sub in subdirs)) for n in names]
 
 
 def _required(path: Path, name: str) -> Path:
@@ -146,6 +155,9 @@ def run(params: Params, out_dir: str | Path, dry_run: bool = False) -> str | Non
     top = top_u_groups(read_u_groups(inputs[-1].attributions, last))
     unit = UNITS[targets[0]]
     text = markdown(probes, top, last)
+    whatif_path = WhatIfReport.path(inputs[-1].whatif)
+    if whatif_path.exists():
+        text += "\n" + whatif_markdown(WhatIfReport.read(whatif_path.parent), last)
 
     with outputs.staged_output_dir(out_dir) as tmp:
         files.write_text(tmp / "report.md", text)

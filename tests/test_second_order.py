@@ -189,7 +189,7 @@ def test_bad_inputs_are_refused_in_one_line(model, tokenizer, layout, step):
         (dict(fd_eps=-1e-2), "second_order.fd_eps"),
         (dict(e_weights=torch.ones(3) / 3), "E weights have shape"),
         # float32 cannot represent θ + 1e-9·Δθ: the shift would round away (to 0 for most parameters)
-        (dict(fd_eps=1e-9), "raise second_order.fd_eps, or load the adapter in float32"),
+        (dict(fd_eps=1e-9), "raise second_order.fd_eps, or load the trainable weights in float32"),
     ]
     for change, message in cases:
         kw = {"delta_theta": step, **change}

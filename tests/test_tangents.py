@@ -208,3 +208,122 @@ def test_microbatches_change_nothing(e_batch):
             assert_close_scaled(x, y, float(y.norm()), FP64_REL, f"X̄ at budget {budget}")
         for x, y in zip(split[1:], whole[1:]):
             assert_close_scaled(x, y, float(y.norm()), FP64_REL, f"tangents at budget {budget}")
+
+
+def mixed_model():
+    """A tiny Qwen2 whose head is tied to its embedding (the pad row off zero), with LoRA (biases too) on q/v,
+    training besides the adapters the embedding (so the head), every RMSNorm and k_proj's weight and bias:
+    every kind the row hooks know, and both Linear branches (lora_A keeps x·Vᵀ, the others keep x)."""
+    from peft import LoraConfig, get_peft_model
+
+    from entropy_probe.tiny import build_model
+
+    torch.manual_seed(0)
+    base = build_model(hidden_size=32, seed=5, tie_word_embeddings=True)
+    with torch.no_grad():
+        pad = base.model.embed_tokens.padding_idx
+        base.model.embed_tokens.weight[pad] = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    config = LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        lora_bias=True,
+    )  # fmt: skip
+    model = get_peft_model(base, config).eval()
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "norm" in name or ".k_proj." in name:
+            p.requires_grad_(True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def mixed(tokenizer):
+    """(the float64 mixed model, a batch of it with the pad token as one real response token)."""
+    model = mixed_model()
+    batch = sample_u(model, tokenizer, n_groups=4, G=4, seed=31)
+    batch.input_ids[0, batch.n_prompt_cols] = model.get_input_embeddings().padding_idx
+    return as_float64(copy.deepcopy(model)), batch
+
+
+def stacked_directions(params, K: int, seed: int):
+    """K random directions (lists shaped like params) and the same stacked, [K, *param.shape] per parameter."""
+    singles = [random_direction(params, seed + k) for k in range(K)]
+    return singles, [torch.stack(vs) for vs in zip(*singles)]
+
+
+def test_stacked_row_hooks_equal_one_direction_at_a_time(mixed):
+    """K = 3 directions from one backward: column k equals the single-direction hooks along v_k (and the double
+    backward), for the trainer's gradient (padding row 0) and the true one."""
+    from entropy_probe.policy import true_embedding_gradients
+
+    m64, U = mixed
+    named = trainable(m64)
+    names, params = list(named), list(named.values())
+    plan = RowDirectional(m64, names, params).plan
+    assert RowDirectional.supports(m64, names) and "lm_head.weight" not in names
+    assert m64.get_output_embeddings().weight is m64.get_input_embeddings().weight
+    assert {type(m).__name__ for m, _, _ in plan} == {"Embedding", "Linear", "Qwen2RMSNorm"}
+    linear_shapes = [m.weight.shape for m, kind, parts in plan if kind == "linear" and "weight" in parts]
+    assert {3 * o <= i for o, i in linear_shapes} == {True, False}  # both branches for K = 3
+    coef = pg_coefficients(U.tensors["advantages"], U.mask, "token-mean").double()
+    singles, stacked = stacked_directions(params, 3, seed=11)
+
+    def row_dots(direction, is_stacked: bool) -> torch.Tensor:
+        with RowDirectional(m64, names, direction, stacked=is_stacked) as hooks:
+            stats = U.score(m64, slice(0, len(U)), entropies=False)
+            torch.autograd.grad([stats.logprobs], params, grad_outputs=[coef], allow_unused=True)
+            return hooks.take()
+
+    pad_rows = []
+    for context in (contextlib.nullcontext, lambda: true_embedding_gradients(m64)):
+        with context():
+            together = row_dots(stacked, True)
+            assert together.shape == (len(U), 3) and together.dtype == torch.float64
+            for k, v in enumerate(singles):
+                stats = U.score(m64, slice(0, len(U)), entropies=False)
+                _, (dlogp,) = grad_and_tangents([stats.logprobs], [U.mask.double()], params, v)
+                scale = sum_scale(coef * dlogp)
+                assert_close_scaled(together[:, k], row_dots(v, False), scale, FP64_REL, f"stacked vs single, v_{k}")
+                assert_close_scaled(together[:, k], (coef * dlogp).sum(-1), scale, FP64_REL, "vs double backward")
+        pad_rows.append(together[0])
+    assert (pad_rows[0] - pad_rows[1]).abs().min() > 1e-9  # the padding_idx mask mattered (the pad row differs)
+
+
+def test_stacked_directions_must_share_one_k(mixed):
+    m64, _ = mixed
+    named = trainable(m64)
+    names, params = list(named), list(named.values())
+    _, stacked = stacked_directions(params, 2, seed=0)
+    with pytest.raises(ValueError, match="one K"):
+        RowDirectional(m64, names, [stacked[0][:1], *stacked[1:]], stacked=True)
+    with pytest.raises(ValueError, match="one K"):
+        RowDirectional(m64, names, random_direction(params, seed=0), stacked=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entropy_rows_stacked_equal_one_direction_at_a_time(mixed, target):
+    """entropy_rows along K = 3 stacked directions, over several microbatches: the same X̄, each row column and
+    token_mean's β as three single-direction passes (and the per-token tangents of the double backward)."""
+    from entropy_probe.passes import entropy_pass, entropy_rows
+    from entropy_probe.update import FlatLayout
+
+    m64, E = mixed
+    named = trainable(m64)
+    names, params = list(named), list(named.values())
+    coefs = entropy_coefficients(E.tensors["entropies"].double(), E.mask, target=target, baseline="mean")
+    singles, stacked = stacked_directions(params, 3, seed=21)
+    assert 1 < len(E.slices(30)) < len(E)
+    xbar, rows, beta = entropy_rows(m64, params, names, E, coefs, stacked, 30, stacked=True)
+    assert rows.shape == (len(E), 3) and (beta is None) == (target != "token_mean")
+    w = coefs.weights[:, None].double()
+    for k, v in enumerate(singles):
+        xbar_k, rows_k, beta_k = entropy_rows(m64, params, names, E, coefs, v, 30)
+        assert torch.equal(xbar, xbar_k)  # the hooks never touch the gradients
+        _, dH, dlogp = entropy_pass(m64, params, FlatLayout.from_named(named), E, coefs, v, 30)
+        terms = (coefs.a * w * dH, coefs.c * w * dlogp)
+        scale = sum_scale(*terms)
+        assert_close_scaled(rows[:, k], rows_k, scale, FP64_REL, f"{target}: stacked vs single rows, v_{k}")
+        assert_close_scaled(rows[:, k], sum(terms).sum(-1), scale, FP64_REL, f"{target}: rows vs tangents")
+        if beta is not None:
+            beta_scale = sum_scale(coefs.len_c * w * dlogp)
+            assert beta.shape == (3,) and beta_k.shape == ()
+            assert_close_scaled(beta[k], beta_k, beta_scale, FP64_REL, f"stacked vs single β, v_{k}")
+            assert_close_scaled(beta[k], (coefs.len_c * w * dlogp).sum(), beta_scale, FP64_REL, "β vs tangents")

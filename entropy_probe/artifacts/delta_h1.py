@@ -127,6 +127,11 @@ class UpdateRecord(_Sparse):
     max_grad_norm_source: str | None = None
     observed: ObservedRecord | None = None
     steps: StepsRecord | None = None  # several steps per U batch (None: one)
+    # the trainer's loss beyond the policy-gradient term (`loss_terms`; None: absent)
+    entropy_coef: float | None = None
+    token_mask: Literal["top_cov", "top_entropy", "bottom_entropy"] | None = None
+    token_mask_fraction: float | None = None
+    kl_coef: float | None = None
 
     @model_validator(mode="after")
     def _fields_of_the_rule(self) -> "UpdateRecord":
