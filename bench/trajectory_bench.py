@@ -9,7 +9,8 @@ The same random Qwen2 + LoRA, random-id E and U batches and synthetic AdamW stat
     plain            = a trainer's step: plain fwd+bwd over U's tokens (`plain_forward_backward([U])`)
     forecast         = compute_delta_h1(E, U) (U's per-group gradients cached) + K trainer draws
                        (resample_groups → simulate_trainer_draws with taylor = second_order.taylor_rows,
-                       fd_eps 0.01) + summarise: what `Probe.forecast` runs, without its δH₂ along the pool's
+                       fd_eps 0.01; with --exact-draws < K simulate_trainer_draws_shared: one shared finite
+                       difference around the mean step and that many own ones) + summarise: what `Probe.forecast` runs, without its δH₂ along the pool's
                        own Δθ (`with_second_order=True`), which is not timed here
     sampled_observed = observed_entropy.sampled_delta_h along Δθ = the forecast's est.delta_theta: two
                        teacher-forcing passes over an E batch of B_obs prompts and two fresh draws
@@ -54,13 +55,18 @@ from bench import (  # noqa: E402
     to_batches,
 )
 from entropy_probe.delta_h1 import compute_delta_h1  # noqa: E402
-from entropy_probe.forecast import resample_groups, simulate_trainer_draws, summarise  # noqa: E402
+from entropy_probe.forecast import (  # noqa: E402
+    resample_groups,
+    simulate_trainer_draws,
+    simulate_trainer_draws_shared,
+    summarise,
+)
 from entropy_probe.generation import GenerationSpec, generate_responses  # noqa: E402
 from entropy_probe.ground_truth import FreshSampling  # noqa: E402
 from entropy_probe.observed_entropy import sampled_delta_h  # noqa: E402
 from entropy_probe.params import EstimatorParams  # noqa: E402
 from entropy_probe.scoring import Batch  # noqa: E402
-from entropy_probe.second_order import taylor_rows  # noqa: E402
+from entropy_probe.second_order import shifted_estimates, taylor_rows  # noqa: E402
 from entropy_probe.specs import ComputeBudget  # noqa: E402
 
 FD_EPS = 0.01
@@ -72,6 +78,10 @@ def parse_args(argv):
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen2.5-0.5b")
     ap.add_argument("--layers", type=int, default=None, help="keep fewer decoder layers")
     ap.add_argument("--draws", type=int, default=16, help="K simulated trainer draws")
+    ap.add_argument(
+        "--exact-draws", type=int, default=None,
+        help="draws with their own δH₂ finite difference, the rest shared (trajectory.exact_draws); default: all K",
+    )  # fmt: skip
     ap.add_argument("--trainer-groups", type=int, default=1, help="B_T: prompt groups per trainer draw (< B_U)")
     ap.add_argument("--b-obs", type=int, default=64, help="B_obs prompts of the sampled ΔH_obs")
     ap.add_argument("--obs-new-tokens", type=int, default=32, help="max new tokens of the sampled ΔH_obs draws")
@@ -138,8 +148,20 @@ def main(argv=None) -> dict:
             times.append(time.perf_counter() - start)
             return first, second
 
+        def shifted(mean_delta, deltas):
+            start = time.perf_counter()
+            points = shifted_estimates(
+                model, E, layout, mean_delta, est_params, max_tokens, (0.0, FD_EPS, -FD_EPS), None, False, deltas
+            )
+            state["shared_s"] = time.perf_counter() - start
+            return points[FD_EPS].influence, points[-FD_EPS].influence, FD_EPS
+
         draws = resample_groups(n_pool, args.trainer_groups, args.draws, seed=0)
-        sim = simulate_trainer_draws(spec, est.u_group_gradients, est.u_group_denominators, draws, taylor)
+        groups, shares = est.u_group_gradients, est.u_group_denominators
+        if args.exact_draws is None or args.exact_draws >= args.draws:
+            sim = simulate_trainer_draws(spec, groups, shares, draws, taylor)
+        else:
+            sim = simulate_trainer_draws_shared(spec, groups, shares, draws, shifted, taylor, args.exact_draws)
         f = summarise(sim, n_pool, args.trainer_groups)
         draw_times.extend(times)
         phases.append({"compute_delta_h1": t_h1, "draws_taylor": sum(times), **est.timings})
@@ -216,9 +238,11 @@ def main(argv=None) -> dict:
         "forecast_phases_s": rounded({k: statistics.median(p[k] for p in phases) for k in phases[0]}),
         "draw_times_s": [round(x, 3) for x in draw_times],
         "per_draw_s": round(per_draw, 3),
+        "shared_difference_s": round(state.get("shared_s", 0.0), 3),  # the two stacked passes around Δθ̄
         "config": {
             **cfg,
             "draws_K": args.draws,
+            "exact_draws": args.draws if args.exact_draws is None else min(args.exact_draws, args.draws),
             "trainer_groups_B_T": args.trainer_groups,
             "pool_groups": state["n_pool"],
             "B_obs": args.b_obs,

@@ -123,6 +123,54 @@ def simulate_trainer_draws(
     )
 
 
+def control_variate_second(d_rows: Tensor, exact: dict[int, Tensor]) -> Tensor:
+    """[K, N] per-row δH₂ along every draw from one finite difference around the mean step (docs/math.md §11.4).
+
+    d_rows[S, i] = Δθ̄ᵀ H_i Δθ_S (the derivative along Δθ_S of ψ_i shifted along Δθ̄). With Δθ_S = Δθ̄ + e_S,
+    ½ Δθ_Sᵀ H_i Δθ_S = d_Si − ½ mean_S d_Si + ½ e_Sᵀ H_i e_S: the first two terms are kept for every draw, and
+    the last — the draws' own curvature — is estimated per row as the mean residual over the draws in `exact`
+    ({S: their δH₂ rows from their own finite difference}), which keep their exact values.
+    """
+    second = d_rows - 0.5 * d_rows.mean(0, keepdim=True)
+    if exact:
+        residual = torch.stack([exact[k] - second[k] for k in exact]).mean(0)
+        second = second + residual
+        for k, rows in exact.items():
+            second[k] = rows
+    return second
+
+
+def simulate_trainer_draws_shared(
+    update: UpdateRule,
+    g_groups: Tensor,
+    denominators: Tensor,
+    draws: Tensor,
+    shifted: Callable[[Tensor, list[Tensor]], tuple[Tensor, Tensor, float]],
+    taylor: Callable[[Tensor], tuple[Tensor, Tensor]],
+    exact_draws: int,
+    reference: Tensor | None = None,
+) -> TrainerDraws:
+    """`simulate_trainer_draws` with one shared finite difference: `shifted(Δθ̄, [Δθ_S])` → ψ_i(±ε) [N, K] of
+    every draw's direction at θ ± εΔθ̄, and ε (two stacked E backward passes for all K draws); δH₁ rows from
+    their mean, δH₂ rows by `control_variate_second` with the first `exact_draws` draws (random, as all draws
+    are) also through `taylor`. Holds the K steps Δθ_S at once (K × P floats)."""
+    deltas = [update.delta_theta(draw_gradient(g_groups, denominators, draw)) for draw in draws]
+    mean_delta = torch.stack(deltas).mean(0)
+    plus, minus, eps = shifted(mean_delta, deltas)
+    first = (0.5 * (plus + minus)).T.double()
+    d_rows = ((plus - minus) / (2.0 * eps)).T.double()
+    exact = {k: taylor(deltas[k])[1].double() for k in range(min(exact_draws, len(deltas)))}
+    as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return TrainerDraws(
+        first_rows=first,
+        second_rows=control_variate_second(d_rows, exact),
+        mean_delta_theta=mean_delta,
+        norm=as_t([float(d.norm()) for d in deltas]),
+        cos_reference=None if reference is None else as_t([_cos(d, reference.double()) for d in deltas]),
+        cos_next=as_t([_cos(b, a) for a, b in zip(deltas, deltas[1:])]),
+    )
+
+
 @dataclass(frozen=True)
 class Forecast:
     """The trainer's next ΔH: F̄ ± SE (the probe's uncertainty) and σ_T (the trainer's own draw), with the
@@ -208,6 +256,8 @@ __all__ = [
     "check_pool",
     "draw_gradient",
     "resample_groups",
+    "control_variate_second",
     "simulate_trainer_draws",
+    "simulate_trainer_draws_shared",
     "summarise",
 ]

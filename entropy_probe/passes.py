@@ -117,6 +117,37 @@ def entropy_rows(
     return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
 
 
+# bytes of stacked directions (K × trainable parameters) one E backward carries; more directions take more passes
+STACKED_BYTES = 1 << 30
+
+
+def influence_along(
+    model, E: Batch, layout: FlatLayout, coefs: EntropyCoefs, along: list[torch.Tensor], max_tokens: int
+):
+    """[N, K] influence values ψ_i (`EntropyCoefs.influence`, §5.1) of X̄·v_k for K flat directions v_k at the
+    model's current θ: one E backward with stacked row hooks (§6.2) per STACKED_BYTES of directions (per-token
+    tangents, one pass per direction, where a module using a trainable tensor has no hook rule)."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in layout.names]
+    dtype = accumulation_dtype(params[0])
+    if not RowDirectional.supports(model, layout.names):
+        columns = []
+        for v in along:
+            direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(v.to(dtype)).values(), params)]
+            _, dH, dlogp = entropy_pass(model, params, layout, E, coefs, direction, max_tokens)
+            columns.append(coefs.influence(dH, dlogp))
+        return torch.stack(columns, dim=1)
+    per_pass = max(1, STACKED_BYTES // (layout.numel * params[0].element_size()))
+    columns = []
+    for start in range(0, len(along), per_pass):
+        chunk = along[start : start + per_pass]
+        split = [[d.to(p.dtype) for d, p in zip(layout.unflatten(v.to(dtype)).values(), params)] for v in chunk]
+        stacked = [torch.stack(parts) for parts in zip(*split)]
+        _, ws, beta = entropy_rows(model, params, layout.names, E, coefs, stacked, max_tokens, stacked=True)
+        columns += [coefs.influence_from_rows(ws[:, k], None if beta is None else beta[k]) for k in range(len(chunk))]
+    return torch.stack(columns, dim=1)
+
+
 def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
     """The hooks' per-row sums of the last backward ([rows], stacked [rows, K]); 0 only when no parameter got a
     gradient either."""

@@ -37,7 +37,15 @@ from .artifacts.truth import TruthReport
 from .delta_h1 import DeltaH1Estimate, compute_delta_h1
 from .errors import ProbeError
 from .files import write_text
-from .forecast import NO_GROUP_GRADIENTS, Forecast, TrainerDraws, check_pool, resample_groups, simulate_trainer_draws
+from .forecast import (
+    NO_GROUP_GRADIENTS,
+    Forecast,
+    TrainerDraws,
+    check_pool,
+    resample_groups,
+    simulate_trainer_draws,
+    simulate_trainer_draws_shared,
+)
 from .forecast import summarise as summarise_forecast
 from .generation import make_plan
 from .importance import Reuse, reuse_weights
@@ -46,7 +54,7 @@ from .outputs import staged_output_dir
 from .params import Params
 from .sampling import SamplerInfo, draw, sampler_info
 from .scoring import Batch
-from .second_order import second_order, taylor_rows
+from .second_order import second_order, shifted_estimates, taylor_rows
 from .specs import ComputeBudget, SecondOrderSpec
 from .trainer_config import TrainerSettings
 from .update import FlatLayout, realised_step
@@ -57,7 +65,9 @@ from .whatif_result import build as build_whatif
 
 log = logging.getLogger(__name__)
 
-IN_MEMORY = "in-memory"  # the fingerprint of a probe built from live objects (no checkpoint files)
+IN_MEMORY = "in-memory"
+# the shared finite difference of the forecast holds all K steps Δθ_S (float64); above this, one draw at a time
+SHARED_DRAW_BYTES = 2 << 30  # the fingerprint of a probe built from live objects (no checkpoint files)
 
 
 @dataclass
@@ -352,13 +362,16 @@ class Probe:
         n_draws: int = 16,
         seed: int = 0,
         reference: torch.Tensor | None = None,
+        exact_draws: int | None = None,
     ) -> ForecastResult:
         """The trainer's next ΔH: δH₁ + δH₂ along steps of the trainer's batch size (`trainer_groups` prompts),
         each a draw of U's groups taken through the real update rule, K = `n_draws` of them (docs/math.md §11.2).
 
         U is the pool (more groups than the trainer's batch); the pool's own δH₁ result (with δH₂ and the
         linear-regime verdict along its Δθ) comes along. `reference`: a flat Δθ (e.g. the
-        observed step) the draws' cosines are measured against."""
+        observed step) the draws' cosines are measured against. `exact_draws` (default trajectory.exact_draws):
+        below K, every draw's δH₂ comes from one shared finite difference around the mean step and only that many
+        draws get their own (docs/math.md §11.4); K or more: each draw its own (2 E backward passes per draw)."""
         update = update if update is not None else self.update_rule()
         if not update.emulated:
             raise ProbeError(
@@ -386,8 +399,21 @@ class Probe:
             )
             return first, second
 
+        def shifted(mean_delta: torch.Tensor, deltas: list[torch.Tensor]):
+            steps = (0.0, fd_eps, -fd_eps)
+            points = shifted_estimates(
+                self.model, batch, self.layout, mean_delta, self.params.estimator, max_tokens, steps, e_weights,
+                pass_at_zero=False, along=deltas,
+            )  # fmt: skip
+            return points[fd_eps].influence, points[-fd_eps].influence, fd_eps
+
         draws = resample_groups(n_pool, trainer_groups, n_draws, seed)
-        sim = simulate_trainer_draws(update, est.u_group_gradients, est.u_group_denominators, draws, taylor, reference)
+        groups, shares = est.u_group_gradients, est.u_group_denominators
+        exact_draws = self.params.trajectory.exact_draws if exact_draws is None else exact_draws
+        if exact_draws >= n_draws or n_draws * self.layout.numel * 8 > SHARED_DRAW_BYTES:
+            sim = simulate_trainer_draws(update, groups, shares, draws, taylor, reference)
+        else:
+            sim = simulate_trainer_draws_shared(update, groups, shares, draws, shifted, taylor, exact_draws, reference)
         return ForecastResult(summarise_forecast(sim, n_pool, trainer_groups), sim, result)
 
     def whatif(self, E: Samples, U: Samples, result: DeltaH1Result, update: UpdateRule | None = None) -> WhatIfResult:

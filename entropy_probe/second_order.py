@@ -27,7 +27,7 @@ import torch
 from .errors import ProbeError
 from .estimators import EntropyCoefs, entropy_coefficients
 from .importance import importance_weights, standard_error
-from .passes import entropy_pass, entropy_rows
+from .passes import entropy_pass, entropy_rows, influence_along
 from .perturb import perturbed
 from .scoring import Batch, accumulation_dtype
 from .specs import SecondOrderSpec
@@ -148,9 +148,12 @@ def shifted_estimates(
     steps,
     e_weights=None,
     pass_at_zero: bool = True,
+    along: list[torch.Tensor] | None = None,
 ) -> dict[float, ShiftedEstimate]:
     """D(s) = ∇H(θ + sΔθ)·Δθ for every s in `steps` (0 among them), from the samples drawn at θ.
     pass_at_zero=False: s = 0 is only re-scored (the weights' reference) and left out of the result.
+    along: K flat directions v_k to take the derivative along instead of Δθ (θ still shifted along Δθ):
+    ψ_i(s) is then [N, K], ∇H_i(θ + sΔθ)·v_k, from one stacked E backward per s (`passes.influence_along`).
 
     At each s (the model shifted in place, restored bit-exactly): re-score E without gradient, weights
     w_i(s) ∝ e_w,i · exp(ℓ_i(s) − ℓ_i(0)) (ℓ_i = Σ_k log π(y_ik), teacher-forced at both points, so they
@@ -193,7 +196,9 @@ def shifted_estimates(
                 continue
             weights, ess = importance_weights(base_log_weight + shift_log_ratio, "lower second_order.fd_eps")
             coefs = _coefficients(stats, E, estimator, weights)
-            if hooks_work:  # one ordinary backward with row hooks (docs/math.md §6.2)
+            if along is not None:
+                psi = influence_along(model, E, layout, coefs, along, max_tokens)
+            elif hooks_work:  # one ordinary backward with row hooks (docs/math.md §6.2)
                 _, ws, beta = entropy_rows(model, params, layout.names, E, coefs, direction, max_tokens)
                 psi = coefs.influence_from_rows(ws, beta)
             else:  # per-token tangents by double backward (§6.1)

@@ -29,7 +29,6 @@ from .delta_h1 import (
     UGradient,
     as_direction,
     e_coefficients,
-    e_gradient,
     nonzero_advantage_groups,
     trainable_parameters,
     u_coefficients,
@@ -37,10 +36,9 @@ from .delta_h1 import (
 )
 from .importance import standard_error
 from .loss_terms import LossTerms, UCoefficients
-from .passes import entropy_rows, group_gradients, policy_gradient, u_token_terms
+from .passes import group_gradients, influence_along, policy_gradient, u_token_terms
 from .scoring import Batch, accumulation_dtype
 from .specs import ComputeBudget
-from .tangents import RowDirectional
 from .update import group_advantages, group_denominators, jackknife_se
 from .update_rule import UpdateRule
 
@@ -168,22 +166,14 @@ def _bisect(f, inside: float, outside: float) -> float:
     return 0.5 * (inside + outside)
 
 
-def e_rows_along(model, layout, E: Batch, estimator, e_weights, directions: list[Tensor], budget, clock):
-    """(X̄, [ψ_k [N]] per direction): δH₁_k = mean ψ_k and SE_E,k from one E backward with stacked row hooks (one
-    E pass per direction when a trainable tensor's module has no hook rule)."""
-    params = trainable_parameters(model, layout)
-    if not RowDirectional.supports(model, layout.names):
-        results = [e_gradient(model, layout, E, estimator, e_weights, d, budget, clock) for d in directions]
-        return results[0].xbar, [r.psi for r in results]
-    dtype = accumulation_dtype(params[0])
+def e_rows_along(
+    model, layout, E: Batch, estimator, e_weights, directions: list[Tensor], budget, clock
+) -> list[Tensor]:
+    """[ψ_k [N]] per direction: δH₁_k = mean ψ_k and SE_E,k from one E backward with stacked row hooks."""
+    dtype = accumulation_dtype(trainable_parameters(model, layout)[0])
     coefs = e_coefficients(E, estimator, estimator.entropy, e_weights, dtype)
-    per_direction = [as_direction(d, layout, params) for d in directions]
-    stacked = [torch.stack(parts) for parts in zip(*per_direction)]
-    xbar, rows, beta = clock(
-        "e_rows", entropy_rows, model, params, layout.names, E, coefs, stacked, budget.max_tokens, stacked=True
-    )
-    psis = [coefs.influence_from_rows(rows[:, k], None if beta is None else beta[k]) for k in range(len(directions))]
-    return xbar, psis
+    psi = clock("e_rows", influence_along, model, E, layout, coefs, directions, budget.max_tokens)
+    return list(psi.unbind(1))
 
 
 def token_pass(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xbar: Tensor, budget, clock):
@@ -279,7 +269,7 @@ def what_if(
     del base_ug, h_groups
 
     directions = [o.delta_theta for o in outcomes.values()]
-    _, psis = e_rows_along(model, layout, E, estimator, e_w, directions, budget, clock)
+    psis = e_rows_along(model, layout, E, estimator, e_w, directions, budget, clock)
     for outcome, psi in zip(outcomes.values(), psis):
         outcome.se_E = standard_error(psi)
     base, at_beta = outcomes.pop("configured"), outcomes.pop("entropy-neutral", None)

@@ -7,15 +7,18 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from entropy_probe.errors import ProbeError
 from entropy_probe.forecast import (
     TrainerDraws,
     check_pool,
+    control_variate_second,
     draw_gradient,
     draw_spread,
     resample_groups,
     simulate_trainer_draws,
+    simulate_trainer_draws_shared,
     summarise,
 )
 from entropy_probe.update import AdamState
@@ -103,6 +106,73 @@ def test_simulated_draws_go_through_the_rule():
     torch.testing.assert_close(out.mean_delta_theta, torch.stack(seen).mean(0), rtol=1e-14, atol=1e-16)
     assert out.cos_reference[0] == pytest.approx(float(seen[0][0] / seen[0].norm()), rel=1e-14)
     assert out.cos_next.shape == (4,) and out.norm[2] == pytest.approx(float(seen[2].norm()), rel=1e-15)
+
+
+def _quadratic_rows(curvatures: Tensor, deltas: Tensor, x: Tensor):
+    """Row i's entropy as a quadratic in θ: ψ_i(θ + sΔθ̄) along v = x_i·v + s Δθ̄ᵀ H_i v with H_i = c_i I, and the
+    exact per-row δH₂ ½ Δθᵀ H_i Δθ of each step."""
+    mean = deltas.mean(0)
+    d_rows = curvatures[None, :] * (deltas @ mean)[:, None]  # [K, N] Δθ̄ᵀ H_i Δθ_S
+    exact = 0.5 * curvatures[None, :] * (deltas * deltas).sum(1)[:, None]
+    return d_rows, exact
+
+
+def test_control_variate_second_is_exact_for_draws_of_one_spread():
+    """H_i = c_i I and every e_S = Δθ_S − Δθ̄ of one length: ½ e_Sᵀ H_i e_S is the same for all draws, so one
+    exactly computed draw corrects every other to the exact δH₂; with none, the estimate misses exactly that term;
+    identical draws need no correction at all."""
+    gen = torch.Generator().manual_seed(5)
+    p, n = 5, 4
+    curvatures = torch.randn(n, generator=gen, dtype=torch.float64)
+    base = torch.randn(p, generator=gen, dtype=torch.float64)
+    spread = torch.randn(p, generator=gen, dtype=torch.float64)
+    deltas = torch.stack([base + spread, base - spread])  # Δθ̄ = base, e_S = ±spread: one length
+    d_rows, exact = _quadratic_rows(curvatures, deltas, torch.zeros(n))
+    e = deltas - deltas.mean(0)
+    missing = 0.5 * curvatures[None, :] * (e * e).sum(1)[:, None]
+    torch.testing.assert_close(control_variate_second(d_rows, {}), exact - missing, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(control_variate_second(d_rows, {0: exact[0]}), exact, rtol=1e-12, atol=1e-14)
+    same = base.expand(3, p).clone()
+    d_same, exact_same = _quadratic_rows(curvatures, same, torch.zeros(n))
+    torch.testing.assert_close(control_variate_second(d_same, {}), exact_same, rtol=1e-12, atol=1e-14)
+
+
+def test_shared_draws_equal_their_own_finite_differences_on_a_quadratic():
+    """simulate_trainer_draws_shared against simulate_trainer_draws when every row is a quadratic with H_i = c_i I:
+    the first-order rows are equal, and δH₂ rows too up to the draws' own curvature term, which the exactly
+    computed draws correct (here: to its mean over those draws)."""
+    gen = torch.Generator().manual_seed(6)
+    g_groups = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    denominators = torch.ones(6, dtype=torch.float64)
+    draws = resample_groups(6, 3, 8, seed=1)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)  # X_i
+    curvatures = torch.randn(5, generator=gen, dtype=torch.float64)
+    eps = 1e-3
+
+    def psi(theta_shift: Tensor, v: Tensor) -> Tensor:  # ψ_i at θ + shift, along v: x_i·v + shiftᵀ H_i v
+        return x @ v + curvatures * float(theta_shift @ v)
+
+    def taylor(delta):
+        plus, minus = psi(eps * delta, delta), psi(-eps * delta, delta)
+        return 0.5 * (plus + minus), (plus - minus) / (4 * eps)
+
+    def shifted(mean_delta, deltas):
+        plus = torch.stack([psi(eps * mean_delta, d) for d in deltas], dim=1)
+        minus = torch.stack([psi(-eps * mean_delta, d) for d in deltas], dim=1)
+        return plus, minus, eps
+
+    rule = _sgd_rule(4)
+    own = simulate_trainer_draws(rule, g_groups, denominators, draws, taylor)
+    shared = simulate_trainer_draws_shared(rule, g_groups, denominators, draws, shifted, taylor, exact_draws=3)
+    torch.testing.assert_close(shared.first_rows, own.first_rows, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(shared.second_rows[:3], own.second_rows[:3], rtol=1e-12, atol=1e-14)
+    deltas = torch.stack([rule.delta_theta(draw_gradient(g_groups, denominators, d)) for d in draws])
+    e2 = ((deltas - deltas.mean(0)) ** 2).sum(1)
+    error = shared.second_rows - own.second_rows  # ½ c_i (mean over the exact draws of |e|² − |e_S|²)
+    expected = 0.5 * curvatures[None, :] * (e2[:3].mean() - e2)[:, None]
+    torch.testing.assert_close(error[3:], expected[3:], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(shared.mean_delta_theta, own.mean_delta_theta, rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(shared.norm, own.norm, rtol=1e-14, atol=0)
 
 
 def test_the_pool_must_be_larger_than_the_trainers_batch():
