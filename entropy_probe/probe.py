@@ -143,6 +143,7 @@ class Probe:
         *,
         fingerprint: str = IN_MEMORY,
         paths=None,
+        reward=None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -151,6 +152,7 @@ class Probe:
         self.params = params if params is not None else Params()
         self.fingerprint = fingerprint
         self.paths = paths  # the checkpoint's files (None: in memory)
+        self.reward = reward  # a task.BatchReward for U (e.g. the trainer's own); None: batch_config.reward_fn
         self.layout = self.learning_rate = None
         if optimizer is not None:
             self.layout = FlatLayout.from_named(dict(model.named_parameters()), optimizer.names)
@@ -252,7 +254,8 @@ class Probe:
 
     def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
         plan = distributed.on_rank0(lambda: make_plan(self.params, kind, len(self.prompt_set), n, seed))
-        return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, self.sampler_info(kind), kind)
+        info = self.sampler_info(kind)
+        return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, info, kind, self.reward)
 
     def sample_e(self, n: int | None = None, seed: int | None = None) -> Samples:
         """The E batch: n prompts (default batch_config.B_E) drawn with replacement, one response each."""

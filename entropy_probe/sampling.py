@@ -71,34 +71,55 @@ def sampler_info(params, trainer, fingerprint: str, kind: str, checkpoint_path: 
     return SamplerInfo(checkpoint_path, fingerprint, load, temperature, t_source, scale)
 
 
-def rewards_and_advantages(batch_config, advantage, scale: bool, plan: Plan, prompt_set, responses) -> dict:
-    """rewards r_i of the decoded responses, group advantages A_i (docs/math.md §4.1) and group_index."""
-    reward_fn = task.get_reward_fn(batch_config.reward_fn)
+def rewards_and_advantages(
+    batch_config, advantage, scale: bool, plan: Plan, prompt_set, responses, reward=None, completion_ids=None
+) -> dict:
+    """rewards r_i of the decoded responses, group advantages A_i (docs/math.md §4.1) and group_index.
+    reward: a `task.BatchReward` used instead of batch_config.reward_fn (e.g. the trainer's own)."""
     answers = [prompt_set.answers[i] for i in plan.rows.tolist()]
     prompts = [prompt_set.prompts[i] for i in plan.rows.tolist()]
-    rewards = torch.tensor(task.score_responses(reward_fn, responses, answers, prompts), dtype=torch.float32)
+    if reward is None:
+        values = task.score_responses(task.get_reward_fn(batch_config.reward_fn), responses, answers, prompts)
+    else:
+        values = task.score_batch(reward, prompts, responses, answers, completion_ids)
+    rewards = torch.tensor(values, dtype=torch.float32)
     grouped = rewards.view(plan.n_prompts, plan.G)
     advantages = group_advantages(grouped, scale, advantage.eps).reshape(-1).float()
     group_index = torch.arange(plan.n_prompts).repeat_interleave(plan.G)
     return {"rewards": rewards, "advantages": advantages, "group_index": group_index}
 
 
-def lay_out(params, plan: Plan, prompt_set, spec: GenerationSpec, info: SamplerInfo, tokenizer, batches) -> Samples:
+def lay_out(
+    params, plan: Plan, prompt_set, spec: GenerationSpec, info: SamplerInfo, tokenizer, batches, reward=None
+) -> Samples:
     """Generate batches (all of them, in batch order) in one layout (global P and R), with (U) rewards and
-    advantages, and metadata. `params`: Params (batch_config, advantage)."""
+    advantages, and metadata. `params`: Params (batch_config, advantage); reward: see `rewards_and_advantages`."""
     placed = place_batches(batches, special_ids(tokenizer)[1])
     placed["prompt_index"] = plan.rows
     if info.scale is not None:
         responses = decode_responses(tokenizer, placed)
+        ids = response_token_ids(placed)
         placed.update(
-            rewards_and_advantages(params.batch_config, params.advantage, info.scale, plan, prompt_set, responses)
+            rewards_and_advantages(
+                params.batch_config, params.advantage, info.scale, plan, prompt_set, responses, reward, ids
+            )
         )
-    meta = samples_meta(params, plan, prompt_set, spec, info, tokenizer_identity(tokenizer), placed)
+    meta = samples_meta(params, plan, prompt_set, spec, info, tokenizer_identity(tokenizer), placed, reward)
     return Samples(**placed, meta=meta)
 
 
-def samples_meta(params, plan: Plan, prompt_set, spec, info: SamplerInfo, tokenizer: dict, placed: dict) -> SamplesMeta:
+def response_token_ids(placed: dict) -> list[list[int]]:
+    """Every row's response token ids (the response columns up to its length)."""
+    n_resp = placed["logprobs"].shape[1]
+    responses = placed["input_ids"][:, placed["input_ids"].shape[1] - n_resp :]
+    return [row[:length].tolist() for row, length in zip(responses, placed["response_lens"].tolist())]
+
+
+def samples_meta(
+    params, plan: Plan, prompt_set, spec, info: SamplerInfo, tokenizer: dict, placed: dict, reward=None
+) -> SamplesMeta:
     is_u = plan.kind == "samples_u"
+    reward_name = params.batch_config.reward_fn if reward is None else getattr(reward, "name", "custom reward")
     return SamplesMeta(
         schema_version=SCHEMA_VERSION,
         kind=plan.kind,
@@ -120,7 +141,7 @@ def samples_meta(params, plan: Plan, prompt_set, spec, info: SamplerInfo, tokeni
             "fingerprint": prompt_set.fingerprint,
             "size": len(prompt_set),
         },
-        reward_fn=params.batch_config.reward_fn if is_u else None,
+        reward_fn=reward_name if is_u else None,
         advantage={"scale": info.scale, "eps": params.advantage.eps} if is_u else None,
         world_size=distributed.world_size(),
         with_replacement=not is_u,
@@ -134,15 +155,18 @@ def generation_spec(generation, info: SamplerInfo, seed: int) -> GenerationSpec:
     return GenerationSpec(info.temperature, g.top_p, g.max_new_tokens, g.gen_batch_size, seed, g.stop)
 
 
-def draw(params, model, tokenizer, plan: Plan, prompt_set, info: SamplerInfo, stage: str = "sample") -> Samples:
+def draw(
+    params, model, tokenizer, plan: Plan, prompt_set, info: SamplerInfo, stage: str = "sample", reward=None
+) -> Samples:
     """Generate `plan` (under torchrun each process its share, seeded by global batch index) and lay it out
-    on rank 0; every process returns the same Samples. `params`: Params (generation, batch_config, advantage)."""
+    on rank 0; every process returns the same Samples. `params`: Params (generation, batch_config, advantage);
+    reward: a `task.BatchReward` instead of batch_config.reward_fn."""
     spec = generation_spec(params.generation, info, plan.seed)
     prompts = [prompt_set.prompts[i] for i in plan.rows.tolist()]
     gathered = distributed.gather_results_to_rank0(lambda: generate_share(model, tokenizer, prompts, spec, stage))
 
     def laid_out() -> Samples:
-        return lay_out(params, plan, prompt_set, spec, info, tokenizer, [b for part in gathered for b in part])
+        return lay_out(params, plan, prompt_set, spec, info, tokenizer, [b for part in gathered for b in part], reward)
 
     return distributed.on_rank0(laid_out)
 

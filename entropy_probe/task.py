@@ -25,6 +25,9 @@ from .errors import ProbeError
 from .params import BatchParams
 
 RewardFn = Callable[[str, "str | None"], float]
+# a batch-level reward (e.g. a trainer's own reward functions, `integrations.trl.TrainerRewards`):
+# (prompts, responses, answers, completion_ids) -> one reward per response; `name` says what it is
+BatchReward = Callable[[list, list, list, list], list]
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTIN_PREFIX = "arithmetic"  # dataset_name "arithmetic" (operands 0..9) or "arithmetic:N" (0..N)
@@ -254,4 +257,24 @@ def score_responses(
         if not math.isfinite(value):
             raise ProbeError(f"reward function '{name}' returned {raw!r} for {where}", "make it return a finite float")
         rewards.append(value)
+    return rewards
+
+
+def score_batch(reward: BatchReward, prompts: list[str], responses: list[str], answers: list, completion_ids: list):
+    """A batch reward's values as finite floats: a wrong count, a non-numeric or non-finite value is an error
+    naming the reward and the response."""
+    name = getattr(reward, "name", None) or getattr(reward, "__name__", repr(reward))
+    raw = list(reward(prompts, responses, answers, completion_ids))
+    if len(raw) != len(responses):
+        raise ProbeError(f"reward '{name}' gave {len(raw)} rewards for {len(responses)} responses", "return one each")
+    rewards = []
+    for i, value in enumerate(raw):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            where = f"response {i} ({responses[i]!r}) to prompt {prompts[i]!r}"
+            raise ProbeError(f"reward '{name}' gave {value!r} for {where}", "make it return a finite number")
+        rewards.append(number)
     return rewards

@@ -112,6 +112,7 @@ def test_saved_samples_reproduce_the_logged_delta_h1_offline(runs):
         saved = probed / "probe" / f"step-{k}"
         probe = Probe.from_checkpoint(probed / "run" / f"checkpoint-{k}", params=_probe_params(probed))
         E, U = Samples.read(saved / "sample_e", "samples_e"), Samples.read(saved / "sample_u", "samples_u")
+        assert U.meta.reward_fn == "trainer: exact_number_reward"  # U scored by the trainer's own reward function
         offline = probe.delta_h1(E, U)
         assert offline.delta_h1 == pytest.approx(record["entropy_probe/delta_h1"], abs=1e-3 * offline.se)
         assert offline.report.update.loss_agg_mode == "token-mean" and offline.report.update.max_grad_norm == 1.0
@@ -141,3 +142,36 @@ def test_the_forecast_is_scored_inside_the_run(tmp_path):
         assert after["entropy_probe/z"] == pytest.approx(z, rel=1e-12)
     assert h[2]["entropy_probe/z_mean"] == pytest.approx((h[1]["entropy_probe/z"] + h[2]["entropy_probe/z"]) / 2)
     assert "entropy_probe/z_sd" in h[2] and h[0]["entropy_probe/forecast_sd_trainer"] >= 0
+
+
+def test_trainer_rewards_are_the_trainers_weighted_sum():
+    """TrainerRewards calls every reward function as TRL does (keyword arguments, the answer column, completion
+    ids, the trainer's state) and sums them with the trainer's weights, a None reward left out (NaN in nansum);
+    a reward model is refused in one line."""
+    from types import SimpleNamespace
+
+    from entropy_probe.errors import ProbeError
+    from entropy_probe.integrations.trl import TrainerRewards
+    from entropy_probe.task import score_batch
+
+    seen = {}
+
+    def correct(prompts, completions, completion_ids, answer, trainer_state, **_):
+        seen.update(prompts=prompts, ids=completion_ids, state=trainer_state)
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    def short(completions, **_):
+        return [None if len(c) > 3 else 1.0 for c in completions]
+
+    trainer = SimpleNamespace(
+        reward_funcs=[correct, short], reward_weights=[2.0, 0.5], reward_func_names=["correct", "short"], state="s"
+    )
+    reward = TrainerRewards(trainer, "answer")
+    values = score_batch(reward, ["1+1=", "2+2="], ["2", "5 or so"], ["2", "4"], [[7], [8, 9]])
+    assert values == [2.0 * 1 + 0.5 * 1, 2.0 * 0]  # the second: correct 0, short None (left out)
+    assert seen == {"prompts": ["1+1=", "2+2="], "ids": [[7], [8, 9]], "state": "s"}
+    assert reward.name == "trainer: correct + short"
+    with pytest.raises(ProbeError, match="reward model"):
+        TrainerRewards(SimpleNamespace(reward_funcs=[torch.nn.Linear(1, 1)]), "answer")
+    with pytest.raises(ProbeError, match="gave 1 rewards for 2 responses"):
+        score_batch(lambda *a: [1.0], ["p", "q"], ["a", "b"], [None, None], [[], []])

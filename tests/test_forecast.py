@@ -227,7 +227,9 @@ def curved_steps(tmp_path_factory):
 def test_forecast_is_calibrated_on_a_clipped_curved_trl_run(curved_steps):
     """The trajectory's forecast z over 6 steps × 3 probe seeds: SD within 0.7–1.4 and ≥ 80% within ±2, where the
     first order alone is not calibrated (δH₂/δH₁ along the real steps reaches −3.6 and −125). Measured when
-    written: forecast z mean −0.14, SD 0.93, 94% within ±2; first order alone mean +0.71, SD 1.82, 78%."""
+    written (K 8, every draw its own δH₂): forecast z mean −0.14, SD 0.93, 94% within ±2; first order alone mean
+    +0.71, SD 1.82, 78%. Now with the shared difference and 4 own (trajectory.exact_draws); at K 16: every draw
+    its own −0.13, 0.98, 94%; exact_draws 4 +0.03, 1.00, 94%; exact_draws 2 −0.25, 1.22, 89%."""
     import json
 
     from entropy_probe.calibration import z_summary

@@ -6,7 +6,8 @@
 
 At the end of step k (the optimizer has stepped, the scheduler holds the next lr) it wraps the live model, its
 live AdamW state (`optimizer_state.optimizer_state_of`, copied to CPU) and the trainer's arguments in a `Probe`,
-draws E and U from the current policy (prompts and reward from `params.batch_config`, sampling settings from
+draws E and U from the current policy (prompts from `params.batch_config`, rewards from the trainer's own reward
+functions (`TrainerRewards`; `rewards="params"`: batch_config.reward_fn), sampling settings from
 `params.generation`, `auto` resolving to the trainer's), and computes δH₁ ± SE for the next step with δH₂ and η*
 (`Probe.delta_h1`) — the same numbers the offline pipeline computes on checkpoint-k with the same samples.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -62,6 +64,42 @@ def untouched(model: torch.nn.Module):
         model.train(training)
 
 
+class TrainerRewards:
+    """A TRL GRPOTrainer's own reward: its `reward_funcs`, weighted by `reward_weights` and summed as the trainer
+    sums them (a None reward is NaN and left out of the sum), called as the trainer calls them —
+    fn(prompts=, completions=, completion_ids=, <answer column>=, trainer_state=, log_extra=, log_metric=) — on
+    the probe's prompts and responses (plain text; the probe's prompt set gives the answer column). The probe's
+    calls log nothing: its log_extra and log_metric do nothing. Reward models (nn.Module) are refused."""
+
+    def __init__(self, trainer, answer_field: str) -> None:
+        funcs = list(getattr(trainer, "reward_funcs", None) or [])
+        if not funcs:
+            raise ProbeError("this trainer has no reward_funcs", "pass rewards='params' (batch_config.reward_fn)")
+        if any(isinstance(f, torch.nn.Module) for f in funcs):
+            raise ProbeError(
+                "the trainer scores with a reward model, which the probe does not run",
+                "pass rewards='params' with a batch_config.reward_fn",
+            )
+        self.funcs, self.trainer, self.answer_field = funcs, trainer, answer_field
+        weights = getattr(trainer, "reward_weights", None)
+        self.weights = torch.ones(len(funcs)) if weights is None else torch.as_tensor(weights).float().cpu()
+        names = getattr(trainer, "reward_func_names", None) or [getattr(f, "__name__", "reward") for f in funcs]
+        self.name = "trainer: " + " + ".join(names)
+
+    def __call__(self, prompts: list, responses: list, answers: list, completion_ids: list) -> list[float]:
+        kwargs = {
+            self.answer_field: answers,
+            "trainer_state": self.trainer.state,
+            "log_extra": lambda *a, **k: None,
+            "log_metric": lambda *a, **k: None,
+        }
+        per_func = []
+        for fn in self.funcs:
+            values = fn(prompts=prompts, completions=responses, completion_ids=completion_ids, **kwargs)
+            per_func.append([math.nan if v is None else float(v) for v in values])
+        return (torch.tensor(per_func).T * self.weights).nansum(dim=1).tolist()
+
+
 def _trainer_callback_base():
     from transformers import TrainerCallback
 
@@ -71,8 +109,10 @@ def _trainer_callback_base():
 class EntropyProbeCallback(_trainer_callback_base()):
     """Predict the next step's entropy change every `every` optimizer steps of `trainer` and log it.
 
-    params: the probe's knobs (`Params`; default: all defaults) — batch_config names the prompts and reward,
-    B_E/B_U the batch sizes; seed: the probe's own sampling seed (each probe step derives its seeds from it and
+    params: the probe's knobs (`Params`; default: all defaults) — batch_config names the prompts (and the reward
+    with rewards='params'), B_E/B_U the batch sizes; rewards: 'trainer' scores U with the trainer's own reward
+    functions (`TrainerRewards`), 'params' with batch_config.reward_fn, 'auto' (default) the trainer's when it has
+    reward_funcs (a GRPOTrainer); seed: the probe's own sampling seed (each probe step derives its seeds from it and
     the global step, so a run's forecasts are reproducible and independent of the trainer's RNG).
     forecast_draws = K ≥ 2: also the trajectory's forecast (`Probe.forecast`: δH₁ + δH₂ along K simulated steps
     of the trainer's batch, from a U pool of 4× its prompts per step; docs/math.md §11.2); with every = 1 and
@@ -89,6 +129,7 @@ class EntropyProbeCallback(_trainer_callback_base()):
         seed: int = 0,
         observe: bool = True,
         forecast_draws: int = 0,
+        rewards: str = "auto",
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, got {every}")
@@ -102,9 +143,14 @@ class EntropyProbeCallback(_trainer_callback_base()):
             raise ValueError(f"forecast_draws must be 0 (off) or ≥ 2, got {forecast_draws}")
         self.trainer, self.every, self.seed, self.observe = trainer, every, seed, observe
         self.forecast_draws = forecast_draws
+        if rewards not in ("auto", "trainer", "params"):
+            raise ValueError(f"rewards must be 'auto', 'trainer' or 'params', got {rewards!r}")
+        self.params = params if params is not None else Params()
+        own = rewards == "trainer" or (rewards == "auto" and getattr(trainer, "reward_funcs", None))
+        self.reward = TrainerRewards(trainer, self.params.batch_config.answer_field) if own else None
+        log.info("entropy probe: U rewards from %s", self.reward.name if own else self.params.batch_config.reward_fn)
         self._forecast: tuple[int, float, float] | None = None  # (step, F̄, spread) of the last forecast
         self._z: list[float] = []
-        self.params = params if params is not None else Params()
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.history: list[dict] = []  # every logged record, with its step
         self._previous: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, θ) of the last probe step
@@ -134,7 +180,7 @@ class EntropyProbeCallback(_trainer_callback_base()):
         config = TrainerConfig.model_validate(trainer_config_from_args(args))
         trainer = TrainerSettings(config, "the live trainer's arguments", step)
         tokenizer = getattr(self.trainer, "processing_class", None) or self.trainer.tokenizer
-        probe = Probe(model, tokenizer, optimizer_state_of(model, optimizer), trainer, self.params)
+        probe = Probe(model, tokenizer, optimizer_state_of(model, optimizer), trainer, self.params, reward=self.reward)
         start = time.perf_counter()
         E = probe.sample_e(seed=derive_seed(self.seed, "callback E", step))
         metrics: dict[str, float] = {}
