@@ -476,12 +476,12 @@ def ratios(t: dict) -> dict:
     return out
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller batches, 2 rounds (≲ 1 min on 2 CPU cores)")
+def add_common_arguments(ap: argparse.ArgumentParser, out: str, quick_help: str) -> None:
+    """The arguments `run_config`, `build_model` and the timing read (shared with the other benchmarks)."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--shape", choices=["default", *SHAPES], default="default", help="model shape and batches")
     ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/bench.json"))
+    ap.add_argument("--out", default=out)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes)")
@@ -491,6 +491,13 @@ def parse_args(argv):
     ap.add_argument("--target", choices=ESTIMATOR_TARGETS, default=EstimatorParams().entropy, help="estimator.entropy")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(
+        ap, str(ROOT / "bench/results/bench.json"), "smaller batches, 2 rounds (≲ 1 min on 2 CPU cores)"
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument(
         "--skip", nargs="*", default=[], choices=OPTIONAL, help="leave out optional passes (deep shapes on CPU)"
@@ -504,41 +511,59 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.measure_memory:
-        return measure_memory_child(args)
+def run_config(args) -> dict:
+    """The shape, batches and settings of a run (`args`: the arguments of `add_common_arguments`)."""
     base_cfg = SHAPES[args.shape] if args.shape != "default" else (QUICK if args.quick else FULL)
     cfg = dict(base_cfg, temperature=args.temperature, top_p=args.top_p, target=args.target)
     cfg["repeats"] = args.repeats or cfg["repeats"]
     cfg["layers"] = args.layers or cfg["layers"]
     cfg["full"] = args.full
-    torch.set_num_threads(args.threads)
-    wall = time.perf_counter()
+    return cfg
 
-    model = build_model(cfg, args.device, DTYPES[args.dtype], args.qlora)
+
+def sample_tensors(model, cfg: dict, device: str, time_sampling: bool = True) -> tuple[dict, dict, dict, dict | None]:
+    """(E tensors, U tensors, sampling times, generated steps): random ids scored under `model` for the shapes with
+    random tokens, else drawn by the product's generate_responses — with `time_sampling`, E's draw timed against
+    plain generate (same prompts and settings) in `repeats` interleaved rounds, and its last draw kept."""
     if cfg.get("random_tokens"):
+        E_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_E"], 1, seed=1), cfg, device)
+        U_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_U"], cfg["G"], seed=2), cfg, device)
+        return E_t, U_t, {}, None
+    tok = build_tokenizer(cfg["vocab"])
+    E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
+    if not time_sampling:
         sample_times, generate_steps = {}, None
-        E_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_E"], 1, seed=1), cfg, args.device)
-        U_t = score_token_stats(model, random_token_tensors(cfg, cfg["B_U"], cfg["G"], seed=2), cfg, args.device)
+        E_t = sample(model, tok, E_prompts, cfg, seed=11)
     else:  # sampling: the product's generate_responses vs plain generate, same prompts and settings
-        tok = build_tokenizer(cfg["vocab"])
-        E_prompts = random_prompts(cfg, cfg["B_E"], seed=1)
         sample_times, sample_outs = time_rounds(
             {
                 "generate_responses": lambda: sample(model, tok, E_prompts, cfg, seed=11),
                 "plain_generate": lambda: plain_generate(model, tok, E_prompts, cfg, seed=11),
             },
             cfg["repeats"],
-            args.device,
+            device,
         )
         E_t = sample_outs["generate_responses"]
-        U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
-        U_t = sample(model, tok, U_prompts, cfg, 12)
+    U_prompts = [p for p in random_prompts(cfg, cfg["B_U"], seed=2) for _ in range(cfg["G"])]
+    U_t = sample(model, tok, U_prompts, cfg, 12)
+    if time_sampling:
         generate_steps = {
             "generate_responses": E_t["logprobs"].shape[1],
             "plain_generate": sample_outs["plain_generate"],
         }
+    return E_t, U_t, sample_times, generate_steps
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.measure_memory:
+        return measure_memory_child(args)
+    cfg = run_config(args)
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+
+    model = build_model(cfg, args.device, DTYPES[args.dtype], args.qlora)
+    E_t, U_t, sample_times, generate_steps = sample_tensors(model, cfg, args.device)
     E, U = to_batches(E_t, U_t, cfg, args.device)
     layout, spec = adam_spec(model)
 
@@ -606,17 +631,7 @@ def main(argv=None) -> dict:
             "full": args.full,
             "attn_implementation": "eager",
         },
-        "env": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__,
-            "python": platform.python_version(),
-            "device": device_name(args.device),
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "load_average": os.getloadavg(),
-        },
+        "env": environment(args.device),
         "wall_s": round(time.perf_counter() - wall, 1),
     }
     print(json.dumps({k: report[k] for k in ("ratios", "ratios_from_min_times", "times_s", "delta_h1_phases_s")}))
@@ -628,6 +643,21 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return report
+
+
+def environment(device: str) -> dict:
+    """Versions, device, threads and the load average (at the time of the call)."""
+    return {
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": __import__("peft").__version__,
+        "python": platform.python_version(),
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def device_name(device: str) -> str:

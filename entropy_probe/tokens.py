@@ -23,6 +23,8 @@ from torch import Tensor
 
 from .loss_terms import covariance_terms, top_fraction
 
+CANCELLED = 1e-3  # |Σ a| below this fraction of Σ |a|: the shares' denominator is round-off, not a total
+
 
 def average_ranks(x: Tensor) -> Tensor:
     """Ranks 0..n−1 of a 1-D tensor, ties sharing their mean rank (float64)."""
@@ -88,9 +90,18 @@ class TokenTable:
         return len(self.a)
 
     def share(self, selected: Tensor) -> float | None:
-        """Σ a over the selected tokens ÷ Σ a (None when Σ a = 0)."""
+        """Σ a over the selected tokens ÷ Σ a; None when Σ a cancels to below CANCELLED of Σ |a| (under binding
+        clipping u ⟂ g, so Σ a = u·g ≈ 0 and a share of it means nothing: see `magnitude_share`)."""
         total = float(self.a.sum())
-        return None if total == 0.0 else float(self.a[selected].sum()) / total
+        if abs(total) <= CANCELLED * float(self.a.abs().sum()):
+            return None
+        return float(self.a[selected].sum()) / total
+
+    def magnitude_share(self, selected: Tensor) -> float | None:
+        """Σ |a| over the selected tokens ÷ Σ |a| (None when every a is 0): how much of the tokens' push, either
+        way, the selection carries — defined under clipping too."""
+        total = float(self.a.abs().sum())
+        return None if total == 0.0 else float(self.a[selected].abs().sum()) / total
 
     def lowering(self, k: int) -> Tensor:
         """Indices of the k tokens with the most negative a (those pushing entropy down most), most negative first."""

@@ -4,8 +4,9 @@ X̄ (the E pass) is the probe's expensive part and does not depend on the update
   - tokens: u = (∂Δθ/∂g)ᵀ X̄ at the configured update's g, then every U token's share a_ij of u·g from one
     double-backward pass over U (`passes.u_token_terms`, `tokens.TokenTable`);
   - rows: for each alternative update (lr, loss aggregation, clipping, advantage scaling, entropy bonus, KL
-    penalty, token mask) Δθ' = rule'(g'), δH₁' = X̄·Δθ'. A row that changes J's coefficients costs one U backward (g' with its
-    group gradients); one that changes only the rule (lr, clipping) reuses g. SE_U' by the jackknife over U's
+    penalty, token mask) Δθ' = rule'(g'), δH₁' = X̄·Δθ'. A row that changes ℓ's coefficients costs one U backward
+    (g' with its group gradients); one that changes only the rule (lr, clipping) reuses g, and an entropy bonus
+    takes g + Δβ_H h (h below). SE_U' by the jackknife over U's
     groups through rule'; SE_E' for all rows from ONE E backward with stacked row hooks (K directions at once);
   - the entropy-neutral setting: with h = ∇ Σ w H (the entropy bonus's gradient, one U backward),
     f(β) = X̄·Δθ(g + β h) is solved for f(β*) = target by bisection, SE(β*) = SE(δH₁ at β*) / |f'(β*)|;
@@ -55,7 +56,7 @@ class Alternative:
     update: UpdateRule
     U: Batch
     changes: dict
-    new_gradient: bool  # whether J's coefficients change (one more U backward) or only the rule does
+    new_gradient: bool  # whether J's ℓ coefficients change (one more U backward), or g' = g + Δβ_H h
 
 
 def alternative(base: UpdateRule, row, U: Batch, advantage_eps: float) -> Alternative:
@@ -81,7 +82,7 @@ def alternative(base: UpdateRule, row, U: Batch, advantage_eps: float) -> Altern
     )
     if row.advantage_scale is not None:
         U = rescaled_advantages(U, row.advantage_scale, advantage_eps)
-    new_gradient = not {"lr_scale", "max_grad_norm"} >= set(changes)
+    new_gradient = not {"lr_scale", "max_grad_norm", "entropy_coef"} >= set(changes)
     return Alternative(row.name, update, U, changes, new_gradient)
 
 
@@ -127,6 +128,12 @@ def entropy_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, bud
         _, groups = torch.unique(U.tensors["group_index"], return_inverse=True)
         return group_gradients(model, params, layout.names, U, coefs, groups, budget.max_tokens)
     return policy_gradient(model, params, layout, U, coefs, budget.max_tokens), None
+
+
+def with_bonus(g: Tensor, g_groups: Tensor | None, h: Tensor, h_groups: Tensor | None, extra: float):
+    """(g, g_b) with the entropy bonus raised by `extra`: J's gradient is linear in β_H."""
+    groups = None if g_groups is None or h_groups is None else g_groups + extra * h_groups.to(g_groups.dtype)
+    return g + extra * h, groups
 
 
 def solve_entropy_coef(update: UpdateRule, g: Tensor, h: Tensor, xbar: Tensor, target: float) -> float | None:
@@ -248,25 +255,29 @@ def what_if(
         return RowOutcome(name, changes, float(xbar @ step.delta_theta), math.nan, se_U, step.delta_theta.to(dtype))
 
     base_ug = u_gradient(model, layout, U, update, u_w, budget, clock)
-    outcomes = {"configured": settle("configured", {}, Step.of(update, base_ug.g, base_ug.g_groups, U, u_w))}
+    g, g_groups = base_ug.g.double(), base_ug.g_groups
+    with_groups = g_groups is not None
+    h, h_groups = clock("entropy_gradient", entropy_gradient, model, layout, U, update, u_w, budget, with_groups)
+    h = h.double()
+
+    outcomes = {"configured": settle("configured", {}, Step.of(update, g, g_groups, U, u_w))}
     for alt in (alternative(update, row, U, eps) for row in rows):
-        ug = base_ug
         if alt.new_gradient:
             ug = clock(f"row {alt.name}", u_gradient, model, layout, alt.U, alt.update, u_w, budget, Clock())
-        outcomes[alt.name] = settle(alt.name, alt.changes, Step.of(alt.update, ug.g, ug.g_groups, alt.U, u_w))
+            row_g, row_groups = ug.g, ug.g_groups
+        else:  # lr, clipping and the entropy bonus: no U pass
+            extra = alt.update.terms.entropy_coef - update.terms.entropy_coef
+            row_g, row_groups = with_bonus(g, g_groups, h, h_groups, extra)
+        outcomes[alt.name] = settle(alt.name, alt.changes, Step.of(alt.update, row_g, row_groups, alt.U, u_w))
     a, entropies, linear = token_pass(model, layout, U, update, base_ug, xbar, budget, clock)
 
-    with_groups = base_ug.g_groups is not None
-    h, h_groups = clock("entropy_gradient", entropy_gradient, model, layout, U, update, u_w, budget, with_groups)
-    h, g = h.double(), base_ug.g.double()
     beta = solve_entropy_coef(update, g, h, xbar, spec.target)
     if beta is not None:
         terms = dataclasses.replace(update.terms, entropy_coef=update.terms.entropy_coef + beta)
-        groups = None if h_groups is None else base_ug.g_groups + beta * h_groups.to(base_ug.g_groups.dtype)
-        step = Step.of(dataclasses.replace(update, terms=terms), g + beta * h, groups, U, u_w)
+        step = Step.of(dataclasses.replace(update, terms=terms), *with_bonus(g, g_groups, h, h_groups, beta), U, u_w)
         outcomes["entropy-neutral"] = settle("entropy-neutral", {"entropy_coef": terms.entropy_coef}, step)
     token_coefficients = base_ug.coefs.logp
-    del base_ug, h_groups
+    del base_ug, g_groups, h_groups
 
     directions = [o.delta_theta for o in outcomes.values()]
     psis = e_rows_along(model, layout, E, estimator, e_w, directions, budget, clock)

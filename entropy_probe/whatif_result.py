@@ -63,7 +63,9 @@ def plot_tokens(table: TokenTable, report: WhatIfReport, path: Path) -> None:
     ax.legend(fontsize="small")
     t = report.tokens
     ax.set_title(
-        f"U tokens: the top {t.forking_fraction:.0%} by H carry {_percent(t.forking_share)} of Σa", fontsize="medium"
+        f"U tokens: the top {t.forking_fraction:.0%} by H carry {_percent(t.forking_share)} of Σa, "
+        f"{_percent(t.forking_magnitude_share)} of Σ|a|",
+        fontsize="medium",
     )
     rows = [report.configured, *report.rows]
     n = report.entropy_neutral
@@ -113,7 +115,9 @@ def whatif_markdown(report: WhatIfReport, name: str) -> str:
         "",
         f"Tokens: δH₁'s linearised gradient part u·g = {t.gradient_part_linearised:.3g} = Σ a over {t.n_tokens} U "
         f"tokens. The top {t.forking_fraction:.0%} by entropy (forking tokens) carry {_percent(t.forking_share)} of "
-        f"it, the top {t.clip_cov_fraction:.0%} by Cui's covariance {_percent(t.clip_cov_share)}; "
+        f"it ({_percent(t.forking_magnitude_share)} of Σ|a|), the top {t.clip_cov_fraction:.0%} by Cui's covariance "
+        f"{_percent(t.clip_cov_share)} ({_percent(t.clip_cov_magnitude_share)} of Σ|a|; a share of Σ a is n/a when "
+        "clipping binds: then u·g ≈ 0); "
         f"{t.low_entropy_fraction:.0%} of the tokens have H < {LOW_ENTROPY:g}. Rank correlation of a with the "
         f"covariance term {_signed(t.spearman_cov)} (negative expected), with the single-logit proxy "
         f"{_signed(t.spearman_logit)}. Most entropy-lowering tokens:",
@@ -141,7 +145,8 @@ def _percent(x: float | None) -> str:
 
 
 def _row(outcome: RowOutcome, base: RowOutcome) -> WhatIfRowRecord:
-    norms = float(outcome.delta_theta.norm() * base.delta_theta.norm())
+    delta, base_delta = outcome.delta_theta.double(), base.delta_theta.double()
+    norms = float(delta.norm() * base_delta.norm())
     return WhatIfRowRecord(
         name=outcome.name,
         changes=outcome.changes,
@@ -150,7 +155,7 @@ def _row(outcome: RowOutcome, base: RowOutcome) -> WhatIfRowRecord:
         se_E=outcome.se_E,
         se_U=outcome.se_U,
         ratio=None if base.delta_h1 == 0 else outcome.delta_h1 / base.delta_h1,
-        cosine=None if norms == 0 else float(outcome.delta_theta @ base.delta_theta) / norms,
+        cosine=None if norms == 0 else float(delta @ base_delta) / norms,
     )
 
 
@@ -173,8 +178,10 @@ def token_summary(table: TokenTable, linear: float, spec, token_text: list[str])
         gradient_part_linearised=linear,
         forking_fraction=spec.forking_fraction,
         forking_share=table.share(table.forking),
+        forking_magnitude_share=table.magnitude_share(table.forking),
         clip_cov_fraction=spec.clip_cov_fraction,
         clip_cov_share=table.share(table.clip_cov),
+        clip_cov_magnitude_share=table.magnitude_share(table.clip_cov),
         spearman_cov=spearman(table.a, table.cov),
         spearman_logit=spearman(table.a, table.logit_proxy),
         low_entropy_fraction=float((table.entropy < LOW_ENTROPY).double().mean()) if len(table) else 0.0,

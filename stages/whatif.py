@@ -62,8 +62,9 @@ def describe(report) -> list[str]:
     t = report.tokens
     lines.append(
         f"tokens: Σ a = {t.sum_a:.4g} (u·g {t.gradient_part_linearised:.4g}) over {t.n_tokens}; the top "
-        f"{t.forking_fraction:.0%} by entropy carry {_share(t.forking_share)}, the top {t.clip_cov_fraction:.0%} by "
-        f"covariance {_share(t.clip_cov_share)}; rank correlation with Cui's covariance {_num(t.spearman_cov)}, "
+        f"{t.forking_fraction:.0%} by entropy carry {_share(t.forking_share)} ({_share(t.forking_magnitude_share)} of "
+        f"Σ|a|), the top {t.clip_cov_fraction:.0%} by covariance {_share(t.clip_cov_share)} "
+        f"({_share(t.clip_cov_magnitude_share)} of Σ|a|); rank correlation with Cui's covariance {_num(t.spearman_cov)}, "
         f"with the single-logit proxy {_num(t.spearman_logit)}"
     )
     return lines

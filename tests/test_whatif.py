@@ -248,9 +248,12 @@ def test_each_row_equals_a_delta_h1_run_with_its_settings(whatif, samples, row):
         U_row.advantages = (grouped - grouped.mean(1, keepdim=True)).reshape(-1).float()
     full = other.delta_h1(E, U_row, update)
     got = next(r for r in w.report.rows if r.name == row.name)
-    assert got.delta_h1 == pytest.approx(full.delta_h1, rel=1e-9, abs=1e-15)
+    # an entropy-bonus row is g + β h from two backwards, the delta-h1 run one backward of the sum: equal up to the
+    # float32 rounding of the tiny Qwen2's RMSNorm (which computes in float32 even in a float64 model)
+    rel = 1e-6 if row.entropy_coef is not None else 1e-9
+    assert got.delta_h1 == pytest.approx(full.delta_h1, rel=rel, abs=1e-15)
     assert got.se_E == pytest.approx(full.report.se_E, rel=1e-6)
-    assert got.se_U == pytest.approx(full.report.se_U, rel=1e-9)
+    assert got.se_U == pytest.approx(full.report.se_U, rel=rel)
     assert got.delta_h1 != pytest.approx(w.report.configured.delta_h1, rel=1e-6)  # the row changes something
 
 
@@ -341,3 +344,20 @@ def test_whatif_rows_are_validated():
         validate_params({"whatif": {"rows": [{"name": "b", "learning_rate": 0.5}]}})  # not a row setting
     with pytest.raises(ProbeError, match="whatif.rows"):
         validate_params({"whatif": {"rows": [{"name": "c", "lr_scale": -1.0}]}})
+
+
+def test_shares_of_a_cancelled_sum_are_not_reported():
+    """Under binding clipping Σ a = u·g ≈ 0: a share of it would be round-off divided by round-off, so it is None,
+    while the share of Σ |a| stays defined."""
+    from entropy_probe.tokens import TokenTable
+
+    def table(a):
+        a = torch.tensor(a, dtype=torch.float64)
+        zeros = torch.zeros_like(a)
+        flags = torch.tensor([True, False, False, False])
+        return TokenTable(zeros, zeros, zeros, a, zeros, zeros, zeros, zeros, zeros, zeros, flags, ~flags)
+
+    cancelled, plain = table([3e-4, -1e-4, -2e-4, 1e-12]), table([3e-4, 1e-4, 0.0, 0.0])
+    assert cancelled.share(cancelled.forking) is None
+    assert cancelled.magnitude_share(cancelled.forking) == pytest.approx(0.5)
+    assert plain.share(plain.forking) == pytest.approx(0.75) and plain.share(plain.clip_cov) == pytest.approx(0.25)

@@ -50,9 +50,11 @@ class TokenSummary(Record):
     sum_a: float
     gradient_part_linearised: float  # u·g, from the flat vectors (Σ a equals it to round-off)
     forking_fraction: float
-    forking_share: float | None  # Σ a over the forking tokens ÷ Σ a
+    forking_share: float | None  # Σ a over the forking tokens ÷ Σ a (None when Σ a cancels: binding clipping)
+    forking_magnitude_share: float | None  # Σ |a| over them ÷ Σ |a|
     clip_cov_fraction: float
     clip_cov_share: float | None  # Σ a over the top clip_cov_fraction by covariance ÷ Σ a
+    clip_cov_magnitude_share: float | None
     spearman_cov: float | None  # rank correlation of a with Cui's covariance term (expected negative)
     spearman_logit: float | None  # with the single-logit proxy −c p (ℓ + H) (expected positive)
     low_entropy_fraction: float  # share of U's tokens with H < 0.01
