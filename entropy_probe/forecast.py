@@ -70,6 +70,8 @@ class TrainerDraws:
     norm: Tensor = field(repr=False)  # [K] ‖Δθ_S‖
     cos_reference: Tensor | None = field(default=None, repr=False)  # [K] cos(Δθ_S, reference)
     cos_next: Tensor | None = field(default=None, repr=False)  # [K−1] cos(Δθ_S, Δθ_S+1): two independent draws
+    # the variance the shared difference's correction adds to the forecast (`simulate_trainer_draws_shared`)
+    correction_var: float = 0.0
 
     @property
     def first_order(self) -> Tensor:
@@ -160,15 +162,28 @@ def simulate_trainer_draws_shared(
     first = (0.5 * (plus + minus)).T.double()
     d_rows = ((plus - minus) / (2.0 * eps)).T.double()
     exact = {k: taylor(deltas[k])[1].double() for k in range(min(exact_draws, len(deltas)))}
+    second = control_variate_second(d_rows, exact)
     as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return TrainerDraws(
         first_rows=first,
-        second_rows=control_variate_second(d_rows, exact),
+        second_rows=second,
         mean_delta_theta=mean_delta,
         norm=as_t([float(d.norm()) for d in deltas]),
         cos_reference=None if reference is None else as_t([_cos(d, reference.double()) for d in deltas]),
         cos_next=as_t([_cos(b, a) for a, b in zip(deltas, deltas[1:])]),
+        correction_var=correction_variance(d_rows, exact),
     )
+
+
+def correction_variance(d_rows: Tensor, exact: dict[int, Tensor]) -> float:
+    """The variance of the correction in `control_variate_second` as part of the forecast F̄: the mean residual
+    r_S = mean_i (exact − shared)_Si over n exact draws of K, var_S(r)/n · (1 − n/K) (a mean of n of K values)."""
+    n, k = len(exact), d_rows.shape[0]
+    if n < 2 or n >= k:
+        return 0.0
+    shared = d_rows - 0.5 * d_rows.mean(0, keepdim=True)
+    residuals = torch.stack([(exact[s] - shared[s]).mean() for s in exact])
+    return float(residuals.var(unbiased=True)) / n * (1.0 - n / k)
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,7 @@ def summarise(draws: TrainerDraws, n_pool: int, trainer_groups: int) -> Forecast
 
     total = draws.first_rows + draws.second_rows
     value, sd_t, se = parts(total)
+    se = math.sqrt(se**2 + draws.correction_var)
     value1, sd_t1, se1 = parts(draws.first_rows)
     return Forecast(
         delta_h=value,
@@ -257,6 +273,7 @@ __all__ = [
     "draw_gradient",
     "resample_groups",
     "control_variate_second",
+    "correction_variance",
     "simulate_trainer_draws",
     "simulate_trainer_draws_shared",
     "summarise",

@@ -328,8 +328,8 @@ class TrajectoryParams(Section):
     trainer_B_U: int | Literal["auto"] = "auto"  # the trainer's prompts per step (auto: from its settings)
     trainer_draws: int = Field(16, ge=2)  # K simulated trainer steps per forecast (each with its δH₂)
     # draws whose δH₂ gets its own finite difference (2 E backward passes each); the others share one around the
-    # mean step, corrected by these (docs/math.md §11.4); ≥ trainer_draws: every draw its own
-    exact_draws: int = Field(4, ge=1)
+    # mean step, corrected by these (docs/math.md §11.4): faster at real size, a little less sharp. None: every draw
+    exact_draws: Annotated[int, Field(ge=1)] | None = None
     observed: Literal["exact", "sampled", "auto"] = "auto"  # ΔH_obs (auto: exact when enumeration fits)
     B_obs: int = Field(256, ge=2)  # sampled ΔH_obs: E rows at θ(k), and one fresh response each at θ(k), θ(k+1)
     seed: int = 4

@@ -374,7 +374,7 @@ class Probe:
         linear-regime verdict along its Δθ) comes along. `reference`: a flat Δθ (e.g. the
         observed step) the draws' cosines are measured against. `exact_draws` (default trajectory.exact_draws):
         below K, every draw's δH₂ comes from one shared finite difference around the mean step and only that many
-        draws get their own (docs/math.md §11.4); K or more: each draw its own (2 E backward passes per draw)."""
+        draws get their own (docs/math.md §11.4); None or K or more: each draw its own (2 E backward passes each)."""
         update = update if update is not None else self.update_rule()
         if not update.emulated:
             raise ProbeError(
@@ -413,7 +413,7 @@ class Probe:
         draws = resample_groups(n_pool, trainer_groups, n_draws, seed)
         groups, shares = est.u_group_gradients, est.u_group_denominators
         exact_draws = self.params.trajectory.exact_draws if exact_draws is None else exact_draws
-        if exact_draws >= n_draws or n_draws * self.layout.numel * 8 > SHARED_DRAW_BYTES:
+        if exact_draws is None or exact_draws >= n_draws or n_draws * self.layout.numel * 8 > SHARED_DRAW_BYTES:
             sim = simulate_trainer_draws(update, groups, shares, draws, taylor, reference)
         else:
             sim = simulate_trainer_draws_shared(update, groups, shares, draws, shifted, taylor, exact_draws, reference)

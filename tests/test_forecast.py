@@ -173,6 +173,9 @@ def test_shared_draws_equal_their_own_finite_differences_on_a_quadratic():
     torch.testing.assert_close(error[3:], expected[3:], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(shared.mean_delta_theta, own.mean_delta_theta, rtol=1e-14, atol=1e-16)
     torch.testing.assert_close(shared.norm, own.norm, rtol=1e-14, atol=0)
+    residuals = 0.5 * curvatures.mean() * e2[:3]  # each exact draw's mean residual: the draws' own curvature term
+    assert own.correction_var == 0.0
+    assert shared.correction_var == pytest.approx(float(residuals.var()) / 3 * (1 - 3 / 8), rel=1e-9)
 
 
 def test_the_pool_must_be_larger_than_the_trainers_batch():
@@ -212,7 +215,7 @@ def curved_steps(tmp_path_factory):
     params = validate_params(
         {
             "batch_config": {"dataset_name": str(out / "prompts.jsonl")},
-            "trajectory": {"run_dir": str(out / "run"), "trainer_draws": 8},
+            "trajectory": {"run_dir": str(out / "run"), "trainer_draws": 8, "exact_draws": 4},  # §11.4's shared δH₂
         }
     )
     steps, setup = [], None
@@ -228,8 +231,8 @@ def test_forecast_is_calibrated_on_a_clipped_curved_trl_run(curved_steps):
     """The trajectory's forecast z over 6 steps × 3 probe seeds: SD within 0.7–1.4 and ≥ 80% within ±2, where the
     first order alone is not calibrated (δH₂/δH₁ along the real steps reaches −3.6 and −125). Measured when
     written (K 8, every draw its own δH₂): forecast z mean −0.14, SD 0.93, 94% within ±2; first order alone mean
-    +0.71, SD 1.82, 78%. Now with the shared difference and 4 own (trajectory.exact_draws); at K 16: every draw
-    its own −0.13, 0.98, 94%; exact_draws 4 +0.03, 1.00, 94%; exact_draws 2 −0.25, 1.22, 89%."""
+    +0.71, SD 1.82, 78%. Run here with the shared difference and 4 own (trajectory.exact_draws); measured at K 16:
+    every draw its own −0.13, 0.98, 94%; exact_draws 4 +0.03, 1.00, 94%; exact_draws 2 −0.25, 1.22, 89%."""
     import json
 
     from entropy_probe.calibration import z_summary
