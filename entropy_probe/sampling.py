@@ -119,7 +119,9 @@ def samples_meta(
     params, plan: Plan, prompt_set, spec, info: SamplerInfo, tokenizer: dict, placed: dict, reward=None
 ) -> SamplesMeta:
     is_u = plan.kind == "samples_u"
-    reward_name = params.batch_config.reward_fn if reward is None else getattr(reward, "name", "custom reward")
+    reward_name = None  # U only (E has no rewards, and sample-e does not depend on batch_config.reward_fn)
+    if is_u:
+        reward_name = params.batch_config.reward_fn if reward is None else getattr(reward, "name", "custom reward")
     return SamplesMeta(
         schema_version=SCHEMA_VERSION,
         kind=plan.kind,
@@ -141,7 +143,7 @@ def samples_meta(
             "fingerprint": prompt_set.fingerprint,
             "size": len(prompt_set),
         },
-        reward_fn=reward_name if is_u else None,
+        reward_fn=reward_name,
         advantage={"scale": info.scale, "eps": params.advantage.eps} if is_u else None,
         world_size=distributed.world_size(),
         with_replacement=not is_u,
