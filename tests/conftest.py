@@ -18,6 +18,10 @@ from filelock import FileLock
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# one intra-op thread here and in every process a test starts (stages, the CLI, dvc's): the tiny models gain nothing
+# from a second thread, and with two xdist workers on two cores, two threads per process oversubscribe the CPU (two
+# exact stages at once: 29 s with a thread per core each, 17 s with one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
@@ -229,14 +233,16 @@ def copy_demo_repo(demo_pipeline: Path, dest: Path) -> Path:
 
 def _start_ranks(items: list[pytest.Item]) -> dict[pytest.Item, int]:
     """Each item's place in the run order:
-    0: the first test that needs demo_pipeline (the README's commands: it builds it, then minutes of commands);
+    0: the first test that needs demo_pipeline (the README's experiment commands: it builds it, then minutes of
+       commands);
     1: the other end-to-end tests (dvc, torchrun, the CLI in fresh processes: tens of seconds each);
-    2: the rest;
-    3: the other tests that need demo_pipeline: last, so that it is built when a worker picks them up (no worker
-       idles on its lock while another builds it)."""
+    2: the rest, the other tests that need demo_pipeline among them, where they are collected: behind the
+       end-to-end tests and the modules before theirs, so that it is built when a worker picks them up (no worker
+       idles on its lock while another builds it), yet not last (a test of a minute picked up last would run alone
+       while the other worker has nothing left)."""
     users = [item for item in items if "demo_pipeline" in getattr(item, "fixturenames", ())]
     ranks = {item: 1 if item.get_closest_marker("e2e") else 2 for item in items}
-    ranks.update({item: 3 for item in users[1:]})
+    ranks.update({item: 2 for item in users[1:]})
     ranks.update({item: 0 for item in users[:1]})
     return ranks
 

@@ -1,8 +1,11 @@
 """Every shell command the README shows works as written after `make demo`.
 
 The demo pipeline runs once (`dvc repro`, at a smaller scale than params.yaml so it fits CI: conftest's
-demo_pipeline) in a copy of the repository; then each command of the README's ```bash blocks runs in a copy of
-that, in order, and must exit 0.
+demo_pipeline) in a copy of the repository; then the README's commands run in copies of that and must exit 0:
+the block that runs a DVC experiment and goes back to the committed settings (`dvc exp run` ... `dvc repro`: most
+stages run twice, the longest part) in one copy, every other ```bash block, in order, then the ```python blocks
+in another. Each block starts from the state `make demo` leaves, so the two parts are independent tests, which
+pytest-xdist runs on both workers at once (each is a scope of its own under --dist loadscope).
 """
 
 from __future__ import annotations
@@ -28,35 +31,50 @@ NOT_RUN = {
 }
 
 
-def readme_commands(text: str) -> list[str]:
-    """The commands of the README's ```bash blocks: continuation lines joined, comments dropped."""
-    commands = []
+def readme_blocks(text: str) -> list[list[str]]:
+    """The commands of each of the README's ```bash blocks: continuation lines joined, comments dropped."""
+    blocks = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.split("  #")[0].strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
-    return commands
+        lines = (line.split("  #")[0].strip() for line in joined.splitlines())
+        blocks.append([line for line in lines if line and not line.startswith("#")])
+    return blocks
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands of the README's ```bash blocks, in order."""
+    return [command for block in readme_blocks(text) for command in block]
+
+
+def readme_parts(text: str) -> tuple[list[str], list[str]]:
+    """The commands run here (all but NOT_RUN's), in the README's order, in two parts that each start from the
+    state `make demo` leaves: the ```bash block that runs a DVC experiment (`dvc exp run`, then back to the committed
+    settings), and every other block."""
+    experiment, others = [], []
+    for block in readme_blocks(text):
+        run = [c for c in block if not any(c.startswith(prefix) for prefix in NOT_RUN)]
+        (experiment if any(c.startswith("dvc exp run") for c in block) else others).extend(run)
+    return experiment, others
 
 
 def readme_python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+README = (REPO / "README.md").read_text()
+DELTA_H1_JSON = "data/probe/step6/delta_h1/delta_h1.json"  # the delta-h1 stage's numbers (the Python example's too)
+
+
 def test_readme_commands_are_parsed():
-    commands = readme_commands((REPO / "README.md").read_text())
+    commands = readme_commands(README)
     assert "make demo" in commands and "make test" in commands
     assert any(c.startswith("entropy-probe delta-h1 --dry-run") for c in commands)
     assert all("\\" not in c for c in commands)
-
-
-@pytest.fixture(scope="module")
-def demo_repo(demo_pipeline, tmp_path_factory):
-    """A copy of the repository after `dvc repro` (conftest's demo_pipeline: the whole pipeline at CI scale, its
-    results committed), the environment to run commands in, and the params keys every stage read during that run."""
-    repo = copy_demo_repo(demo_pipeline, tmp_path_factory.mktemp("demo_repo"))
-    return repo, repo_env(), demo_pipeline / "params_reads.jsonl"
+    # the two parts run every command but NOT_RUN's, each exactly once
+    experiment, others = readme_parts(README)
+    assert any(c.startswith("dvc exp run") for c in experiment) and "dvc metrics diff" in experiment
+    run = [c for c in commands if not any(c.startswith(prefix) for prefix in NOT_RUN)]
+    assert sorted(experiment + others) == sorted(run)
 
 
 def _run(repo: Path, env: dict, command: str) -> subprocess.CompletedProcess:
@@ -64,40 +82,60 @@ def _run(repo: Path, env: dict, command: str) -> subprocess.CompletedProcess:
     is not a failure)."""
     out = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"`{command}` exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    if "--dry-run" in command:  # the plan on stdout, nothing written
+        assert "plan" in out.stdout, out.stdout
     return out
 
 
+# The longest part, and this module's first test that needs demo_pipeline: conftest starts it first (it builds
+# demo_pipeline), and as this module has more than two tests, xdist's loadscope gives its worker no other module
+# before this test ends.
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_every_readme_command_works_after_the_demo(demo_repo):
-    repo, env, _ = demo_repo
-    ran = []
-    for command in readme_commands((REPO / "README.md").read_text()):
-        if any(command.startswith(prefix) for prefix in NOT_RUN):
-            continue
-        out = _run(repo, env, command)
-        if "--dry-run" in command:  # the plan on stdout, nothing written
-            assert "plan" in out.stdout, out.stdout
-        ran.append(command)
-    assert any(c.startswith("entropy-probe") for c in ran) and any(c.startswith("dvc") for c in ran)
-    for block in readme_python_blocks((REPO / "README.md").read_text()):
-        _run(repo, env, f"{shlex.quote(sys.executable)} - <<'EOF'\n{block}EOF")
-    # the in-memory example (Probe, same params and seeds) wrote the delta-h1 stage's numbers, every one of them
-    in_memory = json.loads((repo / "data/tries/in_memory/delta_h1.json").read_text())
-    stage = json.loads((repo / "data/probe/step6/delta_h1/delta_h1.json").read_text())
-    assert in_memory == stage
+def test_the_readme_experiment_commands_work_after_the_demo(demo_pipeline, tmp_path):
+    """`dvc metrics show`, `dvc exp run -S ...` (re-runs the stages that read the setting), `dvc metrics diff`,
+    then back to the committed settings (`git checkout -- params.yaml && dvc repro`), in a copy of the demo."""
+    experiment, _ = readme_parts(README)
+    repo = copy_demo_repo(demo_pipeline, tmp_path / "repo")
+    env = repo_env()
+    for command in experiment:
+        _run(repo, env, command)
+    # back to the committed settings: the delta-h1 stage's numbers are again the demo's, every one of them (and the
+    # other part checks the in-memory example writes the demo's: as when the examples ran after these commands)
+    restored = json.loads((repo / DELTA_H1_JSON).read_text())
+    assert restored == json.loads((demo_pipeline / "repo" / DELTA_H1_JSON).read_text())
+
+
+class TestEveryOtherBlock:
+    """A scope of its own under xdist's --dist loadscope: it runs on the other worker while the experiment part
+    runs (from its place in the run order; demo_pipeline is built by then)."""
+
+    @pytest.mark.slow
+    @pytest.mark.e2e
+    def test_every_other_readme_command_and_the_python_examples_work_after_the_demo(self, demo_pipeline, tmp_path):
+        _, others = readme_parts(README)
+        repo = copy_demo_repo(demo_pipeline, tmp_path / "repo")
+        env = repo_env()
+        for command in others:
+            _run(repo, env, command)
+        assert any(c.startswith("entropy-probe") for c in others) and any(c.startswith("dvc") for c in others)
+        for block in readme_python_blocks(README):
+            _run(repo, env, f"{shlex.quote(sys.executable)} - <<'EOF'\n{block}EOF")
+        # the in-memory example (Probe, same params and seeds) wrote the delta-h1 stage's numbers, every one of them
+        in_memory = json.loads((repo / "data/tries/in_memory/delta_h1.json").read_text())
+        stage = json.loads((repo / DELTA_H1_JSON).read_text())
+        assert in_memory == stage
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_every_params_key_a_stage_reads_is_tracked_by_dvc(demo_repo):
+def test_every_params_key_a_stage_reads_is_tracked_by_dvc(demo_pipeline):
     """The keys each stage read during the run are covered by its dvc.yaml params (a section or the key) or set
     on its command line; paths.* are wired through commands and deps. A missing one means changing that
     key would not re-run the stage."""
     from test_dvc_pipeline import cli_stage, dvc_stages
 
-    _, _, reads_file = demo_repo
-    records = [json.loads(line) for line in reads_file.read_text().splitlines()]
+    records = [json.loads(line) for line in (demo_pipeline / "params_reads.jsonl").read_text().splitlines()]
     every_stage = {cli_stage(body["cmd"]) for body in dvc_stages().values()}
     assert {r["stage"] for r in records} == every_stage  # every stage ran and was recorded
     missing = untracked_reads(records)
