@@ -24,7 +24,7 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "report: data/report/report.md, plots: data/report/*.png (dvc plots show)"
 
-# two workers; each test module runs on one worker (its module fixtures are built once), in the collection order
+# two workers; each test module (or test class) runs on one worker (its module fixtures are built once), in the collection order
 # (tests/conftest.py puts the longest first, so they start at once). Not loadgroup: with pytest 9.2 its xdist_group
 # marks are silently ignored (pytest-xdist issue 1386)
 XDIST := -n 2 --dist loadscope --no-loadscope-reorder
