@@ -498,6 +498,30 @@ def load_policy_model(ckpt: CheckpointParams, paths: CheckpointPaths):
     return model
 
 
+def load_reference_model(ckpt: CheckpointParams, policy):
+    """checkpoint.kl_reference as a frozen model in eval mode (ckpt.dtype, eager attention, ckpt's device map), or
+    None when unset; a model of another vocabulary than `policy`'s is refused."""
+    from transformers import AutoModelForCausalLM
+
+    if ckpt.kl_reference is None:
+        return None
+    kwargs: dict[str, Any] = dict(dtype=DTYPES[ckpt.dtype], device_map=_device_map(ckpt.device_map))
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(ckpt.kl_reference, attn_implementation="eager", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ProbeError(
+            f"cannot load checkpoint.kl_reference '{ckpt.kl_reference}': {first_line(exc)}",
+            "set checkpoint.kl_reference to the local directory of the model the run started from",
+        ) from None
+    vocab_size = policy.config.vocab_size
+    if reference.config.vocab_size != vocab_size:
+        raise ProbeError(
+            f"checkpoint.kl_reference has a vocabulary of {reference.config.vocab_size}, the policy {vocab_size}",
+            "set checkpoint.kl_reference to the model the run started from",
+        )
+    return reference.requires_grad_(False).eval()
+
+
 def _with_adapter(base, paths: CheckpointPaths):
     from peft import PeftModel
 

@@ -184,14 +184,19 @@ def u_coefficients(U: Batch, update: UpdateRule, u_weights, dtype, slope: Tensor
 
 
 def reference_kl_slope(model, U: Batch, max_tokens: int) -> Tensor:
-    """1 − exp(r − ℓ) over U: ℓ under θ, r under the reference — for a PEFT model the base with the adapter off
-    (TRL's reference for a LoRA run); a model without an adapter holds no reference and is refused."""
+    """1 − exp(r − ℓ) over U: ℓ under θ, r under the reference — U's `reference_logprobs` when the probe was given a
+    reference model (`Probe(kl_reference=...)`, checkpoint.kl_reference: a full-parameter run's starting model, TRL's
+    ref_model), else for a PEFT model the base with the adapter off (TRL's reference for a LoRA run); a model
+    without an adapter and no reference is refused."""
+    policy = U.token_stats(model, max_tokens, "U log-probs")["logprobs"]
+    given = U.tensors.get("reference_logprobs")
+    if given is not None:
+        return kl_slope(policy, given.to(policy), U.mask)
     if not hasattr(model, "disable_adapter"):
         raise ProbeError(
             "a KL penalty needs the reference policy, which a full-parameter checkpoint does not hold",
-            "set update.kl_coef: 0 (δH₁ of the policy-gradient and other terms)",
+            "set checkpoint.kl_reference to the model the run started from, or update.kl_coef: 0",
         )
-    policy = U.token_stats(model, max_tokens, "U log-probs")["logprobs"]
     with model.disable_adapter():
         reference = U.token_stats(model, max_tokens, "U reference log-probs")["logprobs"]
     return kl_slope(policy, reference, U.mask)

@@ -146,7 +146,8 @@ def exact_number_reward(completions: list[str], answer: list[str], **_) -> list[
     return score_responses(exact_number, completions, answer)
 
 
-def grpo_config(demo: DemoParams, run_dir: Path):
+def grpo_config(demo: DemoParams, run_dir: Path, beta: float = 0.0):
+    """The demo's GRPOConfig; beta: TRL's KL coefficient (0 in the demo; tests set it)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -170,7 +171,7 @@ def grpo_config(demo: DemoParams, run_dir: Path):
         num_generations=demo.num_generations,
         max_completion_length=MAX_COMPLETION_LENGTH,
         temperature=1.0,
-        beta=0.0,
+        beta=beta,
         gradient_checkpointing=False,
         logging_steps=1,
         report_to="none",
@@ -200,12 +201,15 @@ def _progress_callback():
     return Progress()
 
 
-def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir: Path, base_name: str, on_trainer=None):
+def train_grpo(
+    model, tokenizer, records: list[dict], demo: DemoParams, run_dir: Path, base_name: str, on_trainer=None, beta=0.0
+):
     """GRPOTrainer + LoRA on q/k/v/o (demo.finetune lora) or on every parameter (full); returns the trainer
     (its .model is the trained PeftModel, or `model` itself).
 
     The adapter names `base_name` as its base; `model` is wrapped in place (base weights stay frozen).
-    `on_trainer(trainer)` runs before training (e.g. to add an `EntropyProbeCallback`).
+    `on_trainer(trainer)` runs before training (e.g. to add an `EntropyProbeCallback`). beta > 0 (TRL's KL penalty):
+    a full-parameter run loads its reference from `base_name`, which must exist then.
     """
     import datasets
     from peft import LoraConfig
@@ -227,7 +231,7 @@ def train_grpo(model, tokenizer, records: list[dict], demo: DemoParams, run_dir:
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=exact_number_reward,
-            args=grpo_config(demo, run_dir),
+            args=grpo_config(demo, run_dir, beta),
             train_dataset=datasets.Dataset.from_list(records),
             processing_class=tokenizer,
             peft_config=lora if demo.finetune == "lora" else None,
@@ -288,9 +292,9 @@ def build_demo(demo: DemoParams, directory: Path, final_dir: Path, on_trainer=No
         return _build(demo, Path(directory), Path(final_dir), on_trainer)
 
 
-def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoReport:
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
+def warm_base(demo: DemoParams):
+    """(prompt records, tokenizer, the tiny Qwen2 after its supervised warm-up, the warm-up losses): the policy
+    GRPO starts from, the same on every call (and every process) for the same demo params."""
     records = make_arithmetic_prompts(demo.max_operand)
     tokenizer = build_tokenizer()
     model = build_model(
@@ -305,11 +309,18 @@ def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoR
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("demo: tiny Qwen2 with %d parameters, vocab %d, %d prompts", n_params, len(tokenizer), len(records))
-    write_text(tmp / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
     with torch.random.fork_rng():
         torch.manual_seed(demo.seed)
         losses = warmup(model, sft_batch(tokenizer, records), demo.warmup_steps, demo.warmup_lr)
+    return records, tokenizer, model, losses
+
+
+def _build(demo: DemoParams, tmp: Path, out_dir: Path, on_trainer=None) -> DemoReport:
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    records, tokenizer, model, losses = warm_base(demo)
+    n_params = sum(p.numel() for p in model.parameters())  # before GRPO wraps it with the adapter
+    write_text(tmp / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     rate_base = reward_rate(model, tokenizer, records, EVAL_SAMPLES_PER_PROMPT, EVAL_SEED)
     save_base(model, tokenizer, tmp / "base")
     seconds["warmup"] = time.perf_counter() - t0

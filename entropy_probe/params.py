@@ -107,6 +107,9 @@ class CheckpointParams(Section):
     use_checkpointing: bool = False
     trust_pickles: bool = False  # unpickle training_args.bin (arbitrary code!) only when true
     learning_rate: Literal["next", "last"] | float = "next"  # next: the optimizer's; last: trainer_state's
+    # the KL penalty's reference policy for a full-parameter run (local dir or hub id; TRL's: the model the run
+    # started from); null: a LoRA run's base with the adapter off, and a full-parameter run with a KL penalty refused
+    kl_reference: str | None = None
 
     @field_validator("learning_rate")
     @classmethod

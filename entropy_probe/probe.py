@@ -34,6 +34,7 @@ from .artifacts.delta_h1 import (
 from .artifacts.exact import ExactReport
 from .artifacts.samples import Samples
 from .artifacts.truth import TruthReport
+from .checkpoint import load_reference_model
 from .delta_h1 import DeltaH1Estimate, compute_delta_h1
 from .errors import ProbeError
 from .files import write_text
@@ -130,7 +131,9 @@ class Probe:
 
     `Probe(model, tokenizer, optimizer, trainer, params)` wraps objects already in memory (a notebook, a live
     trainer): `optimizer` is an `OptimizerState` (named AdamW state), `trainer` the trainer's settings
-    (`TrainerSettings`; default: unknown). `Probe.from_checkpoint(path)` reads a checkpoint as verify does.
+    (`TrainerSettings`; default: unknown), `reward` U's reward (default batch_config.reward_fn), `kl_reference`
+    the KL penalty's reference model (default: checkpoint.kl_reference, or a LoRA policy with its adapter off).
+    `Probe.from_checkpoint(path)` reads a checkpoint as verify does.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Probe:
         fingerprint: str = IN_MEMORY,
         paths=None,
         reward=None,
+        kl_reference=None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -153,6 +157,7 @@ class Probe:
         self.fingerprint = fingerprint
         self.paths = paths  # the checkpoint's files (None: in memory)
         self.reward = reward  # a task.BatchReward for U (e.g. the trainer's own); None: batch_config.reward_fn
+        self._kl_reference = kl_reference  # see `kl_reference`
         self.layout = self.learning_rate = None
         if optimizer is not None:
             self.layout = FlatLayout.from_named(dict(model.named_parameters()), optimizer.names)
@@ -216,6 +221,14 @@ class Probe:
         )
 
     # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def kl_reference(self):
+        """The KL penalty's reference policy, a model: the one given (TRL's ref_model of a full-parameter run), else
+        checkpoint.kl_reference loaded on first use; None: a LoRA policy's reference is its base, adapter off."""
+        if self._kl_reference is None and self.params.checkpoint.kl_reference is not None:
+            self._kl_reference = load_reference_model(self.params.checkpoint, self.model)
+        return self._kl_reference
 
     @property
     def device(self) -> torch.device:
@@ -300,7 +313,19 @@ class Probe:
         world = distributed.world_size()
         if world > 1:
             batch.shard = distributed.row_slice(len(batch), distributed.rank(), world)
+        if samples.kind == "samples_u" and self.kl_reference is not None:  # r of the KL penalty (reference_kl_slope)
+            batch.tensors["reference_logprobs"] = self._reference_logprobs(batch)
         return batch
+
+    def _reference_logprobs(self, U: Batch) -> torch.Tensor:
+        """[N, R] log-probs of U's responses under the reference model, in eval mode (its mode restored after)."""
+        reference = self.kl_reference
+        training = reference.training
+        try:
+            budget = self.params.compute.max_tokens_per_microbatch
+            return U.token_stats(reference.eval(), budget, "U reference log-probs")["logprobs"]
+        finally:
+            reference.train(training)
 
     def reuse(self, batches: dict[str, Batch], samples: dict[str, Samples]) -> Reuse:
         """Importance weights for the batches another policy drew: another checkpoint, or the same files

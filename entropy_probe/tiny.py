@@ -24,8 +24,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # every character is its own token; spaces are kept (no whitespace stripping)
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
+    # unk named (the core's own): a saved copy reloaded beside a Qwen2 config.json (a full model's dir) becomes a
+    # Qwen2 tokenizer, whose default unk would otherwise be added as a 17th token
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=EOS, pad_token=PAD, padding_side="left", clean_up_tokenization_spaces=False
+        tokenizer_object=core,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=PAD,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
 
 

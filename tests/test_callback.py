@@ -5,6 +5,7 @@ logged δH₁ with the offline probe on the checkpoint the trainer saved at that
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,44 @@ def test_the_forecast_is_scored_inside_the_run(tmp_path):
     assert "entropy_probe/z_sd" in h[2] and h[0]["entropy_probe/forecast_sd_trainer"] >= 0
 
 
+def test_a_full_parameter_run_with_a_kl_penalty_is_probed_against_the_trainers_reference(tmp_path):
+    """TRL full fine-tuning with beta = 0.5 (its ref_model: the model the run started from): the callback takes the
+    trainer's ref_model as the KL reference, and the offline probe on the saved checkpoint with checkpoint.kl_reference
+    = the start model reproduces the logged δH₁ — which the KL term moves by far more than the tolerance."""
+    from entropy_probe.artifacts.samples import Samples
+    from entropy_probe.demo import save_base, train_grpo, warm_base
+    from entropy_probe.files import write_text
+    from entropy_probe.integrations.trl import EntropyProbeCallback
+    from entropy_probe.probe import Probe
+
+    demo = DemoParams(**{**RUN, "finetune": "full", "rl_steps": 3})
+    records, tokenizer, model, _ = warm_base(demo)
+    write_text(tmp_path / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    save_base(model, tokenizer, tmp_path / "base")
+    callbacks = []
+
+    def attach(trainer):
+        assert trainer.ref_model is not None
+        callbacks.append(EntropyProbeCallback(trainer, EVERY, _probe_params(tmp_path), save_dir=tmp_path / "probe"))
+        trainer.add_callback(callbacks[0])
+
+    train_grpo(model, tokenizer, records, demo, tmp_path / "run", str(tmp_path / "base"), attach, beta=0.5)
+    [record] = callbacks[0].history
+    saved = tmp_path / "probe" / f"step-{EVERY}"
+    E, U = Samples.read(saved / "sample_e", "samples_e"), Samples.read(saved / "sample_u", "samples_u")
+    params = _probe_params(tmp_path)
+    params.checkpoint.kl_reference = str(tmp_path / "base")
+    params.checkpoint.trust_pickles = True  # the trainer's settings from its training_args.bin (written just now)
+    probe = Probe.from_checkpoint(tmp_path / "run" / f"checkpoint-{EVERY}", params=params)
+    offline = probe.delta_h1(E, U)
+    assert offline.report.update.kl_coef == 0.5
+    tolerance = 1e-3 * offline.se  # the importance weights' round-off (see the LoRA test above)
+    assert offline.delta_h1 == pytest.approx(record["entropy_probe/delta_h1"], abs=tolerance)
+    params.update.kl_coef = 0.0
+    without = Probe.from_checkpoint(tmp_path / "run" / f"checkpoint-{EVERY}", params=params).delta_h1(E, U)
+    assert abs(without.delta_h1 - offline.delta_h1) > 20 * tolerance  # here: 2.7e-3, 48 tolerances
+
+
 def test_trainer_rewards_are_the_trainers_weighted_sum():
     """TrainerRewards calls every reward function as TRL does (keyword arguments, the answer column, completion
     ids, the trainer's state) and sums them with the trainer's weights, a None reward left out (NaN in nansum);
@@ -175,3 +214,78 @@ def test_trainer_rewards_are_the_trainers_weighted_sum():
         TrainerRewards(SimpleNamespace(reward_funcs=[torch.nn.Linear(1, 1)]), "answer")
     with pytest.raises(ProbeError, match="gave 1 rewards for 2 responses"):
         score_batch(lambda *a: [1.0], ["p", "q"], ["a", "b"], [None, None], [[], []])
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+DDP_RUN = {**RUN, "rl_steps": 3, "prompts_per_step": 2}  # per process: 2 prompts × 4, so 4 prompts per step
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """tests/callback_ddp.py under torchrun (2 processes, DDP, gloo on CPU): the run without and with the callback
+    (every step, forecast_draws 4, save_dir)."""
+    import subprocess
+    import sys
+
+    from test_distributed import HANG_GUARD_S, REPO, free_port
+
+    out = tmp_path_factory.mktemp("callback_ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "tests/callback_ddp.py", str(out)]
+    done = subprocess.run([*cmd, json.dumps(DDP_RUN)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def test_under_ddp_the_callback_never_changes_training(ddp_runs):
+    for k in range(1, DDP_RUN["rl_steps"] + 1):
+        a = load_file(ddp_runs / "plain" / "run" / f"checkpoint-{k}" / "adapter_model.safetensors")
+        b = load_file(ddp_runs / "probed" / "run" / f"checkpoint-{k}" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"checkpoint-{k} differs"
+
+
+def test_under_ddp_both_ranks_log_what_the_offline_probe_computes(ddp_runs):
+    """Every rank logs the same numbers (the passes split rows and all-reduce), and one process on the checkpoint
+    rank 0 saved, with the samples the callback saved, reproduces each logged δH₁, δH₂ and forecast, and the observed
+    change since the previous step (fresh responses with the callback's seed, SNIS of E, θ(k−1) from its checkpoint)
+    to round-off."""
+    from entropy_probe.artifacts.samples import Samples
+    from entropy_probe.generation import derive_seed
+    from entropy_probe.ground_truth import fresh_sampling
+    from entropy_probe.observed_entropy import sampled_delta_h
+    from entropy_probe.probe import Probe
+
+    ranks = [json.loads((ddp_runs / f"rank{r}" / "history.json").read_text()) for r in (0, 1)]
+    for record in ranks:
+        for entry in record:
+            entry.pop("entropy_probe/seconds")
+    assert ranks[0] == ranks[1] and [e["step"] for e in ranks[0]] == [1, 2]
+    params = _probe_params(ddp_runs / "rank0")
+    run = ddp_runs / "probed" / "run"
+    probes = {k: Probe.from_checkpoint(run / f"checkpoint-{k}", params=params) for k in (1, 2)}
+    for record in ranks[0]:
+        k, probe = record["step"], probes[record["step"]]
+        saved = ddp_runs / "probe" / f"step-{k}"
+        E, U = Samples.read(saved / "sample_e", "samples_e"), Samples.read(saved / "sample_u", "samples_u")
+        offline = probe.forecast(E, U, 4, n_draws=4, seed=derive_seed(7, "callback draws", k))
+        pool = offline.pool.report
+        assert pool.delta_h1 == pytest.approx(record["entropy_probe/delta_h1"], abs=1e-3 * pool.se_delta_h1)
+        second = pool.second_order
+        assert second.delta_h2 == pytest.approx(record["entropy_probe/delta_h2"], abs=1e-3 * second.se_delta_h2)
+        f = offline.forecast
+        assert f.delta_h == pytest.approx(record["entropy_probe/forecast"], abs=1e-3 * f.se)
+    previous, current = (dict(probes[k].model.named_parameters()) for k in (1, 2))
+    back = {n: (previous[n] - current[n]).detach() for n in probes[2].layout.names}
+    E = Samples.read(ddp_runs / "probe" / "step-2" / "sample_e", "samples_e")
+    fresh = fresh_sampling(
+        E, probes[2].prompt_set, probes[2].tokenizer, params.generation.gen_batch_size, derive_seed(7, "fresh", 2)
+    )
+    observed = sampled_delta_h(
+        probes[2].model, probes[2].batch(E), back, fresh, target=params.estimator.entropy,
+        max_tokens=params.compute.max_tokens_per_microbatch, min_ess_fraction=params.reuse.min_ess_fraction,
+    )  # fmt: skip
+    logged = ranks[0][1]
+    assert -observed.delta_h == pytest.approx(logged["entropy_probe/observed_delta_h"], abs=1e-3 * observed.se)

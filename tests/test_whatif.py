@@ -146,8 +146,28 @@ def test_kl_penalty_gradient_equals_autograd_of_the_k3_loss_against_the_base(tok
     assert_vectors_close(ug.g, expected, rel=FP64_REL, what="g with a KL penalty")
 
     full = copy.deepcopy(probe.model).merge_and_unload()
-    with pytest.raises(ProbeError, match="KL penalty needs the reference policy.*update.kl_coef: 0"):
+    with pytest.raises(ProbeError, match="KL penalty needs the reference policy.*kl_reference.*update.kl_coef: 0"):
         reference_kl_slope(full, batch, 100)
+
+
+def test_a_full_parameter_policy_takes_its_kl_reference_from_the_given_model(tokenizer, samples):
+    """The policy merged into a full model, with the base as `kl_reference` (TRL's ref_model): U carries the base's
+    log-probs (the reference's mode restored), and the KL slope equals the LoRA policy's with its adapter off."""
+    _, U = samples
+    probe = make_probe(tokenizer)
+    lora_batch = probe.batch(U)
+    full = copy.deepcopy(probe.model).merge_and_unload()
+    base = copy.deepcopy(probe.model).unload().train()
+    full_probe = Probe(full, tokenizer, None, probe.trainer, probe.params, kl_reference=base)
+    batch = full_probe.batch(U)
+    assert base.training  # the trainer's reference model is left as it was
+    with torch.no_grad(), probe.model.disable_adapter():
+        expected = lora_batch.score(probe.model, slice(0, len(lora_batch)), with_grad=False, entropies=False).logprobs
+    reference = batch.tensors["reference_logprobs"]
+    assert_vectors_close(reference[batch.mask], expected[lora_batch.mask], rel=FP64_REL, what="r")
+    slope = reference_kl_slope(full, batch, 100)
+    assert float(slope[batch.mask].abs().max()) > 1e-3
+    assert_vectors_close(slope, reference_kl_slope(probe.model, lora_batch, 100), rel=FP64_REL, what="KL slope")
 
 
 def test_token_shares_match_one_backward_per_token(tokenizer, samples):
@@ -170,6 +190,24 @@ def test_token_shares_match_one_backward_per_token(tokenizer, samples):
     # in another order than one backward per token: agreement to float32 round-off
     assert_vectors_close(a, expected, rel=FP32_REL, what="per-token shares")
     assert_vectors_close(entropies, stats.entropies.detach(), rel=FP64_REL, what="H")
+
+
+def test_a_bad_kl_reference_is_a_one_line_error(tokenizer, samples, tmp_path):
+    """checkpoint.kl_reference that is not a model dir, or a model of another vocabulary: refused, naming it."""
+    from entropy_probe.tiny import build_model
+
+    _, U = samples
+    probe = make_probe(tokenizer)
+    for where, problem in (
+        (tmp_path / "missing", "cannot load checkpoint.kl_reference"),
+        (tmp_path / "other", "vocab"),
+    ):
+        if where.name == "other":
+            build_model(vocab_size=len(tokenizer) + 3, hidden_size=8, num_layers=1, num_heads=2).save_pretrained(where)
+        params = probe.params.model_copy(deep=True)
+        params.checkpoint.kl_reference = str(where)
+        with pytest.raises(ProbeError, match=f"{problem}.*set checkpoint.kl_reference"):
+            Probe(probe.model, tokenizer, probe.optimizer, probe.trainer, params).batch(U)
 
 
 # ------------------------------------------------------------------------------------------ the whatif computation

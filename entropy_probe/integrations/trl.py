@@ -21,6 +21,12 @@ sampled with an SE (`observed_delta_h`, `observed_se`, `observed_since`) from a 
 parameters (cheap for LoRA). With `forecast_draws` it also logs the trajectory's forecast (`forecast`,
 `forecast_se`, `forecast_sd_trainer`, `forecast_spread`) and, with every = 1, its running calibration (`z`,
 `z_mean`, `z_sd`). `seconds`: the probe step's wall time (its overhead beside the trainer's step time).
+
+A KL penalty (the trainer's beta) takes its reference as the trainer does: a LoRA policy with its adapter off, a
+full-parameter policy the trainer's `ref_model`. Under torchrun / accelerate launch with plain DDP every process
+runs the callback at the same steps on its replica of the model and the AdamW state: generation and the passes
+split rows across the processes and all-reduce, as the offline stages do under torchrun, so every rank logs the
+same numbers and rank 0 writes `save_dir`. DeepSpeed ZeRO and FSDP partition the optimizer state: refused.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import ProbeError
 from ..generation import derive_seed
 from ..outputs import staged_output_dir
@@ -100,6 +107,26 @@ class TrainerRewards:
         return (torch.tensor(per_func).T * self.weights).nansum(dim=1).tolist()
 
 
+def check_replicated(trainer) -> None:
+    """Several processes are fine when each holds the whole model and the same AdamW state (DDP: the trainer
+    all-reduces gradients, so every rank's optimizer steps alike); DeepSpeed ZeRO and FSDP partition the state,
+    which the live probe does not gather. Every rank must run the callback at the same steps (its passes split
+    rows across the ranks and all-reduce, as the offline stages do under torchrun)."""
+    world = getattr(trainer.args, "world_size", 1)
+    sharded = [n for n in ("deepspeed", "fsdp") if getattr(trainer, f"is_{n}_enabled", False)]
+    if world > 1 and sharded:
+        raise ProbeError(
+            f"EntropyProbeCallback reads the live AdamW state, which {sharded[0]} partitions across the {world} "
+            "processes",
+            "train with plain DDP (no deepspeed/fsdp), or probe the saved checkpoints offline (dvc repro)",
+        )
+    if world > 1 and not distributed.is_distributed():
+        raise ProbeError(
+            f"the trainer has {world} processes but no torch.distributed process group is up",
+            "launch the training script with torchrun or accelerate launch",
+        )
+
+
 def _trainer_callback_base():
     from transformers import TrainerCallback
 
@@ -133,12 +160,7 @@ class EntropyProbeCallback(_trainer_callback_base()):
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, got {every}")
-        world = getattr(trainer.args, "world_size", 1)
-        if world > 1:  # the probe's passes would wait on collectives the other ranks never join
-            raise ProbeError(
-                f"EntropyProbeCallback runs in a single training process for now (this trainer has {world})",
-                "train in one process, or probe the saved checkpoints offline (dvc repro, torchrun for the stages)",
-            )
+        check_replicated(trainer)
         if forecast_draws == 1 or forecast_draws < 0:
             raise ValueError(f"forecast_draws must be 0 (off) or ≥ 2, got {forecast_draws}")
         self.trainer, self.every, self.seed, self.observe = trainer, every, seed, observe
@@ -149,6 +171,11 @@ class EntropyProbeCallback(_trainer_callback_base()):
         own = rewards == "trainer" or (rewards == "auto" and getattr(trainer, "reward_funcs", None))
         self.reward = TrainerRewards(trainer, self.params.batch_config.answer_field) if own else None
         log.info("entropy probe: U rewards from %s", self.reward.name if own else self.params.batch_config.reward_fn)
+        reference = getattr(trainer, "ref_model", None)  # TRL's, for a full-parameter run with beta ≠ 0
+        accelerator = getattr(trainer, "accelerator", None)
+        if reference is not None and accelerator is not None:
+            reference = accelerator.unwrap_model(reference)
+        self.kl_reference = reference
         self._forecast: tuple[int, float, float] | None = None  # (step, F̄, spread) of the last forecast
         self._z: list[float] = []
         self.save_dir = None if save_dir is None else Path(save_dir)
@@ -180,7 +207,8 @@ class EntropyProbeCallback(_trainer_callback_base()):
         config = TrainerConfig.model_validate(trainer_config_from_args(args))
         trainer = TrainerSettings(config, "the live trainer's arguments", step)
         tokenizer = getattr(self.trainer, "processing_class", None) or self.trainer.tokenizer
-        probe = Probe(model, tokenizer, optimizer_state_of(model, optimizer), trainer, self.params, reward=self.reward)
+        state = optimizer_state_of(model, optimizer)
+        probe = Probe(model, tokenizer, state, trainer, self.params, reward=self.reward, kl_reference=self.kl_reference)
         start = time.perf_counter()
         E = probe.sample_e(seed=derive_seed(self.seed, "callback E", step))
         metrics: dict[str, float] = {}
@@ -201,11 +229,8 @@ class EntropyProbeCallback(_trainer_callback_base()):
             U = probe.sample_u(seed=derive_seed(self.seed, "callback U", step))
             result = probe.delta_h1(E, U)
         report = result.report
-        if self.save_dir is not None:  # all or nothing, and never over a dir the probe did not write (outputs)
-            with staged_output_dir(self.save_dir / f"step-{step}") as out:
-                E.write(out / "sample_e")
-                U.write(out / "sample_u")
-                result.save(out / "delta_h1")
+        if self.save_dir is not None:  # rank 0 writes; an error there is raised on every rank (on_rank0)
+            distributed.on_rank0(lambda: self.save(step, E, U, result))
         metrics.update(delta_h1=report.delta_h1, se=report.se_delta_h1, se_E=report.se_E, entropy=report.entropy)
         if report.se_U is not None:
             metrics["se_U"] = report.se_U
@@ -220,8 +245,17 @@ class EntropyProbeCallback(_trainer_callback_base()):
         if self.forecast_draws:
             self._forecast = (step, metrics["forecast"], metrics["forecast_spread"])
         metrics["seconds"] = time.perf_counter() - start
-        log.info("entropy probe at step %d: δH₁ %+.3e ± %.1e", step, report.delta_h1, report.se_delta_h1)
+        if distributed.is_rank0():
+            log.info("entropy probe at step %d: δH₁ %+.3e ± %.1e", step, report.delta_h1, report.se_delta_h1)
         return {PREFIX + k: float(v) for k, v in metrics.items()}
+
+    def save(self, step: int, E, U, result) -> None:
+        """save_dir/step-k/: the samples and delta-h1's files, all or nothing, never over a dir the probe did not
+        write (`outputs.staged_output_dir`)."""
+        with staged_output_dir(self.save_dir / f"step-{step}") as out:
+            E.write(out / "sample_e")
+            U.write(out / "sample_u")
+            result.save(out / "delta_h1")
 
     def score_last_forecast(self, metrics: dict, step: int) -> dict[str, float]:
         """z of the previous step's forecast against the change observed since, when that was one step ago
