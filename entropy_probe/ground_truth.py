@@ -110,6 +110,63 @@ def model_checksum(model, names: Sequence[str]) -> str:
     return param_checksum({n: params[n] for n in names})
 
 
+@dataclass
+class PerturbedPasses:
+    """E teacher-forced (and, with fresh sampling, a fresh CRN draw) at θ and at θ + m·Δθ for each multiplier m.
+
+    moved: [(m, E's sums at θ + m·Δθ, the fresh draw's there or None)]; max_abs_logp_diff: E's recorded log-probs
+    against teacher forcing at θ; checksum: of the touched parameters, the same before and after."""
+
+    base: SeqStats
+    fresh_base: SeqStats | None
+    moved: list[tuple[float, SeqStats, SeqStats | None]]
+    max_abs_logp_diff: float
+    checksum: str
+    timings: dict[str, float]
+
+
+def perturbed_passes(
+    model, E: Batch, delta_theta: dict[str, Tensor], multipliers: Sequence[float], fresh, max_tokens: int, what: str
+) -> PerturbedPasses:
+    """The passes ground truth and the sampled ΔH_obs share: θ + m·Δθ applied in place per multiplier and restored
+    bit-exactly (`perturb.perturbed`, also when a pass fails; a checksum over the touched parameters guards the
+    whole run). Raises ValueError for a model in training mode or fresh samples drawn with other π settings than E,
+    ProbeError when the fresh prompts are not E's rows' prompts, RuntimeError if θ was not restored."""
+    if model.training:
+        raise ValueError(f"{what} needs the model in eval mode (dropout off)")
+    if fresh and (fresh.spec.temperature, fresh.spec.top_p) != (E.temperature, E.top_p):
+        raise ValueError("fresh samples must be drawn with the E samples' temperature and top_p")
+    names = list(delta_theta)
+    checksum = model_checksum(model, names)
+    timings = {"teacher_forcing": 0.0, "fresh_sampling": 0.0}
+
+    def tf_pass(desc: str) -> tuple[SeqStats, float]:
+        start = time.perf_counter()
+        out = E.sequence_sums(model, max_tokens, desc)
+        timings["teacher_forcing"] += time.perf_counter() - start
+        return out
+
+    def fresh_pass() -> SeqStats | None:
+        if not fresh:
+            return None
+        start = time.perf_counter()
+        tensors = fresh.draw(model)
+        check_same_prompts(tensors, E)  # row i of the draw answers E row i's prompt: one unit per row
+        timings["fresh_sampling"] += time.perf_counter() - start
+        return SeqStats.of_samples(tensors)
+
+    base, max_diff = tf_pass(f"{what} θ")
+    fresh_base = fresh_pass()
+    moved = []
+    for m in multipliers:
+        with perturbed(model, delta_theta, float(m)):
+            new, _ = tf_pass(f"{what} θ + {m:g}·Δθ")
+            moved.append((float(m), new, fresh_pass()))
+    if model_checksum(model, names) != checksum:  # perturbed() restores by copy_ and checks too
+        raise RuntimeError(f"{what}: the parameters were not restored exactly")
+    return PerturbedPasses(base, fresh_base, moved, max_diff, checksum, timings)
+
+
 def estimate_truth(
     model,
     E: Batch,
@@ -126,47 +183,20 @@ def estimate_truth(
     the weights). Returns {"n_sequences", "entropy": {"snis": {t: H(θ)}, "fresh": {t: H(θ)} | None},
     "entropy_se" (alike), "ess_theta", "max_abs_logp_diff", "etas": [{"multiplier", "ess", "snis": {t:
     {delta_h, se}}, "fresh": … | None}], "checksum", "restored_exactly"}. θ is restored bit-exactly even
-    when a pass fails.
+    when a pass fails (`perturbed_passes`).
     """
-    if model.training:
-        raise ValueError("estimate_truth needs the model in eval mode (dropout off)")
-    if fresh and (fresh.spec.temperature, fresh.spec.top_p) != (E.temperature, E.top_p):
-        raise ValueError("fresh samples must be drawn with the E samples' temperature and top_p")
-    names = list(delta_theta)
-    checksum = model_checksum(model, names)
-    timings = {"teacher_forcing": 0.0, "fresh_sampling": 0.0}
-
-    def tf_pass(desc: str) -> tuple[SeqStats, float]:
-        start = time.perf_counter()
-        out = E.sequence_sums(model, max_tokens, desc)
-        timings["teacher_forcing"] += time.perf_counter() - start
-        return out
-
-    def fresh_pass() -> SeqStats:
-        start = time.perf_counter()
-        tensors = fresh.draw(model)
-        check_same_prompts(tensors, E)
-        timings["fresh_sampling"] += time.perf_counter() - start
-        return SeqStats.of_samples(tensors)
-
-    base, max_diff = tf_pass("truth θ")
+    passes = perturbed_passes(model, E, delta_theta, multipliers, fresh, max_tokens, "truth")
+    base = passes.base
     behaviour = base.logprob if behaviour_is_model else E.tensors["logprobs"].double().sum(-1)
     logw0 = base.logprob - behaviour  # ≡ 0 when θ drew the samples
     snis0 = target_estimates(logw0, base)
-    fresh0 = target_estimates(torch.zeros(len(E), dtype=torch.float64), fresh_pass()) if fresh else None
-
+    zeros = torch.zeros(len(E), dtype=torch.float64)
+    fresh0 = None if passes.fresh_base is None else target_estimates(zeros, passes.fresh_base)
     etas = []
-    for m in multipliers:
-        with perturbed(model, delta_theta, float(m)):
-            new, _ = tf_pass(f"truth {m:g}·lr")
-            fresh_new = fresh_pass() if fresh else None
-        etas.append(_eta_entry(float(m), new.logprob - behaviour, new, snis0, fresh_new, fresh0))
+    for m, new, fresh_new in passes.moved:
+        etas.append(_eta_entry(m, new.logprob - behaviour, new, snis0, fresh_new, fresh0))
         _log_eta(etas[-1], len(E))
-
-    after = model_checksum(model, names)
-    if after != checksum:  # perturbed() restores by copy_ and checks too; this guards the whole run
-        raise RuntimeError("truth: the parameters were not restored exactly")
-    log.info("truth: phase seconds %s", {k: round(v, 4) for k, v in timings.items()})
+    log.info("truth: phase seconds %s", {k: round(v, 4) for k, v in passes.timings.items()})
     values = {"snis": snis0, "fresh": fresh0}
     return {
         "n_sequences": len(E),
@@ -175,10 +205,10 @@ def estimate_truth(
             k: None if v is None else {t: standard_error(psi) for t, (_, psi) in v.items()} for k, v in values.items()
         },
         "ess_theta": effective_sample_size(logw0, TRUTH_FIX),
-        "max_abs_logp_diff": max_diff,
+        "max_abs_logp_diff": passes.max_abs_logp_diff,
         "etas": etas,
-        "checksum": checksum,
-        "restored_exactly": after == checksum,
+        "checksum": passes.checksum,
+        "restored_exactly": True,  # perturbed_passes raises otherwise
     }
 
 

@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 
 from .estimators import TARGETS
-from .ground_truth import TRUTH_FIX, FreshSampling, check_same_prompts, model_checksum, target_parts
+from .ground_truth import TRUTH_FIX, FreshSampling, perturbed_passes, target_parts
 from .importance import effective_sample_size, paired_difference, ratio_estimate, standard_error
-from .perturb import perturbed
-from .scoring import Batch, SeqStats
+from .scoring import Batch
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +105,10 @@ def sampled_delta_h(
     """
     if target not in TARGETS:
         raise ValueError(f"unknown entropy target {target!r}; expected one of {TARGETS}")
-    if model.training:
-        raise ValueError("sampled_delta_h needs the model in eval mode (dropout off)")
-    if (fresh.spec.temperature, fresh.spec.top_p) != (E.temperature, E.top_p):
-        raise ValueError("fresh samples must be drawn with the E samples' temperature and top_p")
-    names = list(delta_theta)
-    checksum = model_checksum(model, names)
-
-    def fresh_stats() -> SeqStats:
-        tensors = fresh.draw(model)
-        check_same_prompts(tensors, E)  # row i of the draw answers E row i's prompt: (a_i, b_i) are one unit
-        return SeqStats.of_samples(tensors)
-
-    base, max_diff = E.sequence_sums(model, max_tokens, "ΔH_obs θ")
-    fresh_base = fresh_stats()
-    with perturbed(model, delta_theta, 1.0):
-        new, _ = E.sequence_sums(model, max_tokens, "ΔH_obs θ'")
-        fresh_new = fresh_stats()
-    if model_checksum(model, names) != checksum:  # perturbed() checks its own restore; this guards the whole call
-        raise RuntimeError("sampled_delta_h: the parameters were not restored exactly")
+    passes = perturbed_passes(model, E, delta_theta, [1.0], fresh, max_tokens, "ΔH_obs")
+    base, max_diff = passes.base, passes.max_abs_logp_diff
+    [(_, new, fresh_new)] = passes.moved
+    fresh_base = passes.fresh_base
     if max_diff > 1e-2:
         log.warning("ΔH_obs: E's log-probs differ from teacher forcing at θ by up to %.2g: was E drawn at θ?", max_diff)
 
