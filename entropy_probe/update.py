@@ -172,13 +172,29 @@ def leave_one_group_out(
     g = Σ_b g_b (`g_groups` [B, P], each with the full batch's normalisation 1/D). Advantages are relative to
     the group, so dropping group b leaves the other groups' terms and changes only the normaliser:
     g₋b = (g − g_b) · D / (D − D_b), with D_b from `group_denominators`.
+
+    All B at once, slice by slice over the parameters ([B, slice] temporaries, UPDATE_CHUNK elements in all): the
+    state is read once per slice instead of once per group, and no parameter-sized g₋b is formed. Clipping needs
+    ‖g₋b‖ first, so then the slices are visited twice.
     """
     total = denominators.sum()
-    values = []
-    for b in range(g_groups.shape[0]):
-        g_minus = (g - g_groups[b].to(g.dtype)) * (total / (total - denominators[b]))
-        values.append((xbar * update_direction(rule, g_minus, state, max_grad_norm)).sum())
-    return torch.stack(values)
+    scale = (total / (total - denominators)).to(g.dtype)[:, None]
+    n_groups = g_groups.shape[0]
+    step = max(1, UPDATE_CHUNK // n_groups)
+    slices = [slice(start, start + step) for start in range(0, g.numel(), step)]
+
+    def g_minus(rows: slice) -> Tensor:
+        return (g[rows] - g_groups[:, rows].to(g.dtype)) * scale
+
+    factor = torch.ones(n_groups, 1, dtype=g.dtype, device=g.device)
+    if rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0:  # the other rules do not clip
+        squares = sum((g_minus(rows) ** 2).sum(-1) for rows in slices)
+        factor = torch.clamp(max_grad_norm / (squares.sqrt() + 1e-6), max=1.0)[:, None]  # `clip_factor` per group
+    values = torch.zeros(n_groups, dtype=torch.float64, device=g.device)
+    for rows in slices:
+        delta = _update_direction(rule, g_minus(rows) * factor, state.rows(rows), None)
+        values += (xbar[rows] * delta).sum(-1).double()
+    return values
 
 
 def jackknife_se(leave_one_out: Tensor) -> float:

@@ -437,3 +437,40 @@ def test_a_long_g_is_linearised_in_slices(monkeypatch, rule, clip):
     monkeypatch.setattr(update_module, "UPDATE_CHUNK", 64)
     sliced = linearise(rule, g, xbar, state, clip)
     assert float((sliced - whole).norm()) <= 1e-12 * float(whole.norm())
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
+@pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
+def test_leave_one_group_out_over_slices_is_each_groups_own_update(monkeypatch, rule, clip):
+    """All groups at once over UPDATE_CHUNK slices (several here) equals, per group, X̄·Δθ of the whole g₋b =
+    (g − g_b)·D/(D − D_b) through update_direction — clipping by each g₋b's own norm — to float64 round-off of the
+    dot (|X̄|·|Δθ| scale)."""
+    from entropy_probe import update as update_module
+    from entropy_probe.update import AdamState, leave_one_group_out, update_direction
+
+    n, n_groups = 1000, 5
+    gen = torch.Generator().manual_seed(2)
+    one = lambda v: torch.full((1,), v, dtype=torch.float64).expand(n)  # noqa: E731
+    state = AdamState(
+        theta=torch.randn(n, generator=gen, dtype=torch.float64),
+        exp_avg=1e-3 * torch.randn(n, generator=gen, dtype=torch.float64),
+        exp_avg_sq=1e-6 * torch.rand(n, generator=gen, dtype=torch.float64),
+        step=one(5.0),
+        lr=one(1e-3),
+        beta1=one(0.9),
+        beta2=one(0.999),
+        eps=one(1e-8),
+        weight_decay=one(0.01),
+    )
+    g_groups = 0.1 * torch.randn(n_groups, n, generator=gen)  # float32, as the U pass keeps them
+    g = g_groups.double().sum(0)
+    xbar = torch.randn(n, generator=gen, dtype=torch.float64)
+    denominators = torch.rand(n_groups, generator=gen, dtype=torch.float64) + 1
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 64)  # 12 elements per slice for 5 groups
+    loo = leave_one_group_out(rule, g, g_groups, denominators, xbar, state, clip)
+    total = denominators.sum()
+    for b in range(n_groups):
+        g_minus = (g - g_groups[b].double()) * (total / (total - denominators[b]))
+        delta = update_direction(rule, g_minus, state, clip)
+        scale = float(xbar.norm() * delta.norm())
+        assert abs(float(loo[b]) - float(xbar @ delta)) <= 1e-13 * scale, (b, float(loo[b]), float(xbar @ delta))
