@@ -44,7 +44,8 @@ MODEL_WEIGHTS = (
     "pytorch_model.bin.index.json",
 )
 VERL_TRACKER = "latest_checkpointed_iteration.txt"  # a verl run root
-Format = Literal["peft-adapter", "full-model", "deepspeed-zero", "verl-fsdp"]
+ACCELERATE_FSDP_PREFIX = "pytorch_model_fsdp"  # accelerate's FSDP saves in a Trainer checkpoint-N
+Format = Literal["peft-adapter", "full-model", "deepspeed-zero", "verl-fsdp", "accelerate-fsdp"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -79,8 +80,13 @@ class CheckpointPaths(_Record):
 
     @property
     def checkpoint_dir(self) -> Path:
-        """The directory that names this checkpoint: a verl actor dir, else the weights' dir."""
-        return self.optimizer_path if self.format == "verl-fsdp" else self.weights_dir
+        """The directory that names this checkpoint: a verl actor dir, the checkpoint-N holding an accelerate FSDP
+        save (its weights_dir is the base model, which holds the config.json), else the weights' dir."""
+        if self.format == "verl-fsdp":
+            return self.optimizer_path
+        if self.format == "accelerate-fsdp":
+            return self.optimizer_path.parent
+        return self.weights_dir
 
 
 class AdapterInfo(_Record):
@@ -201,15 +207,17 @@ def checkpoint_root(ckpt: CheckpointParams) -> Path:
 
 def detect_format(ckpt: CheckpointParams) -> str:
     """checkpoint.format, or (auto) the layout of checkpoint.path: a verl actor (fsdp_config.json, here or in actor/,
-    or a run root's tracker), a PEFT adapter (adapter_config.json in it or in its one sub-directory that has
-    one), then a DeepSpeed tag (`latest` or global_step*), then a full model
-    (config.json + model weights): a Trainer checkpoint of a LoRA run is read as the adapter it trained, one
-    of a DeepSpeed run by its fp32 masters."""
+    or a run root's tracker), an accelerate FSDP save of the Trainer (pytorch_model_fsdp_0/), a PEFT adapter
+    (adapter_config.json in it or in its one sub-directory that has one), then a DeepSpeed tag (`latest` or
+    global_step*), then a full model (config.json + model weights): a Trainer checkpoint of a LoRA run is read as
+    the adapter it trained, one of a DeepSpeed run by its fp32 masters."""
     if ckpt.format != "auto":
         return ckpt.format
     root = checkpoint_root(ckpt)
     if any((d / name).is_file() for d in (root, root / "actor") for name in ("fsdp_config.json", VERL_TRACKER)):
         return "verl-fsdp"  # first: an older verl LoRA actor also holds a PEFT lora_adapter/ dir
+    if any(p.name.startswith(ACCELERATE_FSDP_PREFIX) for p in root.iterdir()):
+        return "accelerate-fsdp"  # pytorch_model_fsdp_0/ (and the FSDP saves its source refuses, with their fix)
     if (root / ADAPTER_CONFIG).is_file() or any(d.is_dir() and (d / ADAPTER_CONFIG).is_file() for d in root.iterdir()):
         return "peft-adapter"
     if (root / "latest").is_file() or any(d.is_dir() for d in root.glob("global_step*")):
@@ -218,7 +226,8 @@ def detect_format(ckpt: CheckpointParams) -> str:
         return "full-model"
     raise ProbeError(
         f"{root} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a DeepSpeed checkpoint (latest, global_step*) nor "
-        f"a verl actor (fsdp_config.json) nor a full model (config.json + {MODEL_WEIGHTS[0]} or its shards)",
+        f"a verl actor (fsdp_config.json) nor an FSDP save ({ACCELERATE_FSDP_PREFIX}_0/) nor a full model "
+        f"(config.json + {MODEL_WEIGHTS[0]} or its shards)",
         "set checkpoint.path to a Trainer checkpoint-N/ dir, a PEFT adapter dir or a saved model dir",
     )
 

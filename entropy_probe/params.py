@@ -96,7 +96,7 @@ class CheckpointParams(Section):
     """Which checkpoint to probe and how to load it (keys from the seed note where they exist)."""
 
     path: str = "data/demo/run/checkpoint-6"
-    format: Literal["auto", "peft-adapter", "full-model", "deepspeed-zero"] = (
+    format: Literal["auto", "peft-adapter", "full-model", "deepspeed-zero", "verl-fsdp", "accelerate-fsdp"] = (
         "auto"  # auto: from the files (README, "Formats")
     )
     base_model: str | None = None  # local dir or hub id; default: adapter_config.json's base (adapters only)

@@ -2,8 +2,9 @@
 
 A source reads one layout (a PEFT adapter beside the Trainer's optimizer.pt, `peft_adapter`; a full model
 saved by the Trainer with its optimizer.pt, `full_model`; a DeepSpeed ZeRO-1/2/3 checkpoint of the Trainer,
-`deepspeed_zero`; a verl FSDP2 actor checkpoint, `verl_fsdp`) and gives the named trainable parameters (the loaded policy), the AdamW state per name with its group's
-hyperparameters, the trainer's settings, the next lr, and a fingerprint of the files. `Probe` and the
+`deepspeed_zero`; a verl FSDP2 actor checkpoint, `verl_fsdp`; the Trainer's FSDP2 checkpoint through accelerate,
+`accelerate_fsdp`) and gives the named trainable parameters (the loaded policy), the AdamW state per name with
+its group's hyperparameters, the trainer's settings, the next lr, and a fingerprint of the files. `Probe` and the
 verify stage reach a checkpoint only through `source_for(checkpoint params)`; a new layout (full-parameter
 Trainer, DeepSpeed, verl) is a new module here implementing `CheckpointSource`.
 """
@@ -60,12 +61,14 @@ class LoadedCheckpoint:
 def source_for(checkpoint) -> CheckpointSource:
     """The source that reads params `checkpoint` (CheckpointParams): checkpoint.format, or the layout found."""
     from ..checkpoint import detect_format
+    from .accelerate_fsdp import AccelerateFsdpSource
     from .deepspeed_zero import DeepSpeedZeroSource
     from .full_model import FullModelSource
     from .peft_adapter import PeftAdapterSource
     from .verl_fsdp import VerlFsdpSource
 
-    sources = {s.name: s for s in (PeftAdapterSource(), FullModelSource(), DeepSpeedZeroSource(), VerlFsdpSource())}
+    every = (PeftAdapterSource(), FullModelSource(), DeepSpeedZeroSource(), VerlFsdpSource(), AccelerateFsdpSource())
+    sources = {s.name: s for s in every}
     return sources[detect_format(checkpoint)]
 
 
