@@ -72,9 +72,9 @@ def _base_config(params: Params):
     """The base model's config (vocabulary, eos), read without loading any weights."""
     from transformers import AutoConfig
 
-    from entropy_probe.checkpoint import resolve_paths
+    from entropy_probe.sources import source_for
 
-    return AutoConfig.from_pretrained(resolve_paths(params.checkpoint).base_model)
+    return AutoConfig.from_pretrained(source_for(params.checkpoint).resolve(params.checkpoint).base_model)
 
 
 def _plan(params: Params, samples: Samples, out_dir) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from entropy_probe import outputs
 from entropy_probe.artifacts.verify import STATE_FILE, Parameter, VerifyReport, write_verify
-from entropy_probe.checkpoint import CheckpointPaths, adapter_info, resolve_paths
+from entropy_probe.checkpoint import CheckpointPaths, adapter_info
 from entropy_probe.checks import run_checks, scheduler_last_lrs
 from entropy_probe.optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
 from entropy_probe.params import Params
@@ -77,10 +77,11 @@ def _report(params: Params, ck, state: OptimizerState, lr: float, checks, warnin
 
 def run(params: Params, out_dir: Path, dry_run: bool) -> str | None:
     """Verify `checkpoint.*` and write the verify artifacts into `out_dir`; returns the one-line summary."""
+    from entropy_probe.sources import load_checkpoint, source_for
+
     out_dir = Path(out_dir)
     if dry_run:
-        return _plan(params, resolve_paths(params.checkpoint), out_dir)
-    from entropy_probe.sources import load_checkpoint
+        return _plan(params, source_for(params.checkpoint).resolve(params.checkpoint), out_dir)
 
     start = time.perf_counter()
     ck = load_checkpoint(params.checkpoint)

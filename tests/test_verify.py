@@ -146,6 +146,25 @@ def test_dry_run_prints_plan_and_writes_nothing(runs, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.parametrize(
+    "checkpoint, base, fmt",
+    [
+        ("verl/full_w2/global_step_1", None, "verl-fsdp"),
+        ("deepspeed/zero1_w3/checkpoint-2", None, "deepspeed-zero"),
+        ("accelerate_fsdp/run/checkpoint-1", "accelerate_fsdp/base", "accelerate-fsdp"),
+    ],
+)
+def test_dry_run_plans_every_sharded_format(tmp_path, checkpoint, base, fmt):
+    """The plan comes from the checkpoint's own source (it used to assume an adapter or a full model's files)."""
+    from entropy_probe.params import validate_params
+
+    fixtures = Path(__file__).parent / "fixtures"
+    ckpt = {"path": str(fixtures / checkpoint), "base_model": None if base is None else str(fixtures / base)}
+    out = verify.run(validate_params({"checkpoint": ckpt}), tmp_path / "v", dry_run=True)
+    assert out.startswith("verify plan:") and f"format               {fmt}" in out
+    assert not (tmp_path / "v").exists()
+
+
 def test_qlora_verify_matches_lora(runs, tmp_path):
     run = runs["ok"]
     verify.run(make_params(run.dir), tmp_path / "lora", dry_run=False)
