@@ -111,7 +111,7 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
     """
     if this.format != nxt.format:
         raise ProbeError(
-            f"the next checkpoint {nxt.weights_dir} is a {nxt.format} checkpoint, checkpoint.path a {this.format} "
+            f"the next checkpoint {nxt.checkpoint_dir} is a {nxt.format} checkpoint, checkpoint.path a {this.format} "
             "one, so θ(next) − θ(this) is not a step",
             SAME_RUN,
         )
@@ -136,7 +136,10 @@ def check_next_checkpoint(this: CheckpointPaths, nxt: CheckpointPaths) -> None:
     gap = next((g for g in gaps if g is not None), None)
     if gap is not None and gap > 1:
         log.warning(
-            "%s is %d trainer steps after %s: Δθ_obs is their sum, not one step", nxt.weights_dir, gap, this.weights_dir
+            "%s is %d trainer steps after %s: Δθ_obs is their sum, not one step",
+            nxt.checkpoint_dir,
+            gap,
+            this.checkpoint_dir,
         )
 
 
@@ -146,9 +149,9 @@ def _base_identity(paths: CheckpointPaths) -> str:
 
 
 def checkpoint_step(paths: CheckpointPaths) -> int | None:
-    """N of the `checkpoint-N` (or verl `global_step_N`) dir holding the checkpoint's weights (itself or its
-    parent), else None."""
-    for d in (paths.weights_dir, paths.weights_dir.parent, paths.optimizer_path.parent):
+    """N of the `checkpoint-N` (or verl `global_step_N`) dir that names the checkpoint (`checkpoint_dir`, itself or
+    its parent; not the base model an accelerate FSDP save takes its config from), else None."""
+    for d in (paths.checkpoint_dir, paths.checkpoint_dir.parent, paths.optimizer_path.parent):
         n = checkpoint_number(d.resolve())
         if n is not None:
             return n
@@ -161,7 +164,7 @@ def _step_gap(step: int | None, next_step: int | None, how: str, this: Checkpoin
         return None
     if next_step <= step:
         raise ProbeError(
-            f"the next checkpoint {nxt.weights_dir} is at step {next_step} and checkpoint.path {this.weights_dir} "
+            f"the next checkpoint {nxt.checkpoint_dir} is at step {next_step} and checkpoint.path {this.checkpoint_dir} "
             f"at step {step} (by {how}): the next checkpoint must be a later one",
             SAME_RUN,
         )
@@ -227,7 +230,7 @@ def _check_same_history(this: CheckpointPaths, nxt: CheckpointPaths, step: int |
     history, next_history = (_log_history(p, step) for p in (this.trainer_state_path, nxt.trainer_state_path))
     if history != next_history:
         raise ProbeError(
-            f"the trainer_state.json log of the next checkpoint {nxt.weights_dir} differs from checkpoint.path's up "
+            f"the trainer_state.json log of the next checkpoint {nxt.checkpoint_dir} differs from checkpoint.path's up "
             f"to step {step}, so it is another run",
             SAME_RUN,
         )

@@ -370,3 +370,16 @@ def test_a_truncated_rank_file_is_refused(tmp_path):
     one_line_refusal(
         r"__1_0\.distcp ends before the chunk of .* \(truncated\)", read_fsdp_state, find_fsdp_checkpoint(ckpt)
     )
+
+
+def test_the_step_is_the_checkpoints_not_the_base_models(tmp_path):
+    """The weights_dir of this format is the base model (its config.json); a base saved as an SFT `checkpoint-K`
+    must not stand for the checkpoint's step (`observed.checkpoint_step` reads `checkpoint_dir`)."""
+    from entropy_probe.observed import checkpoint_step
+    from entropy_probe.sources import source_for
+
+    base = tmp_path / "checkpoint-99"
+    shutil.copytree(BASE, base)
+    params = params_for(checkpoint(2), base_model=str(base)).checkpoint
+    paths = source_for(params).resolve(params)
+    assert paths.weights_dir.name == "checkpoint-99" and checkpoint_step(paths) == 2
