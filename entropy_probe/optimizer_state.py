@@ -29,6 +29,10 @@ from .update import AdamState, FlatLayout
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 EIGHT_BIT_KEYS = ("state1", "state2", "__bnb_optimizer_quant_state__")  # bitsandbytes optimizers
 SAME_CHECKPOINT = "check that checkpoint.path's adapter and checkpoint.optimizer_path come from the same checkpoint"
+USE_TORCH_ADAMW = "the probe needs a torch AdamW optimizer.pt (Trainer optim=adamw_torch)"
+USE_BNB = (
+    "train with torch AdamW or bitsandbytes' blockwise AdamW8bit/PagedAdamW (the Trainer's adamw_torch, adamw_bnb_8bit)"
+)
 
 
 class ParamGroup(TypedDict):
@@ -199,23 +203,55 @@ def _group_hyper(g: dict, gi: int) -> dict:
     }
 
 
-def _refuse_eight_bit(model: torch.nn.Module, saved_groups: list[dict], state: dict, name_map: Path | None) -> None:
-    """bitsandbytes 8-bit / paged optimizers store `state1`/`state2` (quantised, or fp32 for small tensors;
-    bitsandbytes 0.50 nests them under `__bnb_optimizer_quant_state__`): refuse, naming a parameter."""
-    quantised = [pid for pid, st in state.items() if isinstance(st, dict) and any(k in st for k in EIGHT_BIT_KEYS)]
-    if quantised:
-        try:
-            group_names, _ = _group_names(model, saved_groups, name_map)
-            id_to_name = {i: n for g, ns in zip(saved_groups, group_names) for i, n in zip(g["params"], ns)}
-        except ProbeError:
-            id_to_name = {}
-        pid = quantised[0]
-        raise ProbeError(
-            f"optimizer.pt holds bitsandbytes 8-bit/paged optimizer state (state1/state2) for "
-            f"{id_to_name.get(pid, f'param id {pid}')}; bitsandbytes optimizer state is not supported",
-            "save a 32-bit torch AdamW state: train (or resume from this checkpoint for one step) "
-            "with optim='adamw_torch'",
-        )
+BNB_NESTED = "__bnb_optimizer_quant_state__"  # bitsandbytes ≥ 0.50 nests its per-parameter state under this key
+BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the blockwise optimizers use 256 (CPU and CUDA)
+
+
+def dequantised_bnb_state(st: dict, what: str) -> dict:
+    """{exp_avg, exp_avg_sq, step} of one parameter from a bitsandbytes Adam/AdamW state (8-bit blockwise, or
+    32-bit for small tensors and the 32-bit/paged variants): state1 = m, state2 = v, and for 8-bit codes
+
+        m = qmap1[state1] · absmax1[block],   v = qmap2[state2] · absmax2[block]   (blocks of the flat tensor)
+
+    exactly the values bitsandbytes dequantises before its step, whose arithmetic is then torch AdamW's (decoupled
+    decay, the same bias corrections), so the emulated Δθ is the real one up to float32 rounding of θ. Refused:
+    non-blockwise 8-bit state (no absmax) and AdEMAMix's two first moments."""
+    q = st.get(BNB_NESTED, st)
+    if not {"state1", "state2"} <= set(q):
+        raise ProbeError(f"bitsandbytes state of {what} lacks state1/state2 (not an Adam/AdamW state)", USE_TORCH_ADAMW)
+    moments = []
+    for i in (1, 2):
+        codes = q[f"state{i}"]
+        if f"qmap{i}" not in q:  # a 32-bit state
+            moments.append(codes.to(torch.float32, copy=True))  # never an alias of a live optimizer's state
+            continue
+        absmax = q.get(f"absmax{i}")
+        if absmax is None or absmax.dim() != 1:
+            kind = "non-blockwise 8-bit (percentile clipping or block_wise=False)" if absmax is None else "AdEMAMix"
+            raise ProbeError(f"bitsandbytes state of {what} is {kind} state, which the probe does not model", USE_BNB)
+        n, blocks = codes.numel(), absmax.numel()
+        size = next((b for b in BNB_BLOCKSIZES if -(-n // b) == blocks), None)
+        if size is None:
+            raise ProbeError(f"bitsandbytes state of {what}: {blocks} absmax blocks fit no block size for {n}", USE_BNB)
+        scale = absmax.float().repeat_interleave(size)[:n].view(codes.shape)
+        moments.append(q[f"qmap{i}"].float()[codes.long()] * scale)
+    return {"exp_avg": moments[0], "exp_avg_sq": moments[1], "step": st.get("step", q.get("step"))}
+
+
+def _dequantise_bnb(state: dict, groups: list[dict]) -> dict:
+    """The optimizer.pt state with bitsandbytes entries turned into torch AdamW's keys (`dequantised_bnb_state`);
+    torch states are passed through. A bitsandbytes AdEMAMix group (alpha ≠ 0) is refused."""
+    bnb = [pid for pid, st in state.items() if isinstance(st, dict) and any(k in st for k in EIGHT_BIT_KEYS)]
+    if not bnb:
+        return state
+    _refuse_ademamix(groups)
+    return {pid: dequantised_bnb_state(st, f"param id {pid}") if pid in bnb else st for pid, st in state.items()}
+
+
+def _refuse_ademamix(groups: list[dict]) -> None:
+    for gi, g in enumerate(groups):
+        if g.get("alpha") or g.get("t_alpha") or g.get("t_beta3"):
+            raise ProbeError(f"optimizer param group {gi} is bitsandbytes AdEMAMix, not AdamW", USE_BNB)
 
 
 def _check_names(names: list[str], params: dict[str, torch.nn.Parameter]) -> None:
@@ -275,7 +311,7 @@ def load_optimizer_state(model: torch.nn.Module, paths: CheckpointPaths) -> Opti
 
     Refuses (ProbeError naming the parameter): group/count mismatch, unknown or duplicate names, a trainable
     parameter without state (lazy state: it never had a gradient), shape mismatch, missing exp_avg /
-    exp_avg_sq / step, non-finite moments, negative exp_avg_sq, 8-bit/paged state.
+    exp_avg_sq / step, non-finite moments, negative exp_avg_sq. bitsandbytes state is dequantised first.
     """
     saved = _torch_load(paths.optimizer_path, "optimizer state")
     if (
@@ -289,7 +325,7 @@ def load_optimizer_state(model: torch.nn.Module, paths: CheckpointPaths) -> Opti
         )
     saved_groups, state = saved["param_groups"], saved["state"]
     params = dict(trainable_parameters(model))
-    _refuse_eight_bit(model, saved_groups, state, paths.name_map_path)
+    state = _dequantise_bnb(state, saved_groups)
     group_names, how = _group_names(model, saved_groups, paths.name_map_path)
     names = [n for names in group_names for n in names]
     _check_names(names, params)
@@ -321,9 +357,11 @@ def optimizer_state_of(model: torch.nn.Module, optimizer) -> OptimizerState:
                 "pass the model the optimizer trains (the trainer's model)",
             )
         for name, p in zip(names, g["params"]):
-            states[name] = {
-                k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in inner.state.get(p, {}).items()
-            }
+            live = inner.state.get(p, {})
+            if any(k in live for k in EIGHT_BIT_KEYS):  # bitsandbytes (8-bit or paged): its dequantised moments
+                _refuse_ademamix(inner.param_groups)
+                live = dequantised_bnb_state(live, name)
+            states[name] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in live.items()}
         groups.append({**g, "names": names})
     return optimizer_state_from(model, states, groups, mapping="live optimizer (by parameter identity)")
 
