@@ -274,14 +274,11 @@ def observe(pair: StepPair, probe: Probe, setup: Setup, entropy: float | None = 
     return Observation(rule, None, observe_sampled(probe, pair, delta_obs))
 
 
-def score_step(pair: StepPair, probe: Probe, setup: Setup, trainer_entropy, observation: Observation) -> TrajectoryStep:
-    """Every number of one TrajectoryStep. `probe`: the policy at θ(k) with its AdamW state (its params'
-    trajectory.seed draws E, U and the trainer draws); `observation`: `observe`'s."""
+def forecast_step(pair: StepPair, probe: Probe, setup: Setup, observation: Observation, clock: Clock | None = None):
+    """The forecast of the step: E and U drawn at θ(k) (the params' trajectory.seed), then `Probe.forecast` along
+    simulated steps of the trainer's batch, its emulation checked against Δθ_obs. Returns (E, the ForecastResult)."""
     tp = probe.params.trajectory
-    observed, exact, sampled = observation.rule, observation.exact, observation.sampled
-    delta_obs = observed.observed.delta_theta
-    delta_h_obs, se_obs = observation.delta_h
-    clock = Clock()
+    clock = Clock() if clock is None else clock
     E = clock("sample", probe.sample_e, tp.B_E, derive_seed(tp.seed, "trajectory E", pair.step))
     U = clock("sample", probe.sample_u, setup.B_U, derive_seed(tp.seed, "trajectory U", pair.step, 1))
     fr = clock(
@@ -292,12 +289,33 @@ def score_step(pair: StepPair, probe: Probe, setup: Setup, trainer_entropy, obse
         setup.trainer_B_U,
         n_draws=tp.trainer_draws,
         seed=derive_seed(tp.seed, "trainer draws", pair.step),
-        reference=delta_obs,
+        reference=observation.rule.observed.delta_theta,
     )
+    return E, fr
+
+
+def forecast_zs(forecast, observation: Observation) -> tuple[float | None, float | None]:
+    """(z of the forecast δH₁ + δH₂, z of its first order alone) against ΔH_obs, with its SE when sampled."""
+    delta_h_obs, se_obs = observation.delta_h
+    return (
+        forecast_z(delta_h_obs, forecast.delta_h, forecast.spread, se_obs),
+        forecast_z(delta_h_obs, forecast.delta_h1, forecast.spread_first_order, se_obs),
+    )
+
+
+def score_step(pair: StepPair, probe: Probe, setup: Setup, trainer_entropy, observation: Observation) -> TrajectoryStep:
+    """Every number of one TrajectoryStep. `probe`: the policy at θ(k) with its AdamW state (its params'
+    trajectory.seed draws E, U and the trainer draws); `observation`: `observe`'s."""
+    observed, exact, sampled = observation.rule, observation.exact, observation.sampled
+    delta_obs = observed.observed.delta_theta
+    delta_h_obs, se_obs = observation.delta_h
+    clock = Clock()
+    E, fr = forecast_step(pair, probe, setup, observation, clock)
     obs = clock("delta_h1", probe.delta_h1, E, None, observed, with_second_order=True).report
     log.debug("trajectory: step %d phase seconds %s", pair.step, dict(clock))
     f, pool, draws = fr.forecast, fr.pool.report, fr.draws
     curvature, pool_curvature = obs.second_order, pool.second_order
+    z, z_first_order = forecast_zs(f, observation)
     norm_obs = float(delta_obs.norm())
     return TrajectoryStep(
         step=pair.step,
@@ -326,10 +344,10 @@ def score_step(pair: StepPair, probe: Probe, setup: Setup, trainer_entropy, obse
         forecast_delta_h2=f.delta_h2,
         se_forecast=f.se,
         sd_trainer=f.sd_trainer,
-        z=forecast_z(delta_h_obs, f.delta_h, f.spread, se_obs),
+        z=z,
         se_forecast_first_order=f.se_first_order,
         sd_trainer_first_order=f.sd_trainer_first_order,
-        z_first_order=forecast_z(delta_h_obs, f.delta_h1, f.spread_first_order, se_obs),
+        z_first_order=z_first_order,
         delta_h1_pred=pool.delta_h1,
         se_E=pool.se_E,
         se_U=pool.se_U,
@@ -495,6 +513,8 @@ __all__ = [
     "StepPair",
     "cosine",
     "calibration_of",
+    "forecast_step",
+    "forecast_zs",
     "exact_along_step",
     "population_of",
     "score_step",

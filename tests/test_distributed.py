@@ -1,9 +1,12 @@
 """Multi-process runs (torchrun, gloo on CPU): the same artifacts and the same δH₁ as one process.
 
-The parity tests launch `python -m torch.distributed.run --nproc_per_node=2 -m stages.cli STAGE …` in a
-subprocess (OMP_NUM_THREADS=1, a free port, a generous hang guard so a gloo deadlock fails instead of blocking
-CI) and compare with the single-process stage run in this process on the same inputs: tensors, not bytes (the
-headers record world_size).
+The parity tests compare two-process stage runs with the single-process stage run in this process on the same
+inputs: tensors, not bytes (the headers record world_size). The two-process runs (sample-e, sample-u, delta-h1 and
+delta-h1 on samples recorded as drawn by another checkpoint) are made by one torchrun, `python -m
+torch.distributed.run --nproc_per_node=2 -m torchrun_stages …` in a subprocess (OMP_NUM_THREADS=1, a free port, a
+generous hang guard so a gloo deadlock fails instead of blocking CI): each rank runs the console script's commands
+one after another in the library's process group (tests/torchrun_stages.py), so the interpreter and the libraries
+start once, not once per stage. The error test runs the console script itself, `-m stages.cli STAGE …`.
 """
 
 from __future__ import annotations
@@ -101,9 +104,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """`entropy-probe ARGS` under torchrun with gloo on CPU; fails the test on a hang, and unless ok=False
-    on a non-zero exit."""
+def torchrun(nproc: int, *args: str, ok: bool = True, module: str = "stages.cli") -> subprocess.CompletedProcess:
+    """`entropy-probe ARGS` (`python -m MODULE ARGS`) under torchrun with gloo on CPU; fails the test on a hang,
+    and unless ok=False on a non-zero exit."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -122,7 +125,7 @@ def torchrun(nproc: int, *args: str, ok: bool = True) -> subprocess.CompletedPro
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         "-m",
-        "stages.cli",
+        module,
         *args,
     ]
     try:
@@ -166,12 +169,38 @@ def pipeline(tmp_path_factory, trainer_checkpoint):
     return root, params, params_file
 
 
-@pytest.mark.e2e
-def test_two_process_sampling_equals_one_process(pipeline):
+FOREIGN = ("sample_e", "sample_u")  # root / "foreign" / key: the samples recorded as drawn by another checkpoint
+
+
+@pytest.fixture(scope="module")
+def two_process(pipeline) -> Path:
+    """root / "two": the two-process runs of sample-e and sample-u (into sample_e/, sample_u/), delta-h1 (delta_h1/)
+    and delta-h1 on the samples recorded as drawn by another checkpoint (delta_h1_foreign/; root / "foreign"
+    holds them), in one torchrun."""
     root, params, params_file = pipeline
-    for stage, kind, key in (("sample-e", "samples_e", "sample_e"), ("sample-u", "samples_u", "sample_u")):
-        out = root / "two" / key
-        torchrun(2, stage, "--params", str(params_file), "--out", str(out))
+    overrides = []
+    for key, kind in zip(FOREIGN, ("samples_e", "samples_u")):
+        tensors, meta = files.read_tensors(Path(getattr(params.paths, key)) / "samples.safetensors", kind)
+        foreign = root / "foreign" / key
+        foreign.mkdir(parents=True)
+        files.write_tensors(foreign / "samples.safetensors", tensors, kind, {**meta, "checkpoint_fingerprint": "other"})
+        overrides += ["-S", f"paths.{key}={foreign}"]
+    two, common = root / "two", ["--params", str(params_file)]
+    runs = [
+        ["sample-e", *common, "--out", str(two / "sample_e")],
+        ["sample-u", *common, "--out", str(two / "sample_u")],
+        ["delta-h1", *common, "--out", str(two / "delta_h1")],
+        ["delta-h1", *common, *overrides, "--out", str(two / "delta_h1_foreign")],
+    ]
+    torchrun(2, json.dumps(runs), module="torchrun_stages")
+    return two
+
+
+@pytest.mark.e2e
+def test_two_process_sampling_equals_one_process(pipeline, two_process):
+    _, params, _ = pipeline
+    for kind, key in (("samples_e", "sample_e"), ("samples_u", "sample_u")):
+        out = two_process / key
         two = Samples.read(out, kind)  # schema-checked: complete and consistent
         one = Samples.read(getattr(params.paths, key), kind)
         assert two.meta.world_size == 2 and one.meta.world_size == 1
@@ -244,39 +273,28 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
 
 @pytest.mark.e2e
 @pytest.mark.numerics
-def test_two_process_delta_h1_equals_one_process(pipeline):
+def test_two_process_delta_h1_equals_one_process(pipeline, two_process):
     from stages import delta_h1
 
-    root, params, params_file = pipeline
+    _, params, _ = pipeline
     delta_h1.run(params, Path(params.paths.delta_h1), dry_run=False)
-    two = root / "two" / "delta_h1"
-    torchrun(2, "delta-h1", "--params", str(params_file), "--out", str(two))
-    s2 = _assert_same_delta_h1(two, Path(params.paths.delta_h1))
+    s2 = _assert_same_delta_h1(two_process / "delta_h1", Path(params.paths.delta_h1))
     assert s2["reuse"]["weighted"] is False
     assert s2["se_U"] > 0 and s2["norm_g"] > 0  # the U passes carry signal, so their parity means something
 
 
 @pytest.mark.e2e
 @pytest.mark.numerics
-def test_two_process_reweighted_delta_h1_equals_one_process(pipeline):
+def test_two_process_reweighted_delta_h1_equals_one_process(pipeline, two_process):
     """Samples recorded as drawn by another checkpoint: the sharded re-scoring pass and the weighted path."""
     from stages import delta_h1
 
-    root, params, params_file = pipeline
-    overrides = []
-    for key, kind in (("sample_e", "samples_e"), ("sample_u", "samples_u")):
-        tensors, meta = files.read_tensors(Path(getattr(params.paths, key)) / "samples.safetensors", kind)
-        foreign = root / "foreign" / key
-        foreign.mkdir(parents=True)
-        files.write_tensors(foreign / "samples.safetensors", tensors, kind, {**meta, "checkpoint_fingerprint": "other"})
-        overrides += ["-S", f"paths.{key}={foreign}"]
+    root, params, _ = pipeline
     one = root / "one" / "delta_h1_foreign"
     p1 = params.model_copy(deep=True)
-    p1.paths.sample_e, p1.paths.sample_u = str(root / "foreign" / "sample_e"), str(root / "foreign" / "sample_u")
+    p1.paths.sample_e, p1.paths.sample_u = (str(root / "foreign" / key) for key in FOREIGN)
     delta_h1.run(p1, one, dry_run=False)
-    two = root / "two" / "delta_h1_foreign"
-    torchrun(2, "delta-h1", "--params", str(params_file), *overrides, "--out", str(two))
-    s2 = _assert_same_delta_h1(two, one)
+    s2 = _assert_same_delta_h1(two_process / "delta_h1_foreign", one)
     assert s2["reuse"]["weighted"] is True and s2["reuse"]["ess_fraction_E"] == pytest.approx(1.0, abs=1e-3)
 
 

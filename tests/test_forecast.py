@@ -237,7 +237,7 @@ def test_forecast_is_calibrated_on_a_clipped_curved_trl_run(curved_steps):
 
     from entropy_probe.calibration import z_summary
     from entropy_probe.tiny import one_thread
-    from entropy_probe.trajectory import score_step
+    from entropy_probe.trajectory import forecast_step, forecast_zs
 
     run, setup, steps = curved_steps
     log = json.loads((run / "run" / "checkpoint-7" / "trainer_state.json").read_text())["log_history"]
@@ -251,9 +251,11 @@ def test_forecast_is_calibrated_on_a_clipped_curved_trl_run(curved_steps):
         for pair, probe, observation in steps:
             for seed in SEEDS:
                 probe.params.trajectory.seed = seed
-                step = score_step(pair, probe, setup, None, observation)
-                z.append(step.z)
-                z_first.append(step.z_first_order)
+                # score_step's forecast and its two z (without the rest of the step's numbers, unused here)
+                _, result = forecast_step(pair, probe, setup, observation)
+                z_step, z_first_step = forecast_zs(result.forecast, observation)
+                z.append(z_step)
+                z_first.append(z_first_step)
     forecast, first = z_summary(z), z_summary(z_first)
     assert forecast.n == 18
     assert 0.7 <= forecast.sd <= 1.4 and forecast.share_within_2 >= 0.8, forecast

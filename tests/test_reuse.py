@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import yaml
 from conftest import copy_demo_repo, make_lora_model, repo_env
 from test_delta_h1 import MAX_NEW, PROMPTS, TEMPERATURE, adam_state, directional, sample_batch, sample_u
 from test_readme import untracked_reads
+from typer.testing import CliRunner
 
 from entropy_probe.delta_h1 import compute_delta_h1
 from entropy_probe.enumeration import exact_gradients
@@ -21,6 +21,7 @@ from entropy_probe.importance import Reuse, importance_weights, reuse_weights
 from entropy_probe.params import EstimatorParams
 from entropy_probe.specs import ComputeBudget
 from entropy_probe.update_rule import UpdateRule
+from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_reuse_weights_reweight_only_foreign_batches_and_refuse_a_low_ess(tokeni
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_adding_a_checkpoint_runs_only_its_own_stages(demo_pipeline, tmp_path):
+def test_adding_a_checkpoint_runs_only_its_own_stages(demo_pipeline, tmp_path, monkeypatch):
     """dvc in a copy of the repo after a run of the pipeline (conftest's demo_pipeline, probing step6): adding a
     probed checkpoint re-runs no sampling stage (and its importance-weighted δH₁ reads only params dvc.yaml
     tracks), and a far-away checkpoint is refused for low ESS unless forced."""
@@ -158,22 +159,12 @@ def test_adding_a_checkpoint_runs_only_its_own_stages(demo_pipeline, tmp_path):
     assert any(key.startswith("reuse.") for key in records[1]["reads"])  # the weighted path read its settings
     missing = untracked_reads(records)
     assert not missing, f"params read but not listed in dvc.yaml: {sorted(missing)}"
-    env.pop("ENTROPY_PROBE_RECORD_PARAMS")
 
-    # the same probe with a stricter ESS threshold is refused: one line, exit 2, nothing written
-    cmd = [
-        str(Path(sys.executable).parent / "entropy-probe"),
-        "delta-h1",
-        "-S",
-        "checkpoint.path=data/demo/run/checkpoint-4",
-        "-S",
-        "paths.verify=data/probe/step4/verify",
-        "-S",
-        "reuse.min_ess_fraction=0.9999",
-        "--out",
-        "strict",
-    ]
-    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    assert out.returncode == 2 and "ESS/N" in out.stderr and "reuse.force" in out.stderr
+    # the same probe with a stricter ESS threshold is refused: one line, exit 2, nothing written (the console
+    # script's command run in this process, in the repository: a fresh interpreter would only add its imports)
+    monkeypatch.chdir(repo)
+    step4 = ["-S", "checkpoint.path=data/demo/run/checkpoint-4", "-S", "paths.verify=data/probe/step4/verify"]
+    out = CliRunner().invoke(app, ["delta-h1", *step4, "-S", "reuse.min_ess_fraction=0.9999", "--out", "strict"])
+    assert out.exit_code == 2 and "ESS/N" in out.stderr and "reuse.force" in out.stderr
     assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1
     assert not (repo / "strict").exists()
