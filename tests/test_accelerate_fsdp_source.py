@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from cli_pipeline import observed_delta_h1, run_cli_pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 from trainer_ckpt import adamw_ulps
-from typer.testing import CliRunner
 
 from entropy_probe.checkpoint import detect_format
 from entropy_probe.errors import ProbeError
@@ -36,7 +35,6 @@ from entropy_probe.sources.accelerate_fsdp import (
     find_fsdp_checkpoint,
     read_fsdp_state,
 )
-from stages.cli import app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "accelerate_fsdp"
 BASE = FIXTURES / "base"
@@ -190,31 +188,11 @@ def test_cli_pipeline_and_exact_enumeration(tmp_path):
     """verify → sample-e → sample-u → delta-h1 → exact on checkpoint-1 (every parameter; the base named by
     checkpoint.base_model): δH₁ against exact enumeration (|z| < 3) and the FD check; the observed rule to
     checkpoint-2."""
-    runner = CliRunner()
-    raw = {
-        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
-        "checkpoint": {"path": str(checkpoint(1)), "base_model": str(BASE), "dtype": "fp32", "device_map": "cpu"},
-        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 48, "B_U": 4, "G": 4},
-        "generation": {"max_new_tokens": 3},
-        "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    for stage in ("verify", "sample-e", "sample-u", "delta-h1", "exact"):
-        result = runner.invoke(app, [stage, "--params", str(tmp_path / "params.yaml")])
-        assert result.exit_code == 0, (stage, result.output)
-    verify = json.loads((tmp_path / "verify" / "verify.json").read_text())
+    checkpoint_keys = {"path": str(checkpoint(1)), "base_model": str(BASE)}
+    verify = run_cli_pipeline(tmp_path, checkpoint_keys, generation={"max_new_tokens": 3})
     assert verify["checkpoint"]["format"] == "accelerate-fsdp" and verify["trainer_config_source"] is None
     assert any("every parameter is trainable" in c for c in verify["checks"])
-    exact = json.loads((tmp_path / "exact" / "exact.json").read_text())
-    target = exact["targets"][exact["configured_target"]]
-    assert exact["n_parameters"] == verify["n_trainable"] and target["rel_err_fd"] < 1e-4
-    assert abs(target["z_population"]) < 3, target
-    out = tmp_path / "observed"
-    result = runner.invoke(
-        app, ["delta-h1", "--params", str(tmp_path / "params.yaml"), "-S", "update.rule=observed", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "delta_h1.json").read_text())["update"]["observed"]["next_step"] == 2
+    assert observed_delta_h1(tmp_path)["update"]["observed"]["next_step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,20 +4,17 @@ checkpoints, the CLI pipeline with exact enumeration, the observed step, the ref
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from cli_pipeline import observed_delta_h1, run_cli_pipeline
 from safetensors.torch import load_file
 from trainer_ckpt import adamw_ulps
-from typer.testing import CliRunner
 
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import validate_params
 from entropy_probe.probe import Probe
-from stages.cli import app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"
 
@@ -68,36 +65,11 @@ def test_the_observed_step_is_adamw_from_the_next_moments(run):
 def test_cli_pipeline_and_exact_enumeration_on_zero3(tmp_path):
     """verify → sample-e → sample-u → delta-h1 → exact on a ZeRO-3 checkpoint of 2 ranks (no model.safetensors):
     δH₁ over every parameter against exact enumeration (|z| < 3) and the FD check; the observed rule too."""
-    runner = CliRunner()
-    raw = {
-        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
-        "checkpoint": {
-            "path": str(FIXTURES / "zero3_w2" / "checkpoint-1"),
-            "dtype": "fp32",
-            "device_map": "cpu",
-            "trust_pickles": True,
-        },
-        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 48, "B_U": 4, "G": 4},
-        "generation": {"max_new_tokens": 3},
-        "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    for stage in ("verify", "sample-e", "sample-u", "delta-h1", "exact"):
-        result = runner.invoke(app, [stage, "--params", str(tmp_path / "params.yaml")])
-        assert result.exit_code == 0, (stage, result.output)
-    verify = json.loads((tmp_path / "verify" / "verify.json").read_text())
+    checkpoint = {"path": str(FIXTURES / "zero3_w2" / "checkpoint-1"), "trust_pickles": True}
+    verify = run_cli_pipeline(tmp_path, checkpoint, generation={"max_new_tokens": 3})
     assert verify["checkpoint"]["format"] == "deepspeed-zero" and verify["adapter"] is None
     assert verify["optimizer_mapping"] == "DeepSpeed ZeRO partitions (global_step1)"
-    exact = json.loads((tmp_path / "exact" / "exact.json").read_text())
-    target = exact["targets"][exact["configured_target"]]
-    assert exact["n_parameters"] == verify["n_trainable"] and target["rel_err_fd"] < 1e-4
-    assert abs(target["z_population"]) < 3, target
-    out = tmp_path / "observed"
-    result = runner.invoke(
-        app, ["delta-h1", "--params", str(tmp_path / "params.yaml"), "-S", "update.rule=observed", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "delta_h1.json").read_text())["update"]["observed"]["next_step"] == 2
+    assert observed_delta_h1(tmp_path)["update"]["observed"]["next_step"] == 2
 
 
 def test_detected_before_the_model_file_and_refusals(tmp_path):

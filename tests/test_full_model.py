@@ -8,23 +8,20 @@ wrong group (weight decay) or a wrong lr fails it.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from cli_pipeline import observed_delta_h1, run_cli_pipeline
 from safetensors.torch import load_file, save_file
 from tolerances import FP32_EPS
 from trainer_ckpt import adamw_ulps
-from typer.testing import CliRunner
 
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import validate_params
 from entropy_probe.probe import Probe
 from entropy_probe.tiny import one_thread
-from stages.cli import app
 
 
 def params_for(run: Path, step: int, **sections) -> object:
@@ -76,42 +73,12 @@ def test_cli_pipeline_and_exact_enumeration(full_run, tmp_path):
     """verify → sample-e → sample-u → delta-h1 → exact on a full-parameter checkpoint, X̄ and Δθ over every
     parameter; δH₁ against exact enumeration over the prompt population (|z| < 3), the FD slope check, and the
     observed rule along θ(3) − θ(2)."""
-    runner = CliRunner()
-    params = {
-        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
-        "checkpoint": {"path": str(full_run / "run" / "checkpoint-2"), "dtype": "fp32", "device_map": "cpu"},
-        "batch_config": {"dataset_name": str(full_run / "prompts.jsonl"), "B_E": 48, "B_U": 4, "G": 4},
-        "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},  # a full Adam step curves: a finer FD step
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("verify", "sample-e", "sample-u", "delta-h1", "exact"):
-        result = runner.invoke(app, [stage, "--params", str(tmp_path / "params.yaml")])
-        assert result.exit_code == 0, (stage, result.output)
-    verify = json.loads((tmp_path / "verify" / "verify.json").read_text())
+    checkpoint = {"path": str(full_run / "run" / "checkpoint-2")}
+    verify = run_cli_pipeline(tmp_path, checkpoint, dataset=str(full_run / "prompts.jsonl"))
     assert verify["checkpoint"]["format"] == "full-model" and verify["adapter"] is None
     assert verify["n_trainable"] == sum(p["numel"] for p in verify["parameters"])
     assert any("every parameter is trainable" in c for c in verify["checks"])
-    exact = json.loads((tmp_path / "exact" / "exact.json").read_text())
-    assert exact["n_parameters"] == verify["n_trainable"]
-    target = exact["targets"][exact["configured_target"]]
-    assert target["rel_err_fd"] < 1e-4
-    assert abs(target["z_population"]) < 3, target
-
-    result = runner.invoke(
-        app,
-        [
-            "delta-h1",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "-S",
-            "update.rule=observed",
-            "--out",
-            str(tmp_path / "obs"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    observed = json.loads((tmp_path / "obs" / "delta_h1.json").read_text())
-    assert observed["update"]["observed"]["next_step"] == 3
+    assert observed_delta_h1(tmp_path)["update"]["observed"]["next_step"] == 3
 
 
 def copy_checkpoint(src: Path, dest: Path) -> Path:

@@ -5,21 +5,18 @@ observed step across global_step_N dirs, the refusals."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from cli_pipeline import observed_delta_h1, run_cli_pipeline
 from safetensors.torch import load_file
 from trainer_ckpt import adamw_ulps
-from typer.testing import CliRunner
 
 from entropy_probe.errors import ProbeError
 from entropy_probe.params import validate_params
 from entropy_probe.probe import Probe
-from stages.cli import app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "verl"
 
@@ -71,34 +68,11 @@ def test_cli_pipeline_and_exact_enumeration(tmp_path, run):
     """verify → sample-e → sample-u → delta-h1 → exact on a 2-rank verl actor (every parameter; or the LoRA
     adapter on the base its shards hold): δH₁ against exact enumeration (|z| < 3) and the FD check; the
     observed rule to global_step_2."""
-    runner = CliRunner()
-    raw = {
-        "paths": {k: str(tmp_path / k) for k in ("verify", "sample_e", "sample_u", "delta_h1", "exact")},
-        "checkpoint": {
-            "path": str(FIXTURES / run / "global_step_1" / "actor"),
-            "dtype": "fp32",
-            "device_map": "cpu",
-        },
-        "batch_config": {"dataset_name": "arithmetic:3", "B_E": 48, "B_U": 4, "G": 4},
-        "generation": {"max_new_tokens": 3},
-        "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    for stage in ("verify", "sample-e", "sample-u", "delta-h1", "exact"):
-        result = runner.invoke(app, [stage, "--params", str(tmp_path / "params.yaml")])
-        assert result.exit_code == 0, (stage, result.output)
-    verify = json.loads((tmp_path / "verify" / "verify.json").read_text())
-    assert verify["checkpoint"]["format"] == "verl-fsdp" and verify["trainer_config_source"] is None
-    exact = json.loads((tmp_path / "exact" / "exact.json").read_text())
-    target = exact["targets"][exact["configured_target"]]
-    assert exact["n_parameters"] == verify["n_trainable"] and target["rel_err_fd"] < 1e-4
-    assert abs(target["z_population"]) < 3, target
-    out = tmp_path / "observed"
-    result = runner.invoke(
-        app, ["delta-h1", "--params", str(tmp_path / "params.yaml"), "-S", "update.rule=observed", "--out", str(out)]
+    verify = run_cli_pipeline(
+        tmp_path, {"path": str(FIXTURES / run / "global_step_1" / "actor")}, generation={"max_new_tokens": 3}
     )
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "delta_h1.json").read_text())["update"]["observed"]["next_step"] == 2
+    assert verify["checkpoint"]["format"] == "verl-fsdp" and verify["trainer_config_source"] is None
+    assert observed_delta_h1(tmp_path)["update"]["observed"]["next_step"] == 2
 
 
 @pytest.mark.numerics
