@@ -409,18 +409,12 @@ def test_a_long_g_is_updated_in_slices_bit_for_bit(monkeypatch, rule, clip):
     assert torch.equal(update_direction(rule, g, state, clip), whole)
 
 
-@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
-@pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
-def test_a_long_g_is_linearised_in_slices(monkeypatch, rule, clip):
-    """linearise in UPDATE_CHUNK slices (the clipping factor's own derivative added once) equals the whole vector's
-    autograd VJP to float64 round-off."""
-    from entropy_probe import update as update_module
-    from entropy_probe.update import AdamState, linearise
+def _long_state(n: int, gen: torch.Generator):
+    """A float64 AdamW state of n elements after 5 steps, the hyperparameters shared (expanded views, as a Trainer's)."""
+    from entropy_probe.update import AdamState
 
-    n = 1000
-    gen = torch.Generator().manual_seed(1)
     one = lambda v: torch.full((1,), v, dtype=torch.float64).expand(n)  # noqa: E731
-    state = AdamState(
+    return AdamState(
         theta=torch.randn(n, generator=gen, dtype=torch.float64),
         exp_avg=1e-3 * torch.randn(n, generator=gen, dtype=torch.float64),
         exp_avg_sq=1e-6 * torch.rand(n, generator=gen, dtype=torch.float64),
@@ -431,6 +425,19 @@ def test_a_long_g_is_linearised_in_slices(monkeypatch, rule, clip):
         eps=one(1e-8),
         weight_decay=one(0.01),
     )
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
+@pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
+def test_a_long_g_is_linearised_in_slices(monkeypatch, rule, clip):
+    """linearise in UPDATE_CHUNK slices (the clipping factor's own derivative added once) equals the whole vector's
+    autograd VJP to float64 round-off."""
+    from entropy_probe import update as update_module
+    from entropy_probe.update import linearise
+
+    n = 1000
+    gen = torch.Generator().manual_seed(1)
+    state = _long_state(n, gen)
     g = torch.randn(n, generator=gen, dtype=torch.float64)
     xbar = torch.randn(n, generator=gen, dtype=torch.float64)
     whole = linearise(rule, g, xbar, state, clip)
@@ -446,22 +453,11 @@ def test_leave_one_group_out_over_slices_is_each_groups_own_update(monkeypatch, 
     (g − g_b)·D/(D − D_b) through update_direction — clipping by each g₋b's own norm — to float64 round-off of the
     dot (|X̄|·|Δθ| scale)."""
     from entropy_probe import update as update_module
-    from entropy_probe.update import AdamState, leave_one_group_out, update_direction
+    from entropy_probe.update import leave_one_group_out, update_direction
 
     n, n_groups = 1000, 5
     gen = torch.Generator().manual_seed(2)
-    one = lambda v: torch.full((1,), v, dtype=torch.float64).expand(n)  # noqa: E731
-    state = AdamState(
-        theta=torch.randn(n, generator=gen, dtype=torch.float64),
-        exp_avg=1e-3 * torch.randn(n, generator=gen, dtype=torch.float64),
-        exp_avg_sq=1e-6 * torch.rand(n, generator=gen, dtype=torch.float64),
-        step=one(5.0),
-        lr=one(1e-3),
-        beta1=one(0.9),
-        beta2=one(0.999),
-        eps=one(1e-8),
-        weight_decay=one(0.01),
-    )
+    state = _long_state(n, gen)
     g_groups = 0.1 * torch.randn(n_groups, n, generator=gen)  # float32, as the U pass keeps them
     g = g_groups.double().sum(0)
     xbar = torch.randn(n, generator=gen, dtype=torch.float64)
