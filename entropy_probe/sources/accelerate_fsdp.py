@@ -55,7 +55,14 @@ from ..checkpoint import (
 )
 from ..errors import ProbeError
 from ..optimizer_state import OptimizerState, optimizer_state_from
-from .trainer_files import TRUST_OPT_IN, TrainerFilesSource, finite_moment, hash_files, model_with_weights
+from .trainer_files import (
+    TRUST_OPT_IN,
+    TrainerFilesSource,
+    finite_moment,
+    hash_files,
+    model_with_weights,
+    require_adam_keys,
+)
 
 MODEL_DIR = "pytorch_model_fsdp_0"
 OPTIM_DIR = "optimizer_0"
@@ -406,13 +413,7 @@ def read_optimizer(files: FsdpFiles, trust_pickles: bool = False) -> tuple[dict,
     groups = [_group(raw_groups[i], i, files.optim_dir) for i in sorted(raw_groups)]
     adam = {}
     for name, entry in state.items():
-        keys = sorted(entry) if isinstance(entry, dict) else []
-        if not {"exp_avg", "exp_avg_sq", "step"} <= set(keys):
-            raise ProbeError(
-                f"{files.optim_dir}: the optimizer state of {name} has {keys or 'no entries'}, not exp_avg, "
-                "exp_avg_sq and step (not an Adam/AdamW state: e.g. an 8-bit optimizer)",
-                USE_ADAMW,
-            )
+        require_adam_keys(files.optim_dir, name, entry if isinstance(entry, dict) else {}, USE_ADAMW)
         for key in MOMENTS:
             if not isinstance(entry[key], torch.Tensor) or not entry[key].is_floating_point():
                 kind = entry[key].dtype if isinstance(entry[key], torch.Tensor) else type(entry[key]).__name__

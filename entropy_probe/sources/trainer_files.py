@@ -120,6 +120,17 @@ def load_allow_listed(
         ) from None
 
 
+def require_adam_keys(where, name: str, entry: dict, fix: str) -> None:
+    """One parameter's optimizer state must hold torch Adam's exp_avg, exp_avg_sq and step; else a one-line refusal
+    naming the file (`where`), the parameter and the keys found (an 8-bit optimizer's state1/state2, ...)."""
+    if not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
+        raise ProbeError(
+            f"{where}: the optimizer state of {name} has {sorted(entry) or 'no entries'}, not exp_avg, exp_avg_sq "
+            "and step (not an Adam/AdamW state: e.g. an 8-bit optimizer)",
+            fix,
+        )
+
+
 def finite_moment(name: str, key: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
     """`tensor` (a weight or moment of `name` read from a `what` checkpoint), refused when not finite or, for
     exp_avg_sq, negative."""

@@ -71,6 +71,7 @@ from .trainer_files import (
     load_allow_listed,
     model_with_weights,
     named_adam_state,
+    require_adam_keys,
 )
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -411,12 +412,7 @@ def _adam_state(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(exp_avg, exp_avg_sq, step) of one parameter from each rank's optimizer state for it, in rank order."""
     for path, state in zip(files.optim_files, per_rank):
-        if not {"exp_avg", "exp_avg_sq", "step"} <= set(state):
-            raise ProbeError(
-                f"{path}: the optimizer state of {name} has {sorted(state) or 'no entries'}, not exp_avg, "
-                "exp_avg_sq and step (not an Adam/AdamW state: e.g. an 8-bit optimizer)",
-                USE_ADAMW,
-            )
+        require_adam_keys(path, name, state, USE_ADAMW)
         for key in MOMENTS:
             if state[key].dtype != torch.float32:
                 raise ProbeError(
