@@ -42,6 +42,7 @@ from .update import (
     jackknife_se,
     pg_coefficients,
 )
+from .sharded import as_dtensors
 from .update_rule import UpdateRule
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,11 @@ def trainable_parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
 
 
 def as_direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
-    """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents)."""
+    """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents); for FSDP
+    parameters (a flat vector of this process's shards) DTensors the hooks gather one at a time."""
     dtype = accumulation_dtype(params[0])
-    return [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
+    parts = [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
+    return as_dtensors(parts, params) if hasattr(params[0], "to_local") else parts
 
 
 def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: ComputeBudget, clock) -> UGradient:
@@ -156,7 +159,7 @@ def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: C
     n_groups = int(groups.max()) + 1
     hooks_work = RowDirectional.supports(model, layout.names)
     cache_bytes = n_groups * layout.numel * torch.empty((), dtype=dtype).element_size()
-    if hooks_work and cache_bytes <= budget.u_cache_mb * 2**20:
+    if hooks_work and not update.state.sharded and cache_bytes <= budget.u_cache_mb * 2**20:
         g, g_groups = clock(
             "u_gradient", group_gradients, model, params, layout.names, U, coefs, groups, budget.max_tokens
         )
@@ -164,6 +167,8 @@ def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: C
     why = (
         "a trainable tensor is used by a module the hooks do not know"
         if not hooks_work
+        else "the policy is sharded (compute.shard fsdp)"
+        if update.state.sharded
         else f"{n_groups} groups × {layout.numel} parameters exceed compute.u_gradient_cache_mb = {budget.u_cache_mb:g}"
     )
     log.info("delta-h1: no per-group U gradients (%s): SE_U by the delta method, one more U pass", why)
@@ -322,12 +327,13 @@ def compute_delta_h1(
     else:
         delta_theta = update.observed.delta_theta.to(torch.float64)
     eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
-    delta_h1 = float((eg.xbar.double() * delta_theta).sum())
+    total = update.state.total  # Σ over every element (all-reduced when the vectors are shards)
+    delta_h1 = float(total(eg.xbar.double() * delta_theta))
     unc = UUncertainty(se_U_note=NO_U_OBSERVED)
     parts: dict[str, float | None] = {}
     if ug is not None:
         unc = u_uncertainty(model, layout, U, update, ug, eg.xbar, delta_h1, u_w, budget, clock)
-        momentum = float((eg.xbar.double() * update.momentum_part()).sum())
+        momentum = float(total(eg.xbar.double() * update.momentum_part()))
         parts = dict(
             delta_h1_gradient_part=delta_h1 - momentum,
             delta_h1_momentum_part=momentum,
@@ -335,9 +341,9 @@ def compute_delta_h1(
             cov_logp_advantage=token_advantage_covariance(
                 U.tensors["logprobs"], U.tensors["advantages"].to(dtype), U.mask
             ),
-            norm_g=float(ug.g.double().norm()),
+            norm_g=float(update.state.norm(ug.g)),
         )
-    estimate = _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
+    estimate = _estimate(eg, unc, delta_h1, delta_theta, update, len(E), parts, estimator.entropy, clock)
     if ug is not None and unc.denominators is not None:
         estimate.u_group_gradients, estimate.u_group_denominators = ug.g_groups, unc.denominators
     return estimate
@@ -375,13 +381,13 @@ def _chain_delta_h1(model, E, U, layout, update, estimator, budget, e_w, u_w, cl
         ),
         norm_g=float(result.first_gradient.double().norm()),
     )
-    return _estimate(eg, unc, delta_h1, delta_theta, update.learning_rate, len(E), parts, estimator.entropy, clock)
+    return _estimate(eg, unc, delta_h1, delta_theta, update, len(E), parts, estimator.entropy, clock)
 
 
 def _estimate(
-    eg: EGradient, unc: UUncertainty, delta_h1, delta_theta, lr, n_e, parts, target, clock
+    eg: EGradient, unc: UUncertainty, delta_h1, delta_theta, update: UpdateRule, n_e, parts, target, clock
 ) -> DeltaH1Estimate:
-    main = eg.targets[target]
+    main, lr = eg.targets[target], update.learning_rate
     se_total = main.se_E if unc.se_U is None else (main.se_E**2 + unc.se_U**2) ** 0.5
     eg.targets[target] = main.model_copy(update=dict(se_U=unc.se_U, se_delta_h1=se_total))
     empty = dict.fromkeys(
@@ -407,8 +413,8 @@ def _estimate(
         se_U_note=unc.se_U_note,
         delta_h1_naive=naive_est,
         se_E_naive=naive_se,
-        norm_xbar=float(eg.xbar.double().norm()),
-        norm_delta_theta=float(delta_theta.norm()),
+        norm_xbar=float(update.state.norm(eg.xbar)),
+        norm_delta_theta=float(update.state.norm(delta_theta)),
         targets=eg.targets,
         xbar=eg.xbar,
         delta_theta=delta_theta,

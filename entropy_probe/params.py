@@ -251,6 +251,9 @@ class ComputeParams(Section):
     # keep per-prompt-group U gradients (B_U × trainable parameters) when they fit in this many MiB: SE_U by a
     # jackknife over groups through the real update rule, and no third pass; 0 = never (delta method)
     u_gradient_cache_mb: float = Field(4096.0, ge=0)
+    # under torchrun, how the policy is held: none = a whole copy per process (rows split, sums all-reduced);
+    # fsdp = FSDP2-sharded, with X̄, Δθ and the AdamW state (entropy_probe/sharded.py: what it computes)
+    shard: Literal["none", "fsdp"] = "none"
 
 
 class ExactParams(Section):

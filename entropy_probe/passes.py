@@ -36,8 +36,34 @@ from .update import FlatLayout
 
 
 def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
-    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0."""
-    return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
+    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0. Under
+    FSDP (`sharded`) each is this process's shard."""
+    return torch.cat(
+        [(torch.zeros_like(local_tensor(p)) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)]
+    )
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
+    to_local = getattr(p, "to_local", None)
+    return p if to_local is None else to_local()
+
+
+def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) -> list:
+    """∇_params Σ outputs·grad_outputs, None for a parameter off the outputs' path (`torch.autograd.grad`).
+
+    FSDP parameters (DTensors, compute.shard fsdp) are not leaves of the graph (their gathered copies are), so
+    there the gradient goes through an ordinary backward into `.grad`, whose reduce-scatter sums every process's
+    rows into each process's shard (`sharded.shard_policy` sets the sum, not the mean), and is taken from there:
+    the shards are returned and `.grad` is cleared."""
+    if not hasattr(params[0], "to_local"):
+        return list(torch.autograd.grad(outputs, params, grad_outputs, retain_graph=retain_graph, allow_unused=True))
+    torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph)
+    out = []
+    for p in params:
+        out.append(None if p.grad is None else p.grad.to_local().clone())
+        p.grad = None
+    return out
 
 
 def _coefficients(coefs: UCoefficients | torch.Tensor) -> UCoefficients:
@@ -58,9 +84,8 @@ def policy_gradient(
     dtype = accumulation_dtype(params[0])
     g = torch.zeros(layout.numel, dtype=dtype, device=coefs.logp.device)
     for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
-        grads, _ = grad_and_tangents(coefs.outputs(stats), coefs.rows(rows), params, None)
-        g += _flat(grads, params, dtype)
-    return U.reduce(g)
+        g += _flat(gradients(coefs.outputs(stats), params, coefs.rows(rows)), params, dtype)
+    return U.reduce_params(g)
 
 
 def group_gradients(
@@ -72,14 +97,14 @@ def group_gradients(
     """
     coefs = _coefficients(coefs)
     dtype = accumulation_dtype(params[0])
-    g = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=coefs.logp.device)
+    g = torch.zeros(sum(local_tensor(p).numel() for p in params), dtype=dtype, device=coefs.logp.device)
     hooks = GroupGradients(model, names, int(groups.max()) + 1)
     with hooks:
         for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
             hooks.rows_group = groups[rows]
-            grads = torch.autograd.grad(coefs.outputs(stats), params, grad_outputs=coefs.rows(rows), allow_unused=True)
+            grads = gradients(coefs.outputs(stats), params, coefs.rows(rows))
             g += _flat(grads, params, dtype)
-    return U.reduce(g), U.reduce(hooks.flat(names))
+    return U.reduce_params(g), U.reduce(hooks.flat(names))
 
 
 def entropy_rows(
@@ -97,7 +122,7 @@ def entropy_rows(
     w = coefs.weights.unsqueeze(1).to(coefs.a.dtype)
     a, c = (coefs.a * w).to(dtype), (coefs.c * w).to(dtype)
     len_c = None if coefs.len_c is None else (coefs.len_c * w).to(dtype)
-    xbar = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=a.device)
+    xbar = torch.zeros(sum(local_tensor(p).numel() for p in params), dtype=dtype, device=a.device)
     k = (direction[0].shape[0],) if stacked else ()
     rows_out = torch.zeros((len(E), *k), dtype=dtype, device=a.device)
     beta = torch.zeros(k, dtype=dtype, device=a.device)
@@ -108,13 +133,13 @@ def entropy_rows(
             model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
         )
         for rows, stats in passes:
-            grads = torch.autograd.grad(stats.surrogate.sum(), params, retain_graph=beta_pass, allow_unused=True)
+            grads = gradients(stats.surrogate.sum(), params, retain_graph=beta_pass)
             xbar += _flat(grads, params, dtype)
             rows_out[rows] = _taken(hooks, grads)
             if beta_pass:
-                grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[len_c[rows]], allow_unused=True)
+                grads = gradients([stats.logprobs], params, [len_c[rows]])
                 beta += _taken(hooks, grads).sum(0)  # over the rows: [] or stacked [K]
-    return E.reduce(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
+    return E.reduce_params(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
 
 
 # bytes of stacked directions (K × trainable parameters) one E backward carries; more directions take more passes
@@ -170,15 +195,15 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
                 model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
             )
             for _, stats in passes:
-                xbar += _flat(torch.autograd.grad(stats.surrogate.sum(), params, allow_unused=True), params, dtype)
-            return E.reduce(xbar), None, None
+                xbar += _flat(gradients(stats.surrogate.sum(), params), params, dtype)
+            return E.reduce_params(xbar), None, None
         dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
         for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
             grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
                 [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
             )
             xbar += _flat(grads, params, dtype)
-    return E.reduce(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
+    return E.reduce_params(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 
 def u_row_terms(
@@ -195,7 +220,7 @@ def u_row_terms(
         return U.reduce(u_token_terms(model, params, U, coefs, direction, max_tokens)[0].sum(-1))
     with RowDirectional(model, names, direction) as hooks:
         for rows, stats in _u_scored(model, U, coefs, max_tokens, "U tangents"):
-            grads = torch.autograd.grad(coefs.outputs(stats), params, grad_outputs=coefs.rows(rows), allow_unused=True)
+            grads = gradients(coefs.outputs(stats), params, coefs.rows(rows))
             rows_out[rows] = _taken(hooks, grads)
     return U.reduce(rows_out)
 

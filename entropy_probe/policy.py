@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -77,6 +77,11 @@ class TokenStats:
     mask: torch.Tensor
     surrogate: torch.Tensor | None = None
 
+    def rows(self, index: slice) -> "TokenStats":
+        """The statistics of rows `index` (views, still on the graph)."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return TokenStats(*(None if t is None else t[index] for t in values))
+
 
 def distribution_features(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-1 probability, top-1 − top-2 probability) over the last dim of log π; detached.
@@ -117,7 +122,8 @@ def teacher_force(
     each chunk activation-checkpointed, its [N, c, V] tensors recomputed in the backward. Either way no
     full-vocabulary tensor of the whole microbatch stays alive. Trailing columns that are padding in every
     row are not scored (their entries are 0 anyway). Models whose logits are not exactly
-    head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning.
+    head(decoder(...)) (`split_lm_head` is None) are scored unchunked, with a warning; so, without one, is a model
+    sharded by FSDP2 (`is_fsdp`).
     `entropies=False` / `features=False` skip those vocabulary-wide reductions (the fields are None):
     the policy-gradient passes need only the log-probs.
 
@@ -131,9 +137,10 @@ def teacher_force(
     if n_prompt_cols < 1 or n_cols != n_prompt_cols + n_resp:
         raise ValueError(f"input_ids has {n_cols} columns, expected P + R = {n_prompt_cols} + {n_resp} with P >= 1")
     opts = _HeadOptions(temperature, top_p, entropies, features, logprob_grad)
-    parts = split_lm_head(model)
+    parts = None if is_fsdp(model) else split_lm_head(model)
     if parts is None:
-        _warn_unchunked(model)
+        if not is_fsdp(model):
+            _warn_unchunked(model)
         args = (model, input_ids, attention_mask, n_prompt_cols, response_mask, temperature, top_p, with_grad)
         return teacher_force_unchunked(*args, entropies, features, coefs)
     decoder, head = parts
@@ -161,8 +168,8 @@ def teacher_force(
             args = (hidden[:, cols], targets[:, cols], mask[:, cols])
             args += (None, None) if coefs is None else (coefs[0][:, cols], coefs[1][:, cols])
             chunks.append(checkpoint(score, *args, use_reentrant=False) if checkpointed else score(*args))
-        fields = [_join(list(field), n_resp) for field in zip(*chunks)]
-    return TokenStats(*fields[:4], mask=mask, surrogate=fields[4])
+        joined = [_join(list(field), n_resp) for field in zip(*chunks)]
+    return TokenStats(*joined[:4], mask=mask, surrogate=joined[4])
 
 
 @dataclass(frozen=True)
@@ -322,6 +329,17 @@ def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     if not isinstance(linear, torch.nn.Linear):
         return None
     return base.get_decoder(), head
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2 (compute.shard fsdp). Its root's forward gathers the embedding, final
+    norm and head, so it is scored through that forward (`teacher_force_unchunked`: the [N, R, V] logits of a
+    microbatch at once, bounded by compute.max_tokens_per_microbatch), never by calling decoder and head apart."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 _warned: set[str] = set()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, task
+from . import distributed, sharded, task
 from .artifacts.delta_h1 import (
     ATTRIBUTIONS_FILE,
     Bars,
@@ -52,6 +52,7 @@ from .generation import make_plan
 from .importance import Reuse, reuse_weights
 from .optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
 from .outputs import staged_output_dir
+from .passes import local_tensor
 from .params import Params
 from .sampling import SamplerInfo, draw, sampler_info
 from .scoring import Batch
@@ -77,7 +78,7 @@ class DeltaH1Result:
     (`attributions`) and the estimate's tensors (`estimate`: flat X̄, Δθ, per-row contributions)."""
 
     report: DeltaH1Report
-    bars: Bars
+    bars: Bars | None  # None on ranks other than 0 of a sharded run (compute.shard fsdp: rank 0 writes)
     attributions: str
     estimate: DeltaH1Estimate | None  # None for a result read from files
 
@@ -286,7 +287,24 @@ class Probe:
         update = self.params.update if rule is None else self.params.update.model_copy(update={"rule": rule})
         if update.rule == "observed":
             return self.observed_step(update.next_checkpoint)
+        self._shard_if_asked()
         return resolve_update_rule(update, self.trainer.config.model_dump(), self._flat_state())
+
+    def _shard_if_asked(self) -> None:
+        """compute.shard fsdp (under torchrun): shard the policy with FSDP2 once, and cut the AdamW state and the
+        layout to this process's shards (`sharded`); from then on this Probe computes δH₁ sharded."""
+        if self.params.compute.shard != "fsdp" or sharded.is_sharded(self.model):
+            return
+        if self.optimizer is None:
+            raise ProbeError("compute.shard fsdp shards the policy with its AdamW state, and this Probe has none",
+                             "build it with from_checkpoint, or set compute.shard: none")  # fmt: skip
+        sharded.check_supported(self.model, self.layout.names, self.params)
+        if not distributed.is_distributed():
+            raise ProbeError("compute.shard fsdp shards the policy over torchrun's processes, and this is one process",
+                             "run under torchrun --nproc_per_node=N (N ≥ 2), or set compute.shard: none")  # fmt: skip
+        sharded.shard_policy(self.model)
+        self.optimizer = sharded.local_optimizer(self.optimizer, self.model)
+        self.layout = sharded.local_layout(self.model, self.layout.names)
 
     def _flat_state(self):
         if self.optimizer is None:
@@ -300,6 +318,8 @@ class Probe:
         checkpoint-N (docs/math.md §4.8)."""
         if self.paths is None:
             raise ProbeError("an observed step needs the checkpoint's files", "build the Probe with from_checkpoint")
+        if self.params.compute.shard == "fsdp":
+            raise ProbeError("compute.shard fsdp does not read an observed step", "set compute.shard: none")
         step = _observed_step(self.params.checkpoint, self.paths, next_checkpoint, self.layout, self.model)
         return UpdateRule("observed", self._flat_state(), observed=step)
 
@@ -313,6 +333,7 @@ class Probe:
         world = distributed.world_size()
         if world > 1:
             batch.shard = distributed.row_slice(len(batch), distributed.rank(), world)
+        batch.fsdp = sharded.is_sharded(self.model)
         if samples.kind == "samples_u" and self.kl_reference is not None:  # r of the KL penalty (reference_kl_slope)
             batch.tensors["reference_logprobs"] = self._reference_logprobs(batch)
         return batch
@@ -348,6 +369,12 @@ class Probe:
         update = update if update is not None else self.update_rule()
         if update.emulated and U is None:
             raise ProbeError(f"update rule {update.rule} needs a U batch", "pass U = probe.sample_u()")
+        if update.state.sharded != sharded.is_sharded(self.model):
+            raise ProbeError("the update was made for a policy sharded otherwise than this one (compute.shard)",
+                             "build it with this Probe's update_rule() after setting compute.shard")  # fmt: skip
+        if update.state.sharded and update.chain is not None:
+            raise ProbeError(f"compute.shard fsdp takes one step per U batch, not {update.chain.steps}",
+                             "set update.mini_batches: 1 and update.epochs: 1, or compute.shard: none")  # fmt: skip
         if update.emulated:
             require_policy_gradient(U, update.rule)
         samples = {"E": E} if not update.emulated else {"E": E, "U": U}
@@ -400,6 +427,7 @@ class Probe:
         observed step) the draws' cosines are measured against. `exact_draws` (default trajectory.exact_draws):
         below K, every draw's δH₂ comes from one shared finite difference around the mean step and only that many
         draws get their own (docs/math.md §11.4); None or K or more: each draw its own (2 E backward passes each)."""
+        sharded.refuse("a forecast", self.params.compute.shard)
         update = update if update is not None else self.update_rule()
         if not update.emulated:
             raise ProbeError(
@@ -447,6 +475,7 @@ class Probe:
     def whatif(self, E: Samples, U: Samples, result: DeltaH1Result, update: UpdateRule | None = None) -> WhatIfResult:
         """Token attributions of δH₁ over U, the what-if rows (params `whatif.rows`) and the entropy-neutral
         setting, all from `result`'s X̄ (delta-h1 on the same E, this checkpoint), docs/math.md §12."""
+        sharded.refuse("what-if rows", self.params.compute.shard)
         update = update if update is not None else self.update_rule()
         if not update.emulated or update.chain is not None:
             raise ProbeError(
@@ -499,16 +528,11 @@ class Probe:
                 reuse.ess,
             ),
             world_size=distributed.world_size(),
+            shard="fsdp" if sharded.is_sharded(self.model) else "none",
             second_order=second,
             realised_step=self._realised_step(update, estimate),
         )
-        unflat = self.layout.unflatten
-        bars = Bars(
-            unflat(estimate.xbar),
-            {n: t.float() for n, t in unflat(estimate.delta_theta).items()},
-            report.learning_rate,
-            self.params.estimator.entropy,
-        )
+        bars = self._bars(estimate, report.learning_rate)
         u_att, u_loo = estimate.u_attribution, estimate.u_attribution_loo
         csv = attributions_csv(
             None if u_att is None else u_att.tolist(),
@@ -520,6 +544,16 @@ class Probe:
         )
         return DeltaH1Result(report, bars, csv, estimate)
 
+    def _bars(self, estimate: DeltaH1Estimate, lr: float) -> Bars | None:
+        """X̄ and Δθ per parameter (bars.safetensors); sharded: gathered whole onto rank 0 (None elsewhere)."""
+        if sharded.is_sharded(self.model):
+            xbar, delta = (sharded.gather_named(v, self.layout, self.model) for v in (estimate.xbar, estimate.delta_theta))
+        else:
+            xbar, delta = self.layout.unflatten(estimate.xbar), self.layout.unflatten(estimate.delta_theta)
+        if xbar is None:
+            return None
+        return Bars(xbar, {n: t.float() for n, t in delta.items()}, lr, self.params.estimator.entropy)
+
     def _realised_step(self, update: UpdateRule, estimate: DeltaH1Estimate) -> RealisedStepRecord | None:
         """δH₁ along round(θ + Δθ) − θ when the trainable weights are half precision and Δθ is emulated (an
         observed step is the difference of two stored checkpoints: realised already)."""
@@ -527,15 +561,17 @@ class Probe:
         dtype = params[self.layout.names[0]].dtype
         if not update.emulated or dtype not in (torch.bfloat16, torch.float16):
             return None
-        theta = self.layout.flatten({n: params[n].detach() for n in self.layout.names})
+        theta = self.layout.flatten({n: local_tensor(params[n].detach()) for n in self.layout.names})
         delta = estimate.delta_theta.double().cpu()
         realised = realised_step(theta.cpu(), delta)
         moving = delta != 0
+        total = update.state.total  # over every process's shard when sharded
+        n_moving = float(total(moving))
         return RealisedStepRecord(
             dtype=str(dtype).removeprefix("torch."),
-            delta_h1=float(estimate.xbar.double().cpu() @ realised),
-            fraction_lost=float((realised - delta).norm() / delta.norm()) if bool(moving.any()) else 0.0,
-            fraction_unmoved=float((realised[moving] == 0).double().mean()) if bool(moving.any()) else 0.0,
+            delta_h1=float(total(estimate.xbar.double().cpu() * realised)),
+            fraction_lost=float(update.state.norm(realised - delta) / update.state.norm(delta)) if n_moving else 0.0,
+            fraction_unmoved=float(total((realised == 0) & moving)) / n_moving if n_moving else 0.0,
         )
 
     # ---------------------------------------------------------------------------------- checks

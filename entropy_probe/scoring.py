@@ -66,6 +66,11 @@ class Batch:
     shard: slice | None = None
     # MiB of float32 logits per chunk of teacher forcing's vocabulary-wide work (compute.logits_chunk_mb)
     logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB
+    # compute.shard fsdp: the model is sharded (FSDP2), so every process must run the same number of forward and
+    # backward passes (each gathers parameters from all of them): `slices` pads the shorter shares with empty
+    # microbatches, which `score` runs on a stand-in row and returns with no rows; and the parameter-sized sums
+    # are already summed over the processes by FSDP's reduce-scatter (`reduce_params`)
+    fsdp: bool = False
 
     @classmethod
     def from_samples(cls, samples, device: torch.device, logits_chunk_mb: float = DEFAULT_LOGITS_CHUNK_MB) -> "Batch":
@@ -109,11 +114,22 @@ class Batch:
             return token_budget_slices(len(self), self.input_ids.shape[1], max_tokens)
         start, stop, _ = self.shard.indices(len(self))
         local = token_budget_slices(max(0, stop - start), self.input_ids.shape[1], max_tokens)
-        return [slice(start + s.start, start + s.stop) for s in local]
+        mine = [slice(start + s.start, start + s.stop) for s in local]
+        if not self.fsdp:
+            return mine
+        world = distributed.world_size()
+        shares = [distributed.row_slice(len(self), r, world) for r in range(world)]
+        most = max(len(token_budget_slices(s.stop - s.start, self.input_ids.shape[1], max_tokens)) for s in shares)
+        return mine + [slice(stop, stop)] * (most - len(mine))
 
     def reduce(self, tensor: Tensor) -> Tensor:
         """In place: Σ over the processes that share this batch (identity unless sharded)."""
         return tensor if self.shard is None else distributed.all_reduce_sum(tensor)
+
+    def reduce_params(self, tensor: Tensor) -> Tensor:
+        """A parameter-sized sum over this process's rows made the whole batch's: `reduce`, except under FSDP,
+        where the backward's reduce-scatter summed every process's rows into this process's shard already."""
+        return tensor if self.fsdp else self.reduce(tensor)
 
     def score(
         self,
@@ -128,7 +144,11 @@ class Batch:
     ):
         """TokenStats of one microbatch of rows (`policy.teacher_force`), with a graph unless with_grad=False.
 
-        coefs: per-token (a, c) of these rows for the surrogate a·H + c·ℓ (see `teacher_force`)."""
+        coefs: per-token (a, c) of these rows for the surrogate a·H + c·ℓ (see `teacher_force`). No rows (an
+        FSDP pad, `fsdp`): the passes' collectives run on a stand-in row with zero coefficients, and the statistics
+        come back with no rows (their gradients are exactly 0)."""
+        if rows.start == rows.stop:
+            return self._stand_in(model, with_grad, entropies, features, coefs, logprob_grad)
         return teacher_force(
             model,
             self.input_ids[rows],
@@ -144,6 +164,13 @@ class Batch:
             coefs=coefs,
             logprob_grad=logprob_grad,
         )
+
+    def _stand_in(self, model, with_grad, entropies, features, coefs, logprob_grad):
+        """`score` of an empty microbatch under FSDP: row 0 scored with zero coefficients, sliced to no rows."""
+        zero = None if coefs is None else tuple(torch.zeros_like(self.mask[:1], dtype=c.dtype) for c in coefs)
+        options = dict(entropies=entropies, features=features, coefs=zero, logprob_grad=logprob_grad)
+        stats = self.score(model, slice(0, 1), with_grad=with_grad, **options)
+        return stats.rows(slice(0, 0))
 
     def scored(
         self,

@@ -71,6 +71,13 @@ def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A direction tensor whole: a DTensor shard (compute.shard fsdp) gathered from every process, in the forward
+    or backward of the one module that reads it, so only one parameter's direction is whole at a time."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return t if full_tensor is None else full_tensor()
+
+
 def _looked_up(module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """[.., 1] mask of the positions whose row gets a gradient (nn.Embedding gives its padding_idx row none)."""
     keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
@@ -168,23 +175,27 @@ class RowDirectional(_ParamHooks):
 
     @staticmethod
     def _alongs(kind: str, module, x: torch.Tensor, parts: dict) -> list:
-        """Functions giving, at backward time, the tensors `a` with ⟨G_i, V⟩ = Σ_p δ_p · a_p (one per part)."""
+        """Functions giving, at backward time, the tensors `a` with ⟨G_i, V⟩ = Σ_p δ_p · a_p (one per part).
+
+        A sharded direction (DTensor) is gathered where it is read (`_full`): in the backward, or in the forward
+        for a projection kept until then, so one parameter's direction is whole at a time; every process reaches
+        these hooks in the same order."""
         if kind == "embedding":
-            return [lambda: torch.nn.functional.embedding(x, parts["weight"]) * _looked_up(module, x)]
+            return [lambda: torch.nn.functional.embedding(x, _full(parts["weight"])) * _looked_up(module, x)]
         if kind == "rmsnorm":
-            return [lambda: normalised(module, x) * parts["weight"].to(x.dtype)]
+            return [lambda: normalised(module, x) * _full(parts["weight"]).to(x.dtype)]
         alongs = []
         weight = parts.get("weight")
         if weight is not None:
             # keep the smaller of x [.., in] and x·Vᵀ [.., out] until the backward reaches this layer:
             # for LoRA that is r numbers per token for A (x·V_Aᵀ) and for B (its input A·x)
             if weight.shape[0] <= weight.shape[1]:
-                projected = x @ weight.to(x.dtype).T
+                projected = x @ _full(weight).to(x.dtype).T
                 alongs.append(lambda: projected)
             else:
-                alongs.append(lambda: x @ weight.to(x.dtype).T)
+                alongs.append(lambda: x @ _full(weight).to(x.dtype).T)
         if "bias" in parts:
-            alongs.append(lambda: parts["bias"])
+            alongs.append(lambda: _full(parts["bias"]))
         return alongs
 
     def _hook(self, kind: str, module, parts: dict[str, torch.Tensor]):

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .errors import ProbeError
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -271,10 +272,27 @@ class AdamState:
     beta2: Tensor
     eps: Tensor
     weight_decay: Tensor
+    # True: these vectors are this process's shard of every parameter (`sharded`, compute.shard fsdp), so a sum over
+    # the elements (‖g‖ for clipping, X̄·Δθ) is the sum over every process's shard (`total`)
+    sharded: bool = False
 
     def rows(self, index: slice) -> "AdamState":
         """The state of the elements in `index` (views)."""
-        return AdamState(*(getattr(self, f.name)[index] for f in fields(self)))
+        return AdamState(*(getattr(self, f.name)[index] for f in fields(self) if f.name != "sharded"), self.sharded)
+
+    def total(self, x: Tensor) -> Tensor:
+        """Σ_i x_i over every element of the parameters, in float64 (all-reduced over the processes when sharded)."""
+        out = x.double().sum()
+        return distributed.all_reduce_sum(out) if self.sharded else out
+
+    def mean(self, x: Tensor) -> float:
+        """The mean of x over every element of the parameters."""
+        count = torch.tensor(float(x.numel()), dtype=torch.float64)
+        return float(self.total(x) / (distributed.all_reduce_sum(count) if self.sharded else count))
+
+    def norm(self, x: Tensor) -> Tensor:
+        """‖x‖ over every element of the parameters (float64)."""
+        return self.total(x.double() * x.double()).sqrt()
 
     @classmethod
     def from_groups(
@@ -333,9 +351,10 @@ def clipped(g: Tensor, max_grad_norm: float | None) -> Tensor:
     return g * clip_factor(g, max_grad_norm)
 
 
-def clip_factor(g: Tensor, max_grad_norm: float) -> Tensor:
-    """min(1, max_norm / (‖g‖ + 1e-6)) as a 0-d tensor."""
-    return torch.clamp(max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
+def clip_factor(g: Tensor, max_grad_norm: float, norm: Tensor | None = None) -> Tensor:
+    """min(1, max_norm / (‖g‖ + 1e-6)) as a 0-d tensor (`norm`: ‖g‖ when g is one process's shard)."""
+    norm = torch.linalg.vector_norm(g) if norm is None else norm.to(g.dtype)
+    return torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -433,16 +452,22 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     """Δθ for `rule` (adam_step | adam_precond | sgd) at the objective gradient g = ∇J.
 
     The rules are elementwise once the clipping factor (from ‖g‖) is known, so a long g is taken in slices of
-    UPDATE_CHUNK elements — the same numbers, bit for bit. Under autograd (`linearise`) it is taken whole."""
-    if g.requires_grad or g.numel() <= UPDATE_CHUNK:
+    UPDATE_CHUNK elements — the same numbers, bit for bit. Under autograd (`linearise`) it is taken whole. A
+    sharded state (one process's shard of every parameter) clips with the norm over all processes' shards."""
+    if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
         return _update_direction(rule, g, state, max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
-    factor = clip_factor(g, max_grad_norm) if clips else 1.0
+    factor = clip_factor(g, max_grad_norm, _shard_norm(g, state)) if clips else 1.0
     parts = []
     for start in range(0, g.numel(), UPDATE_CHUNK):
         rows = slice(start, start + UPDATE_CHUNK)
         parts.append(_update_direction(rule, g[rows] * factor, state.rows(rows), None))
     return torch.cat(parts)
+
+
+def _shard_norm(g: Tensor, state: AdamState) -> Tensor | None:
+    """‖g‖ over every process's shard for a sharded state; None (g's own norm) otherwise."""
+    return state.norm(g) if state.sharded else None
 
 
 def _update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None) -> Tensor:
@@ -475,14 +500,15 @@ def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_nor
 
         u_j = c d_j + ∂c/∂g_j Σ_i d_i g_i,      ∂c/∂g_j = −M g_j / (‖g‖ (‖g‖ + 1e-6)²) while clipping, else 0.
     """
-    if g.numel() <= UPDATE_CHUNK:
+    if not state.sharded and g.numel() <= UPDATE_CHUNK:
         with torch.enable_grad():
             g = g.detach().clone().requires_grad_(True)
             delta = update_direction(rule, g, state, max_grad_norm)
             (u,) = torch.autograd.grad(delta, g, grad_outputs=xbar.to(delta.dtype), allow_unused=True)
         return torch.zeros_like(g) if u is None else u.detach()
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0
-    factor = clip_factor(g, max_grad_norm) if clips else torch.ones((), dtype=g.dtype)
+    norm = state.norm(g).to(g.dtype) if state.sharded else torch.linalg.vector_norm(g)
+    factor = clip_factor(g, max_grad_norm, norm) if clips else torch.ones((), dtype=g.dtype)
     parts, along_g = [], torch.zeros((), dtype=torch.float64)
     for start in range(0, g.numel(), UPDATE_CHUNK):
         rows = slice(start, start + UPDATE_CHUNK)
@@ -494,7 +520,8 @@ def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_nor
         parts.append(factor * d)
         along_g += (d.double() * g[rows].double()).sum()
     u = torch.cat(parts)
-    norm = torch.linalg.vector_norm(g)
+    if state.sharded:
+        along_g = distributed.all_reduce_sum(along_g)
     if clips and max_grad_norm / (norm + 1e-6) < 1:  # the factor depends on g
         u = u - (max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2)).to(u.dtype) * g
     return u

@@ -10,7 +10,7 @@ the lr choice, max_grad_norm and loss aggregation cannot drift between them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from .artifacts.delta_h1 import ObservedRecord, StepsRecord, UpdateRecord
 from .errors import ProbeError
 from .loss_terms import LossTerms
 from .multi_step import StepChain
+from .passes import local_tensor
 from .update import (
     AdamState,
     leave_one_group_out,
@@ -86,7 +87,7 @@ class UpdateRule:
     @property
     def learning_rate(self) -> float:
         """The mean over parameters of the lr in Δθ (for an observed step: the lr the trainer's optimizer held)."""
-        return float(self.state.lr.mean())
+        return self.state.mean(self.state.lr)
 
     def delta_theta(self, g: Tensor) -> Tensor:
         """Δθ(g) for the emulated rules (float64)."""
@@ -215,7 +216,9 @@ def flat_state(optimizer, model, layout, lr: float | None) -> AdamState:
     group's stored next lr, a number replaces them all (checkpoint.learning_rate last | number)."""
     named = dict(model.named_parameters())
     with torch.no_grad():
-        return optimizer.flat(layout, {n: named[n].detach() for n in optimizer.names}, lr)
+        state = optimizer.flat(layout, {n: local_tensor(named[n].detach()) for n in optimizer.names}, lr)
+    # FSDP parameters: `optimizer` and `layout` are this process's shards (`sharded.local_optimizer`, `local_layout`)
+    return replace(state, sharded=any(hasattr(p, "to_local") for p in named.values()))
 
 
 __all__ = [

@@ -222,14 +222,15 @@ def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
 DOT_KEYS = ("delta_h1", "delta_h1_momentum_part", "delta_h1_naive", "delta_h1_gradient_part_linearised")
 
 
-def _assert_same_delta_h1(two: Path, one: Path) -> dict:
-    """Two processes sum in another order than one: float32 results agree to FP32_REL of their scale.
+def assert_same_delta_h1(two: Path, one: Path, world: int = 2, csv_rows: int = 1 + 4 + 13) -> dict:
+    """`world` processes sum in another order than one: float32 results agree to FP32_REL of their scale.
 
     A δH₁-like value is compared relative to ‖X̄‖‖Δθ‖ (by Cauchy–Schwarz, the largest a dot product of
     X̄ with Δθ can be: the magnitude of its terms), not to itself; norms, SEs and entropies do not cancel.
+    `csv_rows`: attributions.csv's lines (header, U groups, E sequences).
     """
     (s2, bars2), (s1, bars1) = _delta_h1_outputs(two), _delta_h1_outputs(one)
-    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s2["world_size"] == world and s1["world_size"] == 1
     dot_scale = s1["norm_xbar"] * s1["norm_delta_theta"]
     keys = [
         "delta_h1",
@@ -267,7 +268,7 @@ def _assert_same_delta_h1(two: Path, one: Path) -> dict:
         assert_close_scaled(bars2[name], bars1[name], float(bars1[name].double().norm()), what=name)
     rows2 = (two / "attributions.csv").read_text().splitlines()
     rows1 = (one / "attributions.csv").read_text().splitlines()
-    assert len(rows2) == len(rows1) == 1 + 4 + 13  # header, U groups, E sequences
+    assert len(rows2) == len(rows1) == csv_rows
     return s2
 
 
@@ -278,7 +279,7 @@ def test_two_process_delta_h1_equals_one_process(pipeline, two_process):
 
     _, params, _ = pipeline
     delta_h1.run(params, Path(params.paths.delta_h1), dry_run=False)
-    s2 = _assert_same_delta_h1(two_process / "delta_h1", Path(params.paths.delta_h1))
+    s2 = assert_same_delta_h1(two_process / "delta_h1", Path(params.paths.delta_h1))
     assert s2["reuse"]["weighted"] is False
     assert s2["se_U"] > 0 and s2["norm_g"] > 0  # the U passes carry signal, so their parity means something
 
@@ -294,7 +295,7 @@ def test_two_process_reweighted_delta_h1_equals_one_process(pipeline, two_proces
     p1 = params.model_copy(deep=True)
     p1.paths.sample_e, p1.paths.sample_u = (str(root / "foreign" / key) for key in FOREIGN)
     delta_h1.run(p1, one, dry_run=False)
-    s2 = _assert_same_delta_h1(two_process / "delta_h1_foreign", one)
+    s2 = assert_same_delta_h1(two_process / "delta_h1_foreign", one)
     assert s2["reuse"]["weighted"] is True and s2["reuse"]["ess_fraction_E"] == pytest.approx(1.0, abs=1e-3)
 
 

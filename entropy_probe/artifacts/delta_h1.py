@@ -12,7 +12,7 @@ Written by delta-h1; exact, truth and report read them. delta_h1.json keys (docs
             (rule observed: observed {next_checkpoint, next_checkpoint_fingerprint, step, next_step,
              norm_delta_theta_obs} instead of the loss and clipping keys)},
     checkpoint_fingerprint, reuse {weighted, sampler_fingerprint {E, U}, ess_fraction_E, ess_fraction_U
-                                   (+ ess_E, ess_U for a re-weighted batch)}, world_size,
+                                   (+ ess_E, ess_U for a re-weighted batch)}, world_size, shard,
     optional: se_U_note, se_U_method, second_order {delta_h2, se_delta_h2, delta_h1, delta_h1_plus_h2, eta_star,
               step_multiplier_star, fraction, verdict, fd_eps, ess_fraction_plus, ess_fraction_minus}
 
@@ -223,6 +223,7 @@ class DeltaH1Report(JsonArtifact):
     checkpoint_fingerprint: str
     reuse: ReuseRecord
     world_size: int
+    shard: Literal["none", "fsdp"] = "none"  # how the processes held the policy (compute.shard)
     second_order: SecondOrderRecord | None = None  # δH₂ along the same Δθ, when delta-h1 computed it
     realised_step: RealisedStepRecord | None = None  # half-precision weights, emulated rules only
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import distributed, sharded
 from ..errors import ProbeError
 from ..generation import derive_seed
 from ..outputs import staged_output_dir
@@ -168,6 +168,7 @@ class EntropyProbeCallback(_trainer_callback_base()):
         if rewards not in ("auto", "trainer", "params"):
             raise ValueError(f"rewards must be 'auto', 'trainer' or 'params', got {rewards!r}")
         self.params = params if params is not None else Params()
+        sharded.refuse("inside a training run (it would reshard the trainer's own model)", self.params.compute.shard)
         own = rewards == "trainer" or (rewards == "auto" and getattr(trainer, "reward_funcs", None))
         self.reward = TrainerRewards(trainer, self.params.batch_config.answer_field) if own else None
         log.info("entropy probe: U rewards from %s", self.reward.name if own else self.params.batch_config.reward_fn)

@@ -1,0 +1,174 @@
+"""Sharded probing on torch's FSDP2 (compute.shard: fsdp, under torchrun): the policy and every parameter-sized
+vector stay split over the processes, as a trainer's FSDP shards them (docs/design.md, "Sharded mode").
+
+    torchrun --nproc_per_node=W -m stages.cli delta-h1 --set compute.shard=fsdp
+
+`shard_policy` applies `fully_shard` to every decoder layer and to the whole model, so each process holds one
+W-th of each parameter (rows of dim 0, torch.chunk's split: a DTensor `Shard(0)`). Then:
+  - the passes run as ordinary backwards into `.grad`, whose reduce-scatter sums every process's rows into
+    each process's shard (`passes.gradients`; the sum, not FSDP's default mean): g and X̄ are shards;
+  - the AdamW state is cut to the same shards (`local_optimizer`), so Δθ = rule(g) is elementwise on them; the
+    few sums over all elements (‖g‖ for clipping, X̄·Δθ, norms) are all-reduced (`AdamState.sharded`);
+  - the per-row hooks of SE_E, SE_U and the attributions gather one parameter's direction at a time
+    (`tangents._full`), as FSDP gathers the parameter itself;
+  - rows (E, U) are split over the processes as in the replicated mode, and every process runs the same
+    number of microbatches (`scoring.Batch.fsdp`), since each forward and backward gathers from all of them.
+Only bars.safetensors (X̄ and Δθ whole, for the exact and truth stages) is gathered, one tensor at a time
+(`gather_named`), and kept on rank 0 alone, which writes it.
+
+Not sharded yet (one-line refusals, `check_supported`, `refuse`): δH₂, several steps per U batch, the per-group U
+gradients (SE_U comes from the delta method), per-token tangents (compute.all_targets), 4-bit bases, an observed
+step, what-if rows and the forecast.
+Loading still reads each parameter whole before it is cut (the checkpoint sources give whole tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .errors import ProbeError
+from .optimizer_state import OptimizerState
+from .passes import local_tensor
+from .tangents import RowDirectional
+from .update import FlatLayout
+
+log = logging.getLogger(__name__)
+
+SHARD_MODES = ("none", "fsdp")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `shard_policy` has sharded this model (its parameters are DTensors)."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a transformers causal LM (a PeftModel unwrapped): FSDP's units."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "get_decoder", lambda: None)(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ProbeError(
+            f"compute.shard fsdp cannot find the decoder layers of {type(base).__name__}",
+            "use a transformers causal LM whose decoder has .layers (Llama, Qwen2, Mistral, …), or compute.shard none",
+        )
+    return layers
+
+
+def check_supported(model: torch.nn.Module, names: list[str], params) -> None:
+    """Refuse, in one line, what the sharded mode does not compute (see the module docstring)."""
+    why = None
+    if params.second_order.enabled:
+        why = "δH₂ (second_order.enabled)", "set second_order.enabled: false"
+    elif params.compute.all_targets:
+        why = "per-token tangents (compute.all_targets)", "set compute.all_targets: false"
+    elif any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        why = "a 4-bit (QLoRA) base", "set checkpoint.use_qlora: false"
+    elif not RowDirectional.supports(model, names):
+        why = "a trainable tensor used by a module the row hooks do not know", "set compute.shard: none"
+    if why is not None:
+        raise ProbeError(f"compute.shard fsdp does not support {why[0]}", why[1])
+
+
+def refuse(what: str, shard: str) -> None:
+    """One line for a computation the sharded mode does not run (`what`: its name) when compute.shard is fsdp."""
+    if shard == "fsdp":
+        raise ProbeError(f"compute.shard fsdp does not run {what}", "set compute.shard: none")
+
+
+def shard_policy(model: torch.nn.Module) -> None:
+    """`fully_shard` every decoder layer and then the whole model (embedding, final norm, head) in place, over
+    all processes (gloo on CPU, nccl on GPUs); gradients reduce-scatter as sums (the passes add rows, not means)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # Σ over the processes: a plain SUM (gloo has no pre-scaled sum)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    log.info("compute.shard fsdp: the policy is sharded over %d processes", distributed.world_size())
+
+
+def local_rows(whole: Tensor, param: Tensor) -> Tensor:
+    """The rows of `whole` (a tensor shaped like `param`) that this process's shard of `param` holds: FSDP2's
+    Shard(0) split, torch.chunk over the processes (trailing ranks may hold none)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    chunks = torch.chunk(whole, world, dim=0) if whole.dim() else (whole,)
+    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+    if mine.shape != local_tensor(param).shape:  # torch changed its split: never cut the state differently
+        raise RuntimeError(f"shard of shape {tuple(mine.shape)} where FSDP holds {tuple(local_tensor(param).shape)}")
+    return mine
+
+
+def local_layout(model: torch.nn.Module, names: list[str]) -> FlatLayout:
+    """The layout of this process's shards of the named parameters (flat vectors of the sharded passes)."""
+    params = dict(model.named_parameters())
+    return FlatLayout.from_named({n: local_tensor(params[n]) for n in names}, names)
+
+
+def local_optimizer(optimizer: OptimizerState, model: torch.nn.Module) -> OptimizerState:
+    """The AdamW state of this process's shards (copies: the whole moments can be freed)."""
+    params = dict(model.named_parameters())
+
+    def cut(moments: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: local_rows(t, params[n]).clone() for n, t in moments.items()}
+
+    return OptimizerState(
+        optimizer.names,
+        cut(optimizer.exp_avg),
+        cut(optimizer.exp_avg_sq),
+        dict(optimizer.step),
+        optimizer.groups,
+        optimizer.mapping,
+    )
+
+
+def local_flat(whole: Tensor, layout: FlatLayout, model: torch.nn.Module) -> Tensor:
+    """A flat vector over the whole parameters (`layout`) cut to this process's shards, in local layout order."""
+    params = dict(model.named_parameters())
+    return torch.cat([local_rows(t, params[n]).reshape(-1) for n, t in layout.unflatten(whole).items()])
+
+
+def as_dtensors(parts: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """Per-parameter shard tensors as DTensors shaped like the FSDP parameters (the hooks gather them whole)."""
+    from torch.distributed.tensor import DTensor
+
+    return [
+        DTensor.from_local(d, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        for d, p in zip(parts, params)
+    ]
+
+
+def gather_named(flat: Tensor, layout: FlatLayout, model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """The whole tensors of a sharded flat vector, on rank 0's CPU (None on the other ranks), one at a time."""
+    params = dict(model.named_parameters())
+    pieces = layout.unflatten(flat)
+    out = {}
+    for (name, piece), whole in zip(pieces.items(), as_dtensors(list(pieces.values()), [params[n] for n in pieces])):
+        full = whole.full_tensor()
+        if distributed.is_rank0():
+            out[name] = full.cpu()
+    return out if distributed.is_rank0() else None
+
+
+__all__ = [
+    "SHARD_MODES",
+    "as_dtensors",
+    "check_supported",
+    "gather_named",
+    "is_sharded",
+    "local_flat",
+    "local_layout",
+    "local_optimizer",
+    "local_rows",
+    "refuse",
+    "shard_policy",
+]
