@@ -24,6 +24,7 @@ from .importance import Reuse, standard_error
 from .loss_terms import UCoefficients, kl_slope
 from .multi_step import leave_one_group_out_chains, momentum_chain, run_chain
 from .passes import (
+    as_direction,
     entropy_pass,
     entropy_rows,
     group_gradients,
@@ -42,7 +43,6 @@ from .update import (
     jackknife_se,
     pg_coefficients,
 )
-from .sharded import as_dtensors
 from .update_rule import UpdateRule
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,6 @@ class DeltaH1Estimate:
 def trainable_parameters(model, layout: FlatLayout) -> list[torch.nn.Parameter]:
     named = dict(model.named_parameters())
     return [named[n] for n in layout.names]
-
-
-def as_direction(flat: Tensor, layout: FlatLayout, params) -> list[Tensor]:
-    """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents); for FSDP
-    parameters (a flat vector of this process's shards) DTensors the hooks gather one at a time."""
-    dtype = accumulation_dtype(params[0])
-    parts = [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
-    return as_dtensors(parts, params) if hasattr(params[0], "to_local") else parts
 
 
 def u_gradient(model, layout, U: Batch, update: UpdateRule, u_weights, budget: ComputeBudget, clock) -> UGradient:

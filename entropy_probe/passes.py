@@ -31,6 +31,7 @@ from .estimators import EntropyCoefs
 from .loss_terms import UCoefficients
 from .policy import true_embedding_gradients
 from .scoring import Batch, accumulation_dtype
+from .sharded import as_dtensors, local_tensor
 from .tangents import GroupGradients, RowDirectional, grad_and_tangents
 from .update import FlatLayout
 
@@ -41,12 +42,6 @@ def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(
         [(torch.zeros_like(local_tensor(p)) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)]
     )
-
-
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
-    to_local = getattr(p, "to_local", None)
-    return p if to_local is None else to_local()
 
 
 def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) -> list:
@@ -64,6 +59,14 @@ def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) ->
         out.append(None if p.grad is None else p.grad.to_local().clone())
         p.grad = None
     return out
+
+
+def as_direction(flat: torch.Tensor, layout: FlatLayout, params) -> list[torch.Tensor]:
+    """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents); for FSDP
+    parameters (a flat vector of this process's shards) DTensors the hooks gather one at a time."""
+    dtype = accumulation_dtype(params[0])
+    parts = [d.to(p.dtype) for d, p in zip(layout.unflatten(flat.to(dtype)).values(), params)]
+    return as_dtensors(parts, params) if hasattr(params[0], "to_local") else parts
 
 
 def _coefficients(coefs: UCoefficients | torch.Tensor) -> UCoefficients:

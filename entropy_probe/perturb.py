@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .errors import ProbeError
+from .sharded import local_tensor, reshard
 
 # The attention that `as_float64` selects: transformers' eager attention computed in the input dtype.
 FLOAT64_ATTENTION = "eager_input_dtype"
@@ -106,9 +107,12 @@ def perturbed(model, delta_theta: dict[str, torch.Tensor], scale: float) -> Iter
     """θ ← θ + scale·Δθ in place for the parameters named in Δθ; restored bit-exactly on exit.
 
     The originals are saved as copies and restored with `copy_` (θ + sΔθ − sΔθ is not θ in
-    floating point); a checksum over the raw bytes verifies the restore.
+    floating point); a checksum over the raw bytes verifies the restore. For an FSDP-sharded model
+    (compute.shard fsdp) Δθ holds this process's shards and the shards are moved; the gathered copies
+    FSDP may keep from the last forward are dropped (`reshard`), so the next forward gathers the moved θ.
     """
-    params = dict(model.named_parameters())
+    reshard(model)  # the sharded parameters, not the whole ones a forward gathered
+    params = {n: local_tensor(p) for n, p in model.named_parameters()}
     unknown = [n for n in delta_theta if n not in params]
     if unknown:
         raise ProbeError(f"Δθ names parameter '{unknown[0]}' that the model does not have", "use Δθ for this model")
@@ -125,11 +129,13 @@ def perturbed(model, delta_theta: dict[str, torch.Tensor], scale: float) -> Iter
         with torch.no_grad():
             for n, p in touched.items():
                 p.add_(delta_theta[n].to(device=p.device, dtype=p.dtype), alpha=scale)
+        reshard(model)
         yield
     finally:
         with torch.no_grad():
             for n, p in touched.items():
                 p.copy_(saved[n])
+        reshard(model)
         if param_checksum(touched) != before:
             raise RuntimeError("perturbed(): parameters were not restored exactly")
 

@@ -52,11 +52,11 @@ from .generation import make_plan
 from .importance import Reuse, reuse_weights
 from .optimizer_state import OptimizerState, choose_learning_rate, learning_rate_next
 from .outputs import staged_output_dir
-from .passes import local_tensor
 from .params import Params
 from .sampling import SamplerInfo, draw, sampler_info
 from .scoring import Batch
 from .second_order import second_order, shifted_estimates, taylor_rows
+from .sharded import local_tensor
 from .specs import ComputeBudget, SecondOrderSpec
 from .trainer_config import TrainerSettings
 from .update import FlatLayout, realised_step
@@ -547,7 +547,9 @@ class Probe:
     def _bars(self, estimate: DeltaH1Estimate, lr: float) -> Bars | None:
         """X̄ and Δθ per parameter (bars.safetensors); sharded: gathered whole onto rank 0 (None elsewhere)."""
         if sharded.is_sharded(self.model):
-            xbar, delta = (sharded.gather_named(v, self.layout, self.model) for v in (estimate.xbar, estimate.delta_theta))
+            xbar, delta = (
+                sharded.gather_named(v, self.layout, self.model) for v in (estimate.xbar, estimate.delta_theta)
+            )
         else:
             xbar, delta = self.layout.unflatten(estimate.xbar), self.layout.unflatten(estimate.delta_theta)
         if xbar is None:

@@ -24,6 +24,7 @@ from . import distributed
 from .artifacts.samples import TOKEN_KEYS, response_mask
 from .errors import ProbeError
 from .policy import DEFAULT_LOGITS_CHUNK_MB, TokenStats, teacher_force, token_budget_slices
+from .sharded import reshard
 
 
 def accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -191,6 +192,8 @@ class Batch:
             mine = None if coefs is None else (coefs[0][rows], coefs[1][rows])
             options = dict(entropies=entropies, features=features, coefs=mine, logprob_grad=logprob_grad)
             yield rows, self.score(model, rows, with_grad=with_grad, **options)
+        if self.fsdp:  # every pass ends with the parameters sharded (see `sharded.reshard`)
+            reshard(model)
 
     @torch.no_grad()
     def token_stats(self, model, max_tokens: int, desc: str = "re-score") -> dict[str, Tensor]:

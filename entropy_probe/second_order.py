@@ -24,12 +24,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from . import distributed
 from .errors import ProbeError
 from .estimators import EntropyCoefs, entropy_coefficients
 from .importance import importance_weights, standard_error
-from .passes import entropy_pass, entropy_rows, influence_along
+from .passes import as_direction, entropy_pass, entropy_rows, influence_along
 from .perturb import perturbed
-from .scoring import Batch, accumulation_dtype
+from .scoring import Batch
+from .sharded import local_tensor
 from .specs import SecondOrderSpec
 from .tangents import RowDirectional
 from .update import FlatLayout
@@ -129,12 +131,14 @@ def shift_rounding(params: list[torch.Tensor], shift: dict[str, torch.Tensor], n
     The same arithmetic as `perturb.perturbed` (Δθ cast to the parameter's dtype, then added with alpha = s),
     one parameter at a time so that no second copy of θ is held.
     """
-    lost = wanted = 0.0
+    sums = torch.zeros(2, dtype=torch.float64)  # (lost, wanted)
     for name, p in zip(names, params):
-        d = shift[name].to(p.device)
-        applied = p.detach().add(d.to(p.dtype), alpha=s).double() - p.detach().double()
-        lost += float((applied - s * d.double()).pow(2).sum())
-        wanted += float((s * d.double()).pow(2).sum())
+        d, p = shift[name].to(p.device), local_tensor(p.detach())
+        applied = p.add(d.to(p.dtype), alpha=s).double() - p.double()
+        sums += torch.stack([(applied - s * d.double()).pow(2).sum(), (s * d.double()).pow(2).sum()]).cpu()
+    if any(hasattr(p, "to_local") for p in params):  # FSDP: this process's shards; the norms are over all
+        distributed.all_reduce_sum(sums)
+    lost, wanted = sums.tolist()
     return math.sqrt(lost / wanted) if wanted > 0 else 0.0
 
 
@@ -166,8 +170,7 @@ def shifted_estimates(
         raise ValueError("shifted_estimates needs s = 0 among the steps (the reference of the weights)")
     named = dict(model.named_parameters())
     params = [named[n] for n in layout.names]
-    dtype = accumulation_dtype(params[0])
-    direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta_theta.to(dtype)).values(), params)]
+    direction = as_direction(delta_theta, layout, params)
     shift = layout.unflatten(delta_theta.double())
     for s in steps[1:]:
         lost = shift_rounding(params, shift, layout.names, s)

@@ -16,7 +16,10 @@ W-th of each parameter (rows of dim 0, torch.chunk's split: a DTensor `Shard(0)`
 Only bars.safetensors (X̄ and Δθ whole, for the exact and truth stages) is gathered, one tensor at a time
 (`gather_named`), and kept on rank 0 alone, which writes it.
 
-Not sharded yet (one-line refusals, `check_supported`, `refuse`): δH₂, several steps per U batch, the per-group U
+δH₂ moves the shards in place (`perturb.perturbed`, which drops FSDP's gathered copies so the next forward sees θ ± εΔθ)
+and reuses the same sharded E passes.
+
+Not sharded yet (one-line refusals, `check_supported`, `refuse`): several steps per U batch, the per-group U
 gradients (SE_U comes from the delta method), per-token tangents (compute.all_targets), 4-bit bases, an observed
 step, what-if rows and the forecast.
 Loading still reads each parameter whole before it is cut (the checkpoint sources give whole tensors).
@@ -32,13 +35,18 @@ from torch import Tensor
 from . import distributed
 from .errors import ProbeError
 from .optimizer_state import OptimizerState
-from .passes import local_tensor
 from .tangents import RowDirectional
 from .update import FlatLayout
 
 log = logging.getLogger(__name__)
 
 SHARD_MODES = ("none", "fsdp")
+
+
+def local_tensor(p: Tensor) -> Tensor:
+    """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
+    to_local = getattr(p, "to_local", None)
+    return p if to_local is None else to_local()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -61,9 +69,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def check_supported(model: torch.nn.Module, names: list[str], params) -> None:
     """Refuse, in one line, what the sharded mode does not compute (see the module docstring)."""
     why = None
-    if params.second_order.enabled:
-        why = "δH₂ (second_order.enabled)", "set second_order.enabled: false"
-    elif params.compute.all_targets:
+    if params.compute.all_targets:
         why = "per-token tangents (compute.all_targets)", "set compute.all_targets: false"
     elif any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         why = "a 4-bit (QLoRA) base", "set checkpoint.use_qlora: false"
@@ -95,6 +101,14 @@ def shard_policy(model: torch.nn.Module) -> None:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     log.info("compute.shard fsdp: the policy is sharded over %d processes", distributed.world_size())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole parameters FSDP2 gathered for a forward (a no-op for a model it does not shard). After a
+    forward without backward the root keeps them, and `named_parameters()` then gives those, not the shards."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "unshard"):  # an FSDPModule
+            module.reshard()
 
 
 def local_rows(whole: Tensor, param: Tensor) -> Tensor:
@@ -151,9 +165,10 @@ def gather_named(flat: Tensor, layout: FlatLayout, model: torch.nn.Module) -> di
     """The whole tensors of a sharded flat vector, on rank 0's CPU (None on the other ranks), one at a time."""
     params = dict(model.named_parameters())
     pieces = layout.unflatten(flat)
+    wholes = as_dtensors(list(pieces.values()), [params[n] for n in pieces])
     out = {}
-    for (name, piece), whole in zip(pieces.items(), as_dtensors(list(pieces.values()), [params[n] for n in pieces])):
-        full = whole.full_tensor()
+    for name, whole in zip(pieces, wholes):
+        full = whole.full_tensor()  # every process takes part; rank 0 keeps it
         if distributed.is_rank0():
             out[name] = full.cpu()
     return out if distributed.is_rank0() else None
@@ -169,6 +184,8 @@ __all__ = [
     "local_layout",
     "local_optimizer",
     "local_rows",
+    "local_tensor",
     "refuse",
+    "reshard",
     "shard_policy",
 ]

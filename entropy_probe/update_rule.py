@@ -19,7 +19,7 @@ from .artifacts.delta_h1 import ObservedRecord, StepsRecord, UpdateRecord
 from .errors import ProbeError
 from .loss_terms import LossTerms
 from .multi_step import StepChain
-from .passes import local_tensor
+from .sharded import local_tensor
 from .update import (
     AdamState,
     leave_one_group_out,

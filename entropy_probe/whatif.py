@@ -28,7 +28,6 @@ from torch import Tensor
 from .delta_h1 import (
     Clock,
     UGradient,
-    as_direction,
     e_coefficients,
     nonzero_advantage_groups,
     trainable_parameters,
@@ -37,7 +36,7 @@ from .delta_h1 import (
 )
 from .importance import standard_error
 from .loss_terms import LossTerms, UCoefficients
-from .passes import group_gradients, influence_along, policy_gradient, u_token_terms
+from .passes import as_direction, group_gradients, influence_along, policy_gradient, u_token_terms
 from .scoring import Batch, accumulation_dtype
 from .specs import ComputeBudget
 from .update import group_advantages, group_denominators, jackknife_se

@@ -48,7 +48,7 @@ def _params(root: Path, run: str) -> dict:
             "reward_fn": "test_distributed:parity_reward",
         },
         "generation": {"max_new_tokens": 3},
-        "second_order": {"enabled": False},
+        "second_order": {"enabled": True, "fd_eps": 0.01},
         "compute": {"u_gradient_cache_mb": 0},
         "exact": {"eta_multipliers": [1.0], "fd_eps": 1e-4},
     }
@@ -71,7 +71,16 @@ def runs(tmp_path_factory) -> Path:
             assert result.exit_code == 0, (stage, result.output)
 
     def sharded(run: str, out: Path, *extra: str) -> list[str]:
-        return ["delta-h1", "--params", str(root / f"{run}.yaml"), "-S", "compute.shard=fsdp", *extra, "--out", str(out)]
+        return [
+            "delta-h1",
+            "--params",
+            str(root / f"{run}.yaml"),
+            "-S",
+            "compute.shard=fsdp",
+            *extra,
+            "--out",
+            str(out),
+        ]
 
     torchrun(2, json.dumps([sharded(run, root / "two" / run) for run in RUNS]), module="torchrun_stages")
     small = ("-S", f"compute.max_tokens_per_microbatch={4 * ROW_LEN}")
@@ -100,8 +109,16 @@ def test_sharded_delta_h1_equals_one_process(runs, world, run):
     one = json.loads((runs / run / "delta_h1" / "delta_h1.json").read_text())
     assert one["shard"] == "none" and one["update"]["max_grad_norm"] == 1.0
     mine, theirs = _contributions(out), _contributions(runs / run / "delta_h1")
-    scale = float(theirs.abs().sum()) + one["norm_xbar"] * one["norm_delta_theta"]
-    assert_close_scaled(mine, theirs, scale, what="attributions")
+    dot_scale = one["norm_xbar"] * one["norm_delta_theta"]
+    assert_close_scaled(mine, theirs, float(theirs.abs().sum()) + dot_scale, what="attributions")
+    # δH₂ from the shards moved in place to θ ± εΔθ: a difference of two δH₁-like values over 4ε
+    second, second_one = report["second_order"], one["second_order"]
+    fd_scale = dot_scale / (4 * second_one["fd_eps"])
+    for key in ("delta_h2", "se_delta_h2"):
+        assert_close_scaled(second[key], second_one[key], fd_scale, what=key)
+    assert_close_scaled(second["delta_h1"], second_one["delta_h1"], dot_scale, what="second_order.delta_h1")
+    for key in ("ess_fraction_plus", "ess_fraction_minus"):
+        assert second[key] == pytest.approx(second_one[key], rel=FP32_REL)
 
 
 def test_the_four_process_run_pads_microbatches():
@@ -186,7 +203,7 @@ def test_refusals_are_one_line(runs, tmp_path):
     params = str(runs / "full_w2.yaml")
     cases = [
         (["delta-h1", "-S", "compute.shard=fsdp"], "this is one process"),
-        (["delta-h1", "-S", "compute.shard=fsdp", "-S", "second_order.enabled=true"], "δH₂"),
+        (["delta-h1", "-S", "compute.shard=fsdp", "-S", "compute.all_targets=true"], "compute.all_targets"),
         (["delta-h1", "-S", "compute.shard=fsdp", "-S", "update.rule=observed"], "observed step"),
         (["whatif", "-S", "compute.shard=fsdp", "-S", f"paths.delta_h1={runs / 'full_w2' / 'delta_h1'}"], "what-if"),
     ]
@@ -195,4 +212,3 @@ def test_refusals_are_one_line(runs, tmp_path):
         result = _cli(*args[:1], "--params", params, *args[1:], "--out", str(out))
         assert result.exit_code != 0 and phrase in result.output, (args, result.output)
         assert "compute.shard" in result.output and not out.exists()
-
