@@ -82,6 +82,7 @@ I/O
 
 Runtime
   distributed      torchrun process group, rank helpers, collectives (no-ops in one process)
+  sharded          compute.shard fsdp: the policy FSDP2-sharded, AdamW state and flat vectors as shards
   errors           `ProbeError(problem, fix)`: the one-line user error
 
 Reporting

@@ -189,10 +189,13 @@ def _sorted_header(data: bytes) -> bytes:
     return data[:8] + text.ljust(n) + data[8 + n :]
 
 
-def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a tensor artifact written by `write_tensors`, refusing foreign/truncated/stale files."""
+def read_tensors(path: str | Path, kind: str, rows=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a tensor artifact written by `write_tensors`, refusing foreign/truncated/stale files.
+
+    rows: a function (name, shape) → a slice of dim 0 or None; a tensor it slices is read only in those rows (the
+    rest of the file is never read into memory: a sharded process reads its own shard)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import safe_open
 
     path = Path(path)
     hint = "rerun the stage that writes it (dvc repro)"
@@ -201,7 +204,7 @@ def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: _read_rows(f, k, rows) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ProbeError(f"artifact {path} is not a readable safetensors file ({exc})", hint) from None
     if metadata.get("kind") != kind:
@@ -213,6 +216,23 @@ def read_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
             f"artifact {path} has schema {metadata.get('schema_version')}, this version reads {SCHEMA_VERSION}", hint
         )
     return tensors, json.loads(metadata.get("meta", "{}"))
+
+
+def _read_rows(f, key: str, rows) -> torch.Tensor:
+    """Tensor `key` of an open safetensors file, whole or in the rows `rows(key, shape)` names."""
+    if rows is None:
+        return f.get_tensor(key)
+    part = f.get_slice(key)
+    index = rows(key, tuple(part.get_shape()))
+    return f.get_tensor(key) if index is None else part[index]
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, from its header alone."""
+    from safetensors.torch import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def read_json(path: str | Path, what: str = "report") -> dict:

@@ -61,6 +61,8 @@ class OptimizerState:
     step: dict[str, float]
     groups: list[ParamGroup]
     mapping: str
+    # True: the moments hold only this process's rows of each parameter (compute.shard fsdp, `sharded`)
+    sharded: bool = False
     group_of: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -203,7 +203,8 @@ class Probe:
         from .artifacts.verify import read_verify
         from .sources import source_for
 
-        report, optimizer = read_verify(verify_dir if verify_dir is not None else params.paths.verify)
+        rows = sharded.moment_rows if params.compute.shard == "fsdp" and distributed.is_distributed() else None
+        report, optimizer = read_verify(verify_dir if verify_dir is not None else params.paths.verify, rows)
         source = source_for(params.checkpoint)
         paths = source.resolve(params.checkpoint)
         if source.fingerprint(paths) != report.fingerprint:
@@ -216,7 +217,9 @@ class Probe:
         trainer = TrainerSettings(
             report.trainer_config, report.trainer_config_source, report.global_step, report.learning_rate_last
         )
-        model = source.load_model(params.checkpoint, paths)
+        # sharded: the whole policy in host memory, then each process's shards onto its device (`sharded.shard_policy`)
+        load_on = params.checkpoint.model_copy(update={"device_map": "cpu"}) if params.compute.shard == "fsdp" else None
+        model = source.load_model(load_on or params.checkpoint, paths)
         return cls(
             model, source.load_tokenizer(paths), optimizer, trainer, params, fingerprint=report.fingerprint, paths=paths
         )
@@ -302,7 +305,7 @@ class Probe:
         if not distributed.is_distributed():
             raise ProbeError("compute.shard fsdp shards the policy over torchrun's processes, and this is one process",
                              "run under torchrun --nproc_per_node=N (N ≥ 2), or set compute.shard: none")  # fmt: skip
-        sharded.shard_policy(self.model)
+        sharded.shard_policy(self.model, self.params.checkpoint.device_map)
         self.optimizer = sharded.local_optimizer(self.optimizer, self.model)
         self.layout = sharded.local_layout(self.model, self.layout.names)
 

@@ -13,8 +13,9 @@ W-th of each parameter (rows of dim 0, torch.chunk's split: a DTensor `Shard(0)`
     (`tangents._full`), as FSDP gathers the parameter itself;
   - rows (E, U) are split over the processes as in the replicated mode, and every process runs the same
     number of microbatches (`scoring.Batch.fsdp`), since each forward and backward gathers from all of them.
-Only bars.safetensors (X̄ and Δθ whole, for the exact and truth stages) is gathered, one tensor at a time
-(`gather_named`), and kept on rank 0 alone, which writes it.
+Each process reads only its rows of verify's AdamW moments (`moment_rows`). Only bars.safetensors (X̄ and Δθ
+whole, for the exact and truth stages) is gathered, one tensor at a time (`gather_named`), and kept on rank 0
+alone, which writes it.
 
 δH₂ moves the shards in place (`perturb.perturbed`, which drops FSDP's gathered copies so the next forward sees θ ± εΔθ)
 and reuses the same sharded E passes.
@@ -22,7 +23,8 @@ and reuses the same sharded E passes.
 Not sharded yet (one-line refusals, `check_supported`, `refuse`): several steps per U batch, the per-group U
 gradients (SE_U comes from the delta method), per-token tangents (compute.all_targets), 4-bit bases, an observed
 step, what-if rows and the forecast.
-Loading still reads each parameter whole before it is cut (the checkpoint sources give whole tensors).
+The policy's weights are still loaded whole (into host memory) before they are cut: the checkpoint sources give
+whole tensors.
 """
 
 from __future__ import annotations
@@ -85,14 +87,19 @@ def refuse(what: str, shard: str) -> None:
         raise ProbeError(f"compute.shard fsdp does not run {what}", "set compute.shard: none")
 
 
-def shard_policy(model: torch.nn.Module) -> None:
+def shard_policy(model: torch.nn.Module, device_map: str = "cpu") -> None:
     """`fully_shard` every decoder layer and then the whole model (embedding, final norm, head) in place, over
-    all processes (gloo on CPU, nccl on GPUs); gradients reduce-scatter as sums (the passes add rows, not means)."""
+    all processes (gloo on CPU, nccl on GPUs); gradients reduce-scatter as sums (the passes add rows, not means).
+
+    device_map "cuda": the shards go to this process's GPU (FSDP moves one unit's parameters there at a time, so
+    a policy loaded into host memory is never whole on the device); otherwise they stay where the model is."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    device_type = (
+        "cuda" if distributed.resolve_device_map(device_map) == "cuda" else next(model.parameters()).device.type
+    )
+    mesh = init_device_mesh(device_type, (distributed.world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -111,13 +118,28 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def shard_rows(n_rows: int) -> slice:
+    """This process's rows of a dim 0 of `n_rows` under FSDP2's Shard(0): torch.chunk's split over the processes
+    (chunks of ⌈n/W⌉ rows; trailing ranks may hold none)."""
+    size = -(-n_rows // distributed.world_size())
+    start = min(distributed.rank() * size, n_rows)
+    return slice(start, min(start + size, n_rows))
+
+
+def moment_rows(name: str, shape: tuple[int, ...]) -> slice | None:
+    """For `artifacts.verify.read_verify`: this process's rows of each moment (a scalar step: whole)."""
+    return shard_rows(shape[0]) if shape else None
+
+
 def local_rows(whole: Tensor, param: Tensor) -> Tensor:
-    """The rows of `whole` (a tensor shaped like `param`) that this process's shard of `param` holds: FSDP2's
-    Shard(0) split, torch.chunk over the processes (trailing ranks may hold none)."""
-    world, rank = distributed.world_size(), distributed.rank()
-    chunks = torch.chunk(whole, world, dim=0) if whole.dim() else (whole,)
-    mine = chunks[rank] if rank < len(chunks) else whole[:0]
-    if mine.shape != local_tensor(param).shape:  # torch changed its split: never cut the state differently
+    """The rows of `whole` (a tensor shaped like `param`) that this process's shard of `param` holds."""
+    return _checked(whole[shard_rows(whole.shape[0])] if whole.dim() else whole, param)
+
+
+def _checked(mine: Tensor, param: Tensor) -> Tensor:
+    """`mine`, refused unless shaped as FSDP's shard of `param` (were torch to split otherwise, never cut the state
+    differently from the parameters)."""
+    if mine.shape != local_tensor(param).shape:
         raise RuntimeError(f"shard of shape {tuple(mine.shape)} where FSDP holds {tuple(local_tensor(param).shape)}")
     return mine
 
@@ -129,10 +151,13 @@ def local_layout(model: torch.nn.Module, names: list[str]) -> FlatLayout:
 
 
 def local_optimizer(optimizer: OptimizerState, model: torch.nn.Module) -> OptimizerState:
-    """The AdamW state of this process's shards (copies: the whole moments can be freed)."""
+    """The AdamW state of this process's shards (copies: the whole moments can be freed); a state read as shards
+    already (`moment_rows`) is checked against FSDP's shards and kept."""
     params = dict(model.named_parameters())
 
     def cut(moments: dict[str, Tensor]) -> dict[str, Tensor]:
+        if optimizer.sharded:
+            return {n: _checked(t, params[n]) for n, t in moments.items()}
         return {n: local_rows(t, params[n]).clone() for n, t in moments.items()}
 
     return OptimizerState(
@@ -142,6 +167,7 @@ def local_optimizer(optimizer: OptimizerState, model: torch.nn.Module) -> Optimi
         dict(optimizer.step),
         optimizer.groups,
         optimizer.mapping,
+        sharded=True,
     )
 
 
@@ -185,7 +211,9 @@ __all__ = [
     "local_optimizer",
     "local_rows",
     "local_tensor",
+    "moment_rows",
     "refuse",
     "reshard",
     "shard_policy",
+    "shard_rows",
 ]

@@ -212,3 +212,25 @@ def test_refusals_are_one_line(runs, tmp_path):
         result = _cli(*args[:1], "--params", params, *args[1:], "--out", str(out))
         assert result.exit_code != 0 and phrase in result.output, (args, result.output)
         assert "compute.shard" in result.output and not out.exists()
+
+
+def test_each_process_reads_only_its_rows_of_the_moments(runs, monkeypatch):
+    """verify's AdamW state read for rank r of W: each moment's torch.chunk rows (FSDP2's Shard(0)), the step whole;
+    the W shares put together are the whole state."""
+    from entropy_probe import sharded
+    from entropy_probe.artifacts.verify import read_verify
+
+    _, whole = read_verify(runs / "full_w2" / "verify")
+    for world in (2, 3, 4):
+        monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+            shares.append(read_verify(runs / "full_w2" / "verify", sharded.moment_rows)[1])
+        for name, moment in whole.exp_avg_sq.items():
+            pieces = [s.exp_avg_sq[name] for s in shares]
+            assert [p.shape[0] for p in pieces] == [len(c) for c in torch.chunk(moment, world)] + [0] * (
+                world - len(torch.chunk(moment, world))
+            )
+            assert torch.equal(torch.cat(pieces), moment), name
+        assert all(s.sharded and s.step == whole.step for s in shares) and not whole.sharded

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..checkpoint import AdapterInfo, CheckpointPaths
 from ..errors import ProbeError
-from ..files import read_tensors, write_tensors
+from ..files import read_tensors, tensor_shapes, write_tensors
 from ..optimizer_state import OptimizerState, ParamGroup
 from ..trainer_config import TrainerConfig
 from .base import JsonArtifact, Record
@@ -100,8 +100,9 @@ def write_verify(directory: str | Path, report: VerifyReport, state: OptimizerSt
     report.identity().write(directory)
 
 
-def read_verify(directory: str | Path) -> tuple[VerifyReport, OptimizerState]:
-    """The verify report and the optimizer state it describes.
+def read_verify(directory: str | Path, rows=None) -> tuple[VerifyReport, OptimizerState]:
+    """The verify report and the optimizer state it describes; `rows(name, shape)`: the rows of dim 0 of each
+    moment to read (None: whole), as `files.read_tensors` (a sharded process reads its own shard).
 
     Refused with a one-line ProbeError: a missing or malformed verify.json, a state file of another
     checkpoint (fingerprint), param groups that do not list the parameters, a missing, extra or misshapen tensor.
@@ -109,7 +110,8 @@ def read_verify(directory: str | Path) -> tuple[VerifyReport, OptimizerState]:
     directory = Path(directory)
     report = VerifyReport.read(directory)
     path = directory / STATE_FILE
-    tensors, meta = read_tensors(path, STATE_KIND)
+    tensors, meta = read_tensors(path, STATE_KIND, rows)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()} if rows is None else tensor_shapes(path)
     if meta.get("fingerprint") != report.fingerprint:
         raise ProbeError(
             f"{path} (checkpoint {meta.get('fingerprint')}) does not belong to {VerifyReport.FILE} "
@@ -117,7 +119,7 @@ def read_verify(directory: str | Path) -> tuple[VerifyReport, OptimizerState]:
             RERUN,
         )
     _check_groups(report, directory / VerifyReport.FILE)
-    _check_tensors(report, tensors, path)
+    _check_tensors(report, shapes, path)
     names = [p.name for p in report.parameters]
     state = OptimizerState(
         names=names,
@@ -126,6 +128,7 @@ def read_verify(directory: str | Path) -> tuple[VerifyReport, OptimizerState]:
         step={n: float(tensors[f"step.{n}"]) for n in names},
         groups=[ParamGroup(**g) for g in report.param_groups],
         mapping=report.optimizer_mapping,
+        sharded=rows is not None,
     )
     return report, state
 
@@ -137,15 +140,16 @@ def _check_groups(report: VerifyReport, path: Path) -> None:
         raise ProbeError(f"{path}: param_groups do not list the parameters in order", RERUN)
 
 
-def _check_tensors(report: VerifyReport, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """exp_avg/exp_avg_sq of each parameter's shape and a scalar step, for the listed parameters only."""
+def _check_tensors(report: VerifyReport, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """exp_avg/exp_avg_sq of each parameter's shape and a scalar step, for the listed parameters only (`shapes`:
+    the file's tensor shapes)."""
     expected = {f"{k}.{p.name}": (() if k == "step" else tuple(p.shape)) for p in report.parameters for k in STATE_KEYS}
-    absent = [k for k in expected if k not in tensors]
+    absent = [k for k in expected if k not in shapes]
     if absent:
         raise ProbeError(f"{path} lacks tensor {absent[0]}", RERUN)
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise ProbeError(f"{path} holds tensor {extra[0]}, which {VerifyReport.FILE} does not list", RERUN)
     for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ProbeError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}", RERUN)
+        if shapes[key] != shape:
+            raise ProbeError(f"{path}: {key} has shape {shapes[key]}, expected {shape}", RERUN)
