@@ -270,6 +270,7 @@ class Probe:
         return sampler_info(self.params, self.trainer, self.fingerprint, kind, path, self.load)
 
     def _sample(self, kind: str, n: int | None, seed: int | None) -> Samples:
+        self._refuse_if_sharded("sampling", "sample E and U before the first sharded delta_h1 (or run sample-e/u)")
         plan = distributed.on_rank0(lambda: make_plan(self.params, kind, len(self.prompt_set), n, seed))
         info = self.sampler_info(kind)
         return draw(self.params, self.model, self.tokenizer, plan, self.prompt_set, info, kind, self.reward)
@@ -547,6 +548,11 @@ class Probe:
         )
         return DeltaH1Result(report, bars, csv, estimate)
 
+    def _refuse_if_sharded(self, what: str, fix: str) -> None:
+        """One line for a computation on the whole policy asked of a policy this Probe has sharded."""
+        if sharded.is_sharded(self.model):
+            raise ProbeError(f"{what} needs the whole policy, and this Probe's is sharded (compute.shard fsdp)", fix)
+
     def _bars(self, estimate: DeltaH1Estimate, lr: float) -> Bars | None:
         """X̄ and Δθ per parameter (bars.safetensors); sharded: gathered whole onto rank 0 (None elsewhere)."""
         if sharded.is_sharded(self.model):
@@ -587,6 +593,7 @@ class Probe:
         copy of the policy."""
         from .exact import exact_report
 
+        self._refuse_if_sharded("exact enumeration", "run the exact stage (it loads the policy whole)")
         result.report.check_checkpoint(
             self.fingerprint, "the probed checkpoint is", "compute δH₁ with this probe (or rerun delta-h1)"
         )
@@ -598,6 +605,7 @@ class Probe:
         restored bit-exactly; by SNIS over E and, with truth.fresh_samples, fresh samples (docs/math.md §8)."""
         from .ground_truth import check_multipliers, fresh_sampling, truth_report
 
+        self._refuse_if_sharded("the ground truth", "run the truth stage (it loads the policy whole)")
         result.report.check_checkpoint(
             self.fingerprint,
             f"checkpoint.path {self.params.checkpoint.path} is",

@@ -26,6 +26,7 @@ from test_distributed import assert_same_delta_h1, torchrun  # noqa: E402
 from tolerances import FP32_REL, assert_close_scaled  # noqa: E402
 
 from entropy_probe import distributed, tiny  # noqa: E402
+from entropy_probe.artifacts.samples import Samples  # noqa: E402
 from entropy_probe.policy import token_budget_slices  # noqa: E402
 from entropy_probe.scoring import Batch  # noqa: E402
 from stages.cli import app  # noqa: E402
@@ -82,10 +83,37 @@ def runs(tmp_path_factory) -> Path:
             str(out),
         ]
 
-    torchrun(2, json.dumps([sharded(run, root / "two" / run) for run in RUNS]), module="torchrun_stages")
+    api = ["--call", "test_sharded:probe_api_under_torchrun", str(root / "full_w2.yaml"), str(root / "api.json")]
+    runs = [*(sharded(run, root / "two" / run) for run in RUNS), api]
+    torchrun(2, json.dumps(runs), module="torchrun_stages")
     small = ("-S", f"compute.max_tokens_per_microbatch={4 * ROW_LEN}")
     torchrun(4, json.dumps([sharded("full_w2", root / "four" / "full_w2", *small)]), module="torchrun_stages")
     return root
+
+
+def probe_api_under_torchrun(params_file: str, out: str) -> None:
+    """On every rank of a torchrun: `Probe.from_verify` with compute.shard fsdp, then δH₁ through the in-memory API;
+    rank 0 writes its numbers to `out`, with the one-line errors the sharded Probe gives for sampling and exact."""
+    from entropy_probe.errors import ProbeError
+    from entropy_probe.params import load_params
+    from entropy_probe.probe import Probe
+
+    params = load_params(Path(params_file), ["compute.shard=fsdp"])
+    probe = Probe.from_verify(params)
+    E = Samples.read(params.paths.sample_e, "samples_e")
+    U = Samples.read(params.paths.sample_u, "samples_u")
+    result = probe.delta_h1(E, U)
+    errors = {}
+    for name, call in (("sample", probe.sample_e), ("exact", lambda: probe.exact(E, result))):
+        try:
+            call()
+        except ProbeError as exc:
+            errors[name] = str(exc)
+    if distributed.is_rank0():
+        numbers = {"delta_h1": result.delta_h1, "se": result.se, "bars": sorted(result.bars.xbar)}
+        Path(out).write_text(json.dumps({**numbers, "errors": errors}))
+    else:
+        assert result.bars is None  # only rank 0 holds X̄ and Δθ whole
 
 
 def _contributions(directory: Path) -> torch.Tensor:
@@ -119,6 +147,18 @@ def test_sharded_delta_h1_equals_one_process(runs, world, run):
     assert_close_scaled(second["delta_h1"], second_one["delta_h1"], dot_scale, what="second_order.delta_h1")
     for key in ("ess_fraction_plus", "ess_fraction_minus"):
         assert second[key] == pytest.approx(second_one[key], rel=FP32_REL)
+
+
+@pytest.mark.e2e
+def test_the_in_memory_api_gives_the_stage_numbers(runs):
+    """Probe.from_verify + delta_h1 under the same torchrun gives the delta-h1 stage's sharded numbers; sampling and
+    exact on the sharded Probe are one-line errors."""
+    api = json.loads((runs / "api.json").read_text())
+    stage = json.loads((runs / "two" / "full_w2" / "delta_h1.json").read_text())
+    assert (api["delta_h1"], api["se"]) == (stage["delta_h1"], stage["se_delta_h1"])
+    verify = json.loads((runs / "full_w2" / "verify" / "verify.json").read_text())
+    assert api["bars"] == sorted(p["name"] for p in verify["parameters"])  # whole X̄ of every parameter on rank 0
+    assert "sampling" in api["errors"]["sample"] and "compute.shard fsdp" in api["errors"]["exact"]
 
 
 def test_the_four_process_run_pads_microbatches():

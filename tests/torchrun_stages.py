@@ -6,11 +6,13 @@ interpreter and imports the libraries once for all of them (the imports, not the
 The process group is the library's own, `distributed.process_group` (init; at the end barrier, then destroy),
 entered here once around the runs: each stage's command finds it up and uses it as it is (a group cannot be
 initialised twice in one process). Each run is the console script's command (`stages.cli.app`) with those
-arguments; the first that exits non-zero ends the process with its code.
+arguments; the first that exits non-zero ends the process with its code. A run ["--call", "module:function", ARGS]
+calls a function of a test module with ARGS instead (the in-memory API under the same process group).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -21,6 +23,10 @@ from stages.cli import app
 def main(runs: list[list[str]]) -> None:
     with distributed.process_group("cpu"):
         for args in runs:
+            if args[0] == "--call":  # ["--call", "module:function", *arguments]: a test's own code on every rank
+                module, function = args[1].split(":")
+                getattr(importlib.import_module(module), function)(*args[2:])
+                continue
             code = app(args, prog_name="entropy-probe", standalone_mode=False)
             if code:
                 sys.exit(code)
