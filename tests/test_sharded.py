@@ -274,3 +274,16 @@ def test_each_process_reads_only_its_rows_of_the_moments(runs, monkeypatch):
             )
             assert torch.equal(torch.cat(pieces), moment), name
         assert all(s.sharded and s.step == whole.step for s in shares) and not whole.sharded
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 16, 17])
+def test_shard_rows_are_torch_chunk_split(monkeypatch, n, world):
+    """FSDP2's Shard(0) split is torch.chunk's: ⌈n/W⌉ rows per rank in order, trailing ranks empty when n < W."""
+    from entropy_probe import sharded
+
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    chunks = [c.tolist() for c in torch.chunk(torch.arange(n), world)] if n else []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        assert list(range(n))[sharded.shard_rows(n)] == (chunks[rank] if rank < len(chunks) else [])
