@@ -252,11 +252,11 @@ def nonzero_advantage_groups(U: Batch) -> int:
 def group_dots(g_groups: Tensor, u: Tensor) -> Tensor:
     """[B] g_b · u in float64, over slices of the parameters when g_groups is long (no [B, P] float64 copy)."""
     if g_groups.numel() <= UPDATE_CHUNK:
-        return g_groups.double() @ u
+        return g_groups.double() @ u.double()
     out = torch.zeros(g_groups.shape[0], dtype=torch.float64, device=u.device)
     for start in range(0, u.numel(), UPDATE_CHUNK):
         cols = slice(start, start + UPDATE_CHUNK)
-        out += g_groups[:, cols].double() @ u[cols]
+        out += g_groups[:, cols].double() @ u[cols].double()
     return out
 
 
@@ -319,13 +319,12 @@ def compute_delta_h1(
     else:
         delta_theta = update.observed.delta_theta.to(torch.float64)
     eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
-    total = update.state.total  # Σ over every element (all-reduced when the vectors are shards)
-    delta_h1 = float(total(eg.xbar.double() * delta_theta))
+    delta_h1 = float(update.state.dot(eg.xbar, delta_theta))  # all-reduced when the vectors are shards
     unc = UUncertainty(se_U_note=NO_U_OBSERVED)
     parts: dict[str, float | None] = {}
     if ug is not None:
         unc = u_uncertainty(model, layout, U, update, ug, eg.xbar, delta_h1, u_w, budget, clock)
-        momentum = float(total(eg.xbar.double() * update.momentum_part()))
+        momentum = update.momentum_dot(eg.xbar)
         parts = dict(
             delta_h1_gradient_part=delta_h1 - momentum,
             delta_h1_momentum_part=momentum,

@@ -36,12 +36,13 @@ from .tangents import GroupGradients, RowDirectional, grad_and_tangents
 from .update import FlatLayout
 
 
-def _flat(grads, params, dtype: torch.dtype) -> torch.Tensor:
-    """The gradients as one flat vector in `dtype`; None (a parameter off the outputs' path) counts as 0. Under
-    FSDP (`sharded`) each is this process's shard."""
-    return torch.cat(
-        [(torch.zeros_like(local_tensor(p)) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)]
-    )
+def _add_flat(acc: torch.Tensor, grads, params) -> None:
+    """acc += the gradients laid out flat (acc's dtype), parameter by parameter into views of acc (no flat copy of
+    the gradients); None (a parameter off the outputs' path) adds nothing. Under FSDP (`sharded`) each gradient
+    and each stretch of acc is this process's shard."""
+    for view, x in zip(acc.split([local_tensor(p).numel() for p in params]), grads):
+        if x is not None:
+            view += x.reshape(-1)
 
 
 def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) -> list:
@@ -87,7 +88,7 @@ def policy_gradient(
     dtype = accumulation_dtype(params[0])
     g = torch.zeros(layout.numel, dtype=dtype, device=coefs.logp.device)
     for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
-        g += _flat(gradients(coefs.outputs(stats), params, coefs.rows(rows)), params, dtype)
+        _add_flat(g, gradients(coefs.outputs(stats), params, coefs.rows(rows)), params)
     return U.reduce_params(g)
 
 
@@ -106,7 +107,7 @@ def group_gradients(
         for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
             hooks.rows_group = groups[rows]
             grads = gradients(coefs.outputs(stats), params, coefs.rows(rows))
-            g += _flat(grads, params, dtype)
+            _add_flat(g, grads, params)
     return U.reduce_params(g), U.reduce(hooks.flat(names))
 
 
@@ -137,7 +138,7 @@ def entropy_rows(
         )
         for rows, stats in passes:
             grads = gradients(stats.surrogate.sum(), params, retain_graph=beta_pass)
-            xbar += _flat(grads, params, dtype)
+            _add_flat(xbar, grads, params)
             rows_out[rows] = _taken(hooks, grads)
             if beta_pass:
                 grads = gradients([stats.logprobs], params, [len_c[rows]])
@@ -198,14 +199,14 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
                 model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
             )
             for _, stats in passes:
-                xbar += _flat(gradients(stats.surrogate.sum(), params), params, dtype)
+                _add_flat(xbar, gradients(stats.surrogate.sum(), params), params)
             return E.reduce_params(xbar), None, None
         dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
         for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
             grads, (dH[rows], dlogp[rows]) = grad_and_tangents(
                 [stats.entropies, stats.logprobs], [a[rows], c[rows]], params, direction
             )
-            xbar += _flat(grads, params, dtype)
+            _add_flat(xbar, grads, params)
     return E.reduce_params(xbar), E.reduce(dH), E.reduce(dlogp)  # tangents: rows of other shards are 0 here
 
 

@@ -555,10 +555,9 @@ class Probe:
 
     def _bars(self, estimate: DeltaH1Estimate, lr: float) -> Bars | None:
         """X̄ and Δθ per parameter (bars.safetensors); sharded: gathered whole onto rank 0 (None elsewhere)."""
-        if sharded.is_sharded(self.model):
-            xbar, delta = (
-                sharded.gather_named(v, self.layout, self.model) for v in (estimate.xbar, estimate.delta_theta)
-            )
+        if sharded.is_sharded(self.model):  # Δθ gathered as the float32 bars.safetensors keeps
+            xbar = sharded.gather_named(estimate.xbar, self.layout, self.model)
+            delta = sharded.gather_named(estimate.delta_theta, self.layout, self.model, torch.float32)
         else:
             xbar, delta = self.layout.unflatten(estimate.xbar), self.layout.unflatten(estimate.delta_theta)
         if xbar is None:

@@ -187,10 +187,13 @@ def as_dtensors(parts: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     ]
 
 
-def gather_named(flat: Tensor, layout: FlatLayout, model: torch.nn.Module) -> dict[str, Tensor] | None:
-    """The whole tensors of a sharded flat vector, on rank 0's CPU (None on the other ranks), one at a time."""
+def gather_named(
+    flat: Tensor, layout: FlatLayout, model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, Tensor] | None:
+    """The whole tensors of a sharded flat vector (in `dtype`: None keeps flat's), on rank 0's CPU (None on the
+    other ranks), one at a time."""
     params = dict(model.named_parameters())
-    pieces = layout.unflatten(flat)
+    pieces = layout.unflatten(flat if dtype is None else flat.to(dtype))
     wholes = as_dtensors(list(pieces.values()), [params[n] for n in pieces])
     out = {}
     for name, whole in zip(pieces, wholes):

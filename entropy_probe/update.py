@@ -285,6 +285,15 @@ class AdamState:
         out = x.double().sum()
         return distributed.all_reduce_sum(out) if self.sharded else out
 
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """Σ_i a_i b_i over every element of the parameters, in float64: a long pair slice by slice (no
+        parameter-sized float64 copies), all-reduced when sharded."""
+        if a.numel() <= UPDATE_CHUNK:
+            out = (a.double() * b.double()).sum()
+        else:
+            out = sum((a[rows].double() * b[rows].double()).sum() for rows in _slices(a.numel()))
+        return distributed.all_reduce_sum(out) if self.sharded else out
+
     def mean(self, x: Tensor) -> float:
         """The mean of x over every element of the parameters."""
         count = torch.tensor(float(x.numel()), dtype=torch.float64)
@@ -292,7 +301,9 @@ class AdamState:
 
     def norm(self, x: Tensor) -> Tensor:
         """‖x‖ over every element of the parameters (float64)."""
-        return self.total(x.double() * x.double()).sqrt()
+        if not self.sharded and x.numel() <= UPDATE_CHUNK:
+            return torch.linalg.vector_norm(x.double())
+        return self.dot(x, x).sqrt()
 
     @classmethod
     def from_groups(
@@ -352,8 +363,8 @@ def clipped(g: Tensor, max_grad_norm: float | None) -> Tensor:
 
 
 def clip_factor(g: Tensor, max_grad_norm: float, norm: Tensor | None = None) -> Tensor:
-    """min(1, max_norm / (‖g‖ + 1e-6)) as a 0-d tensor (`norm`: ‖g‖ when g is one process's shard)."""
-    norm = torch.linalg.vector_norm(g) if norm is None else norm.to(g.dtype)
+    """min(1, max_norm / (‖g‖ + 1e-6)) as a 0-d tensor (`norm`: ‖g‖ given, e.g. over every process's shard)."""
+    norm = torch.linalg.vector_norm(g) if norm is None else norm
     return torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
 
 
@@ -452,22 +463,28 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     """Δθ for `rule` (adam_step | adam_precond | sgd) at the objective gradient g = ∇J.
 
     The rules are elementwise once the clipping factor (from ‖g‖) is known, so a long g is taken in slices of
-    UPDATE_CHUNK elements — the same numbers, bit for bit. Under autograd (`linearise`) it is taken whole. A
-    sharded state (one process's shard of every parameter) clips with the norm over all processes' shards."""
+    UPDATE_CHUNK elements — the same numbers, bit for bit — each slice taken to float64 on its own and written
+    into the one output, so no other parameter-sized vector is formed. Under autograd (`linearise`) it is taken
+    whole. A sharded state (one process's shard of every parameter) clips with the norm over all processes'
+    shards. Δθ is float64 (g is computed with in float64)."""
     if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
-        return _update_direction(rule, g, state, max_grad_norm)
+        return _update_direction(rule, g.double(), state, max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
-    factor = clip_factor(g, max_grad_norm, _shard_norm(g, state)) if clips else 1.0
-    parts = []
-    for start in range(0, g.numel(), UPDATE_CHUNK):
-        rows = slice(start, start + UPDATE_CHUNK)
-        parts.append(_update_direction(rule, g[rows] * factor, state.rows(rows), None))
-    return torch.cat(parts)
+    factor = clip_factor(g, max_grad_norm, _norm(g, state)) if clips else 1.0
+    out = torch.empty(g.numel(), dtype=torch.float64, device=g.device)
+    for rows in _slices(g.numel()):
+        out[rows] = _update_direction(rule, g[rows].double() * factor, state.rows(rows), None)
+    return out
 
 
-def _shard_norm(g: Tensor, state: AdamState) -> Tensor | None:
-    """‖g‖ over every process's shard for a sharded state; None (g's own norm) otherwise."""
-    return state.norm(g) if state.sharded else None
+def _slices(n: int) -> list[slice]:
+    """UPDATE_CHUNK-element slices covering range(n)."""
+    return [slice(start, start + UPDATE_CHUNK) for start in range(0, n, UPDATE_CHUNK)]
+
+
+def _norm(g: Tensor, state: AdamState) -> Tensor:
+    """‖g‖ in float64: over every process's shard for a sharded state."""
+    return state.norm(g) if state.sharded else torch.linalg.vector_norm(g, dtype=torch.float64)
 
 
 def _update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None) -> Tensor:
@@ -492,36 +509,56 @@ def zero_gradient_part(rule: str, state: AdamState, max_grad_norm: float | None 
     return update_direction(rule, torch.zeros_like(state.theta), state, max_grad_norm)
 
 
+def zero_gradient_dot(rule: str, xbar: Tensor, state: AdamState) -> Tensor:
+    """X̄·Δθ(g = 0) in float64 (`zero_gradient_part`): a long state slice by slice, no parameter-sized Δθ(0)."""
+    if state.sharded or xbar.numel() > UPDATE_CHUNK:
+        if rule not in RULES:
+            raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
+        if rule != "adam_step":
+            return state.total(torch.zeros(()))
+        zero = torch.zeros((), dtype=torch.float64)  # g = 0: no clipping factor to find
+        parts = (state.rows(rows) for rows in _slices(xbar.numel()))
+        out = sum(
+            (xbar[rows].double() * _update_direction(rule, zero.expand(s.theta.shape), s, None)).sum()
+            for rows, s in zip(_slices(xbar.numel()), parts)
+        )
+        return distributed.all_reduce_sum(out) if state.sharded else out
+    return (xbar.double() * zero_gradient_part(rule, state)).sum()
+
+
 def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
     """u = (∂Δθ/∂g)ᵀ X̄ at g (one vector-Jacobian product), so that X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg.
 
-    A long g is taken in UPDATE_CHUNK slices: with Δθ_i = F_i(c g_i) and the clipping factor c = min(1, M/(‖g‖ +
-    1e-6)), d_i = X̄_i F_i'(c g_i) comes slice by slice from autograd and
+    A long g is taken in UPDATE_CHUNK slices (u then in g's dtype, ≥ float32): with Δθ_i = F_i(c g_i) and the
+    clipping factor c = min(1, M/(‖g‖ + 1e-6)), d_i = X̄_i F_i'(c g_i) comes slice by slice from autograd and
 
         u_j = c d_j + ∂c/∂g_j Σ_i d_i g_i,      ∂c/∂g_j = −M g_j / (‖g‖ (‖g‖ + 1e-6)²) while clipping, else 0.
     """
     if not state.sharded and g.numel() <= UPDATE_CHUNK:
+        g, xbar = g.double(), xbar.double()
         with torch.enable_grad():
             g = g.detach().clone().requires_grad_(True)
             delta = update_direction(rule, g, state, max_grad_norm)
             (u,) = torch.autograd.grad(delta, g, grad_outputs=xbar.to(delta.dtype), allow_unused=True)
         return torch.zeros_like(g) if u is None else u.detach()
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0
-    norm = state.norm(g).to(g.dtype) if state.sharded else torch.linalg.vector_norm(g)
-    factor = clip_factor(g, max_grad_norm, norm) if clips else torch.ones((), dtype=g.dtype)
-    parts, along_g = [], torch.zeros((), dtype=torch.float64)
-    for start in range(0, g.numel(), UPDATE_CHUNK):
-        rows = slice(start, start + UPDATE_CHUNK)
+    norm = _norm(g, state)
+    factor = clip_factor(g, max_grad_norm, norm) if clips else torch.ones((), dtype=torch.float64)
+    # slices written in place (no other copy), kept in g's dtype promoted to ≥ float32 (the passes' dtype: u is a
+    # direction for the row hooks, which take it in the parameters' dtype)
+    u = torch.empty(g.numel(), dtype=torch.promote_types(g.dtype, torch.float32), device=g.device)
+    along_g = torch.zeros((), dtype=torch.float64)
+    for rows in _slices(g.numel()):
         with torch.enable_grad():
-            clipped_rows = (g[rows].detach() * factor).requires_grad_(True)
+            clipped_rows = (g[rows].detach().double() * factor).requires_grad_(True)
             delta = _update_direction(rule, clipped_rows, state.rows(rows), None)
             (d,) = torch.autograd.grad(delta, clipped_rows, grad_outputs=xbar[rows].to(delta.dtype), allow_unused=True)
         d = torch.zeros_like(clipped_rows) if d is None else d.detach()
-        parts.append(factor * d)
-        along_g += (d.double() * g[rows].double()).sum()
-    u = torch.cat(parts)
+        u[rows] = factor * d
+        along_g += (d * g[rows].double()).sum()
     if state.sharded:
         along_g = distributed.all_reduce_sum(along_g)
     if clips and max_grad_norm / (norm + 1e-6) < 1:  # the factor depends on g
-        u = u - (max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2)).to(u.dtype) * g
+        for rows in _slices(g.numel()):  # u's rows in float64, then stored
+            u[rows] = u[rows].double() - float(max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2)) * g[rows].double()
     return u

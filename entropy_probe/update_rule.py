@@ -26,6 +26,7 @@ from .update import (
     linearise,
     resolve_loss_agg_mode,
     update_direction,
+    zero_gradient_dot,
     zero_gradient_part,
 )
 
@@ -91,15 +92,19 @@ class UpdateRule:
 
     def delta_theta(self, g: Tensor) -> Tensor:
         """Δθ(g) for the emulated rules (float64)."""
-        return update_direction(self.rule, g.double(), self.state, self.max_grad_norm)
+        return update_direction(self.rule, g, self.state, self.max_grad_norm)
 
     def momentum_part(self) -> Tensor:
         """Δθ(g = 0): the U-independent part (momentum and weight decay) of adam_step, 0 for the others."""
         return zero_gradient_part(self.rule, self.state, self.max_grad_norm)
 
+    def momentum_dot(self, xbar: Tensor) -> float:
+        """X̄·Δθ(g = 0): the momentum/decay part of δH₁, without forming Δθ(g = 0) for a long state."""
+        return float(zero_gradient_dot(self.rule, xbar, self.state))
+
     def linearised(self, g: Tensor, xbar: Tensor) -> Tensor:
         """u = (∂Δθ/∂g)ᵀ X̄ at g: X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg."""
-        return linearise(self.rule, g.double(), xbar.double(), self.state, self.max_grad_norm)
+        return linearise(self.rule, g, xbar, self.state, self.max_grad_norm)
 
     def leave_one_group_out(self, g: Tensor, g_groups: Tensor, denominators: Tensor, xbar: Tensor) -> Tensor:
         """[B] X̄·Δθ(g₋b) through this rule (clipping and Adam included)."""
