@@ -67,6 +67,8 @@ class OptimizerState:
 
     def __post_init__(self) -> None:
         self.group_of = {n: gi for gi, g in enumerate(self.groups) for n in g["names"]}
+        self.exp_avg = one_buffer(self.names, self.exp_avg)
+        self.exp_avg_sq = one_buffer(self.names, self.exp_avg_sq)
 
     @property
     def last_step(self) -> int | float:
@@ -81,6 +83,19 @@ class OptimizerState:
         float64). `lr` replaces every group's lr (None: each group keeps its saved next lr).
         The one conversion between the stored (named) and the computing (flat) form of the AdamW state."""
         return AdamState.from_groups(layout, theta, self.exp_avg, self.exp_avg_sq, self.step, self.groups, lr, dtype)
+
+
+def one_buffer(names: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as views of one flat buffer in `names` order, when every name has one and they share a dtype and
+    device: the update rules then take the moments flat without a second copy (`FlatLayout.flatten`), which for a
+    full-parameter model is 8 bytes per parameter. Otherwise as given."""
+    if set(tensors) != set(names) or len({(t.dtype, t.device) for t in tensors.values()}) > 1:
+        return tensors
+    parts = [tensors[n] for n in names]
+    if FlatLayout.consecutive(parts) is not None:  # already one buffer
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    return {n: piece.view(t.shape) for n, t, piece in zip(names, parts, flat.split([t.numel() for t in parts]))}
 
 
 def whole(x: float) -> int | float:

@@ -231,8 +231,25 @@ class FlatLayout:
         missing = [n for n in self.names if n not in tensors]
         if missing:
             raise ValueError(f"missing tensors for {missing[:3]}")
-        flat = torch.cat([tensors[n].reshape(-1) for n in self.names])
+        parts = [tensors[n] for n in self.names]
+        flat = self.consecutive(parts)  # the moments of an OptimizerState: one buffer already, no copy
+        flat = torch.cat([t.reshape(-1) for t in parts]) if flat is None else flat
         return flat if dtype is None else flat.to(dtype)
+
+    @staticmethod
+    def consecutive(parts: Sequence[Tensor]) -> Tensor | None:
+        """The flat view that holds `parts` one after another (contiguous pieces of one storage, in order), or None."""
+        if not parts or any(t.numel() == 0 or not t.is_contiguous() for t in parts):
+            return None
+        first = parts[0]
+        storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
+        offset = start
+        for t in parts:
+            same = t.dtype == first.dtype and t.device == first.device and t.untyped_storage().data_ptr() == storage
+            if not same or t.storage_offset() != offset:
+                return None
+            offset += t.numel()
+        return first.as_strided((offset - start,), (1,), start)
 
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         if vec.shape != (self.numel,):
