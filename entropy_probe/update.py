@@ -471,9 +471,10 @@ def sgd_delta(g: Tensor, lr: Tensor | float) -> Tensor:
     return lr * g
 
 
-# elements per slice of the update rules' elementwise arithmetic: its float64 temporaries stay ~4M × 8 bytes
-# each instead of the size of θ (a full-parameter model has hundreds of millions of elements)
-UPDATE_CHUNK = 1 << 22
+# elements per slice of the update rules' elementwise arithmetic: its float64 temporaries (a dozen under the
+# linearisation's autograd) stay ~1M × 8 bytes each instead of the size of θ (a full-parameter model has hundreds of
+# millions of elements), a fixed amount per process that sharding does not divide
+UPDATE_CHUNK = 1 << 20
 
 
 def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:

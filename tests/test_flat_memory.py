@@ -1,0 +1,74 @@
+"""The full-parameter memory measures (issue of real-size models): the update state takes the AdamW moments without a
+copy, and the long-vector paths (UPDATE_CHUNK slices: update rule, linearisation, dot products, the momentum part)
+give the whole-vector numbers while forming no parameter-sized float64 temporaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropy_probe import update as update_module
+from entropy_probe.optimizer_state import OptimizerState
+from entropy_probe.update import FlatLayout, linearise, update_direction, zero_gradient_dot, zero_gradient_part
+
+SHAPES = {"embed": (7, 5), "bias": (5,), "norm": (3,), "head": (5, 7)}
+N = sum(torch.Size(s).numel() for s in SHAPES.values())  # 93 elements: 3 slices of 32 with UPDATE_CHUNK = 32
+
+
+def _optimizer(gen: torch.Generator) -> OptimizerState:
+    names = list(SHAPES)
+    groups = [
+        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "names": ["embed", "head"]},
+        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "names": ["bias", "norm"]},
+    ]
+    order = groups[0]["names"] + groups[1]["names"]
+    return OptimizerState(
+        order,
+        {n: 1e-3 * torch.randn(SHAPES[n], generator=gen) for n in names},
+        {n: 1e-6 * torch.rand(SHAPES[n], generator=gen) for n in names},
+        {n: 5.0 for n in names},
+        groups,
+        "test",
+    )
+
+
+def test_the_moments_are_one_buffer_the_update_state_reads_without_a_copy():
+    gen = torch.Generator().manual_seed(0)
+    optimizer = _optimizer(gen)
+    layout = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in optimizer.names}, optimizer.names)
+    theta = {n: torch.randn(SHAPES[n], generator=gen) for n in optimizer.names}
+    state = optimizer.flat(layout, theta)
+    for moments, flat in ((optimizer.exp_avg, state.exp_avg), (optimizer.exp_avg_sq, state.exp_avg_sq)):
+        assert flat.data_ptr() == moments[optimizer.names[0]].data_ptr()  # a view, not a copy
+        assert torch.equal(flat, torch.cat([moments[n].reshape(-1) for n in optimizer.names]))
+    other_order = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in SHAPES}, list(SHAPES))
+    copied = other_order.flatten(optimizer.exp_avg)  # not the buffer's order: concatenated
+    assert copied.data_ptr() != state.exp_avg.data_ptr()
+    assert torch.equal(copied, torch.cat([optimizer.exp_avg[n].reshape(-1) for n in SHAPES]))
+
+
+@pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
+def test_long_float32_vectors_give_the_whole_vector_numbers(monkeypatch, clip):
+    """g and X̄ in float32 (a float32 model): Δθ (float64) and u (float32, the passes' dtype) taken in slices equal
+    the whole-vector float64 computation to float32 rounding of their size; the streamed dot and momentum part equal
+    the plain sums to float64 round-off."""
+    gen = torch.Generator().manual_seed(1)
+    optimizer = _optimizer(gen)
+    layout = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in optimizer.names}, optimizer.names)
+    state = optimizer.flat(layout, {n: torch.randn(SHAPES[n], generator=gen) for n in optimizer.names})
+    g = torch.randn(N, generator=gen)
+    xbar = torch.randn(N, generator=gen)
+    whole_delta = update_direction("adam_step", g.double(), state, clip)
+    whole_u = linearise("adam_step", g.double(), xbar.double(), state, clip)
+    whole_momentum = (xbar.double() * zero_gradient_part("adam_step", state)).sum()
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 32)
+    delta = update_direction("adam_step", g, state, clip)
+    u = linearise("adam_step", g, xbar, state, clip)
+    assert delta.dtype == torch.float64 and u.dtype == torch.float32
+    assert float((delta - whole_delta).norm()) <= 1e-12 * float(whole_delta.norm())
+    assert float((u.double() - whole_u).norm()) <= 1e-6 * float(whole_u.norm())
+    scale = float((xbar.double() * whole_delta).abs().sum())
+    assert abs(float(state.dot(xbar, delta)) - float((xbar.double() * delta).sum())) <= 1e-14 * scale
+    momentum = zero_gradient_dot("adam_step", xbar, state)
+    assert abs(float(momentum) - float(whole_momentum)) <= 1e-14 * float(whole_momentum.abs() + scale)
+    assert float(zero_gradient_dot("sgd", xbar, state)) == 0.0
