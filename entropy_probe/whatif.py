@@ -188,7 +188,7 @@ def token_pass(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xbar:
     u = clock("linearise", update.linearised, ug.g, xbar)
     direction = as_direction(u, layout, params)
     a, entropies = clock("tokens", u_token_terms, model, params, U, ug.coefs, direction, budget.max_tokens)
-    return a, entropies, float(u @ ug.g.double())
+    return a, entropies, float(u.double() @ ug.g.double())  # a long u is in the passes' dtype (`linearise`)
 
 
 @dataclass
