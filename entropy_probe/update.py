@@ -256,14 +256,58 @@ class FlatLayout:
             raise ValueError(f"expected a flat vector of {self.numel} elements, got {tuple(vec.shape)}")
         return {n: t.view(s) for n, t, s in zip(self.names, vec.split(self.numels), self.shapes)}
 
-    def per_element(self, values: Mapping[str, float] | Sequence[float], dtype=torch.float64, device=None) -> Tensor:
+    def per_element(
+        self, values: Mapping[str, float] | Sequence[float], dtype=torch.float64, device=None
+    ) -> Tensor | PerParameter:
         """A per-parameter scalar (lr, step, ...) broadcast to a per-element vector; one value everywhere is an
-        expanded view of one number (no memory: a full-parameter model has hundreds of millions of elements)."""
+        expanded view of one number (no memory: a full-parameter model has hundreds of millions of elements), and
+        several values over a long layout (the weight decay of two param groups) a `PerParameter`."""
         vals = [values[n] for n in self.names] if isinstance(values, Mapping) else list(values)
         vals = torch.tensor([float(v) for v in vals], dtype=dtype, device=device)
         if vals.numel() and bool((vals == vals[0]).all()):
             return vals[:1].expand(self.numel)
+        if self.numel > UPDATE_CHUNK:
+            return PerParameter(vals, self.numels)
         return vals.repeat_interleave(torch.tensor(self.numels, device=vals.device))
+
+
+class PerParameter:
+    """A per-element vector that is constant on each parameter (a hyperparameter of several param groups), held as
+    one value per parameter instead of one per element (8 bytes per element in float64). Indexing gives plain
+    tensors — a slice at a time in the update rules (`AdamState.rows`) — and a scalar multiple stays one."""
+
+    def __init__(self, values: Tensor, numels: Sequence[int]) -> None:
+        self.values = values  # [parameters]
+        self.numels = list(numels)
+        self.ends = torch.tensor(self.numels, device=values.device).cumsum(0)  # each parameter's end, exclusive
+        self.shape = torch.Size([sum(self.numels)])
+        self.dtype, self.device = values.dtype, values.device
+
+    def numel(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice | int) -> Tensor:
+        if isinstance(index, slice):  # the slice's positions only (never an index over every element)
+            positions = torch.arange(*index.indices(self.numel()), device=self.device)
+        else:
+            positions = torch.tensor(range(self.numel())[index], device=self.device)
+        return self.values[torch.searchsorted(self.ends, positions, right=True)]
+
+    def dense(self) -> Tensor:
+        """The whole per-element vector (as `FlatLayout.per_element` would otherwise hold it)."""
+        return self.values.repeat_interleave(torch.tensor(self.numels, device=self.device))
+
+    def __mul__(self, scale: float) -> PerParameter:
+        return PerParameter(self.values * scale, self.numels)
+
+    __rmul__ = __mul__
+
+    def double(self) -> PerParameter:
+        return PerParameter(self.values.double(), self.numels)
+
+    def sum(self) -> Tensor:
+        """Σ over the elements."""
+        return (self.values * torch.tensor(self.numels, dtype=self.values.dtype, device=self.device)).sum()
 
 
 def realised_step(theta: Tensor, delta_theta: Tensor) -> Tensor:
@@ -294,8 +338,16 @@ class AdamState:
     sharded: bool = False
 
     def rows(self, index: slice) -> "AdamState":
-        """The state of the elements in `index` (views)."""
+        """The state of the elements in `index` (views; a `PerParameter` hyperparameter as a tensor of those rows)."""
         return AdamState(*(getattr(self, f.name)[index] for f in fields(self) if f.name != "sharded"), self.sharded)
+
+    def dense(self) -> "AdamState":
+        """This state with every hyperparameter a tensor (`PerParameter` ones made whole: for whole-vector arithmetic)."""
+        return (
+            self.rows(slice(None))
+            if any(isinstance(getattr(self, f.name), PerParameter) for f in fields(self))
+            else self
+        )
 
     def total(self, x: Tensor) -> Tensor:
         """Σ_i x_i over every element of the parameters, in float64 (all-reduced over the processes when sharded)."""
@@ -423,7 +475,7 @@ def adam_step_delta(
 
 def adam_advance(g: Tensor, state: AdamState, max_grad_norm: float | None) -> tuple[Tensor, AdamState]:
     """One torch AdamW step at g = ∇J: (Δθ, the state after it — θ + Δθ, m', v', step + 1), for chains of steps."""
-    s = state
+    s = state.dense()
     delta = adam_step_delta(
         g, s.theta, s.exp_avg, s.exp_avg_sq, s.step, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, max_grad_norm
     )
@@ -486,7 +538,7 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     whole. A sharded state (one process's shard of every parameter) clips with the norm over all processes'
     shards. Δθ is float64 (g is computed with in float64)."""
     if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
-        return _update_direction(rule, g.double(), state, max_grad_norm)
+        return _update_direction(rule, g.double(), state.dense(), max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
     factor = clip_factor(g, max_grad_norm, _norm(g, state)) if clips else 1.0
     out = torch.empty(g.numel(), dtype=torch.float64, device=g.device)

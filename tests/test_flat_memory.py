@@ -72,3 +72,37 @@ def test_long_float32_vectors_give_the_whole_vector_numbers(monkeypatch, clip):
     momentum = zero_gradient_dot("adam_step", xbar, state)
     assert abs(float(momentum) - float(whole_momentum)) <= 1e-14 * float(whole_momentum.abs() + scale)
     assert float(zero_gradient_dot("sgd", xbar, state)) == 0.0
+
+
+def test_a_hyperparameter_of_two_groups_is_held_per_parameter(monkeypatch):
+    """Over a long layout the weight decay of the Trainer's two groups is one value per parameter (`PerParameter`):
+    the update rule, the linearisation, the momentum part, the leave-one-group-out values, the mean lr, a scaled lr
+    and an AdamW step of the chains give the numbers of the same state held per element, bit for bit."""
+    from dataclasses import replace
+
+    from entropy_probe.update import PerParameter, adam_advance, leave_one_group_out
+
+    gen = torch.Generator().manual_seed(2)
+    optimizer = _optimizer(gen)
+    optimizer.groups[1]["lr"] = 2e-3  # two lrs as well as two decays
+    layout = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in optimizer.names}, optimizer.names)
+    theta = {n: torch.randn(SHAPES[n], generator=gen) for n in optimizer.names}
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 32)
+    state = optimizer.flat(layout, theta)
+    assert isinstance(state.weight_decay, PerParameter) and isinstance(state.lr, PerParameter)
+    dense = state.dense()
+    assert torch.equal(dense.weight_decay, state.weight_decay.dense()) and dense.weight_decay.shape == (N,)
+    assert torch.equal(dense.weight_decay[:35], torch.full((35,), 0.01, dtype=torch.float64))  # embed
+    g, xbar = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    for clip in (None, 0.5):
+        assert torch.equal(update_direction("adam_step", g, state, clip), update_direction("adam_step", g, dense, clip))
+        assert torch.equal(linearise("adam_step", g, xbar, state, clip), linearise("adam_step", g, xbar, dense, clip))
+    assert torch.equal(zero_gradient_dot("adam_step", xbar, state), zero_gradient_dot("adam_step", xbar, dense))
+    groups, shares = torch.randn(3, N, generator=gen), torch.tensor([1.0, 2.0, 3.0])
+    loo = leave_one_group_out("adam_step", g.double(), groups, shares, xbar.double(), state, 0.5)
+    assert torch.equal(loo, leave_one_group_out("adam_step", g.double(), groups, shares, xbar.double(), dense, 0.5))
+    assert state.mean(state.lr) == dense.mean(dense.lr)
+    assert torch.equal((state.lr * 0.5).dense(), dense.lr * 0.5)
+    step, after = adam_advance(g.double(), replace(state), 0.5)
+    step_dense, after_dense = adam_advance(g.double(), dense, 0.5)
+    assert torch.equal(step, step_dense) and torch.equal(after.exp_avg, after_dense.exp_avg)
