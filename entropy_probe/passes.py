@@ -57,7 +57,7 @@ def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) ->
     torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph)
     out = []
     for p in params:
-        out.append(None if p.grad is None else p.grad.to_local().clone())
+        out.append(None if p.grad is None else p.grad.to_local())  # the shard outlives the cleared .grad
         p.grad = None
     return out
 
