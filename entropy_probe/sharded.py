@@ -1,7 +1,7 @@
 """Sharded probing on torch's FSDP2 (compute.shard: fsdp, under torchrun): the policy and every parameter-sized
 vector stay split over the processes, as a trainer's FSDP shards them (docs/design.md, "Sharded mode").
 
-    torchrun --nproc_per_node=W -m stages.cli delta-h1 --set compute.shard=fsdp
+    torchrun --nproc_per_node=W --no-python entropy-probe delta-h1 -S compute.shard=fsdp
 
 `shard_policy` applies `fully_shard` to every decoder layer and to the whole model, so each process holds one
 W-th of each parameter (rows of dim 0, torch.chunk's split: a DTensor `Shard(0)`). Then:
@@ -17,8 +17,8 @@ Each process reads only its rows of verify's AdamW moments (`moment_rows`). Only
 whole, for the exact and truth stages) is gathered, one tensor at a time (`gather_named`), and kept on rank 0
 alone, which writes it.
 
-δH₂ moves the shards in place (`perturb.perturbed`, which drops FSDP's gathered copies so the next forward sees θ ± εΔθ)
-and reuses the same sharded E passes.
+δH₂ moves the shards in place (`perturb.perturbed`, which drops FSDP's gathered copies so that the next forward
+sees θ ± εΔθ) and reuses the same sharded E passes.
 
 Not sharded yet (one-line refusals, `check_supported`, `refuse`): several steps per U batch, the per-group U
 gradients (SE_U comes from the delta method), per-token tangents (compute.all_targets), 4-bit bases, an observed
@@ -41,9 +41,6 @@ from .tangents import RowDirectional
 from .update import FlatLayout
 
 log = logging.getLogger(__name__)
-
-SHARD_MODES = ("none", "fsdp")
-
 
 def local_tensor(p: Tensor) -> Tensor:
     """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
@@ -204,7 +201,6 @@ def gather_named(
 
 
 __all__ = [
-    "SHARD_MODES",
     "as_dtensors",
     "check_supported",
     "gather_named",
