@@ -42,6 +42,7 @@ from .update import FlatLayout
 
 log = logging.getLogger(__name__)
 
+
 def local_tensor(p: Tensor) -> Tensor:
     """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
     to_local = getattr(p, "to_local", None)
