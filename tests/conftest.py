@@ -11,18 +11,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# one intra-op thread here and in every process a test starts (stages, the CLI, dvc's): the tiny models gain nothing
-# from a second thread, and with two xdist workers on two cores, two threads per process oversubscribe the CPU (two
-# exact stages at once: 29 s with a thread per core each, 17 s with one)
+# one intra-op thread here (pytest_configure) and in every process a test starts (stages, the CLI, dvc's): the tiny
+# models gain nothing from a second thread, and with two xdist workers on two cores, two threads per process
+# oversubscribe the CPU (two exact stages at once: 29 s with a thread per core each, 17 s with one)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
+# torch.compile a no-op, here and in every process a test starts (the env is inherited): bitsandbytes, which peft
+# imports whenever it is installed (a plain LoRA load too), wraps four of its kernels in torch.compile at import, and
+# that call alone loads torch's inductor compiler: 1.2-1.8 s of CPU in each process that loads an adapter (of a stage's
+# ~7). Nothing the tests run is compiled: the library never calls torch.compile, and the wrapped kernels are
+# bitsandbytes' fallbacks the tiny CPU models never reach (no dynamo frame in the QLoRA tests without this line).
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def pytest_configure(config):
+    """One intra-op thread in this process too, where it runs tests: not in xdist's controller, which runs none and
+    would only delay starting the workers by importing torch (~1.8 s)."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +50,7 @@ def make_lora_model(seed: int = 0, rank: int = 2, hidden_size: int = 32, head_sc
 
     head_scale multiplies the LM head: 40 makes the policy far from uniform (at the uniform maximum ∇H
     vanishes and ΔH is second order), the model most estimator tests use."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from entropy_probe.tiny import build_model
