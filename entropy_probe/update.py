@@ -536,7 +536,7 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     UPDATE_CHUNK elements — the same numbers, bit for bit — each slice taken to float64 on its own and written
     into the one output, so no other parameter-sized vector is formed. Under autograd (`linearise`) it is taken
     whole. A sharded state (one process's shard of every parameter) clips with the norm over all processes'
-    shards. Δθ is float64 (g is computed with in float64)."""
+    shards. Δθ is float64."""
     if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
         return _update_direction(rule, g.double(), state.dense(), max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
@@ -587,11 +587,10 @@ def zero_gradient_dot(rule: str, xbar: Tensor, state: AdamState) -> Tensor:
         if rule != "adam_step":
             return state.total(torch.zeros(()))
         zero = torch.zeros((), dtype=torch.float64)  # g = 0: no clipping factor to find
-        parts = (state.rows(rows) for rows in _slices(xbar.numel()))
-        out = sum(
-            (xbar[rows].double() * _update_direction(rule, zero.expand(s.theta.shape), s, None)).sum()
-            for rows, s in zip(_slices(xbar.numel()), parts)
-        )
+        out = torch.zeros((), dtype=torch.float64)  # (a process may hold no element at all)
+        for rows in _slices(xbar.numel()):
+            s = state.rows(rows)
+            out += (xbar[rows].double() * _update_direction(rule, zero.expand(s.theta.shape), s, None)).sum()
         return distributed.all_reduce_sum(out) if state.sharded else out
     return (xbar.double() * zero_gradient_part(rule, state)).sum()
 
