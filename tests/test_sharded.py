@@ -1,6 +1,7 @@
 """compute.shard fsdp: delta-h1 on a policy sharded by torch's FSDP2 under torchrun (gloo on CPU) gives the
-one-process results, on verl FSDP2 checkpoints (full and LoRA, tests/fixtures/verl); its bars pass exact
-enumeration; the pieces (padded microbatches, the stand-in row, the local shards) and the refusals.
+one-process results (δH₁, SEs, δH₂, X̄, Δθ, attributions), on verl FSDP2 checkpoints (full and LoRA,
+tests/fixtures/verl); its bars pass exact enumeration; the in-memory `Probe` under the same torchrun gives the stage's
+numbers; the pieces (padded microbatches, the stand-in row, each rank's rows of the moments) and the refusals.
 
 The one-process runs use SE_U by the delta method (compute.u_gradient_cache_mb 0), as the sharded mode does, so
 every number is comparable. The 2-process runs (full, LoRA) share one torchrun and the 4-process run another
