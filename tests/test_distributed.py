@@ -222,12 +222,16 @@ def _delta_h1_outputs(out: Path) -> tuple[dict, dict]:
 DOT_KEYS = ("delta_h1", "delta_h1_momentum_part", "delta_h1_naive", "delta_h1_gradient_part_linearised")
 
 
-def assert_same_delta_h1(two: Path, one: Path, world: int = 2, csv_rows: int = 1 + 4 + 13) -> dict:
+def assert_same_delta_h1(
+    two: Path, one: Path, world: int = 2, csv_rows: int = 1 + 4 + 13, delta_theta_rel: float = FP32_REL
+) -> dict:
     """`world` processes sum in another order than one: float32 results agree to FP32_REL of their scale.
 
     A δH₁-like value is compared relative to ‖X̄‖‖Δθ‖ (by Cauchy–Schwarz, the largest a dot product of
     X̄ with Δθ can be: the magnitude of its terms), not to itself; norms, SEs and entropies do not cancel.
-    `csv_rows`: attributions.csv's lines (header, U groups, E sequences).
+    `csv_rows`: attributions.csv's lines (header, U groups, E sequences). `delta_theta_rel`: the tolerance of the Δθ
+    bars, relative to each tensor's norm (Adam divides each element of g by its own √v, which can magnify the
+    rounding of a small, cancelling entry of g beyond FP32_REL of the tensor).
     """
     (s2, bars2), (s1, bars1) = _delta_h1_outputs(two), _delta_h1_outputs(one)
     assert s2["world_size"] == world and s1["world_size"] == 1
@@ -265,7 +269,8 @@ def assert_same_delta_h1(two: Path, one: Path, world: int = 2, csv_rows: int = 1
     assert bars2.keys() == bars1.keys()
     for name in bars1:
         # float32 sums in another order (per-process microbatches): compared as whole tensors
-        assert_close_scaled(bars2[name], bars1[name], float(bars1[name].double().norm()), what=name)
+        rel = delta_theta_rel if name.startswith("delta_theta.") else FP32_REL
+        assert_close_scaled(bars2[name], bars1[name], float(bars1[name].double().norm()), rel, what=name)
     rows2 = (two / "attributions.csv").read_text().splitlines()
     rows1 = (one / "attributions.csv").read_text().splitlines()
     assert len(rows2) == len(rows1) == csv_rows

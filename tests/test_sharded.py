@@ -131,7 +131,9 @@ def test_sharded_delta_h1_equals_one_process(runs, world, run):
     """δH₁, SE_E, SE_U, the parts, norms, X̄ and Δθ (bars) and every attribution of the sharded run equal the
     one-process run's to float32 rounding of their scale; the report says it was sharded."""
     out = runs / {2: "two", 4: "four"}[world] / run
-    report = assert_same_delta_h1(out, runs / run / "delta_h1", world, csv_rows=1 + B_U + B_E)
+    # each process sums other microbatches of rows (4 rows each at W = 4) in float32: through Adam's per-element
+    # normalisation Δθ differs by up to 2.1e-5 of its norm on the default (non-AVX) kernels; X̄ and δH₁ by FP32_REL
+    report = assert_same_delta_h1(out, runs / run / "delta_h1", world, 1 + B_U + B_E, delta_theta_rel=1e-4)
     assert report["shard"] == "fsdp" and report["se_U_method"] == "delta method"
     assert report["se_U"] > 0 and report["norm_g"] > 0  # the U pass carries signal
     assert (report["norm_g"] > 1.0) == (run == "full_w2")  # the full run's ‖g‖ is clipped: the norm over shards
