@@ -131,11 +131,11 @@ def shift_rounding(params: list[torch.Tensor], shift: dict[str, torch.Tensor], n
     The same arithmetic as `perturb.perturbed` (Δθ cast to the parameter's dtype, then added with alpha = s),
     one parameter at a time so that no second copy of θ is held.
     """
-    sums = torch.zeros(2, dtype=torch.float64)  # (lost, wanted)
+    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device)  # (lost, wanted), read once at the end
     for name, p in zip(names, params):
         d, p = shift[name].to(p.device), local_tensor(p.detach())
         applied = p.add(d.to(p.dtype), alpha=s).double() - p.double()
-        sums += torch.stack([(applied - s * d.double()).pow(2).sum(), (s * d.double()).pow(2).sum()]).cpu()
+        sums += torch.stack([(applied - s * d.double()).pow(2).sum(), (s * d.double()).pow(2).sum()])
     if any(hasattr(p, "to_local") for p in params):  # FSDP: this process's shards; the norms are over all
         distributed.all_reduce_sum(sums)
     lost, wanted = sums.tolist()
