@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
     clock_call = delta_h1.Clock.__call__
 
     def charged(clock, phase, fn, *a, **k):
+        settled()  # what earlier phases freed returned to the system, so RSS measures what is live
         peaks.phase = phase
         try:
             return clock_call(clock, phase, fn, *a, **k)

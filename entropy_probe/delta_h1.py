@@ -67,7 +67,7 @@ class UGradient:
     """The U pass: J's per-token coefficients, g = ∇J (flat) and, when cached, the per-group gradients [B, P]."""
 
     coefs: UCoefficients
-    g: Tensor
+    g: Tensor | None  # None once a long g has been overwritten by the linearisation u (`u_uncertainty`)
     g_groups: Tensor | None
 
 
@@ -263,8 +263,12 @@ def group_dots(g_groups: Tensor, u: Tensor) -> Tensor:
 def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xbar, delta_h1, u_weights, budget, clock):
     """Pass 4: SE_U and the U attributions (§5.2): with the group gradients a jackknife over prompt groups
     through the real update rule and leave-one-group-out attributions (no further pass); without them the
-    delta method from one more U backward with row hooks along u = (∂Δθ/∂g)ᵀ X̄."""
-    u = clock("linearise", update.linearised, ug.g, xbar)
+    delta method from one more U backward with row hooks along u = (∂Δθ/∂g)ᵀ X̄ — for a long g (a full-parameter
+    model) written over g, which nothing needs afterwards (ug.g is None then)."""
+    in_place = ug.g_groups is None and ug.g.numel() > UPDATE_CHUNK
+    u = clock("linearise", update.linearised, ug.g, xbar, ug.g if in_place else None)
+    if in_place:
+        ug.g = None
     out = UUncertainty()
     if ug.g_groups is not None:
         out.attribution = group_dots(ug.g_groups, u)  # u·g_b: Σ_b = u·g, from the cache instead of a third pass
@@ -315,6 +319,7 @@ def compute_delta_h1(
     ug = None
     if update.emulated:
         ug = u_gradient(model, layout, U, update, u_w, budget, clock)
+        norm_g = float(update.state.norm(ug.g))
         delta_theta = clock("update", update.delta_theta, ug.g)
     else:
         delta_theta = update.observed.delta_theta.to(torch.float64)
@@ -332,7 +337,7 @@ def compute_delta_h1(
             cov_logp_advantage=token_advantage_covariance(
                 U.tensors["logprobs"], U.tensors["advantages"].to(dtype), U.mask
             ),
-            norm_g=float(update.state.norm(ug.g)),
+            norm_g=norm_g,
         )
     estimate = _estimate(eg, unc, delta_h1, delta_theta, update, len(E), parts, estimator.entropy, clock)
     if ug is not None and unc.denominators is not None:

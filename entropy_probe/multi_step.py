@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .passes import backward_into
 from .perturb import perturbed
 from .scoring import Batch, accumulation_dtype
 from .update import FlatLayout, adam_advance, clipped_ratio_coefficients, pg_coefficients
@@ -92,8 +93,7 @@ def clipped_gradient(model, params, layout: FlatLayout, M: Batch, logp_old: Tens
         log_ratio = (stats.logprobs.detach().to(dtype) - logp_old[rows]).masked_fill(~M.mask[rows], 0.0)
         c = clipped_ratio_coefficients(coef[rows], log_ratio, M.mask[rows], chain.clip_low, chain.clip_high)
         clipped += int(((c == 0) & (coef[rows] != 0)).sum())
-        grads = torch.autograd.grad([stats.logprobs], params, grad_outputs=[c], allow_unused=True)
-        g += torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(grads, params)])
+        backward_into([stats.logprobs], params, g, [c])
     return g, clipped / max(1, int(M.mask.sum()))
 
 
@@ -122,7 +122,7 @@ def run_chain(model, layout: FlatLayout, U: Batch, update, chain: StepChain, max
 
 def momentum_chain(update, chain: StepChain) -> Tensor:
     """Δθ of the k steps with every gradient 0: momentum and weight decay alone (the chain's U-independent part)."""
-    state = update.state
+    state = update.state.dense()  # θ whole (a long state reads it from the model: `update.FlatView`)
     total = torch.zeros_like(state.theta)
     for _ in range(chain.steps):
         delta, state = adam_advance(torch.zeros_like(state.theta), state, update.max_grad_norm)

@@ -62,6 +62,46 @@ def gradients(outputs, params, grad_outputs=None, retain_graph: bool = False) ->
     return out
 
 
+def backward_into(outputs, params, acc: torch.Tensor | None, grad_outputs=None, retain_graph: bool = False) -> bool:
+    """acc += ∇_params Σ outputs·grad_outputs laid out flat (`_add_flat`; acc None: the gradients are discarded, for
+    a backward that only feeds row hooks); True when some parameter got a gradient.
+
+    Each parameter's gradient is added into its stretch of acc the moment autograd has it and then freed (a hook
+    after accumulation), so a backward holds one parameter's gradient at a time, not a parameter-sized list of
+    them: for a full-parameter model 4 bytes per parameter less than `gradients`. The parameters' own `.grad` is
+    left as it was. FSDP parameters (DTensors) go through `gradients` (their reduce-scatter fills `.grad`)."""
+    if hasattr(params[0], "to_local"):
+        grads = gradients(outputs, params, grad_outputs, retain_graph=retain_graph)
+        if acc is not None:
+            _add_flat(acc, grads, params)
+        return any(g is not None for g in grads)
+    views = [None] * len(params) if acc is None else acc.split([p.numel() for p in params])
+    saved = [p.grad for p in params]
+    got = []
+
+    def taken(view):
+        def hook(p):
+            got.append(True)
+            if view is not None:
+                view.add_(p.grad.reshape(-1))
+            p.grad = None
+
+        return hook
+
+    handles = []
+    try:
+        for p, view in zip(params, views):
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(taken(view)))
+        inputs = [p for p in params if p.requires_grad]
+        torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph, inputs=inputs)
+    finally:
+        for handle, p, grad in zip(handles, params, saved):
+            handle.remove()
+            p.grad = grad
+    return bool(got)
+
+
 def as_direction(flat: torch.Tensor, layout: FlatLayout, params) -> list[torch.Tensor]:
     """A flat vector as per-parameter tensors in the parameters' dtypes (for the hooks and tangents); for FSDP
     parameters (a flat vector of this process's shards) DTensors the hooks gather one at a time."""
@@ -88,7 +128,7 @@ def policy_gradient(
     dtype = accumulation_dtype(params[0])
     g = torch.zeros(layout.numel, dtype=dtype, device=coefs.logp.device)
     for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
-        _add_flat(g, gradients(coefs.outputs(stats), params, coefs.rows(rows)), params)
+        backward_into(coefs.outputs(stats), params, g, coefs.rows(rows))
     return U.reduce_params(g)
 
 
@@ -106,8 +146,7 @@ def group_gradients(
     with hooks:
         for rows, stats in _u_scored(model, U, coefs, max_tokens, "U gradient"):
             hooks.rows_group = groups[rows]
-            grads = gradients(coefs.outputs(stats), params, coefs.rows(rows))
-            _add_flat(g, grads, params)
+            backward_into(coefs.outputs(stats), params, g, coefs.rows(rows))
     return U.reduce_params(g), U.reduce(hooks.flat(names))
 
 
@@ -137,12 +176,11 @@ def entropy_rows(
             model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=beta_pass
         )
         for rows, stats in passes:
-            grads = gradients(stats.surrogate.sum(), params, retain_graph=beta_pass)
-            _add_flat(xbar, grads, params)
-            rows_out[rows] = _taken(hooks, grads)
-            if beta_pass:
-                grads = gradients([stats.logprobs], params, [len_c[rows]])
-                beta += _taken(hooks, grads).sum(0)  # over the rows: [] or stacked [K]
+            got = backward_into(stats.surrogate.sum(), params, xbar, retain_graph=beta_pass)
+            rows_out[rows] = _taken(hooks, got)
+            if beta_pass:  # the hooks' sums only: the parameters' gradients are discarded as they come
+                got = backward_into([stats.logprobs], params, None, [len_c[rows]])
+                beta += _taken(hooks, got).sum(0)  # over the rows: [] or stacked [K]
     return E.reduce_params(xbar), E.reduce(rows_out), (E.reduce(beta) if beta_pass else None)
 
 
@@ -177,11 +215,11 @@ def influence_along(
     return torch.stack(columns, dim=1)
 
 
-def _taken(hooks: RowDirectional, grads) -> torch.Tensor | float:
+def _taken(hooks: RowDirectional, got_gradients: bool) -> torch.Tensor | float:
     """The hooks' per-row sums of the last backward ([rows], stacked [rows, K]); 0 only when no parameter got a
     gradient either."""
     taken = hooks.take()  # None: no hooked layer is on the path to these outputs
-    if taken is None and any(g is not None for g in grads):  # the hooks missed a path: never report 0
+    if taken is None and got_gradients:  # the hooks missed a path: never report 0
         raise RuntimeError("RowDirectional hooks did not fire although the parameters got gradients")
     return 0.0 if taken is None else taken
 
@@ -199,7 +237,7 @@ def entropy_pass(model, params, layout, E: Batch, coefs: EntropyCoefs, direction
                 model, max_tokens, "E gradient", with_grad=True, entropies=False, coefs=(a, c), logprob_grad=False
             )
             for _, stats in passes:
-                _add_flat(xbar, gradients(stats.surrogate.sum(), params), params)
+                backward_into(stats.surrogate.sum(), params, xbar)
             return E.reduce_params(xbar), None, None
         dH, dlogp = torch.zeros_like(a), torch.zeros_like(a)
         for rows, stats in E.scored(model, max_tokens, "E gradient", with_grad=True):
@@ -224,8 +262,8 @@ def u_row_terms(
         return U.reduce(u_token_terms(model, params, U, coefs, direction, max_tokens)[0].sum(-1))
     with RowDirectional(model, names, direction) as hooks:
         for rows, stats in _u_scored(model, U, coefs, max_tokens, "U tangents"):
-            grads = gradients(coefs.outputs(stats), params, coefs.rows(rows))
-            rows_out[rows] = _taken(hooks, grads)
+            got = backward_into(coefs.outputs(stats), params, None, coefs.rows(rows))
+            rows_out[rows] = _taken(hooks, got)
     return U.reduce(rows_out)
 
 

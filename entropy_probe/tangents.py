@@ -174,29 +174,38 @@ class RowDirectional(_ParamHooks):
         self.acc: torch.Tensor | None = None
 
     @staticmethod
-    def _alongs(kind: str, module, x: torch.Tensor, parts: dict) -> list:
-        """Functions giving, at backward time, the tensors `a` with ⟨G_i, V⟩ = Σ_p δ_p · a_p (one per part).
+    def _dots(kind: str, module, x: torch.Tensor, parts: dict) -> list:
+        """Functions (δ, acc) ↦ [rows] ⟨G_i, V⟩ (products in the model's dtype, sums in acc), one per part.
 
         A sharded direction (DTensor) is gathered where it is read (`_full`): in the backward, or in the forward
         for a projection kept until then, so one parameter's direction is whole at a time; every process reaches
         these hooks in the same order."""
+
+        def dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+            return (a * b.to(a.dtype)).flatten(1).sum(-1, dtype=acc)
+
         if kind == "embedding":
-            return [lambda: torch.nn.functional.embedding(x, _full(parts["weight"])) * _looked_up(module, x)]
+            return [
+                lambda d, acc: dot(
+                    d, torch.nn.functional.embedding(x, _full(parts["weight"])) * _looked_up(module, x), acc
+                )
+            ]
         if kind == "rmsnorm":
-            return [lambda: normalised(module, x) * _full(parts["weight"]).to(x.dtype)]
-        alongs = []
+            return [lambda d, acc: dot(d, normalised(module, x) * _full(parts["weight"]).to(x.dtype), acc)]
+        dots = []
         weight = parts.get("weight")
         if weight is not None:
-            # keep the smaller of x [.., in] and x·Vᵀ [.., out] until the backward reaches this layer:
-            # for LoRA that is r numbers per token for A (x·V_Aᵀ) and for B (its input A·x)
             if weight.shape[0] <= weight.shape[1]:
+                # out ≤ in: keep x·Vᵀ [.., out] from the forward (LoRA A: r numbers per token), not x [.., in]
                 projected = x @ _full(weight).to(x.dtype).T
-                alongs.append(lambda: projected)
+                dots.append(lambda d, acc: dot(d, projected, acc))
             else:
-                alongs.append(lambda: x @ _full(weight).to(x.dtype).T)
+                # out > in (a head, LoRA B): contract on the input side at the backward, Σ_p (Vᵀ δ_p)·x_p — a
+                # [.., in] temporary where x·Vᵀ would be [.., out] (for the head, a second logits-sized tensor)
+                dots.append(lambda d, acc: dot(d @ _full(weight).to(d.dtype), x, acc))
         if "bias" in parts:
-            alongs.append(lambda: _full(parts["bias"]))
-        return alongs
+            dots.append(lambda d, acc: dot(d, _full(parts["bias"]).expand_as(d), acc))
+        return dots
 
     def _hook(self, kind: str, module, parts: dict[str, torch.Tensor]):
         def forward_hook(module, inputs, output):
@@ -205,14 +214,12 @@ class RowDirectional(_ParamHooks):
             if self.stacked:
                 output.register_hook(self._stacked_on_grad(kind, module, inputs[0].detach(), parts))
                 return
-            alongs = self._alongs(kind, module, inputs[0].detach(), parts)
+            dots = self._dots(kind, module, inputs[0].detach(), parts)
 
             def on_grad(delta):
                 acc = _at_least_float32(delta)  # float32 for half-precision models, float64 for float64 ones
-                dots = torch.zeros(delta.shape[0], dtype=acc, device=delta.device)
-                for along in alongs:
-                    dots += (delta * along().to(delta.dtype)).flatten(1).sum(-1, dtype=acc)
-                self.acc = dots if self.acc is None else self.acc + dots
+                rows = sum(dot(delta, acc) for dot in dots)
+                self.acc = rows if self.acc is None else self.acc + rows
 
             output.register_hook(on_grad)
 

@@ -13,6 +13,7 @@ increases J; g = ∇J. Everything here is a pure function of tensors.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, fields, replace
 from typing import Mapping, Sequence
 
@@ -310,6 +311,49 @@ class PerParameter:
         return (self.values * torch.tensor(self.numels, dtype=self.values.dtype, device=self.device)).sum()
 
 
+class FlatView:
+    """Tensors (the model's parameters) read as one flat vector without a copy: a slice is gathered from the
+    tensors it spans when indexed — a slice at a time in the update rules (`AdamState.rows`) — so θ for the
+    decoupled weight decay takes no memory of its own (4 bytes per parameter for an fp32 full-parameter model).
+    The values are read when the rule is evaluated: the model must hold θ then (`perturb.perturbed` restores it
+    bit for bit; nothing steps the model while a probe computes)."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.parts = [t.detach().reshape(-1) for t in tensors]  # views of contiguous tensors
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + part.numel())
+        self.shape = torch.Size([self.starts[-1]])
+        self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor]) -> "FlatView | None":
+        """A view of `tensors` when they can be read in place (contiguous, one dtype and device), else None."""
+        ok = tensors and all(t.is_contiguous() for t in tensors)
+        ok = ok and len({(t.dtype, t.device) for t in tensors}) == 1
+        return cls(tensors) if ok else None
+
+    def numel(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> Tensor:
+        if not isinstance(index, slice):
+            raise TypeError("a FlatView is read by slices")
+        start, stop, step = index.indices(self.numel())
+        if step != 1:
+            raise ValueError("a FlatView is read by contiguous slices")
+        first = max(0, bisect.bisect_right(self.starts, start) - 1)
+        pieces = []
+        for i in range(first, len(self.parts)):
+            if self.starts[i] >= stop:
+                break
+            lo, hi = max(start, self.starts[i]) - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
+            pieces.append(self.parts[i][lo:hi])
+        if not pieces:
+            return self.parts[0][:0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def realised_step(theta: Tensor, delta_theta: Tensor) -> Tensor:
     """The step the next forward sees when θ is stored in `theta.dtype`: round(θ + Δθ) − θ, in float64.
 
@@ -345,7 +389,7 @@ class AdamState:
         """This state with every hyperparameter a tensor (`PerParameter` ones made whole: for whole-vector arithmetic)."""
         return (
             self.rows(slice(None))
-            if any(isinstance(getattr(self, f.name), PerParameter) for f in fields(self))
+            if any(isinstance(getattr(self, f.name), (PerParameter, FlatView)) for f in fields(self))
             else self
         )
 
@@ -412,11 +456,19 @@ class AdamState:
         def vec(d: Mapping[str, Tensor]) -> Tensor:
             return layout.flatten({n: d.get(n, zeros[n]).to(device) for n in layout.names}, dtype)
 
+        def theta_vec() -> Tensor | FlatView:
+            """θ flat: read in place from the tensors given for a long layout (no copy: `FlatView`)."""
+            parts = [theta.get(n) for n in layout.names]
+            if any(t is None or t.device != device for t in parts):
+                return vec(theta)
+            view = FlatView.of(parts) if layout.numel > UPDATE_CHUNK and dtype in (None, parts[0].dtype) else None
+            return vec(theta) if view is None or FlatLayout.consecutive(parts) is not None else view
+
         cols = list(zip(*(hyper[n] for n in layout.names)))
         hyper_dtype = dtype or torch.float64
         per = [layout.per_element(col, hyper_dtype, device) for col in cols]
         steps = layout.per_element([float(step.get(n, 0.0)) for n in layout.names], hyper_dtype, device)
-        return cls(vec(theta), vec(exp_avg), vec(exp_avg_sq), steps, *per)
+        return cls(theta_vec(), vec(exp_avg), vec(exp_avg_sq), steps, *per)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,15 +588,24 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     UPDATE_CHUNK elements — the same numbers, bit for bit — each slice taken to float64 on its own and written
     into the one output, so no other parameter-sized vector is formed. Under autograd (`linearise`) it is taken
     whole. A sharded state (one process's shard of every parameter) clips with the norm over all processes'
-    shards. Δθ is float64."""
+    shards. Δθ is float64 — for a long g (a full-parameter model) stored in g's dtype promoted to ≥ float32, the
+    dtype X̄ and the gradients are summed in: 4 bytes per parameter for a float32 model, and the E pass's direction
+    is then views of it (`passes.as_direction`), not a copy."""
     if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
         return _update_direction(rule, g.double(), state.dense(), max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
     factor = clip_factor(g, max_grad_norm, _norm(g, state)) if clips else 1.0
-    out = torch.empty(g.numel(), dtype=torch.float64, device=g.device)
+    out = torch.empty(g.numel(), dtype=long_dtype(g), device=g.device)
     for rows in _slices(g.numel()):
         out[rows] = _update_direction(rule, g[rows].double() * factor, state.rows(rows), None)
     return out
+
+
+def long_dtype(g: Tensor) -> torch.dtype:
+    """The dtype a parameter-sized result of the rules (Δθ, u) is stored in: float64 for up to UPDATE_CHUNK
+    elements (LoRA adapters, the exactness tests), else g's dtype promoted to ≥ float32 (each slice is still
+    computed in float64)."""
+    return torch.float64 if g.numel() <= UPDATE_CHUNK else torch.promote_types(g.dtype, torch.float32)
 
 
 def _slices(n: int) -> list[slice]:
@@ -575,8 +636,12 @@ def zero_gradient_part(rule: str, state: AdamState, max_grad_norm: float | None 
     if rule not in RULES:
         raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
     if rule != "adam_step":
-        return torch.zeros_like(state.theta)
-    return update_direction(rule, torch.zeros_like(state.theta), state, max_grad_norm)
+        return _zeros_like(state.theta)
+    return update_direction(rule, _zeros_like(state.theta), state, max_grad_norm)
+
+
+def _zeros_like(x: Tensor | FlatView) -> Tensor:
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
 
 
 def zero_gradient_dot(rule: str, xbar: Tensor, state: AdamState) -> Tensor:
@@ -595,14 +660,24 @@ def zero_gradient_dot(rule: str, xbar: Tensor, state: AdamState) -> Tensor:
     return (xbar.double() * zero_gradient_part(rule, state)).sum()
 
 
-def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_norm: float | None = None) -> Tensor:
+def linearise(
+    rule: str,
+    g: Tensor,
+    xbar: Tensor,
+    state: AdamState,
+    max_grad_norm: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """u = (∂Δθ/∂g)ᵀ X̄ at g (one vector-Jacobian product), so that X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg.
 
-    A long g is taken in UPDATE_CHUNK slices (u then in g's dtype, ≥ float32): with Δθ_i = F_i(c g_i) and the
-    clipping factor c = min(1, M/(‖g‖ + 1e-6)), d_i = X̄_i F_i'(c g_i) comes slice by slice from autograd and
+    Up to UPDATE_CHUNK elements by autograd through the rule, in float64. A long g is taken in UPDATE_CHUNK slices,
+    u stored in `long_dtype`: with Δθ_i = F_i(c g_i) and the clipping factor c = min(1, M/(‖g‖ + 1e-6)),
+    d_i = X̄_i F_i'(c g_i) (`direction_derivative`, in float64) and
 
-        u_j = c d_j + ∂c/∂g_j Σ_i d_i g_i,      ∂c/∂g_j = −M g_j / (‖g‖ (‖g‖ + 1e-6)²) while clipping, else 0.
-    """
+        u_j = c d_j − K g_j,      K = M Σ_i d_i g_i / (‖g‖ (‖g‖ + 1e-6)²) while clipping (c < 1), else 0.
+
+    `out` (long g only): where u is written — g itself, when g is not needed afterwards, so that u takes no memory
+    of its own (each slice of g is read before its u is written; with clipping K is summed in a first visit)."""
     if not state.sharded and g.numel() <= UPDATE_CHUNK:
         g, xbar = g.double(), xbar.double()
         with torch.enable_grad():
@@ -613,21 +688,46 @@ def linearise(rule: str, g: Tensor, xbar: Tensor, state: AdamState, max_grad_nor
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0
     norm = _norm(g, state)
     factor = clip_factor(g, max_grad_norm, norm) if clips else torch.ones((), dtype=torch.float64)
-    # slices written in place (no other copy), kept in g's dtype promoted to ≥ float32 (the passes' dtype: u is a
-    # direction for the row hooks, which take it in the parameters' dtype)
-    u = torch.empty(g.numel(), dtype=torch.promote_types(g.dtype, torch.float32), device=g.device)
-    along_g = torch.zeros((), dtype=torch.float64)
-    for rows in _slices(g.numel()):
-        with torch.enable_grad():
-            clipped_rows = (g[rows].detach().double() * factor).requires_grad_(True)
-            delta = _update_direction(rule, clipped_rows, state.rows(rows), None)
-            (d,) = torch.autograd.grad(delta, clipped_rows, grad_outputs=xbar[rows].to(delta.dtype), allow_unused=True)
-        d = torch.zeros_like(clipped_rows) if d is None else d.detach()
-        u[rows] = factor * d
-        along_g += (d * g[rows].double()).sum()
-    if state.sharded:
-        along_g = distributed.all_reduce_sum(along_g)
+
+    def d(rows: slice) -> Tensor:
+        return xbar[rows].double() * direction_derivative(rule, g[rows].double() * factor, state.rows(rows))
+
+    correction = 0.0
     if clips and max_grad_norm / (norm + 1e-6) < 1:  # the factor depends on g
-        for rows in _slices(g.numel()):  # u's rows in float64, then stored
-            u[rows] = u[rows].double() - float(max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2)) * g[rows].double()
+        along_g = sum((d(rows) * g[rows].double()).sum() for rows in _slices(g.numel()))
+        along_g = (
+            distributed.all_reduce_sum(torch.as_tensor(along_g, dtype=torch.float64)) if state.sharded else along_g
+        )
+        correction = float(max_grad_norm * along_g / (norm * (norm + 1e-6) ** 2))
+    u = torch.empty(g.numel(), dtype=long_dtype(g), device=g.device) if out is None else out
+    for rows in _slices(g.numel()):
+        u[rows] = factor * d(rows) - correction * g[rows].double()
     return u
+
+
+def direction_derivative(rule: str, x: Tensor, state: AdamState) -> Tensor:
+    """∂Δθ_i/∂x_i of `rule` at the clipped gradient x = c g, elementwise (float64 x): the rules' Jacobian is diagonal
+    once c is fixed. With ĝ = −x, m' = β₁m + (1−β₁)ĝ, v' = β₂v + (1−β₂)ĝ², D = √v'/√(1−β₂ᵗ) + eps:
+
+        adam_step     (lr/(1−β₁ᵗ)) · ((1−β₁)/D − m' (1−β₂) ĝ / (√(1−β₂ᵗ) √v' D²))   (the second term 0 where v' = 0)
+        adam_precond  lr / (√(v/(1−β₂^step)) + eps)
+        sgd           lr
+    """
+    s = state
+    if rule == "sgd":
+        return s.lr * torch.ones_like(x)
+    if rule == "adam_precond":
+        return s.lr / (torch.sqrt(s.exp_avg_sq / (1 - s.beta2**s.step)) + s.eps) * torch.ones_like(x)
+    if rule != "adam_step":
+        raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
+    grad = -x
+    t = s.step + 1
+    m_new = s.beta1 * s.exp_avg + (1 - s.beta1) * grad
+    v_new = s.beta2 * s.exp_avg_sq + (1 - s.beta2) * grad * grad
+    root_bc2 = (1 - s.beta2**t) ** 0.5
+    root_v = _safe_sqrt(v_new)
+    denom = root_v / root_bc2 + s.eps
+    slope = torch.where(
+        root_v > 0, (1 - s.beta2) * grad / (root_bc2 * root_v.clamp(min=torch.finfo(x.dtype).tiny)), 0.0
+    )
+    return (s.lr / (1 - s.beta1**t)) * ((1 - s.beta1) / denom - m_new * slope / denom**2)

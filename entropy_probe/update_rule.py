@@ -91,7 +91,7 @@ class UpdateRule:
         return self.state.mean(self.state.lr)
 
     def delta_theta(self, g: Tensor) -> Tensor:
-        """Δθ(g) for the emulated rules (float64)."""
+        """Δθ(g) for the emulated rules (float64; a long g's in `update.long_dtype`)."""
         return update_direction(self.rule, g, self.state, self.max_grad_norm)
 
     def momentum_part(self) -> Tensor:
@@ -102,9 +102,9 @@ class UpdateRule:
         """X̄·Δθ(g = 0): the momentum/decay part of δH₁, without forming Δθ(g = 0) for a long state."""
         return float(zero_gradient_dot(self.rule, xbar, self.state))
 
-    def linearised(self, g: Tensor, xbar: Tensor) -> Tensor:
-        """u = (∂Δθ/∂g)ᵀ X̄ at g: X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg."""
-        return linearise(self.rule, g, xbar, self.state, self.max_grad_norm)
+    def linearised(self, g: Tensor, xbar: Tensor, out: Tensor | None = None) -> Tensor:
+        """u = (∂Δθ/∂g)ᵀ X̄ at g: X̄·Δθ(g + dg) ≈ X̄·Δθ(g) + u·dg (`out`: a long g's buffer to write u into)."""
+        return linearise(self.rule, g, xbar, self.state, self.max_grad_norm, out)
 
     def leave_one_group_out(self, g: Tensor, g_groups: Tensor, denominators: Tensor, xbar: Tensor) -> Tensor:
         """[B] X̄·Δθ(g₋b) through this rule (clipping and Adam included)."""

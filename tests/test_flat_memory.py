@@ -49,9 +49,10 @@ def test_the_moments_are_one_buffer_the_update_state_reads_without_a_copy():
 
 @pytest.mark.parametrize("clip", [None, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
 def test_long_float32_vectors_give_the_whole_vector_numbers(monkeypatch, clip):
-    """g and X̄ in float32 (a float32 model): Δθ (float64) and u (float32, the passes' dtype) taken in slices equal
-    the whole-vector float64 computation to float32 rounding of their size; the streamed dot and momentum part equal
-    the plain sums to float64 round-off."""
+    """g and X̄ in float32 (a float32 model): Δθ and u (float32, the passes' dtype: `long_dtype`) taken in slices —
+    u from the closed-form derivative — equal the whole-vector float64 computation (u by autograd) to float32
+    rounding of their size; u written over g is the same; the streamed dot and momentum part equal the plain sums to
+    float64 round-off."""
     gen = torch.Generator().manual_seed(1)
     optimizer = _optimizer(gen)
     layout = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in optimizer.names}, optimizer.names)
@@ -64,9 +65,12 @@ def test_long_float32_vectors_give_the_whole_vector_numbers(monkeypatch, clip):
     monkeypatch.setattr(update_module, "UPDATE_CHUNK", 32)
     delta = update_direction("adam_step", g, state, clip)
     u = linearise("adam_step", g, xbar, state, clip)
-    assert delta.dtype == torch.float64 and u.dtype == torch.float32
-    assert float((delta - whole_delta).norm()) <= 1e-12 * float(whole_delta.norm())
+    assert delta.dtype == torch.float32 and u.dtype == torch.float32
+    assert float((delta.double() - whole_delta).norm()) <= 1e-6 * float(whole_delta.norm())
     assert float((u.double() - whole_u).norm()) <= 1e-6 * float(whole_u.norm())
+    g_copy = g.clone()
+    assert linearise("adam_step", g_copy, xbar, state, clip, out=g_copy) is g_copy  # u written over g
+    assert torch.equal(g_copy, u)
     scale = float((xbar.double() * whole_delta).abs().sum())
     assert abs(float(state.dot(xbar, delta)) - float((xbar.double() * delta).sum())) <= 1e-14 * scale
     momentum = zero_gradient_dot("adam_step", xbar, state)
@@ -106,3 +110,76 @@ def test_a_hyperparameter_of_two_groups_is_held_per_parameter(monkeypatch):
     step, after = adam_advance(g.double(), replace(state), 0.5)
     step_dense, after_dense = adam_advance(g.double(), dense, 0.5)
     assert torch.equal(step, step_dense) and torch.equal(after.exp_avg, after_dense.exp_avg)
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adam_precond", "sgd"])
+def test_the_closed_form_derivative_is_autograds(rule):
+    """`direction_derivative` (the long layouts' linearisation) = autograd through the rule, elementwise, in float64
+    to 1e-12 — including elements with no state (m = v = 0, step 0) and a zero gradient there (v' = 0: the safe
+    square root's zero slope)."""
+    from entropy_probe.update import AdamState, _update_direction, direction_derivative
+
+    gen = torch.Generator().manual_seed(3)
+    n = 64
+    exp_avg = 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    exp_avg_sq = 1e-6 * torch.rand(n, generator=gen, dtype=torch.float64)
+    step = torch.full((n,), 7.0, dtype=torch.float64)
+    x = 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    if rule == "adam_step":  # fresh elements: no state yet, one of them with a zero gradient
+        exp_avg[:4], exp_avg_sq[:4], step[:4], x[0] = 0.0, 0.0, 0.0, 0.0
+    hyper = [torch.full((n,), v, dtype=torch.float64) for v in (2e-3, 0.9, 0.999, 1e-8, 0.01)]
+    theta = torch.randn(n, generator=gen, dtype=torch.float64)
+    state = AdamState(theta, exp_avg, exp_avg_sq, step, *hyper)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(_update_direction(rule, leaf, state, None).sum(), leaf)
+    got = direction_derivative(rule, x, state)
+    assert torch.isfinite(got).all()
+    assert float((got - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+
+
+def test_theta_of_a_long_layout_is_read_from_the_parameters_in_place(monkeypatch):
+    """Over a long layout θ is a `FlatView` of the given tensors (no copy): its slices, across tensor boundaries,
+    are the concatenation's, and Δθ is bit for bit the one from a flat copy of θ."""
+    from entropy_probe.update import FlatView
+
+    gen = torch.Generator().manual_seed(4)
+    optimizer = _optimizer(gen)
+    layout = FlatLayout.from_named({n: torch.empty(SHAPES[n]) for n in optimizer.names}, optimizer.names)
+    theta = {n: torch.randn(SHAPES[n], generator=gen) for n in optimizer.names}
+    copied = optimizer.flat(layout, theta)  # a short layout: θ flattened
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 32)
+    state = optimizer.flat(layout, theta)
+    assert isinstance(state.theta, FlatView) and not isinstance(copied.theta, FlatView)
+    flat = torch.cat([theta[n].reshape(-1) for n in optimizer.names])
+    for rows in (slice(0, 32), slice(30, 45), slice(32, 64), slice(90, 93), slice(0, N), slice(50, 50)):
+        assert torch.equal(state.theta[rows], flat[rows])
+    assert optimizer.names[:2] == ["embed", "head"]  # the 35 elements of embed, then head's
+    assert state.theta[slice(36, 40)].data_ptr() == theta["head"].data_ptr() + 4  # inside one tensor: a view
+    g = torch.randn(N, generator=gen)
+    assert torch.equal(update_direction("adam_step", g, state, 0.5), update_direction("adam_step", g, copied, 0.5))
+
+
+def test_backward_into_adds_each_gradient_into_the_flat_vector():
+    """`passes.backward_into` = the flat autograd.grad gradients added in (float64 accumulator, float32 parameters;
+    a parameter off the path adds nothing), with the parameters' own .grad left as it was; acc None discards them
+    and still says whether any parameter got one."""
+    from entropy_probe.passes import backward_into
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.nn.Parameter(torch.randn(3, 4, generator=gen))
+    b = torch.nn.Parameter(torch.randn(4, generator=gen))
+    unused = torch.nn.Parameter(torch.randn(2, generator=gen))
+    b.grad = torch.full((4,), 7.0)  # a trainer's leftover gradient: untouched
+    params = [a, b, unused]
+    x = torch.randn(5, 3, generator=gen)
+    acc = torch.ones(3 * 4 + 4 + 2, dtype=torch.float64)
+    out = torch.tanh(x @ a) * b
+    weights = torch.randn(5, 4, generator=gen)
+    expected = torch.autograd.grad(out, [a, b], weights, retain_graph=True)
+    assert backward_into(out, params, acc, weights, retain_graph=True)
+    flat = torch.cat([expected[0].reshape(-1), expected[1]]).double()
+    assert torch.equal(acc[:16], 1.0 + flat) and torch.equal(acc[16:], torch.ones(2, dtype=torch.float64))
+    assert a.grad is None and torch.equal(b.grad, torch.full((4,), 7.0)) and unused.grad is None
+    assert backward_into(out, params, None, weights)
+    assert a.grad is None and torch.equal(b.grad, torch.full((4,), 7.0))
+    assert not backward_into((unused * 2).sum(), [a, b], None)  # no parameter on the path: nothing taken
