@@ -303,15 +303,18 @@ def plain_generate(model, tok, prompts: list[str], cfg: dict, seed: int) -> int:
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
-def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_tokens: int, target: str) -> dict:
-    """The timed callables, all on the same E and U (the direction is Δθ of the U gradient)."""
+def work(
+    model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_tokens: int, target: str, u_cache_mb: float
+) -> dict:
+    """The timed callables, all on the same E and U (the direction is Δθ of the U gradient; `u_cache_mb`: delta-h1's
+    compute.u_gradient_cache_mb, 0 for SE_U by the delta method)."""
     named = dict(model.named_parameters())
     params = [named[n] for n in layout.names]
     est = EstimatorParams(entropy=target)
     coef = pg_coefficients(U.tensors["advantages"].float(), U.mask, spec.loss_agg_mode, spec.max_len).float()
     groups = torch.unique(U.tensors["group_index"], return_inverse=True)[1]
     g = policy_gradient(model, params, layout, U, coef, max_tokens)
-    delta = update_direction(spec.rule, g.double(), spec.state, spec.max_grad_norm)
+    delta = update_direction(spec.rule, g, spec.state, spec.max_grad_norm)  # as delta-h1 forms it
     direction = [d.to(p.dtype) for d, p in zip(layout.unflatten(delta.float()).values(), params)]
     features = torch.stack([E.tensors["top1_prob"], E.tensors["margin"]], -1).float()
     coefs = entropy_coefficients(
@@ -333,7 +336,9 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_to
 
     return {
         "plain_fwd_bwd": lambda: plain_forward_backward(model, [E, U], max_tokens),
-        "delta_h1": lambda: compute_delta_h1(model, E, U, layout, spec, est, ComputeBudget(max_tokens)),
+        "delta_h1": lambda: compute_delta_h1(
+            model, E, U, layout, spec, est, ComputeBudget(max_tokens, u_cache_mb=u_cache_mb)
+        ),
         "u_gradient": lambda: policy_gradient(model, params, layout, U, coef, max_tokens),
         # the same backward keeping per-group gradients (the jackknife's input)
         "u_group_gradients": lambda: group_gradients(model, params, layout.names, U, coef, groups, max_tokens),
@@ -347,9 +352,10 @@ def work(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_to
     }
 
 
-def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, max_tokens: int, target: str) -> dict:
+def memory_kinds(model, E: Batch, U: Batch, layout: FlatLayout, spec: UpdateRule, cfg: dict) -> dict:
     """The timed callables plus `train_step`: a trainer's step on U alone (fwd+bwd of the PG loss)."""
-    fns = work(model, E, U, layout, spec, max_tokens, target)
+    max_tokens = cfg["max_tokens"]
+    fns = work(model, E, U, layout, spec, max_tokens, cfg["target"], cfg["u_cache_mb"])
     fns["train_step"] = lambda: plain_forward_backward(model, [U], max_tokens)
     return fns
 
@@ -397,7 +403,7 @@ def measure_memory_child(args) -> None:
     layout, spec = adam_spec(model)
     one = Batch(E.input_ids[:1], E.attention_mask[:1], E.mask[:1], E.n_prompt_cols, E.temperature, E.top_p, {})
     plain_forward_backward(model, [one], cfg["max_tokens"])
-    fn = memory_kinds(model, E, U, layout, spec, cfg["max_tokens"], cfg["target"])[args.measure_memory]
+    fn = memory_kinds(model, E, U, layout, spec, cfg)[args.measure_memory]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -489,6 +495,12 @@ def add_common_arguments(ap: argparse.ArgumentParser, out: str, quick_help: str)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other load)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (median)")
     ap.add_argument("--target", choices=ESTIMATOR_TARGETS, default=EstimatorParams().entropy, help="estimator.entropy")
+    ap.add_argument(
+        "--u-cache-mb",
+        type=float,
+        default=ComputeBudget().u_cache_mb,
+        help="compute.u_gradient_cache_mb (0: SE_U by the delta method, as at real size)",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
 
@@ -518,6 +530,7 @@ def run_config(args) -> dict:
     cfg["repeats"] = args.repeats or cfg["repeats"]
     cfg["layers"] = args.layers or cfg["layers"]
     cfg["full"] = args.full
+    cfg["u_cache_mb"] = args.u_cache_mb
     return cfg
 
 
@@ -568,7 +581,7 @@ def main(argv=None) -> dict:
     layout, spec = adam_spec(model)
 
     # delta-h1 and its passes, interleaved on the same E and U
-    fns = work(model, E, U, layout, spec, cfg["max_tokens"], cfg["target"])
+    fns = work(model, E, U, layout, spec, cfg["max_tokens"], cfg["target"], cfg["u_cache_mb"])
     fns = {k: fn for k, fn in fns.items() if k not in args.skip}
     phase_log, run_delta_h1 = [], fns["delta_h1"]
 

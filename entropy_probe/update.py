@@ -311,6 +311,12 @@ class PerParameter:
         return (self.values * torch.tensor(self.numels, dtype=self.values.dtype, device=self.device)).sum()
 
 
+def _one_if_shared(x: Tensor) -> Tensor:
+    """x[:1] when x is one number expanded over every element (stride 0), else x. One element, not 0-d: a 0-d tensor
+    would not take part in type promotion, and float64 hyperparameters must promote float32 moments to float64."""
+    return x[:1] if x.dim() == 1 and x.numel() > 1 and x.stride(0) == 0 else x
+
+
 class FlatView:
     """Tensors (the model's parameters) read as one flat vector without a copy: a slice is gathered from the
     tensors it spans when indexed — a slice at a time in the update rules (`AdamState.rows`) — so θ for the
@@ -382,16 +388,17 @@ class AdamState:
     sharded: bool = False
 
     def rows(self, index: slice) -> "AdamState":
-        """The state of the elements in `index` (views; a `PerParameter` hyperparameter as a tensor of those rows)."""
-        return AdamState(*(getattr(self, f.name)[index] for f in fields(self) if f.name != "sharded"), self.sharded)
+        """The state of the elements in `index`, for the rules' arithmetic on a slice (views; a `PerParameter`
+        hyperparameter as a tensor of those rows, one shared by every element — an expanded view — as one element,
+        so that the rules' powers and quotients of hyperparameters are taken once per slice, not per element)."""
+        return AdamState(
+            *(_one_if_shared(getattr(self, f.name)[index]) for f in fields(self) if f.name != "sharded"), self.sharded
+        )
 
     def dense(self) -> "AdamState":
         """This state with every hyperparameter a tensor (`PerParameter` ones made whole: for whole-vector arithmetic)."""
-        return (
-            self.rows(slice(None))
-            if any(isinstance(getattr(self, f.name), (PerParameter, FlatView)) for f in fields(self))
-            else self
-        )
+        lazy = [f.name for f in fields(self) if isinstance(getattr(self, f.name), (PerParameter, FlatView))]
+        return replace(self, **{name: getattr(self, name)[:] for name in lazy}) if lazy else self
 
     def total(self, x: Tensor) -> Tensor:
         """Σ_i x_i over every element of the parameters, in float64 (all-reduced over the processes when sharded)."""
