@@ -11,8 +11,11 @@ them: directions, dot products, the momentum part). Reported, per parameter:
   - model: the fp32 policy's own parameters (4 bytes);
   - moments: the AdamW moments (named, one buffer each: `OptimizerState`);
   - update_state: what building the update state adds (θ flat, the per-element weight decay of two groups);
-  - per phase: the peak above the memory before `compute_delta_h1` (delta method for SE_U: no group gradients).
-An AdamW training step holds θ, its gradient and the two moments: 16 bytes per parameter plus activations.
+  - per phase: the peak above the memory before `compute_delta_h1` (delta method for SE_U: no group gradients);
+  - beside them, the same for a trainer's forward + backward into .grad on the U tokens and on the E tokens
+    (`bench.plain_forward_backward`): the gradient and the activations a training step holds on top of θ and the
+    moments (its optimizer step adds AdamW's temporaries).
+Each phase starts from memory returned to the system (gc, malloc_trim), so its peak is what it holds live.
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ def main(argv=None) -> dict:
     delta_h1.Clock.__call__ = charged
     budget = ComputeBudget(max_tokens=cfg["max_tokens"], u_cache_mb=0)
     with peaks:
+        for name, batch in (("training_step_on_U", U), ("training_step_on_E", E)):  # the trainer's backward
+            charged(delta_h1.Clock(), name, bench.plain_forward_backward, model, [batch], cfg["max_tokens"])
         estimate = delta_h1.compute_delta_h1(model, E, U, layout, rule, EstimatorParams(), budget)
     delta_h1.Clock.__call__ = clock_call
     n = layout.numel
