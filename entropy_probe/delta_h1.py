@@ -40,6 +40,7 @@ from .update import (
     FlatLayout,
     group_denominators,
     group_terms_from_rows,
+    is_long,
     jackknife_se,
     pg_coefficients,
 )
@@ -265,7 +266,7 @@ def u_uncertainty(model, layout, U: Batch, update: UpdateRule, ug: UGradient, xb
     through the real update rule and leave-one-group-out attributions (no further pass); without them the
     delta method from one more U backward with row hooks along u = (∂Δθ/∂g)ᵀ X̄ — for a long g (a full-parameter
     model) written over g, which nothing needs afterwards (ug.g is None then)."""
-    in_place = ug.g_groups is None and ug.g.numel() > UPDATE_CHUNK
+    in_place = ug.g_groups is None and is_long(ug.g.numel())
     u = clock("linearise", update.linearised, ug.g, xbar, ug.g if in_place else None)
     if in_place:
         ug.g = None
@@ -322,7 +323,7 @@ def compute_delta_h1(
         norm_g = float(update.state.norm(ug.g))
         delta_theta = clock("update", update.delta_theta, ug.g)
     else:
-        delta_theta = update.observed.delta_theta.to(torch.float64)
+        delta_theta = update.observed.delta_theta  # float64; float32 over a long layout (`observed.delta_theta`)
     eg = e_gradient(model, layout, E, estimator, e_w, delta_theta, budget, clock)
     delta_h1 = float(update.state.dot(eg.xbar, delta_theta))  # all-reduced when the vectors are shards
     unc = UUncertainty(se_U_note=NO_U_OBSERVED)

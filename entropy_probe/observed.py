@@ -29,7 +29,7 @@ import torch
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointPaths, first_line
 from .errors import ProbeError
 from .trainer_config import read_trainer_state
-from .update import FlatLayout
+from .update import FlatLayout, is_long
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ def _check_same_keys(this: Mapping, nxt: Mapping, this_dir: Path, next_dir: Path
 def observed_delta_theta(
     this_dir: str | Path, next_dir: str | Path, layout: FlatLayout, names: Mapping[str, str]
 ) -> torch.Tensor:
-    """Δθ_obs = θ(next) − θ(this) of two adapters, flat float64 in `layout` order (its names: trainable
-    parameter names).
+    """Δθ_obs = θ(next) − θ(this) of two adapters, flat float64 in `layout` order (`delta_theta`; its names:
+    trainable parameter names).
 
     this_dir, next_dir: the adapter dirs of two checkpoints (adapter_config.json + weights);
     names: {adapter-file key: parameter name} (`adapter_parameter_names` of the loaded model).
@@ -346,7 +346,7 @@ def observed_delta_theta(
 
 def observed_full_delta_theta(this_dir: str | Path, next_dir: str | Path, layout: FlatLayout, model) -> torch.Tensor:
     """Δθ_obs = θ(next) − θ(this) of two full-model checkpoints (config.json + weights, one file or shards),
-    flat float64 in `layout` order. A tied weight saved under both names (lm_head beside the embedding) is one
+    flat float64 in `layout` order (float32 over a long layout: `delta_theta`). A tied weight saved under both names (lm_head beside the embedding) is one
     parameter; the file's other entries (buffers) are not θ."""
     this_dir, next_dir = Path(this_dir), Path(next_dir)
     _check_same_config(this_dir, next_dir)
@@ -362,9 +362,11 @@ def observed_full_delta_theta(this_dir: str | Path, next_dir: str | Path, layout
 def delta_theta(this: Mapping, nxt: Mapping, layout: FlatLayout, where: tuple[Path, Path], fix: str) -> torch.Tensor:
     """θ(next) − θ(this) in float64 (exact: a difference of two floats), flat in `layout` order, from
     {parameter name: tensor} of each checkpoint; refused unless every trainable parameter is there, of its shape,
-    floating and finite on both sides."""
-    parts = []
-    for name, shape in zip(layout.names, layout.shapes):
+    floating and finite on both sides. Over a long layout (a full-parameter model: more than UPDATE_CHUNK elements)
+    each tensor's difference is taken in float64 and stored in float32, as the emulated rules store Δθ there
+    (`update.long_dtype`): 4 bytes per parameter, rounded to 6e-8 of each element."""
+    delta = torch.empty(layout.numel, dtype=torch.float32 if is_long(layout.numel) else torch.float64)
+    for name, shape, part in zip(layout.names, layout.shapes, delta.split(layout.numels)):
         for tensors, place in zip((this, nxt), where):
             t = tensors.get(name)
             if t is None:
@@ -378,8 +380,7 @@ def delta_theta(this: Mapping, nxt: Mapping, layout: FlatLayout, where: tuple[Pa
                     f"tensor {name} of {place} is {t.dtype} with non-finite or non-float values",
                     "observe steps before training diverged (an earlier checkpoint pair)",
                 )
-        parts.append((nxt[name].double() - this[name].double()).reshape(-1))
-    delta = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        part.copy_((nxt[name].double() - this[name].double()).reshape(-1))
     log.info("observed step %s → %s: ‖Δθ_obs‖ = %.4g", *where, float(delta.norm()))
     return delta
 

@@ -608,11 +608,16 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     return out
 
 
+def is_long(numel: int) -> bool:
+    """Whether a flat vector of `numel` elements is long (a full-parameter model's): worked on in slices."""
+    return numel > UPDATE_CHUNK
+
+
 def long_dtype(g: Tensor) -> torch.dtype:
     """The dtype a parameter-sized result of the rules (Δθ, u) is stored in: float64 for up to UPDATE_CHUNK
     elements (LoRA adapters, the exactness tests), else g's dtype promoted to ≥ float32 (each slice is still
     computed in float64)."""
-    return torch.float64 if g.numel() <= UPDATE_CHUNK else torch.promote_types(g.dtype, torch.float32)
+    return torch.promote_types(g.dtype, torch.float32) if is_long(g.numel()) else torch.float64
 
 
 def _slices(n: int) -> list[slice]:

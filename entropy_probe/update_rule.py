@@ -40,7 +40,8 @@ BATCH_TOKEN_LOSS_TYPES = ("dapo", "cispo")  # TRL normalises these by the whole 
 
 @dataclass(frozen=True)
 class ObservedStep:
-    """Δθ_obs = θ(next) − θ(this): a step the trainer took (flat float64, layout order), and where from."""
+    """Δθ_obs = θ(next) − θ(this): a step the trainer took (flat float64, float32 over a long layout; layout
+    order), and where from."""
 
     delta_theta: Tensor
     record: ObservedRecord

@@ -183,3 +183,23 @@ def test_backward_into_adds_each_gradient_into_the_flat_vector():
     assert backward_into(out, params, None, weights)
     assert a.grad is None and torch.equal(b.grad, torch.full((4,), 7.0))
     assert not backward_into((unused * 2).sum(), [a, b], None)  # no parameter on the path: nothing taken
+
+
+def test_an_observed_step_of_a_long_layout_is_float32(monkeypatch):
+    """θ(next) − θ(this) over a long layout is stored in float32 (the float64 difference of each tensor, rounded
+    once), as the emulated Δθ; over a short one it stays the exact float64 difference."""
+    from pathlib import Path
+
+    from entropy_probe.observed import delta_theta
+
+    gen = torch.Generator().manual_seed(6)
+    this = {n: torch.randn(SHAPES[n], generator=gen) for n in SHAPES}
+    nxt = {n: t + 1e-3 * torch.randn(t.shape, generator=gen) for n, t in this.items()}
+    layout = FlatLayout.from_named(this)
+    exact = torch.cat([(nxt[n].double() - this[n].double()).reshape(-1) for n in SHAPES])
+    where = (Path("a"), Path("b"))
+    short = delta_theta(this, nxt, layout, where, "fix")
+    assert short.dtype == torch.float64 and torch.equal(short, exact)
+    monkeypatch.setattr(update_module, "UPDATE_CHUNK", 32)
+    long = delta_theta(this, nxt, layout, where, "fix")
+    assert long.dtype == torch.float32 and torch.equal(long, exact.float())
