@@ -468,7 +468,7 @@ class AdamState:
             parts = [theta.get(n) for n in layout.names]
             if any(t is None or t.device != device for t in parts):
                 return vec(theta)
-            view = FlatView.of(parts) if layout.numel > UPDATE_CHUNK and dtype in (None, parts[0].dtype) else None
+            view = FlatView.of(parts) if is_long(layout.numel) and dtype in (None, parts[0].dtype) else None
             return vec(theta) if view is None or FlatLayout.consecutive(parts) is not None else view
 
         cols = list(zip(*(hyper[n] for n in layout.names)))
