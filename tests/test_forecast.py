@@ -256,9 +256,10 @@ def test_forecast_is_calibrated_on_a_clipped_curved_trl_run(curved_steps):
     """The trajectory's forecast z over 6 steps × 3 probe seeds: SD within 0.7–1.4 and ≥ 80% within ±2, where the
     first order alone is not calibrated (δH₂/δH₁ along the real steps reaches −3.7 and −71). Measured on the run
     trained on the portable kernels (K 8, 4 own δH₂): forecast z mean −0.16, SD 0.90, 94% within ±2; first order
-    alone mean +0.73, SD 1.75, 78%. When written (an AMD run on its default kernels, every draw its own δH₂):
-    forecast −0.14, 0.93, 94%; first order +0.71, 1.82, 78%. Run here with the shared difference and 4 own (trajectory.exact_draws); measured at K 16:
-    every draw its own −0.13, 0.98, 94%; exact_draws 4 +0.03, 1.00, 94%; exact_draws 2 −0.25, 1.22, 89%."""
+    alone mean +0.73, SD 1.75, 78%. Run here with the shared difference and 4 own (trajectory.exact_draws). When
+    written (an AMD run on its default kernels, K 8, every draw its own δH₂): forecast −0.14, 0.93, 94%; first
+    order +0.71, 1.82, 78%; on that run at K 16: every draw its own −0.13, 0.98, 94%; exact_draws 4 +0.03, 1.00,
+    94%; exact_draws 2 −0.25, 1.22, 89%."""
     import json
 
     from entropy_probe.calibration import z_summary
