@@ -267,7 +267,7 @@ class FlatLayout:
         vals = torch.tensor([float(v) for v in vals], dtype=dtype, device=device)
         if vals.numel() and bool((vals == vals[0]).all()):
             return vals[:1].expand(self.numel)
-        if self.numel > UPDATE_CHUNK:
+        if is_long(self.numel):
             return PerParameter(vals, self.numels)
         return vals.repeat_interleave(torch.tensor(self.numels, device=vals.device))
 
@@ -342,6 +342,10 @@ class FlatView:
     def numel(self) -> int:
         return self.shape[0]
 
+    def dense(self) -> Tensor:
+        """The whole flat vector (a copy)."""
+        return torch.cat(self.parts)
+
     def __getitem__(self, index: slice) -> Tensor:
         if not isinstance(index, slice):
             raise TypeError("a FlatView is read by slices")
@@ -396,9 +400,9 @@ class AdamState:
         )
 
     def dense(self) -> "AdamState":
-        """This state with every hyperparameter a tensor (`PerParameter` ones made whole: for whole-vector arithmetic)."""
+        """This state with every vector a tensor (`PerParameter` and `FlatView` made whole: for whole-vector arithmetic)."""
         lazy = [f.name for f in fields(self) if isinstance(getattr(self, f.name), (PerParameter, FlatView))]
-        return replace(self, **{name: getattr(self, name)[:] for name in lazy}) if lazy else self
+        return replace(self, **{name: getattr(self, name).dense() for name in lazy}) if lazy else self
 
     def total(self, x: Tensor) -> Tensor:
         """Σ_i x_i over every element of the parameters, in float64 (all-reduced over the processes when sharded)."""
@@ -408,7 +412,7 @@ class AdamState:
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ_i a_i b_i over every element of the parameters, in float64: a long pair slice by slice (no
         parameter-sized float64 copies), all-reduced when sharded."""
-        if a.numel() <= UPDATE_CHUNK:
+        if not is_long(a.numel()):
             out = (a.double() * b.double()).sum()
         else:
             out = sum((a[rows].double() * b[rows].double()).sum() for rows in _slices(a.numel()))
@@ -421,7 +425,7 @@ class AdamState:
 
     def norm(self, x: Tensor) -> Tensor:
         """‖x‖ over every element of the parameters (float64)."""
-        if not self.sharded and x.numel() <= UPDATE_CHUNK:
+        if not self.sharded and not is_long(x.numel()):
             return torch.linalg.vector_norm(x.double())
         return self.dot(x, x).sqrt()
 
@@ -598,7 +602,7 @@ def update_direction(rule: str, g: Tensor, state: AdamState, max_grad_norm: floa
     shards. Δθ is float64 — for a long g (a full-parameter model) stored in g's dtype promoted to ≥ float32, the
     dtype X̄ and the gradients are summed in: 4 bytes per parameter for a float32 model, and the E pass's direction
     is then views of it (`passes.as_direction`), not a copy."""
-    if not state.sharded and (g.requires_grad or g.numel() <= UPDATE_CHUNK):
+    if not state.sharded and (g.requires_grad or not is_long(g.numel())):
         return _update_direction(rule, g.double(), state.dense(), max_grad_norm)
     clips = rule == "adam_step" and max_grad_norm is not None and max_grad_norm > 0  # the others do not clip
     factor = clip_factor(g, max_grad_norm, _norm(g, state)) if clips else 1.0
@@ -658,7 +662,7 @@ def _zeros_like(x: Tensor | FlatView) -> Tensor:
 
 def zero_gradient_dot(rule: str, xbar: Tensor, state: AdamState) -> Tensor:
     """X̄·Δθ(g = 0) in float64 (`zero_gradient_part`): a long state slice by slice, no parameter-sized Δθ(0)."""
-    if state.sharded or xbar.numel() > UPDATE_CHUNK:
+    if state.sharded or is_long(xbar.numel()):
         if rule not in RULES:
             raise ProbeError(f"unknown update rule '{rule}'", f"use one of {', '.join(RULES)}")
         if rule != "adam_step":
@@ -690,7 +694,7 @@ def linearise(
 
     `out` (long g only): where u is written — g itself, when g is not needed afterwards, so that u takes no memory
     of its own (each slice of g is read before its u is written; with clipping K is summed in a first visit)."""
-    if not state.sharded and g.numel() <= UPDATE_CHUNK:
+    if not state.sharded and not is_long(g.numel()):
         g, xbar = g.double(), xbar.double()
         with torch.enable_grad():
             g = g.detach().clone().requires_grad_(True)
